@@ -1,0 +1,32 @@
+"""Shared fixtures: an isolated TUNEKIT_HOME per test, and one tiny Llama saved per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(autouse=True)
+def tunekit_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "tunekit-home"
+    monkeypatch.setenv("TUNEKIT_HOME", str(home))
+    # Never let a test reach a real provider or a hub.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    for var in ("OPENAI_API_KEY", "TOGETHER_API_KEY", "FIREWORKS_API_KEY", "FIREWORKS_ACCOUNT_ID",
+                "OPENAI_BASE_URL", "TOGETHER_BASE_URL", "FIREWORKS_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    from tunekit.testing import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
