@@ -120,8 +120,10 @@ class APIError(TunekitError):
         request_id: str | None = None,
         body: Any = None,
         hint: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message, hint=hint)
+        self.retry_after = retry_after
         self.provider = provider
         self.status_code = status_code
         self.request_id = request_id
@@ -172,7 +174,13 @@ _BY_STATUS: dict[int, type[APIError]] = {
 
 
 def api_error_for_status(
-    status_code: int | None, message: str, *, provider: str, request_id: str | None = None, body: Any = None
+    status_code: int | None,
+    message: str,
+    *,
+    provider: str,
+    request_id: str | None = None,
+    body: Any = None,
+    retry_after: float | None = None,
 ) -> APIError:
     """The one factory that turns an HTTP status into the matching tunekit error."""
     if status_code is None:
@@ -181,4 +189,5 @@ def api_error_for_status(
         cls = ServerError
     else:
         cls = _BY_STATUS.get(status_code, APIError)
-    return cls(message, provider=provider, status_code=status_code, request_id=request_id, body=body)
+    return cls(message, provider=provider, status_code=status_code, request_id=request_id, body=body,
+               retry_after=retry_after)

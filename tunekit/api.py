@@ -1,0 +1,202 @@
+"""The public entry points: finetune, validate, plan, get_job, list_jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from ._exceptions import APIConnectionError, APIError, ConfigError, DataValidationError, ServerError
+from .job import FineTuneJob
+from .schemas.job import JobStatus, Plan
+from .schemas.spec import TrainingSpec
+from .store import Store, default_store
+
+if TYPE_CHECKING:
+    from .schemas.report import ValidationReport
+
+
+def load_spec(source: str | Path | dict[str, Any] | TrainingSpec, **overrides: Any) -> TrainingSpec:
+    """A TrainingSpec from a spec, a dict, or a JSON/YAML file; ``overrides`` are top-level fields."""
+    if isinstance(source, TrainingSpec):
+        data = source.model_dump(exclude_unset=True)
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"spec file not found: {path}", field="spec")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                try:
+                    import yaml
+                except ImportError as exc:
+                    raise ConfigError("reading a YAML spec needs pyyaml", field="spec",
+                                      hint="pip install pyyaml, or write the spec as JSON") from exc
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except (ValueError, Exception) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{path}: not a valid spec file: {exc}", field="spec") from exc
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _build_spec(data)
+
+
+def _build_spec(data: dict[str, Any]) -> TrainingSpec:
+    try:
+        return TrainingSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        msg = f"spec field {field!r}: {err['msg']}"
+        if err["type"] == "extra_forbidden":
+            import difflib
+
+            from .schemas.spec import spec_leaf_fields
+
+            names = spec_leaf_fields() + [p.split(".")[0] for p in spec_leaf_fields()]
+            close = difflib.get_close_matches(str(err["loc"][-1]), {n.split(".")[-1] for n in names}, n=1)
+            msg = f"unknown spec field {field!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        raise ConfigError(msg, field=field, hint="see docs/spec.md for every field") from exc
+
+
+def validate(path: str | Path, backend: str | None = None, *, spec: TrainingSpec | None = None,
+             tokenizer: Any = None, max_problems: int = 100) -> "ValidationReport":
+    """Validate a JSONL file, with the backend's rules (row kinds, minimum rows) when one is named."""
+    from .data import validate as _validate
+
+    rules = None
+    if backend is not None:
+        from .backends import get_backend_class
+
+        rules = get_backend_class(backend)().data_rules(spec)
+    return _validate(path, rules=rules, tokenizer=tokenizer, max_problems=max_problems)
+
+
+def plan(spec: TrainingSpec | dict[str, Any] | str | Path, backend: str, *, on_unsupported: str = "raise",
+         rows: int | None = None, **backend_options: Any) -> Plan:
+    from .backends import get_backend
+    from .backends.base import PlanContext
+
+    spec = load_spec(spec)
+    b = get_backend(backend, **backend_options)
+    return b.plan(spec, on_unsupported=on_unsupported, context=PlanContext(spec=spec, rows=rows))  # type: ignore[arg-type]
+
+
+def _data_entry(report: "ValidationReport") -> dict[str, Any]:
+    return {"path": str(Path(report.path).resolve()), "sha256": report.sha256, "rows": report.rows,
+            "kind": report.kind.value if report.kind else None, "size_bytes": report.size_bytes}
+
+
+def finetune(
+    data: str | Path,
+    spec: TrainingSpec | dict[str, Any] | str | Path | None = None,
+    *,
+    backend: str = "local",
+    base_model: str | None = None,
+    validation_data: str | Path | None = None,
+    on_unsupported: str = "raise",
+    api_key: str | None = None,
+    base_url: str | None = None,
+    backend_options: dict[str, Any] | None = None,
+    store: Store | None = None,
+    **spec_fields: Any,
+) -> FineTuneJob:
+    """Validate the data, plan the spec on the backend, record the job, then submit it.
+
+    ``spec_fields`` are TrainingSpec fields (``hyperparameters={...}``, ``adapter={...}``, ``method=``...).
+    ``api_key``/``base_url`` go to the backend for this call only and are never stored.
+    """
+    from .backends import get_backend
+    from .backends.base import PlanContext
+
+    options = dict(backend_options or {})
+    if api_key is not None:
+        options["api_key"] = api_key
+    if base_url is not None:
+        options["base_url"] = base_url
+    b = get_backend(backend, **options)
+    spec_obj = load_spec(spec if spec is not None else {}, base_model=base_model,
+                         validation_data=str(validation_data) if validation_data else None, **spec_fields)
+
+    from .data import validate as _validate
+
+    rules = b.data_rules(spec_obj)
+    report = _validate(data, rules=rules)
+    if not report.valid:
+        raise DataValidationError(report)
+    entries = {"train": _data_entry(report)}
+    if spec_obj.validation_data:
+        vreport = _validate(spec_obj.validation_data, rules=rules.model_copy(update={"min_rows": 1}))
+        if not vreport.valid:
+            raise DataValidationError(vreport)
+        if report.kind != vreport.kind:
+            raise ConfigError(f"validation data holds {vreport.kind} rows but training data holds {report.kind}",
+                              field="validation_data")
+        entries["validation"] = _data_entry(vreport)
+
+    ctx = PlanContext(spec=spec_obj, rows=report.rows, row_kind=report.kind.value if report.kind else None)
+    the_plan = b.plan(spec_obj, on_unsupported=on_unsupported, context=ctx)  # type: ignore[arg-type]
+
+    store = store or default_store()
+    # The row exists before any remote call, so a crash can always be reconciled.
+    record = store.create_job(b.name, spec_obj.model_dump(mode="json", exclude_unset=True), entries,
+                              request=the_plan.request)
+    job = FineTuneJob(record, store=store, backend=b)
+    try:
+        state = b.submit(record, spec_obj, the_plan)
+    except (APIConnectionError, ServerError) as exc:
+        # Ambiguous: the provider may have created the job. Keep it reconcilable, never guess.
+        store.update_job(record.id, status=JobStatus.UNKNOWN,
+                         error=f"submit outcome unknown ({exc}); run `tunekit jobs reconcile {record.id}`")
+        raise
+    except APIError as exc:
+        store.update_job(record.id, status=JobStatus.FAILED, error=str(exc))
+        raise
+    except Exception as exc:
+        store.update_job(record.id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        raise
+    return job.apply(state)
+
+
+def get_job(job_id: str, **backend_options: Any) -> FineTuneJob:
+    return FineTuneJob.get(job_id, **backend_options)
+
+
+def list_jobs(*, backend: str | None = None, status: str | JobStatus | None = None,
+              limit: int | None = 50) -> list[FineTuneJob]:
+    store = default_store()
+    return [FineTuneJob(r, store=store) for r in store.list_jobs(backend=backend, status=status, limit=limit)]
+
+
+def reconcile(job_id: str | None = None, **backend_options: Any) -> list[FineTuneJob]:
+    """Re-attach jobs whose process died between the provider's reply and the store write."""
+    from .backends import get_backend
+
+    store = default_store()
+    records = [store.get_job(job_id)] if job_id else [
+        r for r in store.list_jobs(limit=None)
+        if r.remote_id is None and r.status in (JobStatus.CREATED, JobStatus.UNKNOWN)]
+    out = []
+    for record in records:
+        b = get_backend(record.backend, **backend_options)
+        job = FineTuneJob(record, store=store, backend=b)
+        state = b.find_remote(record)
+        if state is not None:
+            job.apply(state)
+            store.add_event(record.id, _event(f"re-attached to remote job {state.remote_id}"))
+        out.append(job)
+    return out
+
+
+def _event(message: str):
+    import time
+
+    from .schemas.job import JobEvent
+
+    return JobEvent(created_at=time.time(), type="reconcile", message=message)

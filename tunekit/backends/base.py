@@ -1,0 +1,185 @@
+"""The Backend base class and the plan engine.
+
+A backend declares, for every leaf field of :class:`TrainingSpec`, one rule in ``field_map``:
+
+- ``Send("target.path")``            mapped as is into the request;
+- ``Send("target.path", convert=f)`` transformed: ``f(value, ctx)`` is what is sent (shown in the plan);
+- ``Refuse("reason")``               unsupported: an error unless the call says warn/ignore;
+- a callable ``spec -> rule``        when the decision depends on the spec (e.g. DPO-only fields).
+
+``plan(spec)`` walks only the fields the user set, so defaults never trigger refusals, and returns
+the exact request with a disposition per field. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Union
+
+from .._exceptions import ConfigError, JobStateError, UnsupportedFieldError
+from ..schemas.job import FieldDisposition, JobEvent, JobStatus, Plan, RemoteState
+from ..schemas.spec import TrainingSpec
+
+if TYPE_CHECKING:
+    from ..store import JobRecord
+
+OnUnsupported = Literal["raise", "warn", "ignore"]
+
+
+@dataclass(frozen=True)
+class Send:
+    target: str | Callable[[TrainingSpec], str]
+    convert: Callable[[Any, "PlanContext"], Any] | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Refuse:
+    reason: str
+
+
+Rule = Union[Send, Refuse]
+FieldRule = Union[Rule, Callable[[TrainingSpec], Rule]]
+
+
+@dataclass
+class PlanContext:
+    """What a conversion may need besides the value: the spec and facts about the data."""
+
+    spec: TrainingSpec
+    rows: int | None = None
+    row_kind: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def set_path(obj: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        obj = obj.setdefault(key, {})
+    obj[last] = value
+
+
+class Backend:
+    """Base class. Subclasses set the class attributes and implement the lifecycle methods."""
+
+    name: ClassVar[str] = "base"
+    field_map: ClassVar[dict[str, FieldRule]] = {}
+    # provider_options.<name>.<key>: None = pass any key through to the request as is;
+    # otherwise only these keys are accepted (others are refused with the list of valid ones).
+    provider_option_keys: ClassVar[frozenset[str] | None] = None
+    status_map: ClassVar[dict[str, JobStatus]] = {}
+    min_rows: ClassVar[int] = 1
+    row_kinds: ClassVar[frozenset[str] | None] = None   # None = every row kind
+    max_file_bytes: ClassVar[int | None] = None
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def __repr__(self) -> str:  # never shows options: they may hold credentials
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # -- data rules --------------------------------------------------------------------------------
+    def data_rules(self, spec: TrainingSpec | None = None):
+        """The backend's rules for the validator (row kinds, minimum rows, size)."""
+        from ..schemas.report import DataRules
+
+        kinds = self.row_kinds
+        if spec is not None:
+            kinds = frozenset({"preference"}) if spec.method == "dpo" else (kinds or frozenset(
+                {"prompt_response", "chat"})) - {"preference"}
+        return DataRules(backend=self.name, min_rows=self.min_rows, kinds=set(kinds) if kinds else None,
+                         max_bytes=self.max_file_bytes)
+
+    # -- planning ----------------------------------------------------------------------------------
+    def base_request(self, spec: TrainingSpec, ctx: PlanContext) -> dict[str, Any]:
+        """The request skeleton before any user-set field is applied (required fields, defaults)."""
+        return {}
+
+    def plan(self, spec: TrainingSpec, *, on_unsupported: OnUnsupported = "raise",
+             context: PlanContext | None = None) -> Plan:
+        if on_unsupported not in ("raise", "warn", "ignore"):
+            raise ConfigError(f"on_unsupported must be raise, warn or ignore, not {on_unsupported!r}",
+                              field="on_unsupported")
+        ctx = context or PlanContext(spec=spec)
+        request = self.base_request(spec, ctx)
+        fields: list[FieldDisposition] = []
+        for path, value in spec.set_fields().items():
+            fields.append(self._decide(path, value, spec, ctx, request))
+        plan = Plan(backend=self.name, request=request, fields=fields, notes=self.plan_notes(spec, ctx))
+        refused = plan.unsupported
+        if refused and on_unsupported == "raise":
+            raise UnsupportedFieldError(self.name, refused)
+        if refused and on_unsupported == "warn":
+            for d in refused:
+                warnings.warn(f"{self.name}: {d.field} not sent: {d.reason}", stacklevel=2)
+        return plan
+
+    def plan_notes(self, spec: TrainingSpec, ctx: PlanContext) -> list[str]:
+        return []
+
+    def _rule_for(self, path: str, spec: TrainingSpec) -> Rule:
+        if path.startswith("provider_options."):
+            _, backend, key = path.split(".", 2)
+            if backend != self.name:
+                return Refuse(f"options for backend {backend!r}; this job runs on {self.name!r}")
+            keys = self.provider_option_keys
+            if keys is not None and key not in keys:
+                return Refuse(f"unknown option for {self.name}; valid: {', '.join(sorted(keys)) or 'none'}")
+            return Send(key, note="provider option, sent as is")
+        rule = self.field_map.get(path)
+        if rule is None:
+            return Refuse(f"{self.name} has no mapping for this field")
+        return rule(spec) if callable(rule) and not isinstance(rule, (Send, Refuse)) else rule
+
+    def _decide(self, path: str, value: Any, spec: TrainingSpec, ctx: PlanContext,
+                request: dict[str, Any]) -> FieldDisposition:
+        rule = self._rule_for(path, spec)
+        if isinstance(rule, Refuse):
+            return FieldDisposition(field=path, value=value, disposition="unsupported", reason=rule.reason)
+        target = rule.target(spec) if callable(rule.target) else rule.target
+        sent = rule.convert(value, ctx) if rule.convert else value
+        set_path(request, target, sent)
+        kind = "transformed" if rule.convert else "mapped"
+        return FieldDisposition(field=path, value=value, disposition=kind, target=target, sent=sent,
+                                reason=rule.note)
+
+    # -- lifecycle (subclasses implement) ------------------------------------------------------------
+    def submit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
+        """Upload the data and create the job. The store row already exists (job.id)."""
+        raise NotImplementedError(f"{self.name} does not implement submit")
+
+    def refresh(self, job: "JobRecord") -> RemoteState:
+        raise NotImplementedError(f"{self.name} does not implement refresh")
+
+    def cancel(self, job: "JobRecord") -> RemoteState:
+        raise NotImplementedError(f"{self.name} does not implement cancel")
+
+    def events(self, job: "JobRecord") -> list[JobEvent]:
+        """New provider events (the store de-duplicates by ``remote_id``)."""
+        return []
+
+    def find_remote(self, job: "JobRecord") -> RemoteState | None:
+        """Look for a remote job tagged with ``job.id`` (reconcile after a crash); None if none."""
+        return None
+
+    def resume(self, job: "JobRecord") -> RemoteState:
+        raise JobStateError(f"backend {self.name!r} cannot resume jobs")
+
+    # -- async twins: the default runs the sync call in a thread; SDK backends override ---------------
+    async def asubmit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
+        return await asyncio.to_thread(self.submit, job, spec, plan)
+
+    async def arefresh(self, job: "JobRecord") -> RemoteState:
+        return await asyncio.to_thread(self.refresh, job)
+
+    async def acancel(self, job: "JobRecord") -> RemoteState:
+        return await asyncio.to_thread(self.cancel, job)
+
+    async def aevents(self, job: "JobRecord") -> list[JobEvent]:
+        return await asyncio.to_thread(self.events, job)
+
+    def poll_interval(self, job: "JobRecord") -> tuple[float, float]:
+        """(first, max) seconds between polls in ``wait``: managed jobs are slow, local ones fast."""
+        return (2.0, 30.0)

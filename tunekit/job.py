@@ -1,0 +1,257 @@
+"""FineTuneJob: one handle over a job on any backend, backed by the SQLite store.
+
+Every state change goes through the store, so any process (the caller, the CLI, the local trainer)
+sees the same job. Credentials are never part of a job: backends read them at call time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ._exceptions import JobStateError, TunekitError
+from .schemas.job import JobEvent, JobResult, JobStatus, RemoteState
+from .schemas.spec import TrainingSpec
+from .store import JobRecord, Store, default_store
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+
+class WaitTimeout(TunekitError, TimeoutError):
+    """``wait(timeout=...)`` ran out before the job reached a terminal status."""
+
+
+class FineTuneJob:
+    def __init__(self, record: JobRecord, *, store: Store | None = None, backend: "Backend | None" = None) -> None:
+        self._record = record
+        self._store = store or default_store()
+        self._backend = backend
+
+    # -- lookup -------------------------------------------------------------------------------------
+    @classmethod
+    def get(cls, job_id: str, *, store: Store | None = None, **backend_options: Any) -> "FineTuneJob":
+        store = store or default_store()
+        record = store.get_job(job_id)
+        backend = None
+        if backend_options:
+            from .backends import get_backend
+
+            backend = get_backend(record.backend, **backend_options)
+        return cls(record, store=store, backend=backend)
+
+    @property
+    def backend(self) -> "Backend":
+        if self._backend is None:
+            from .backends import get_backend
+
+            self._backend = get_backend(self._record.backend)
+        return self._backend
+
+    # -- state --------------------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def backend_name(self) -> str:
+        return self._record.backend
+
+    @property
+    def status(self) -> JobStatus:
+        return self._record.status
+
+    @property
+    def raw_status(self) -> str | None:
+        return self._record.raw_status
+
+    @property
+    def remote_id(self) -> str | None:
+        return self._record.remote_id
+
+    @property
+    def error(self) -> str | None:
+        return self._record.error
+
+    @property
+    def result(self) -> JobResult | None:
+        return self._record.result
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        return self._record.progress
+
+    @property
+    def spec(self) -> TrainingSpec:
+        return TrainingSpec.model_validate(self._record.spec)
+
+    @property
+    def record(self) -> JobRecord:
+        return self._record
+
+    def __repr__(self) -> str:
+        return f"<FineTuneJob {self.id} backend={self.backend_name} status={self.status.value}>"
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def apply(self, state: RemoteState) -> "FineTuneJob":
+        """Write a backend's view of the job into the store (never downgrades a terminal status)."""
+        current = self._store.get_job(self.id)
+        fields: dict[str, Any] = {}
+        if current.status.terminal and state.status != current.status:
+            self._record = current
+            return self
+        if state.remote_id and state.remote_id != current.remote_id:
+            fields["remote_id"] = state.remote_id
+        if state.raw_status is not None:
+            fields["raw_status"] = state.raw_status
+        if state.status != current.status:
+            fields["status"] = state.status
+        if state.error is not None:
+            fields["error"] = state.error
+        if state.result is not None:
+            fields["result"] = state.result
+        if state.progress:
+            fields["progress"] = {**current.progress, **state.progress}
+        self._record = self._store.update_job(self.id, **fields) if fields else current
+        return self
+
+    def _sync_events(self) -> None:
+        for event in self.backend.events(self._record):
+            self._store.add_event(self.id, event)
+
+    def refresh(self) -> "FineTuneJob":
+        """Re-read the store and, unless the job is over, ask the backend."""
+        self._record = self._store.get_job(self.id)
+        if self.status.terminal:
+            return self
+        if self._record.remote_id is None and self.status == JobStatus.CREATED and not self._is_local():
+            return self  # never reached the provider (or a crash before the reply): see reconcile
+        self.apply(self.backend.refresh(self._record))
+        self._sync_events()
+        return self
+
+    def _is_local(self) -> bool:
+        return self._record.backend == "local"
+
+    def wait(self, timeout: float | None = None, *, poll_interval: float | None = None,
+             progress: bool | None = None) -> "FineTuneJob":
+        """Poll with backoff until a terminal status; a progress line on a terminal (stderr)."""
+        first, most = self.backend.poll_interval(self._record)
+        delay = poll_interval or first
+        deadline = None if timeout is None else time.monotonic() + timeout
+        show = sys.stderr.isatty() if progress is None else progress
+        while True:
+            self.refresh()
+            if show:
+                sys.stderr.write("\r\x1b[2K" + progress_line(self._record))
+                sys.stderr.flush()
+            if self.status.terminal:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                if show:
+                    sys.stderr.write("\n")
+                raise WaitTimeout(f"job {self.id} still {self.status.value} after {timeout:g}s",
+                                  hint=f"keep waiting with `tunekit jobs wait {self.id}`")
+            sleep = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
+            time.sleep(sleep)
+            if poll_interval is None:
+                delay = min(most, delay * 1.5)
+        if show:
+            sys.stderr.write("\n")
+        return self
+
+    async def wait_async(self, timeout: float | None = None, *, poll_interval: float | None = None) -> "FineTuneJob":
+        """``wait`` for asyncio code, on the backend's async calls."""
+        import asyncio
+
+        first, most = self.backend.poll_interval(self._record)
+        delay = poll_interval or first
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            await self.refresh_async()
+            if self.status.terminal:
+                return self
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {self.id} still {self.status.value} after {timeout:g}s")
+            await asyncio.sleep(delay)
+            if poll_interval is None:
+                delay = min(most, delay * 1.5)
+
+    async def refresh_async(self) -> "FineTuneJob":
+        self._record = self._store.get_job(self.id)
+        if self.status.terminal or (self._record.remote_id is None and not self._is_local()):
+            return self
+        self.apply(await self.backend.arefresh(self._record))
+        for event in await self.backend.aevents(self._record):
+            self._store.add_event(self.id, event)
+        return self
+
+    def cancel(self) -> "FineTuneJob":
+        self._record = self._store.get_job(self.id)
+        if self.status.terminal:
+            raise JobStateError(f"job {self.id} is already {self.status.value}")
+        self.apply(self.backend.cancel(self._record))
+        return self
+
+    async def cancel_async(self) -> "FineTuneJob":
+        self._record = self._store.get_job(self.id)
+        if self.status.terminal:
+            raise JobStateError(f"job {self.id} is already {self.status.value}")
+        self.apply(await self.backend.acancel(self._record))
+        return self
+
+    def resume(self) -> "FineTuneJob":
+        self._record = self._store.get_job(self.id)
+        if self.status in (JobStatus.SUCCEEDED,):
+            raise JobStateError(f"job {self.id} already succeeded; nothing to resume")
+        self.apply(self.backend.resume(self._record))
+        return self
+
+    def events(self, *, after: int = 0, follow: bool = False, poll_interval: float = 2.0) -> Iterator[tuple[int, JobEvent]]:
+        """Stored events (synced from the backend first); ``follow`` keeps going until terminal."""
+        seq = after
+        while True:
+            if not self._store.get_job(self.id).status.terminal:
+                self.refresh()
+            for seq, event in self._store.events(self.id, after=seq):
+                yield seq, event
+            if not follow or self._store.get_job(self.id).status.terminal:
+                for seq, event in self._store.events(self.id, after=seq):
+                    yield seq, event
+                return
+            time.sleep(poll_interval)
+
+    def metrics(self, split: str | None = None) -> list[dict[str, Any]]:
+        return self._store.metrics(self.id, split=split)
+
+
+def progress_line(record: JobRecord) -> str:
+    """One line: status, step/total, loss, tokens/s, ETA (whatever the backend reported)."""
+    p = record.progress or {}
+    parts = [f"{record.id} [{record.backend}] {record.status.value}"]
+    if record.raw_status and record.raw_status != record.status.value:
+        parts[0] += f" ({record.raw_status})"
+    step, total = p.get("step"), p.get("total_steps")
+    if step is not None and total:
+        width = 20
+        filled = int(width * min(step / total, 1))
+        parts.append(f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}")
+    elif p.get("percent") is not None:
+        parts.append(f"{p['percent']:.0f}%")
+    if p.get("loss") is not None:
+        parts.append(f"loss {p['loss']:.4f}")
+    if p.get("tokens_per_s"):
+        parts.append(f"{p['tokens_per_s']:.0f} tok/s")
+    if p.get("eta_s") is not None and not record.status.terminal:
+        parts.append(f"ETA {format_seconds(p['eta_s'])}")
+    return "  ".join(parts)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
