@@ -1,0 +1,250 @@
+"""What the three managed backends share: credentials, SDK error translation, retries, the
+no-duplicate create protocol and the sync/async lifecycle. A provider fills in small hooks; each hook
+takes the SDK client and returns what the SDK returns, so the same hook serves the sync client and
+(awaited) the async client: the mapping code is shared, never copied.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from .._exceptions import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    ConflictError,
+    RateLimitError,
+    ServerError,
+    api_error_for_status,
+)
+from .._retry import RetryPolicy, retry_call, retry_call_async
+from .._settings import Secret, env_credential
+from ..schemas.job import JobEvent, Plan, RemoteState
+from ..schemas.spec import TrainingSpec
+from .base import Backend
+
+if TYPE_CHECKING:
+    from ..store import JobRecord
+
+# Errors after which a create may or may not have happened on the provider's side.
+AMBIGUOUS = (APIConnectionError, ServerError)
+
+
+def translate_sdk_error(exc: BaseException, provider: str, secrets: tuple[str, ...] = ()) -> BaseException:
+    """Stainless-style SDK exception -> tunekit APIError (the one boundary per backend).
+
+    Works for openai, together and fireworks-ai, which share the generated exception shapes.
+    Any secret that leaks into a provider message is masked.
+    """
+    name = type(exc).__name__
+    response = getattr(exc, "response", None)
+    status = getattr(exc, "status_code", None) or getattr(response, "status_code", None)
+    if status is None and not ("Connection" in name or "Timeout" in name):
+        return exc  # not an SDK API error: let it surface as is
+    body = getattr(exc, "body", None)
+    message = _message(body) or getattr(exc, "message", None) or str(exc) or name
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "***")
+    headers = getattr(response, "headers", None) or {}
+    request_id = headers.get("x-request-id") if headers else None
+    err = api_error_for_status(status, f"{provider}: {message}", provider=provider, request_id=request_id,
+                               body=None, retry_after=_retry_after(headers))
+    return err
+
+
+def _message(body: Any) -> str | None:
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return inner.get("message") or inner.get("detail")
+        if isinstance(inner, str):
+            return inner
+        return body.get("message")
+    return None
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except Exception:  # noqa: BLE001 - a malformed header only loses the hint
+        return None
+
+
+class ManagedBackend(Backend):
+    """Base of the OpenAI, Together and Fireworks backends."""
+
+    api_key_env: ClassVar[tuple[str, ...]] = ()
+    base_url_env: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, api_key: str | None = None, base_url: str | None = None,
+                 retry_policy: RetryPolicy | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self._api_key = Secret(api_key) if api_key else None
+        self._base_url = base_url or env_credential(*self.base_url_env) if self.base_url_env else base_url
+        self.retry_policy = retry_policy or RetryPolicy.from_env()
+
+    # -- credentials and clients ---------------------------------------------------------------------
+    @property
+    def api_key(self) -> str:
+        key = self._api_key or env_credential(*self.api_key_env)
+        if not key:
+            raise AuthenticationError(f"no API key for {self.name}", provider=self.name,
+                                      hint=f"set {self.api_key_env[0]} or pass api_key=...")
+        return str.__str__(key)
+
+    @property
+    def base_url(self) -> str | None:
+        return self._base_url
+
+    @cached_property
+    def client(self) -> Any:
+        return self.make_client(async_=False)
+
+    @cached_property
+    def aclient(self) -> Any:
+        return self.make_client(async_=True)
+
+    def make_client(self, *, async_: bool) -> Any:
+        """The official SDK client with its own retries off (max_retries=0): tunekit retries once, here."""
+        raise NotImplementedError
+
+    # -- calling the SDK -------------------------------------------------------------------------------
+    def _translate(self, exc: BaseException) -> BaseException:
+        secrets = (self._api_key or env_credential(*self.api_key_env) or "",)
+        return translate_sdk_error(exc, self.name, tuple(str.__str__(s) for s in secrets if s))
+
+    def call(self, fn: Callable[..., Any], *args: Any, idempotent: bool = True, **kwargs: Any) -> Any:
+        def once() -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except APIError:
+                raise
+            except Exception as exc:
+                translated = self._translate(exc)
+                if translated is exc:
+                    raise
+                raise translated from exc
+
+        return retry_call(once, policy=self.retry_policy, idempotent=idempotent)
+
+    async def acall(self, fn: Callable[..., Any], *args: Any, idempotent: bool = True, **kwargs: Any) -> Any:
+        async def once() -> Any:
+            try:
+                result = fn(*args, **kwargs)
+                return await result if inspect.isawaitable(result) else result
+            except APIError:
+                raise
+            except Exception as exc:
+                translated = self._translate(exc)
+                if translated is exc:
+                    raise
+                raise translated from exc
+
+        return await retry_call_async(once, policy=self.retry_policy, idempotent=idempotent)
+
+    # -- hooks a provider implements ----------------------------------------------------------------------
+    def upload_files(self, job: "JobRecord", spec: TrainingSpec) -> dict[str, str]:
+        """Convert (if needed) and upload training/validation data; return provider file refs,
+        e.g. {"training_file": "file-1", "validation_file": "file-2"}, merged into the create request."""
+        raise NotImplementedError
+
+    def create_kwargs(self, job: "JobRecord", plan: Plan, files: dict[str, str]) -> dict[str, Any]:
+        """The create call's arguments: the planned request + file refs + the tunekit tag."""
+        raise NotImplementedError
+
+    def _create(self, client: Any, kwargs: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _retrieve(self, client: Any, remote_id: str) -> Any:
+        raise NotImplementedError
+
+    def _cancel(self, client: Any, remote_id: str) -> Any:
+        raise NotImplementedError
+
+    def _find_tagged(self, client: Any, job: "JobRecord") -> Any | None:
+        """The remote job tagged with ``job.id`` (or created with its client-chosen id), else None."""
+        raise NotImplementedError
+
+    def _list_events(self, client: Any, remote_id: str) -> Any:
+        return []
+
+    def to_state(self, raw: Any) -> RemoteState:
+        raise NotImplementedError
+
+    def to_events(self, raw_events: Any, job: "JobRecord") -> list[JobEvent]:
+        return []
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def submit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
+        files = self.upload_files(job, spec)
+        kwargs = self.create_kwargs(job, plan, files)
+        return self.create_once(job, kwargs)
+
+    def create_once(self, job: "JobRecord", kwargs: dict[str, Any]) -> RemoteState:
+        """Create without ever making two paid jobs.
+
+        After an ambiguous failure (dropped connection, 5xx) look for the job tagged with our id
+        before trying again; a 409 (client-chosen id already used) means our earlier attempt won.
+        """
+        policy = self.retry_policy
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self.to_state(self.call(self._create, self.client, kwargs, idempotent=False))
+            except ConflictError:
+                found = self.call(self._find_tagged, self.client, job)
+                if found is not None:
+                    return self.to_state(found)
+                raise
+            except AMBIGUOUS as exc:
+                found = self.call(self._find_tagged, self.client, job)
+                if found is not None:
+                    return self.to_state(found)
+                if attempt >= policy.max_attempts:
+                    raise
+                time.sleep(policy.wait_seconds(attempt, exc))
+            except RateLimitError as exc:  # rejected before anything was created
+                if attempt >= policy.max_attempts:
+                    raise
+                time.sleep(policy.wait_seconds(attempt, exc))
+
+    def refresh(self, job: "JobRecord") -> RemoteState:
+        return self.to_state(self.call(self._retrieve, self.client, job.remote_id))
+
+    def cancel(self, job: "JobRecord") -> RemoteState:
+        return self.to_state(self.call(self._cancel, self.client, job.remote_id))
+
+    def events(self, job: "JobRecord") -> list[JobEvent]:
+        if not job.remote_id:
+            return []
+        return self.to_events(self.call(self._list_events, self.client, job.remote_id), job)
+
+    def find_remote(self, job: "JobRecord") -> RemoteState | None:
+        found = self.call(self._find_tagged, self.client, job)
+        return self.to_state(found) if found is not None else None
+
+    async def arefresh(self, job: "JobRecord") -> RemoteState:
+        return self.to_state(await self.acall(self._retrieve, self.aclient, job.remote_id))
+
+    async def acancel(self, job: "JobRecord") -> RemoteState:
+        return self.to_state(await self.acall(self._cancel, self.aclient, job.remote_id))
+
+    async def aevents(self, job: "JobRecord") -> list[JobEvent]:
+        if not job.remote_id:
+            return []
+        return self.to_events(await self.acall(self._list_events, self.aclient, job.remote_id), job)
