@@ -244,7 +244,7 @@ def check_preference(obj: dict) -> list[Issue]:
         if "messages" not in inp:
             out.append(("input.messages", "missing_key", "missing key 'input.messages'"))
         else:
-            for i, m in enumerate(check_messages(inp["messages"], "input.", out, end="user")):
+            for m in check_messages(inp["messages"], "input.", out, end="user"):
                 if "weight" in m:
                     out.append(("input.messages", "misplaced_key", "'weight' has no meaning in a preference input"))
                     break

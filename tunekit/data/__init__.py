@@ -1,0 +1,12 @@
+"""Training data: the streaming JSONL validator and conversion between row kinds.
+
+    validate(path, rules=None, tokenizer=None, max_problems=100) -> ValidationReport
+    iter_rows(path)                  -> (line, row) pairs of a validated file
+    to_chat_row(row, kind)           -> the chat form of one row
+    convert_file(src, dst, target)   -> rows written
+"""
+
+from tunekit.data.convert import convert_file, convert_row, iter_rows, to_chat_row
+from tunekit.data.validate import validate
+
+__all__ = ["convert_file", "convert_row", "iter_rows", "to_chat_row", "validate"]

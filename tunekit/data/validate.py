@@ -1,0 +1,321 @@
+"""Streaming JSONL validator: every problem with its line, in constant memory.
+
+The file is read in 1 MiB binary blocks split on b"\\n" (the whole file is never held); each line
+is decoded as strict UTF-8 and parsed with the stdlib ``json``. Prompt/response rows of the usual
+shape take a fast path of plain type checks; anything else goes through ``_checks`` for a precise
+message. Memory that grows with the file, and why it is acceptable:
+
+* duplicates: a set of 16-byte BLAKE2b digests of the valid rows' bytes (~90 bytes per row in
+  CPython, so ~90 MB for a million rows). The line of a duplicate's first occurrence is found by a
+  second pass, run only when duplicates were listed.
+* lengths: a histogram (one counter per distinct length), so p50/p95 are exact at O(max length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from tunekit._exceptions import ConfigError
+from tunekit.data import _checks
+from tunekit.data._checks import Issue
+from tunekit.schemas.report import DataRules, LengthStats, Problem, ValidationReport
+from tunekit.schemas.rows import RowKind
+
+BLOCK = 1 << 20
+BOM = b"\xef\xbb\xbf"
+_PR = RowKind.PROMPT_RESPONSE
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (use null or a string)")
+
+
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
+class _Scan:
+    """State of one pass over a file."""
+
+    def __init__(self, path: str, rules: DataRules, tokenizer: Any, max_problems: int) -> None:
+        self.path = path
+        self.rules = rules
+        self.tokenizer = tokenizer
+        self.max_problems = max_problems
+        self.problems: list[tuple[Optional[int], Optional[str], str, str]] = []
+        self.counts: dict[str, int] = {}
+        self.kind: Optional[RowKind] = None
+        self.kind_line: Optional[int] = None
+        self.rows = 0
+        self.lines = 0
+        self.seen: set[bytes] = set()
+        self.dup_digests: dict[int, bytes] = {}  # line -> digest, for listed duplicates only
+        self.hist: dict[int, int] = {}
+
+    def add(self, line: Optional[int], field: Optional[str], code: str, message: str) -> None:
+        self.counts[code] = self.counts.get(code, 0) + 1
+        if len(self.problems) < self.max_problems:
+            self.problems.append((line, field, code, message))
+
+    # -- the hot loop -------------------------------------------------------------------------
+
+    def run(self, f, sha) -> None:
+        carry = b""
+        lineno = 0
+        seen, hist = self.seen, self.hist
+        fast = self.tokenizer is None
+        while True:
+            block = f.read(BLOCK)
+            if not block:
+                break
+            sha.update(block)
+            if carry:
+                block = carry + block
+            lines = block.split(b"\n")
+            carry = lines.pop()
+            if lineno == 0 and lines and lines[0].startswith(BOM):
+                self.add(1, None, "bom", "file starts with a UTF-8 byte-order mark (BOM): save it as UTF-8 without BOM")
+                lines[0] = lines[0][3:]
+            for raw in lines:
+                lineno += 1
+                # Fast path: a well-formed prompt/response row in a prompt/response file.
+                if fast and self.kind is _PR:
+                    try:
+                        obj = _decode(raw.decode())
+                    except (ValueError, RecursionError):
+                        obj = None
+                    if type(obj) is dict and len(obj) == 2:
+                        p = obj.get("prompt")
+                        r = obj.get("response")
+                        if r is None:
+                            r = obj.get("completion")
+                        if type(p) is str and type(r) is str and p and r and not p.isspace() and not r.isspace():
+                            digest = hashlib.blake2b(raw.rstrip(), digest_size=16).digest()
+                            if digest in seen:
+                                self.duplicate(lineno, digest)
+                                continue
+                            seen.add(digest)
+                            n = len(p) + len(r)
+                            hist[n] = hist.get(n, 0) + 1
+                            self.rows += 1
+                            continue
+                self.line(lineno, raw, last=False)
+        if carry:
+            lineno += 1
+            if lineno == 1 and carry.startswith(BOM):
+                self.add(1, None, "bom", "file starts with a UTF-8 byte-order mark (BOM): save it as UTF-8 without BOM")
+                carry = carry[3:]
+            self.line(lineno, carry, last=True)
+        self.lines = lineno
+
+    # -- the careful path ---------------------------------------------------------------------
+
+    def line(self, lineno: int, raw: bytes, *, last: bool) -> None:
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError as exc:
+            hint = " (it looks like UTF-16)" if b"\x00" in raw else ""
+            self.add(lineno, None, "not_utf8",
+                     f"not valid UTF-8{hint}: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}; "
+                     "re-save the file as UTF-8")
+            return
+        if not text.strip():
+            self.add(lineno, None, "blank_line", "blank line: remove it (every line must be one JSON object)")
+            return
+        try:
+            obj = _decode(text)
+        except ValueError as exc:
+            if last:
+                self.add(lineno, None, "truncated_line",
+                         f"last line is cut off (no newline at the end and not valid JSON: {_short(exc)}); "
+                         "the file may be incomplete: re-export it")
+            else:
+                self.add(lineno, None, "invalid_json", f"invalid JSON: {_short(exc)}")
+            return
+        except RecursionError:
+            self.add(lineno, None, "invalid_json", "invalid JSON: nested too deeply")
+            return
+        if type(obj) is not dict:
+            self.add(lineno, None, "not_object",
+                     f"line is a JSON {_checks.json_type(obj)}, not an object: each line must be one row object")
+            return
+        guess = _checks.guess_kind(obj)
+        if guess is None:
+            self.add(lineno, *_checks.unknown_kind_issue(obj))
+            return
+        if self.kind is not None and guess is not self.kind:
+            self.add(lineno, None, "mixed_kinds",
+                     f"a {guess.value} row in a {self.kind.value} file (kind set by line {self.kind_line}): "
+                     "use one row kind per file")
+            return
+        try:
+            issues: list[Issue] = _checks.check_row(obj, guess)
+        except RecursionError:
+            issues = [(None, "invalid_json", "row is nested too deeply")]
+        if issues:
+            for field, code, message in issues:
+                self.add(lineno, field, code, message)
+            return
+        if self.kind is None:
+            self.kind, self.kind_line = guess, lineno
+        digest = hashlib.blake2b(raw.rstrip(), digest_size=16).digest()
+        if digest in self.seen:
+            self.duplicate(lineno, digest)
+            return
+        try:
+            n = self.measure(obj, guess)
+        except Exception as exc:  # a tokenizer failing on odd text is a data problem, not a crash
+            self.add(lineno, None, "tokenize_failed", f"the tokenizer failed on this row: {_short(exc)}")
+            return
+        self.seen.add(digest)
+        self.hist[n] = self.hist.get(n, 0) + 1
+        self.rows += 1
+
+    def duplicate(self, lineno: int, digest: bytes) -> None:
+        if len(self.problems) < self.max_problems:
+            self.dup_digests[lineno] = digest
+        self.add(lineno, None, "duplicate_row", "duplicate row")  # message completed by _first_lines
+
+    def measure(self, obj: dict, kind: RowKind) -> int:
+        if self.tokenizer is None:
+            return _checks.text_chars(obj, kind)
+        return token_length(self.tokenizer, obj, kind)
+
+    # -- after the pass -----------------------------------------------------------------------
+
+    def finish(self) -> None:
+        rules = self.rules
+        who = rules.backend or "training"
+        note = f" ({rules.note})" if rules.note else ""
+        if self.kind is not None and rules.kinds is not None and self.kind not in rules.kinds:
+            accepted = ", ".join(sorted(k.value for k in rules.kinds))
+            convert = ""
+            if self.kind is not RowKind.CHAT and RowKind.CHAT in rules.kinds:
+                convert = "; convert with tunekit.data.convert_file(src, dst, 'chat')"
+            self.add(self.kind_line, None, "kind_not_accepted",
+                     f"{rules.backend or 'this backend'} does not accept {self.kind.value} rows (accepts: {accepted}){convert}{note}")
+        if self.lines and self.rows < rules.min_rows:
+            self.add(None, None, "too_few_rows",
+                     f"{self.rows} valid row(s); {who} needs at least {rules.min_rows}{note}")
+
+
+def _short(exc: Exception) -> str:
+    msg = str(exc)
+    return msg if len(msg) <= 120 else msg[:117] + "..."
+
+
+def token_length(tokenizer: Any, obj: dict, kind: RowKind) -> int:
+    """Tokens of a valid row: the chat template for messages, plain tokenization for prompt/response."""
+    if kind is RowKind.PROMPT_RESPONSE:
+        answer = obj["response"] if "response" in obj else obj["completion"]
+        return len(tokenizer(obj["prompt"] + answer)["input_ids"])
+
+    def chat_tokens(messages: list) -> int:
+        msgs = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(msgs, tokenize=True)
+            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+            return len(ids)
+        return sum(len(tokenizer(m["content"])["input_ids"]) for m in msgs)
+
+    if kind is RowKind.CHAT:
+        return chat_tokens(obj["messages"])
+    inp = obj["input"]["messages"]
+    return max(chat_tokens(inp + obj["preferred_output"]), chat_tokens(inp + obj["non_preferred_output"]))
+
+
+def _first_lines(path: Path, wanted: set[bytes]) -> dict[bytes, int]:
+    """Second pass: the first line holding each wanted digest."""
+    found: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[3:]
+            d = hashlib.blake2b(raw.rstrip(), digest_size=16).digest()
+            if d in wanted and d not in found:
+                found[d] = lineno
+                if len(found) == len(wanted):
+                    break
+    return found
+
+
+def _length_stats(hist: dict[int, int], unit: str) -> LengthStats:
+    count = sum(hist.values())
+    if not count:
+        return LengthStats(unit=unit)  # type: ignore[arg-type]
+    keys = sorted(hist)
+    total = sum(k * v for k, v in hist.items())
+
+    def pct(q: float) -> int:
+        # Nearest-rank percentile: the smallest length with at least q of the rows at or below it.
+        rank = max(1, -(-int(q * count * 1000) // 1000))
+        seen = 0
+        for k in keys:
+            seen += hist[k]
+            if seen >= rank:
+                return k
+        return keys[-1]
+
+    return LengthStats(unit=unit, count=count, min=keys[0], max=keys[-1], mean=total / count,  # type: ignore[arg-type]
+                       p50=pct(0.5), p95=pct(0.95))
+
+
+def validate(
+    path: str | os.PathLike[str],
+    *,
+    rules: DataRules | None = None,
+    tokenizer: Any = None,
+    max_problems: int = 100,
+) -> ValidationReport:
+    """Check a JSONL training file without loading it; return a report listing every problem.
+
+    Invalid data never raises: it becomes problems in the report. A missing or unreadable path is a
+    usage error (``ConfigError``). With ``tokenizer`` (a Hugging Face tokenizer) lengths are in tokens.
+    """
+    rules = rules or DataRules()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file", field="data",
+                          hint="check the path of the training file (a .jsonl file)")
+    scan = _Scan(str(p), rules, tokenizer, max(0, max_problems))
+    sha = hashlib.sha256()
+    try:
+        size = p.stat().st_size
+        if rules.max_bytes is not None and size > rules.max_bytes:
+            who = rules.backend or "this backend"
+            scan.add(None, None, "file_too_large",
+                     f"file is {size:,} bytes; {who} accepts at most {rules.max_bytes:,}: split it")
+        if size == 0:
+            scan.add(None, None, "empty_file", "file is empty: it needs one JSON row per line")
+        with open(p, "rb") as f:
+            scan.run(f, sha)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}", field="data") from exc
+    scan.finish()
+    if scan.dup_digests:
+        first = _first_lines(p, set(scan.dup_digests.values()))
+        fixed = []
+        for line, field, code, message in scan.problems:
+            if code == "duplicate_row" and line in scan.dup_digests:
+                message = f"duplicate of line {first.get(scan.dup_digests[line], '?')}: remove it"
+            fixed.append((line, field, code, message))
+        scan.problems = fixed
+    problem_count = sum(scan.counts.values())
+    return ValidationReport(
+        path=str(p),
+        valid=problem_count == 0,
+        kind=scan.kind,
+        rows=scan.rows,
+        lines=scan.lines,
+        sha256=sha.hexdigest(),
+        size_bytes=size,
+        problems=[Problem(line=a, field=b, code=c, message=d) for a, b, c, d in scan.problems],
+        problem_count=problem_count,
+        problem_counts=dict(sorted(scan.counts.items())),
+        length=_length_stats(scan.hist, "characters" if tokenizer is None else "tokens"),
+        backend=rules.backend,
+    )
