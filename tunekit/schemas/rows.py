@@ -14,9 +14,22 @@ two in agreement.
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
+
+T = TypeVar("T")
+# An optional key that must not be null when present: the JSON Schema shows only the value type.
+Omittable = Union[T, SkipJsonSchema[None]]
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def _optional(**kwargs: Any) -> Any:
+    return Field(None, json_schema_extra=_no_default, **kwargs)
 
 
 class RowKind(str, enum.Enum):
@@ -32,8 +45,22 @@ Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+Objects = Annotated[list[dict[str, Any]], Field(min_length=1)]
+
+
 class _Row(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        # An optional key is omitted, never null (only a message's content may be null, beside tool_calls).
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if value is None and key != "content":
+                    raise ValueError(f"{key!r} must not be null: omit the key instead")
+        return data
 
 
 class PromptResponseRow(_Row):
@@ -41,12 +68,13 @@ class PromptResponseRow(_Row):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"oneOf": [{"required": ["response"]}, {"required": ["completion"]}]},
     )
 
     prompt: str = Field(..., min_length=1, description="The input text.")
-    response: Optional[str] = Field(None, min_length=1, description="The text to learn (or use 'completion').")
-    completion: Optional[str] = Field(None, min_length=1, description="Alias of 'response'; give one, not both.")
+    response: Omittable[NonEmpty] = _optional(description="The text to learn (or use 'completion').")
+    completion: Omittable[NonEmpty] = _optional(description="Alias of 'response'; give one, not both.")
 
     @model_validator(mode="after")
     def _one_answer(self) -> "PromptResponseRow":
@@ -63,15 +91,22 @@ class Message(_Row):
     """One chat message. ``content`` may be omitted only on an assistant message that has ``tool_calls``."""
 
     role: Role
-    content: Optional[str] = Field(None, description="Message text (non-empty).")
-    weight: Optional[Literal[0, 1]] = Field(
-        None, description="Assistant messages only: 0 = shown as context but not trained on, 1 = trained on."
+    content: Optional[str] = _optional(description="Message text (non-empty; null only beside 'tool_calls').")
+    weight: Omittable[Literal[0, 1]] = _optional(
+        description="Assistant messages only: 0 = shown as context but not trained on, 1 = trained on."
     )
-    name: Optional[str] = Field(None, min_length=1, description="Optional speaker name.")
-    tool_calls: Optional[list[dict[str, Any]]] = Field(
-        None, min_length=1, description="Assistant messages only: the tool calls it makes (OpenAI format)."
+    name: Omittable[NonEmpty] = _optional(description="Optional speaker name.")
+    tool_calls: Omittable[Objects] = _optional(
+        description="Assistant messages only: the tool calls it makes (OpenAI format)."
     )
-    tool_call_id: Optional[str] = Field(None, min_length=1, description="Tool messages only: the call answered.")
+    tool_call_id: Omittable[NonEmpty] = _optional(description="Tool messages only: the call answered.")
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _int_weight(cls, value: Any) -> Any:
+        if type(value) is not int:  # Literal[0, 1] alone would take true/false and 1.0
+            raise ValueError("'weight' must be the integer 0 or 1")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "Message":
@@ -91,12 +126,12 @@ class ChatRow(_Row):
     """A conversation; assistant turns (weight 1, the default) are what the model learns."""
 
     messages: list[Message] = Field(..., min_length=1)
-    tools: Optional[list[dict[str, Any]]] = Field(None, description="Tool definitions (OpenAI format), optional.")
+    tools: Omittable[list[dict[str, Any]]] = _optional(description="Tool definitions (OpenAI format), optional.")
 
 
 class PreferenceInput(_Row):
     messages: list[Message] = Field(..., min_length=1, description="The conversation, ending with a user turn.")
-    tools: Optional[list[dict[str, Any]]] = None
+    tools: Omittable[list[dict[str, Any]]] = _optional(description="Tool definitions (OpenAI format), optional.")
 
 
 class PreferenceRow(_Row):
