@@ -1,0 +1,1 @@
+"""Test-only helpers shared by the managed-backend tests: a replay HTTP server and an OpenAPI spec checker."""
