@@ -7,6 +7,6 @@
 """
 
 from tunekit.data.convert import convert_file, convert_row, iter_rows, to_chat_row
-from tunekit.data.validate import validate
+from tunekit.data.validator import validate
 
 __all__ = ["convert_file", "convert_row", "iter_rows", "to_chat_row", "validate"]

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Union
 
 from tunekit._exceptions import ConfigError
 from tunekit.data import _checks
-from tunekit.data.validate import BOM, _decode
+from tunekit.data.validator import BOM, _decode
 from tunekit.schemas.rows import RowKind
 
 _ALLOWED = {

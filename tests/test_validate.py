@@ -1,0 +1,395 @@
+"""tunekit.data.validate: one test per problem class, each asserting the line and the code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tunekit._exceptions import ConfigError, DataValidationError
+import tunekit.data.validator as vmod
+from tunekit.data import validate
+from tunekit.schemas.report import DataRules, ValidationReport
+from tunekit.schemas.rows import RowKind
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def pr(p: str = "2 plus 2?", r: str = "four") -> str:
+    return json.dumps({"prompt": p, "response": r})
+
+
+def chat(*msgs: tuple, **extra) -> str:
+    out = []
+    for m in msgs:
+        d = {"role": m[0], "content": m[1]}
+        if len(m) > 2:
+            d.update(m[2])
+        out.append(d)
+    return json.dumps({"messages": out, **extra})
+
+
+def pref(inp=(("user", "q?"),), good="yes", bad="no", **over) -> str:
+    row = {
+        "input": {"messages": [{"role": r, "content": c} for r, c in inp]},
+        "preferred_output": [{"role": "assistant", "content": good}],
+        "non_preferred_output": [{"role": "assistant", "content": bad}],
+    }
+    row.update(over)
+    return json.dumps(row)
+
+
+def write(tmp_path: Path, data: bytes | str | list[str], name: str = "data.jsonl") -> Path:
+    if isinstance(data, list):
+        data = "".join(line + "\n" for line in data)
+    if isinstance(data, str):
+        data = data.encode()
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def run(tmp_path: Path, data, **kw) -> ValidationReport:
+    return validate(write(tmp_path, data), **kw)
+
+
+def codes(report: ValidationReport) -> list[tuple[int | None, str]]:
+    return [(p.line, p.code) for p in report.problems]
+
+
+# -- clean files ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,kind,rows",
+    [("train.jsonl", RowKind.PROMPT_RESPONSE, 92), ("valid.jsonl", RowKind.PROMPT_RESPONSE, 16),
+     ("chat.jsonl", RowKind.CHAT, 40), ("preference.jsonl", RowKind.PREFERENCE, 40)],
+)
+def test_example_data_is_clean(name, kind, rows):
+    r = validate(EXAMPLES / name)
+    assert r.valid, r.format_lines()
+    assert (r.kind, r.rows, r.lines, r.problem_count) == (kind, rows, rows, 0)
+
+
+def test_report_fields(tmp_path):
+    lines = [pr("ab", "cde"), pr("x", "y"), pr("hello", "world!")]
+    path = write(tmp_path, lines)
+    r = validate(path)
+    assert r.valid and r.kind is RowKind.PROMPT_RESPONSE and r.rows == 3 and r.lines == 3
+    assert r.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert r.size_bytes == path.stat().st_size
+    assert r.length.unit == "characters"
+    assert (r.length.count, r.length.min, r.length.max, r.length.p50) == (3, 2, 11, 5)
+    assert r.length.mean == pytest.approx((5 + 2 + 11) / 3)
+    assert r.backend is None and r.format_lines() == []
+
+
+def test_exact_percentiles(tmp_path):
+    # lengths 2..101 (prompt "p" + response of n-1 chars): nearest-rank p50 = 51, p95 = 96
+    r = run(tmp_path, [pr("p", "x" * (n - 1)) for n in range(2, 102)])
+    assert (r.length.min, r.length.p50, r.length.p95, r.length.max) == (2, 51, 96, 101)
+
+
+def test_completion_is_accepted_as_response(tmp_path):
+    r = run(tmp_path, [json.dumps({"prompt": "a", "completion": "b"}), pr()])
+    assert r.valid and r.rows == 2
+
+
+def test_final_line_without_newline_is_fine(tmp_path):
+    r = run(tmp_path, pr() + "\n" + pr("x", "y"))
+    assert r.valid and r.rows == 2 and r.lines == 2
+
+
+def test_crlf_line_endings_are_fine(tmp_path):
+    r = run(tmp_path, (pr() + "\r\n" + pr("x", "y") + "\r\n").encode())
+    assert r.valid and r.rows == 2
+
+
+# -- file-level problems ----------------------------------------------------------------------------
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(ConfigError) as exc:
+        validate(missing)
+    assert str(missing) in str(exc.value)
+
+
+def test_empty_file(tmp_path):
+    r = run(tmp_path, b"")
+    assert not r.valid and codes(r) == [(None, "empty_file")] and r.rows == 0
+
+
+def test_file_too_large(tmp_path):
+    r = run(tmp_path, [pr()], rules=DataRules(backend="tiny", max_bytes=10))
+    assert codes(r) == [(None, "file_too_large")] and "tiny" in r.problems[0].message
+
+
+def test_too_few_rows_names_backend_and_note(tmp_path):
+    rules = DataRules(backend="openai", min_rows=10, note="OpenAI needs at least 10 examples")
+    r = run(tmp_path, [pr(), pr("a", "b")], rules=rules)
+    assert codes(r) == [(None, "too_few_rows")]
+    msg = r.problems[0].message
+    assert "2 valid row(s)" in msg and "at least 10" in msg and "OpenAI needs" in msg
+    assert r.backend == "openai"
+
+
+def test_kind_not_accepted(tmp_path):
+    rules = DataRules(backend="fw", kinds={RowKind.CHAT})
+    r = run(tmp_path, ["", pr()], rules=rules)
+    assert codes(r) == [(1, "blank_line"), (2, "kind_not_accepted")]
+    assert "convert_file" in r.problems[1].message
+
+
+def test_kinds_accepted_as_strings(tmp_path):
+    rules = DataRules(kinds={"chat", "prompt_response"})
+    assert run(tmp_path, [pr()], rules=rules).valid
+
+
+# -- line-level problems ----------------------------------------------------------------------------
+
+
+def test_not_utf8(tmp_path):
+    r = run(tmp_path, pr().encode() + b"\n" + b'{"prompt": "caf\xe9", "response": "x"}\n' + pr("b", "c").encode() + b"\n")
+    assert codes(r) == [(2, "not_utf8")] and r.rows == 2
+    assert "0xe9" in r.problems[0].message
+
+
+def test_utf16_file_is_called_out(tmp_path):
+    r = run(tmp_path, (pr() + "\n").encode("utf-16"))
+    assert r.problems[0].code == "not_utf8" and "UTF-16" in r.problems[0].message
+
+
+def test_bom_at_start(tmp_path):
+    r = run(tmp_path, b"\xef\xbb\xbf" + (pr() + "\n").encode())
+    assert codes(r) == [(1, "bom")] and r.rows == 1  # the row itself is still read
+
+
+def test_blank_lines(tmp_path):
+    r = run(tmp_path, [pr(), "", "   ", pr("a", "b")])
+    assert codes(r) == [(2, "blank_line"), (3, "blank_line")] and r.rows == 2
+
+
+def test_truncated_last_line(tmp_path):
+    r = run(tmp_path, pr() + "\n" + '{"prompt": "a", "resp')
+    assert codes(r) == [(2, "truncated_line")] and r.lines == 2
+
+
+def test_invalid_json_mid_file(tmp_path):
+    r = run(tmp_path, [pr(), '{"prompt": "a" "response": "b"}', pr("c", "d")])
+    assert codes(r) == [(2, "invalid_json")]
+
+
+def test_nan_is_not_json(tmp_path):
+    r = run(tmp_path, [pr(), '{"prompt": "a", "response": NaN}'])
+    assert codes(r) == [(2, "invalid_json")] and "NaN" in r.problems[0].message
+
+
+def test_not_an_object(tmp_path):
+    r = run(tmp_path, [pr(), '["a", "b"]', '"text"', "3"])
+    assert codes(r) == [(2, "not_object"), (3, "not_object"), (4, "not_object")]
+
+
+def test_unknown_key_suggests_the_close_name(tmp_path):
+    r = run(tmp_path, [pr(), '{"prompt": "a", "respnse": "b"}'])
+    assert codes(r) == [(2, "unknown_key"), (2, "missing_key")]
+    assert "did you mean 'response'" in r.problems[0].message and r.problems[0].field == "respnse"
+
+
+def test_unknown_row_kind(tmp_path):
+    r = run(tmp_path, ['{"text": "hello"}', '{"conversations": []}'])
+    assert codes(r)[:2] == [(1, "unknown_row_kind"), (2, "unknown_row_kind")]
+    assert "ShareGPT" in r.problems[1].message
+
+
+def test_missing_key(tmp_path):
+    r = run(tmp_path, [pr(), '{"prompt": "a"}'])
+    assert codes(r) == [(2, "missing_key")] and r.problems[0].field == "response"
+
+
+def test_wrong_types(tmp_path):
+    r = run(tmp_path, [pr(), '{"prompt": 1, "response": null}', '{"messages": "hi"}'])
+    assert codes(r)[:2] == [(2, "wrong_type"), (2, "wrong_type")]
+    assert [p.field for p in r.problems[:2]] == ["prompt", "response"]
+    assert "integer" in r.problems[0].message
+
+
+def test_empty_and_whitespace_strings(tmp_path):
+    r = run(tmp_path, [pr(), pr("", "x"), pr("x", "  \n")])
+    assert codes(r) == [(2, "empty_string"), (3, "empty_string")]
+    assert [p.field for p in r.problems] == ["prompt", "response"]
+
+
+def test_response_and_completion_together(tmp_path):
+    r = run(tmp_path, ['{"prompt": "a", "response": "b", "completion": "c"}'])
+    assert (1, "conflicting_keys") in codes(r)
+
+
+def test_mixed_kinds_decided_by_first_valid_row(tmp_path):
+    r = run(tmp_path, ['{"prompt": ""}', chat(("user", "hi"), ("assistant", "yo")), pr(), pref()])
+    assert r.kind is RowKind.CHAT
+    assert codes(r)[-2:] == [(3, "mixed_kinds"), (4, "mixed_kinds")]
+    assert "line 2" in r.problems[-1].message
+
+
+def test_duplicate_rows_name_first_occurrence(tmp_path):
+    r = run(tmp_path, [pr(), pr("a", "b"), pr(), pr("a", "b"), pr()])
+    assert codes(r) == [(3, "duplicate_row"), (4, "duplicate_row"), (5, "duplicate_row")]
+    assert [p.message.split(":")[0] for p in r.problems] == [
+        "duplicate of line 1", "duplicate of line 2", "duplicate of line 1"]
+    assert r.rows == 2
+
+
+def test_duplicate_of_bom_first_line(tmp_path):
+    r = run(tmp_path, b"\xef\xbb\xbf" + (pr() + "\n" + pr() + "\n").encode())
+    assert codes(r) == [(1, "bom"), (2, "duplicate_row")] and "line 1" in r.problems[1].message
+
+
+# -- chat rows --------------------------------------------------------------------------------------
+
+
+def test_chat_role_order(tmp_path):
+    rows = [
+        chat(("user", "a"), ("assistant", "b")),                          # 1 ok
+        chat(("user", "a"), ("system", "s"), ("assistant", "b")),         # 2 system not first
+        chat(("user", "a"), ("user", "a2"), ("assistant", "b")),          # 3 user twice
+        chat(("system", "s"), ("assistant", "b")),                        # 4 assistant first
+        chat(("user", "a"), ("tool", "42"), ("assistant", "b")),          # 5 tool after user
+        chat(("user", "a"), ("assistant", "b"), ("user", "c")),           # 6 ends with user
+    ]
+    r = run(tmp_path, rows)
+    assert codes(r) == [(n, "role_order") for n in range(2, 7)]
+    fields = [p.field for p in r.problems]
+    assert fields == ["messages[1].role", "messages[1].role", "messages[1].role", "messages[1].role",
+                      "messages[2].role"]
+    assert "system message is only allowed first" in r.problems[0].message
+
+
+def test_chat_tool_turns(tmp_path):
+    call = {"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]}
+    row = json.dumps({
+        "tools": [{"type": "function", "function": {"name": "add"}}],
+        "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", **call},
+                     {"role": "tool", "content": "4", "tool_call_id": "c1"}, {"role": "assistant", "content": "4"}],
+    })
+    assert run(tmp_path, [row]).valid
+    bad = json.dumps({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"},
+                                   {"role": "assistant", "content": "y"}]})
+    assert codes(run(tmp_path, [bad])) == [(1, "misplaced_key"), (None, "too_few_rows")]
+
+
+def test_chat_invalid_role(tmp_path):
+    r = run(tmp_path, [chat(("user", "a"), ("bot", "b"))])
+    assert codes(r) == [(1, "invalid_role"), (None, "too_few_rows")] and r.problems[0].field == "messages[1].role"
+
+
+def test_chat_nothing_to_train_on(tmp_path):
+    r = run(tmp_path, [chat(("system", "s"), ("user", "a"), ("assistant", "b", {"weight": 0})),
+                       json.dumps({"messages": [{"role": "user", "content": "a"}]})])
+    assert codes(r)[:2] == [(1, "no_assistant"), (2, "role_order")]
+    assert "weight 0" in r.problems[0].message
+
+
+def test_chat_weights(tmp_path):
+    ok = chat(("user", "a"), ("assistant", "b", {"weight": 0}), ("user", "c"), ("assistant", "d", {"weight": 1}))
+    r = run(tmp_path, [ok, chat(("user", "a"), ("assistant", "b", {"weight": 2})),
+                       chat(("user", "a"), ("assistant", "b", {"weight": True})),
+                       chat(("user", "a", {"weight": 1}), ("assistant", "b"))])
+    assert codes(r) == [(2, "invalid_weight"), (3, "invalid_weight"), (4, "misplaced_key")]
+    assert r.problems[0].field == "messages[1].weight"
+
+
+def test_chat_message_shape(tmp_path):
+    r = run(tmp_path, [json.dumps({"messages": [{"role": "user"}, "hi", {"role": "assistant", "content": ""}]}),
+                       json.dumps({"messages": []}), json.dumps({"messages": [], "extra": 1})])
+    assert codes(r) == [(1, "missing_key"), (1, "wrong_type"), (1, "empty_string"), (2, "empty_messages"),
+                        (3, "unknown_key"), (3, "empty_messages"), (None, "too_few_rows")]
+    assert [p.field for p in r.problems[:3]] == ["messages[0].content", "messages[1]", "messages[2].content"]
+
+
+# -- preference rows --------------------------------------------------------------------------------
+
+
+def test_preference_problems(tmp_path):
+    r = run(tmp_path, [
+        pref(),                                                                     # 1 ok
+        pref(inp=(("user", "q"), ("assistant", "a"))),                              # 2 input ends with assistant
+        pref(preferred_output=[{"role": "assistant", "content": "a"}] * 2),         # 3 two outputs
+        pref(non_preferred_output=[{"role": "user", "content": "a"}]),              # 4 output not assistant
+        pref(good="same", bad="same"),                                              # 5 identical
+        json.dumps({"input": {"messages": [{"role": "user", "content": "q"}]}}),    # 6 outputs missing
+    ])
+    assert codes(r) == [(2, "role_order"), (3, "wrong_type"), (4, "role_order"), (5, "identical_outputs"),
+                        (6, "missing_key"), (6, "missing_key")]
+    assert r.problems[0].field == "input.messages[1].role"
+    assert r.problems[2].field == "non_preferred_output[0].role"
+
+
+# -- caps and counting ------------------------------------------------------------------------------
+
+
+def test_problems_capped_but_all_counted(tmp_path):
+    r = run(tmp_path, [pr()] + ["{bad"] * 250, max_problems=10)
+    assert len(r.problems) == 10 and r.problem_count == 250 and r.problem_counts == {"invalid_json": 250}
+    assert r.truncated and "240 more" in r.format_lines()[-1]
+    assert [p.line for p in r.problems] == list(range(2, 12))
+
+
+def test_duplicates_beyond_the_cap_are_counted(tmp_path):
+    r = run(tmp_path, [pr()] * 50, max_problems=3)
+    assert r.problem_count == 49 and len(r.problems) == 3 and r.rows == 1
+    assert all("line 1" in p.message for p in r.problems)
+
+
+def test_format_lines_and_raise(tmp_path):
+    path = write(tmp_path, [pr(), "[1]"])
+    r = validate(path)
+    assert r.format_lines() == [f"{path}:2: line is a JSON array, not an object: each line must be one row object "
+                                "(not_object)"]
+    with pytest.raises(DataValidationError) as exc:
+        r.raise_for_problems()
+    assert exc.value.report is r and "line 2" in str(exc.value)
+
+
+def test_bad_example_file():
+    r = validate(EXAMPLES / "bad.jsonl")
+    assert codes(r) == [(2, "empty_string"), (3, "unknown_key"), (3, "missing_key"), (4, "blank_line"),
+                        (5, "invalid_json"), (6, "not_object"), (7, "wrong_type"), (8, "mixed_kinds"),
+                        (9, "duplicate_row")]
+    assert r.rows == 2 and r.kind is RowKind.PROMPT_RESPONSE
+
+
+def test_lines_across_block_boundaries(tmp_path, monkeypatch):
+    """Small read blocks must give the same report as one block (lines split across reads)."""
+    lines = [pr(f"p{i}", "é" * (i % 7 + 1)) for i in range(40)] + ["", "{bad", pr("p1", "éé")]
+    path = write(tmp_path, lines)
+    whole = validate(path)
+    for block in (1, 3, 17):
+        monkeypatch.setattr(vmod, "BLOCK", block)
+        assert validate(path).model_dump() == whole.model_dump()
+
+
+# -- tokens -----------------------------------------------------------------------------------------
+
+
+def test_token_lengths_with_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    from tunekit.testing import build_tokenizer
+
+    tok = build_tokenizer()
+    r = run(tmp_path, [pr("ab", "cde"), pr("hello", "world")], tokenizer=tok)
+    assert r.valid and r.length.unit == "tokens"
+    # byte-level tokenizer without merges: one token per byte (no special tokens added for plain text)
+    n1, n2 = len(tok("abcde")["input_ids"]), len(tok("helloworld")["input_ids"])
+    assert n1 != n2 and (r.length.min, r.length.max) == (min(n1, n2), max(n1, n2))
+
+    rc = run(tmp_path, [chat(("user", "hi"), ("assistant", "yo"))], tokenizer=tok)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                                  tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert rc.length.unit == "tokens" and rc.length.max == len(ids)
+    assert rc.length.max > len("hiyo")  # the template's markers count too
+    # without a tokenizer the same file is measured in characters
+    assert validate(tmp_path / "data.jsonl").length.unit == "characters"
