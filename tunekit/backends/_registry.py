@@ -34,7 +34,8 @@ _BUILTIN: dict[str, BackendEntry] = {
                              ("together",)),
     "fireworks": BackendEntry("fireworks", "tunekit.backends.fireworks.backend:FireworksBackend", "fireworks",
                               ("fireworks",)),
-    "local": BackendEntry("local", "tunekit.backends.local.backend:LocalBackend", "local", ()),
+    "local": BackendEntry("local", "tunekit.backends.local.backend:LocalBackend", "local",
+                          ("torch", "transformers", "peft", "trl")),
 }
 _extra: dict[str, BackendEntry] = {}
 

@@ -1,0 +1,91 @@
+"""The SQLite store: WAL, 0600, migrations, two writing processes, events de-duplicated."""
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tunekit._exceptions import JobNotFoundError, StoreError
+from tunekit.schemas.job import JobEvent, JobStatus
+from tunekit.store import Store
+from tunekit.store.migrations import MIGRATIONS
+
+
+def test_file_mode_wal_and_schema_version(tunekit_home):
+    store = Store()
+    store.create_job("fake", {"base_model": "m"}, {})
+    db = tunekit_home / "state.db"
+    assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_newer_schema_is_refused(tunekit_home):
+    Store().close()
+    conn = sqlite3.connect(tunekit_home / "state.db")
+    conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    conn.commit()
+    with pytest.raises(StoreError, match="newer tunekit"):
+        Store()
+
+
+def test_status_change_writes_event_and_prefix_lookup():
+    store = Store()
+    job = store.create_job("fake", {}, {})
+    store.update_job(job.id, status=JobStatus.RUNNING, raw_status="training")
+    assert store.get_job(job.id[:8]).status == JobStatus.RUNNING
+    messages = [e.message for _, e in store.events(job.id)]
+    assert messages == ["job created", "status created -> running"]
+    with pytest.raises(JobNotFoundError):
+        store.get_job("tk-nope")
+
+
+def test_provider_events_deduplicated():
+    store = Store()
+    job = store.create_job("fake", {}, {})
+    ev = JobEvent(created_at=1.0, message="x", remote_id="ev-1")
+    assert store.add_event(job.id, ev) is True
+    assert store.add_event(job.id, ev) is False
+    assert len(store.events(job.id)) == 2
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from tunekit.store import Store
+    from tunekit.schemas.job import JobEvent
+    s = Store()
+    for i in range(150):
+        j = s.create_job("fake", {"i": i}, {"w": sys.argv[1]})
+        s.add_event(j.id, JobEvent(created_at=float(i), message=f"{sys.argv[1]}-{i}"))
+        s.add_metrics(j.id, i, {"loss": 1.0 / (i + 1)})
+""")
+
+
+def test_two_processes_write_at_once(tunekit_home):
+    Store().close()  # create + migrate first so both writers start from the same schema
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, name], env=os.environ.copy(),
+                              stderr=subprocess.PIPE) for name in ("a", "b")]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    jobs = Store().list_jobs(limit=None)
+    assert len(jobs) == 300
+    assert {j.data["w"] for j in jobs} == {"a", "b"}
+
+
+def test_adapter_registry_filters():
+    store = Store()
+    a = store.add_adapter(backend="local", location="/x", info={"r": 8}, base_model="b1", data_sha256="d1",
+                          name="first")
+    store.add_adapter(backend="openai", location="ft:model", info={}, base_model="b2")
+    assert [x.id for x in store.list_adapters(base_model="b1")] == [a.id]
+    assert store.get_adapter("first").id == a.id
+    store.update_adapter(a.id, merge_check={"top1_agreement": 1.0})
+    assert store.get_adapter(a.id).merge_check == {"top1_agreement": 1.0}
+    store.remove_adapter(a.id)
+    assert len(store.list_adapters()) == 1

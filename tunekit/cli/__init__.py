@@ -1,0 +1,1 @@
+"""The ``tunekit`` command line: one module per noun, thin over the Python API."""
