@@ -1,0 +1,510 @@
+"""The local training core: one plain function, `train()`, over TRL + PEFT + bitsandbytes.
+
+The worker process (backend.py / worker.py) calls `train()` and turns `TrainCallbacks` calls into
+store rows; nothing here knows about the store. Output layout under ``output_dir``:
+
+    checkpoints/checkpoint-<step>/   HF Trainer checkpoints (adapter, optimizer, scheduler, RNG, data position)
+    adapter/                         the final PEFT adapter (adapter_model.safetensors + adapter_config.json)
+                                     and the tokenizer; PiSSA/OLoRA adapters are converted to plain LoRA
+    init_adapter/                    PiSSA/OLoRA only: the adapter at initialisation, kept for that conversion
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..._exceptions import ConfigError
+from . import memory as _memory
+from .datasets import PreparedData, prepare
+from .peft_config import (
+    MUTATING_INITS,
+    DeviceInfo,
+    check_combination,
+    lora_kwargs,
+    peft_error_to_config_error,
+    quantization_config,
+    resolve_quantization,
+)
+
+
+class TrainCallbacks:
+    """Hooks the trainer calls; every one is optional (no-op defaults). Override what you need."""
+
+    def on_start(self, total_steps: int) -> None: ...
+
+    def on_step(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def on_eval(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def on_checkpoint(self, step: int, path: str) -> None: ...
+
+    def on_event(self, level: str, message: str) -> None: ...
+
+    def should_stop(self) -> bool:
+        """Polled at every optimizer step; True stops cleanly there (a checkpoint is saved first)."""
+        return False
+
+
+@dataclass
+class TrainOutcome:
+    adapter_path: str | None
+    metrics: dict[str, Any]
+    truncated_count: int
+    no_loss_count: int
+    examples: int
+    stopped: bool
+    last_checkpoint: str | None
+    resumed_from: str | None
+    lora_config: dict[str, Any]
+    quantization: dict[str, str]
+    optimizer: str
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    device: str
+    dtype: str
+    masking: str | None
+    memory_estimate: dict[str, Any]
+    versions: dict[str, str]
+    tokenizer_sha256: str | None
+    chat_template_sha256: str | None
+    base_model_revision: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def micro_batch_of(spec: Any) -> tuple[int, int]:
+    """(micro-batch, grad accumulation): spec.batch_size is the global batch."""
+    hp = spec.hyperparameters
+    bs, ga = hp.batch_size, hp.gradient_accumulation_steps
+    if bs % ga:
+        raise ConfigError(
+            f"hyperparameters.batch_size={bs} is not a multiple of gradient_accumulation_steps={ga}",
+            field="hyperparameters.gradient_accumulation_steps",
+            hint="batch_size is the global batch = micro-batch x gradient_accumulation_steps; pick a divisor",
+        )
+    return bs // ga, ga
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def device_info(device: str | None) -> DeviceInfo:
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA GPU is visible", field="device",
+                              hint="drop device= to train on CPU (tiny models only), or check CUDA_VISIBLE_DEVICES")
+        idx = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(idx)
+        return DeviceInfo("cuda", int(props.total_memory), props.name)
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    return DeviceInfo("cpu", ram, "cpu")
+
+
+def _load_config(base_model: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(base_model)
+    except Exception as exc:  # OSError, HFValidationError, ValueError: all mean "not a loadable model"
+        raise ConfigError(
+            f"base_model {base_model!r} could not be loaded: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}",
+            field="base_model",
+            hint="give a local directory containing config.json and weights, or a Hugging Face model id that is "
+            "downloaded (or reachable: HF_HUB_OFFLINE unset)",
+        ) from exc
+
+
+def _sha256(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode()).hexdigest() if text else None
+
+
+def _file_sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _peak_memory(dev: DeviceInfo) -> int:
+    import torch
+
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _make_bridge(cb: TrainCallbacks, dev: DeviceInfo, ckpt_dir: Path):
+    from transformers import TrainerCallback
+
+    class _Bridge(TrainerCallback):
+        """transformers callback -> TrainCallbacks (step metrics, evals, checkpoints, clean stop)."""
+
+        def __init__(self) -> None:
+            self.stopped = False
+            self._t = None
+            self._tokens = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+            cb.on_start(int(state.max_steps))
+
+        def on_step_end(self, args, state, control, **kw):
+            if not self.stopped and cb.should_stop():
+                self.stopped = True
+                control.should_save = True  # checkpoint at this step boundary, then leave the loop
+                control.should_training_stop = True
+                cb.on_event("info", f"stop requested: stopping at step {state.global_step} after a checkpoint")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs:  # eval logs and the final summary are reported elsewhere
+                return
+            now = time.perf_counter()
+            tokens = state.num_input_tokens_seen
+            dt = max(now - (self._t or now), 1e-9)
+            m = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            m["lr"] = m.pop("learning_rate", None)
+            m["tokens_per_s"] = (tokens - self._tokens) / dt
+            m["tokens"] = tokens
+            m["memory"] = _peak_memory(dev)
+            self._t, self._tokens = now, tokens
+            cb.on_step(int(state.global_step), m)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            cb.on_eval(int(state.global_step), dict(metrics or {}))
+
+        def on_save(self, args, state, control, **kw):
+            cb.on_checkpoint(int(state.global_step), str(ckpt_dir / f"checkpoint-{state.global_step}"))
+
+    return _Bridge()
+
+
+def _resolve_resume(resume: str | bool | None, ckpt_dir: Path, cb: TrainCallbacks) -> str | None:
+    if not resume:
+        return None
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if last is None:
+            cb.on_event("warning", "resume requested but no checkpoint exists yet: starting from step 0")
+        return last
+    p = Path(resume)
+    if not (p / "trainer_state.json").is_file():
+        raise ConfigError(f"{p} is not a training checkpoint (no trainer_state.json)", field="resume_from_checkpoint",
+                          hint=f"pick a checkpoint-<step> directory under {ckpt_dir}")
+    return str(p)
+
+
+def train(
+    spec: Any,
+    train_path: str | Path,
+    output_dir: str | Path,
+    *,
+    validation_path: str | Path | None = None,
+    callbacks: TrainCallbacks | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    checkpoint_steps: int | None = None,
+    max_steps: int | None = None,
+    device: str | None = None,
+    eval_steps: int | float | None = None,
+    gradient_checkpointing: bool | None = None,
+    memory_budget_bytes: int | None = None,
+    logging_steps: int = 1,
+) -> TrainOutcome:
+    """Train a LoRA/QLoRA adapter for ``spec`` on a JSONL file; return what was produced and how.
+
+    ``memory_budget_bytes`` caps the memory the fit check assumes (default: the device's). ``eval_steps``
+    defaults to checkpoint_steps, else 10% of the run; validation loss is also computed at the end.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    cb = callbacks or TrainCallbacks()
+    hp = spec.hyperparameters
+    output_dir = Path(output_dir)
+    ckpt_dir, adapter_dir, init_dir = output_dir / "checkpoints", output_dir / "adapter", output_dir / "init_adapter"
+    micro, accum = micro_batch_of(spec)
+    dev = device_info(device)
+    on_gpu = dev.type == "cuda"
+    if gradient_checkpointing is None:
+        gradient_checkpointing = on_gpu  # the measured GPU recipes use it; tiny CPU runs are faster without
+    dtype_name = "bf16" if on_gpu else "fp32"
+
+    # ---- base model config -> quantization decision -> memory fit, before loading any weights
+    config = _load_config(spec.base_model)
+    cfg_dict = config.to_dict()
+    budget = memory_budget_bytes or dev.total_memory
+
+    def _estimate(quant: str) -> _memory.MemoryEstimate:
+        return _memory.estimate(
+            cfg_dict, micro_batch=micro, max_length=hp.max_length, quantization=quant, r=spec.adapter.r,
+            target_modules=spec.adapter.target_modules, use_dora=spec.adapter.use_dora,
+            gradient_checkpointing=gradient_checkpointing, dtype=dtype_name if quant != "nf4" else "bf16",
+            device_memory_bytes=budget, method=spec.method, device_type=dev.type,
+        )
+
+    bf16_fits = _estimate("none").fits if (spec.quantization == "auto" and on_gpu) else None
+    decision = resolve_quantization(spec, dev, bf16_fits)
+    check_combination(spec, decision)
+    est = _estimate(decision.mode)
+    _memory.check_fits(est, what=f"training {spec.base_model} ({decision.mode}, micro-batch {micro}, "
+                                 f"max_length {hp.max_length})")
+    cb.on_event("info", f"quantization: {decision.mode} ({decision.reason}); memory estimate {est.summary()}")
+
+    # ---- tokenizer + data
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    except Exception as exc:
+        raise ConfigError(f"tokenizer of {spec.base_model!r} could not be loaded: {exc}", field="base_model",
+                          hint="the base model directory needs its tokenizer files") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = prepare(train_path, tokenizer, method=spec.method, max_length=hp.max_length)
+    val = prepare(validation_path, tokenizer, method=spec.method, max_length=hp.max_length) if validation_path else None
+    if data.truncated_count:
+        cb.on_event("warning", f"{data.truncated_count} of {len(data)} training examples exceed max_length="
+                               f"{hp.max_length} tokens and are truncated")
+    if data.no_loss_count:
+        cb.on_event("warning", f"{data.no_loss_count} training examples have no trained token left and are skipped")
+
+    # ---- model
+    bnb_cfg, _ = quantization_config(spec, dev, bf16_fits)
+    load_kw: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
+    if bnb_cfg is not None:
+        load_kw["quantization_config"] = bnb_cfg
+    if on_gpu:
+        load_kw["device_map"] = {"": torch.device(device or "cuda").index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.base_model, **load_kw)
+    except Exception as exc:
+        raise ConfigError(f"base_model {spec.base_model!r} could not be loaded as a causal LM: {exc}",
+                          field="base_model", hint="tunekit trains decoder-only (causal LM) models") from exc
+    if decision.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False
+
+    set_seed(hp.seed)  # adapter init (and randomized PiSSA SVD) must be the same on resume
+    from peft import LoraConfig, get_peft_model
+
+    lkw = lora_kwargs(spec)
+    try:
+        model = get_peft_model(model, LoraConfig(**lkw))
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise peft_error_to_config_error(exc) from exc
+    mutating = spec.adapter.init in MUTATING_INITS
+    if mutating and not (init_dir / "adapter_config.json").is_file():
+        # saved before any step: the conversion to plain LoRA subtracts this initial adapter at the end
+        model.save_pretrained(str(init_dir))
+
+    # ---- optimizer
+    optim_name = ("paged_adamw_8bit" if decision.quantized else ("adamw_torch_fused" if on_gpu else "adamw_torch"))
+    optimizers: tuple[Any, Any] = (None, None)
+    if spec.adapter.loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        if decision.quantized:
+            import bitsandbytes as bnb
+
+            opt_cls, optim_name = bnb.optim.PagedAdamW8bit, "loraplus+paged_adamw_8bit"
+        else:
+            opt_cls, optim_name = torch.optim.AdamW, "loraplus+adamw_torch"
+        optimizers = (create_loraplus_optimizer(
+            model=model, optimizer_cls=opt_cls, lr=hp.learning_rate,
+            loraplus_lr_ratio=spec.adapter.loraplus_lr_ratio, weight_decay=hp.weight_decay,
+        ), None)
+
+    # ---- trainer
+    trainer = _build_trainer(
+        spec, model, tokenizer, data, val, ckpt_dir=ckpt_dir, micro=micro, accum=accum, on_gpu=on_gpu,
+        optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=gradient_checkpointing,
+        checkpoint_steps=checkpoint_steps, max_steps=max_steps, eval_steps=eval_steps, logging_steps=logging_steps,
+    )
+    bridge = _make_bridge(cb, dev, ckpt_dir)
+    trainer.add_callback(bridge)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # metrics go to the callbacks, not stdout
+    resume = _resolve_resume(resume_from_checkpoint, ckpt_dir, cb)
+    if resume:
+        cb.on_event("info", f"resuming from {resume}")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - t0
+    state = trainer.state
+
+    eval_loss = None
+    if val is not None and not bridge.stopped:
+        last_eval = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+        if last_eval is None or last_eval.get("step") != state.global_step:
+            last_eval = trainer.evaluate()
+        eval_loss = last_eval.get("eval_loss")
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last_ckpt = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    adapter_path = None
+    if not bridge.stopped:
+        adapter_path = str(adapter_dir)
+        save_kw = {"path_initial_model_for_weight_conversion": str(init_dir)} if mutating else {}
+        trainer.model.save_pretrained(str(adapter_dir), **save_kw)
+        tokenizer.save_pretrained(str(adapter_dir))
+        cb.on_event("info", f"adapter saved to {adapter_dir}")
+
+    session_tokens = state.num_input_tokens_seen
+    train_loss = _last_train_loss(state.log_history, result)
+    metrics = {
+        "train_loss": train_loss,
+        "mean_train_loss": float(result.training_loss) if result.training_loss is not None else None,
+        "eval_loss": eval_loss,
+        "steps": int(state.global_step),
+        "max_steps": int(state.max_steps),
+        "epochs": float(state.epoch or 0),
+        "tokens": int(session_tokens),
+        "runtime_s": runtime,
+        "tokens_per_s": (result.metrics.get("train_tokens_per_second") if result.metrics else None)
+        or (session_tokens / runtime if runtime else None),
+        "peak_memory_bytes": _peak_memory(dev),
+    }
+    effective_lora = dict(lkw)
+    if mutating:  # what the saved, converted adapter is (PEFT doubles r and alpha when converting)
+        effective_lora.update(r=2 * lkw["r"], lora_alpha=lkw["lora_alpha"] * (2**0.5 if lkw["use_rslora"] else 2),
+                              init_lora_weights=True, converted_from=spec.adapter.init)
+    return TrainOutcome(
+        adapter_path=adapter_path,
+        metrics=metrics,
+        truncated_count=data.truncated_count,
+        no_loss_count=data.no_loss_count,
+        examples=len(data),
+        stopped=bridge.stopped,
+        last_checkpoint=last_ckpt,
+        resumed_from=resume,
+        lora_config=effective_lora,
+        quantization={"mode": decision.mode, "reason": decision.reason},
+        optimizer=_optimizer_name(trainer, optim_name),
+        micro_batch=micro,
+        grad_accum=accum,
+        gradient_checkpointing=bool(gradient_checkpointing),
+        device=dev.type,
+        dtype="nf4+bf16" if decision.quantized else dtype_name,
+        masking=data.masking,
+        memory_estimate={"total_bytes": est.total_bytes, "breakdown": est.breakdown, "fits": est.fits,
+                         "device_bytes": est.device_bytes},
+        versions=library_versions(),
+        tokenizer_sha256=_file_sha256(adapter_dir / "tokenizer.json"),
+        chat_template_sha256=_sha256(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None),
+        base_model_revision=getattr(config, "_commit_hash", None),
+        extra={"row_kind": data.row_kind, "validation_examples": len(val) if val else 0,
+               "validation_truncated": val.truncated_count if val else 0},
+    )
+
+
+def _last_train_loss(history: list[dict], result: Any) -> float | None:
+    last = next((h["loss"] for h in reversed(history) if "loss" in h), None)
+    return float(last) if last is not None else (float(result.training_loss) if result.training_loss else None)
+
+
+def _optimizer_name(trainer: Any, planned: str) -> str:
+    opt = getattr(trainer, "optimizer", None)
+    inner = getattr(opt, "optimizer", opt)  # accelerate wraps it
+    return f"{planned} ({type(inner).__name__})" if inner is not None else planned
+
+
+def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData | None, *, ckpt_dir: Path,
+                   micro: int, accum: int, on_gpu: bool, optim_name: str, optimizers, gradient_checkpointing: bool,
+                   checkpoint_steps: int | None, max_steps: int | None, eval_steps, logging_steps: int):
+    from datasets import Dataset
+
+    hp = spec.hyperparameters
+    common: dict[str, Any] = dict(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=hp.epochs,
+        max_steps=max_steps if max_steps else -1,
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type=hp.lr_scheduler,
+        warmup_steps=hp.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers >= 5)
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        optim=optim_name.split("+")[-1],
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if checkpoint_steps else "no",
+        save_steps=checkpoint_steps or 500,
+        eval_strategy="steps" if val is not None else "no",
+        eval_steps=(eval_steps or checkpoint_steps or 0.1) if val is not None else None,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        max_length=hp.max_length,
+    )
+    _set_checkpointing(common, gradient_checkpointing)
+    train_ds = Dataset.from_list(data.records)
+    eval_ds = Dataset.from_list(val.records) if val is not None else None
+    try:
+        if spec.method == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            args = DPOConfig(**common, beta=hp.dpo_beta)
+            return DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=tokenizer, optimizers=optimizers)
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**common, completion_only_loss=data.trl_format == "prompt_completion",
+                         assistant_only_loss=False, packing=False)
+        return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, optimizers=optimizers)
+    except ValueError as exc:
+        msg = str(exc)
+        if "peft" in msg.lower() or "lora" in msg.lower():
+            raise peft_error_to_config_error(exc) from exc
+        raise
+
+
+def _set_checkpointing(kw: dict[str, Any], on: bool) -> None:
+    """transformers 5.24 renamed gradient_checkpointing -> activation_checkpointing; 5.17 has only the old name."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    kw[name] = on
+    kw[f"{name}_kwargs"] = {"use_reentrant": False} if on else None
+    if name == "activation_checkpointing":
+        kw["gradient_checkpointing"] = None  # TRL defaults the old name to True; let the new one decide
