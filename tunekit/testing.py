@@ -86,3 +86,20 @@ def build_tiny_llama(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tunekit.testing DIR``: save a tiny random-weight Llama there and print the path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tunekit.testing", description=main.__doc__)
+    parser.add_argument("path")
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(build_tiny_llama(args.path, hidden_size=args.hidden_size, num_hidden_layers=args.layers))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,9 +10,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import adapters, backends, jobs, plan, validate
+from . import adapters, backends, finetune, jobs, plan, validate
 
-NOUNS = (validate, plan, jobs, backends, adapters)
+NOUNS = (validate, plan, finetune, jobs, backends, adapters)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,57 @@
+"""tunekit finetune DATA --base-model M --backend B [--spec FILE] [--wait]: start a job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="validate the data, plan, and start a fine-tuning job")
+    p.add_argument("data", help="training JSONL")
+    p.add_argument("--backend", required=True)
+    p.add_argument("--base-model", help="overrides the spec's base_model")
+    p.add_argument("--spec", help="spec file (JSON or YAML) with any TrainingSpec fields")
+    p.add_argument("--validation-data")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="set a spec field, e.g. --set hyperparameters.epochs=2 (repeatable)")
+    p.add_argument("--on-unsupported", choices=["raise", "warn", "ignore"], default="raise")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end (exit code as `jobs wait`)")
+    p.set_defaults(func=run)
+
+
+def _apply_sets(spec: dict, assignments: list[str]) -> dict:
+    from .._exceptions import ConfigError
+
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE", field=item)
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = spec
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import finetune, load_spec
+
+    spec = load_spec(args.spec).model_dump(exclude_unset=True) if args.spec else {}
+    spec = _apply_sets(spec, args.set)
+    if args.base_model:
+        spec["base_model"] = args.base_model
+    job = finetune(args.data, spec, backend=args.backend, validation_data=args.validation_data,
+                   on_unsupported=args.on_unsupported)
+    print(job.id)
+    if args.wait:
+        from .jobs import jobs_wait
+
+        return jobs_wait(argparse.Namespace(job_id=job.id, timeout=None, interval=None, no_progress=False,
+                                            json=False))
+    return 0
