@@ -282,6 +282,7 @@ def start_replay_server(recording: str | Path | dict[str, Any]) -> ReplayServer:
     httpd.daemon_threads = True
     server.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     server._httpd = httpd
-    server._thread = threading.Thread(target=httpd.serve_forever, name="replay-server", daemon=True)
+    server._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                      name="replay-server", daemon=True)
     server._thread.start()
     return server
