@@ -4,6 +4,8 @@ A backend declares, for every leaf field of :class:`TrainingSpec`, one rule in `
 
 - ``Send("target.path")``            mapped as is into the request;
 - ``Send("target.path", convert=f)`` transformed: ``f(value, ctx)`` is what is sent (shown in the plan);
+- ``Send(None, note=...)``            honoured with nothing to send (the value is already what the backend
+                                     does, e.g. ``adapter.use_dora=False`` on a plain-LoRA provider);
 - ``Refuse("reason")``               unsupported: an error unless the call says warn/ignore;
 - a callable ``spec -> rule``        when the decision depends on the spec (e.g. DPO-only fields).
 
@@ -30,7 +32,7 @@ OnUnsupported = Literal["raise", "warn", "ignore"]
 
 @dataclass(frozen=True)
 class Send:
-    target: str | Callable[[TrainingSpec], str]
+    target: str | Callable[[TrainingSpec], str] | None
     convert: Callable[[Any, "PlanContext"], Any] | None = None
     note: str | None = None
 
@@ -140,7 +142,10 @@ class Backend:
             return FieldDisposition(field=path, value=value, disposition="unsupported", reason=rule.reason)
         target = rule.target(spec) if callable(rule.target) else rule.target
         sent = rule.convert(value, ctx) if rule.convert else value
-        set_path(request, target, sent)
+        if target is None:
+            sent = None  # honoured, nothing goes into the request
+        else:
+            set_path(request, target, sent)
         kind = "transformed" if rule.convert else "mapped"
         return FieldDisposition(field=path, value=value, disposition=kind, target=target, sent=sent,
                                 reason=rule.note)
