@@ -1,0 +1,489 @@
+"""The local backend: plan a LoRA/QLoRA run, then train it in a detached worker process.
+
+The caller, the CLI and the trainer are separate processes that share only the store: ``submit``
+spawns ``python -m tunekit.backends.local.worker JOB_ID`` in its own session (so the caller may exit),
+the worker writes heartbeats, progress, metrics and events, and every other call reads the store.
+
+    $TUNEKIT_HOME/jobs/<id>/worker.log        the worker's stdout/stderr (tracebacks land here)
+    $TUNEKIT_HOME/jobs/<id>/output/           checkpoints/checkpoint-<step>/, adapter/ (see train.py)
+
+Status changes that two processes may race on (cancel against the worker finishing, a refresh that
+finds the worker gone) go through ``transition``: a compare-and-set under a per-job file lock.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ..._exceptions import ConfigError, JobStateError
+from ..._settings import tunekit_home
+from ...schemas.job import JobResult, JobStatus, Plan, RemoteState
+from ...schemas.spec import TrainingSpec
+from ..base import Backend, PlanContext, Refuse, Rule, Send
+
+if TYPE_CHECKING:
+    from ...store import JobRecord, Store
+
+WORKER_MODULE = "tunekit.backends.local.worker"
+GiB = 1024**3
+# A worker on another host (shared TUNEKIT_HOME) cannot be checked by pid: its heartbeat must be this fresh.
+STALE_HEARTBEAT_S = 120.0
+# A row still 'created' with no worker this long after creation never got one (the caller died first).
+NEVER_STARTED_S = 60.0
+ACTIVE = (JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.UNKNOWN)
+
+# pid -> Popen of workers this process started: poll() tells a live child from a zombie and reaps it.
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# provider options: provider_options={"local": {...}}
+
+def _positive_int(name: str):
+    def check(value: Any, ctx: PlanContext) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"provider_options.local.{name} must be a positive integer, not {value!r}",
+                              field=f"provider_options.local.{name}")
+        return value
+    return check
+
+
+def _eval_steps(value: Any, ctx: PlanContext) -> int | float:
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+        isinstance(value, float) and 0 < value < 1)
+    if not ok:
+        raise ConfigError(f"provider_options.local.eval_steps must be a step count >= 1 or a fraction of the run "
+                          f"in (0, 1), not {value!r}", field="provider_options.local.eval_steps")
+    return value
+
+
+def _device(value: Any, ctx: PlanContext) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"provider_options.local.device must be 'cpu', 'cuda' or 'cuda:N', not {value!r}",
+                          field="provider_options.local.device")
+    return value
+
+
+def _bool(name: str):
+    def check(value: Any, ctx: PlanContext) -> bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"provider_options.local.{name} must be true or false, not {value!r}",
+                              field=f"provider_options.local.{name}")
+        return value
+    return check
+
+
+def _path(value: Any, ctx: PlanContext) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError("provider_options.local.output_dir must be a directory path",
+                          field="provider_options.local.output_dir")
+    return str(Path(value).expanduser().resolve())
+
+
+def _budget(value: Any, ctx: PlanContext) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"provider_options.local.memory_budget_gb must be a positive number, not {value!r}",
+                          field="provider_options.local.memory_budget_gb")
+    return float(value)
+
+
+OPTIONS: dict[str, Any] = {
+    "output_dir": _path,                     # default $TUNEKIT_HOME/jobs/<id>/output
+    "checkpoint_steps": _positive_int("checkpoint_steps"),  # default ~10 checkpoints per run
+    "max_steps": _positive_int("max_steps"),  # stop after this many optimizer steps (overrides epochs)
+    "eval_steps": _eval_steps,               # validation every N steps (default: checkpoint_steps)
+    "device": _device,                       # default: cuda when visible, else cpu
+    "gradient_checkpointing": _bool("gradient_checkpointing"),  # default: on for GPU, off for CPU
+    "memory_budget_gb": _budget,             # memory the fit check may assume (default: the device's)
+    "logging_steps": _positive_int("logging_steps"),
+}
+
+
+def _dpo_beta(spec: TrainingSpec) -> Rule:
+    if spec.method == "dpo":
+        return Send("training.dpo_beta")
+    return Refuse("dpo_beta applies to method='dpo' only; this spec trains with method='sft'")
+
+
+def _init(value: Any, ctx: PlanContext) -> Any:
+    from .peft_config import INIT_TO_PEFT
+
+    return INIT_TO_PEFT[value]
+
+
+def _base_model(value: Any, ctx: PlanContext) -> str:
+    from ...catalog import resolve_model
+
+    return resolve_model(value, "local")
+
+
+class LocalBackend(Backend):
+    name = "local"
+    min_rows = 1
+    provider_option_keys = frozenset(OPTIONS)
+    field_map = {
+        "base_model": Send("base_model", convert=_base_model, note="canonical names -> Hugging Face id; "
+                           "local directories pass through"),
+        "method": Send("method"),
+        "hyperparameters.epochs": Send("training.epochs"),
+        "hyperparameters.batch_size": Send("training.batch_size",
+                                           note="global batch = micro_batch x gradient_accumulation_steps"),
+        "hyperparameters.learning_rate": Send("training.learning_rate"),
+        "hyperparameters.warmup_ratio": Send("training.warmup_ratio"),
+        "hyperparameters.lr_scheduler": Send("training.lr_scheduler"),
+        "hyperparameters.weight_decay": Send("training.weight_decay"),
+        "hyperparameters.max_grad_norm": Send("training.max_grad_norm"),
+        "hyperparameters.gradient_accumulation_steps": Send("training.gradient_accumulation_steps"),
+        "hyperparameters.max_length": Send("training.max_length", note="longer examples are truncated and counted"),
+        "hyperparameters.seed": Send("training.seed"),
+        "hyperparameters.dpo_beta": _dpo_beta,
+        "adapter.r": Send("lora.r"),
+        "adapter.alpha": Send("lora.lora_alpha"),
+        "adapter.dropout": Send("lora.lora_dropout"),
+        "adapter.target_modules": Send("lora.target_modules"),
+        "adapter.use_dora": Send("lora.use_dora"),
+        "adapter.use_rslora": Send("lora.use_rslora"),
+        "adapter.init": Send("lora.init_lora_weights", convert=_init, note="PEFT init_lora_weights value"),
+        "adapter.loraplus_lr_ratio": Send("training.loraplus_lr_ratio",
+                                          note="LoRA+ optimizer (peft.optimizers.create_loraplus_optimizer)"),
+        "quantization": Send("quantization.requested", note="the resolved mode and why: request.quantization"),
+        "validation_data": Send("validation_data", note="validation loss every eval_steps and at the end"),
+        "suffix": Send("output.name", note="the adapter's name in the registry"),
+    }
+
+    # -- planning ------------------------------------------------------------------------------------
+    def _rule_for(self, path: str, spec: TrainingSpec) -> Rule:
+        rule = super()._rule_for(path, spec)
+        if path.startswith("provider_options.local.") and isinstance(rule, Send):
+            key = path.split(".", 2)[2]
+            return Send(f"options.{key}", convert=OPTIONS[key], note="local option")
+        return rule
+
+    def base_request(self, spec: TrainingSpec, ctx: PlanContext) -> dict[str, Any]:
+        """The fully resolved training config, defaults included: what the worker will run."""
+        resolved = resolve(spec, rows=ctx.rows)
+        ctx.extra["resolved"] = resolved
+        return resolved["request"]
+
+    def plan_notes(self, spec: TrainingSpec, ctx: PlanContext) -> list[str]:
+        r = ctx.extra.get("resolved") or resolve(spec, rows=ctx.rows)
+        notes = [f"quantization: {r['quant'].mode} ({r['quant'].reason})"]
+        est = r["estimate"]
+        if est is None:
+            notes.append(f"memory: no estimate ({r['estimate_skipped']})")
+        else:
+            verdict = {True: "fits", False: "DOES NOT FIT", None: "device memory unknown"}[est.fits]
+            notes.append(f"memory: {est.summary()}: {verdict}")
+            if est.fits is False:
+                notes += [f"  suggestion: {s}" for s in est.suggestions]
+        return notes
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def submit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
+        from .memory import check_fits
+
+        resolved = resolve(spec, rows=(job.data.get("train") or {}).get("rows"))
+        if resolved["estimate"] is not None:  # refuse before spawning anything
+            q = resolved["quant"]
+            check_fits(resolved["estimate"], what=f"training {resolved['request']['base_model']} ({q.mode}, "
+                       f"micro-batch {resolved['request']['training']['micro_batch_size']}, "
+                       f"max_length {spec.hyperparameters.max_length})")
+        return self._spawn(job, resume_from=None)
+
+    def refresh(self, job: "JobRecord") -> RemoteState:
+        store = _store()
+        rec = store.get_job(job.id)
+        if not rec.status.terminal and not worker_alive(rec):
+            rec = self._settle_dead_worker(store, rec)
+        # Echo only the status: progress, result and error are already in the store (written by the
+        # worker), and echoing them back would race with its next write.
+        return RemoteState(remote_id=rec.remote_id, status=store.get_job(job.id).status)
+
+    def _settle_dead_worker(self, store: "Store", rec: "JobRecord") -> "JobRecord":
+        now = time.time()
+        if rec.pid is None:
+            if rec.status == JobStatus.CREATED and now - rec.created_at < NEVER_STARTED_S:
+                return rec  # being submitted right now
+            reason = "the worker was never started (the submitting process stopped first)"
+            return transition(store, rec.id, JobStatus.FAILED, ACTIVE, error=reason) or rec
+        ago = f"{now - rec.heartbeat_at:.0f}s ago" if rec.heartbeat_at else "never"
+        if rec.status == JobStatus.CANCELLING:
+            return transition(store, rec.id, JobStatus.CANCELLED, ACTIVE,
+                              error=f"worker process {rec.pid} exited before confirming the cancel "
+                                    f"(last heartbeat {ago})") or rec
+        reason = (f"worker process {rec.pid} vanished (last heartbeat {ago}); "
+                  f"resume with `tunekit jobs resume {rec.id}`")
+        return transition(store, rec.id, JobStatus.FAILED, ACTIVE, error=reason,
+                          result=_partial_result(rec)) or rec
+
+    def cancel(self, job: "JobRecord") -> RemoteState:
+        store = _store()
+        rec = store.get_job(job.id)
+        if rec.status.terminal:
+            raise JobStateError(f"job {rec.id} is already {rec.status.value}")
+        if worker_alive(rec):
+            # The worker polls for this at every step, saves a checkpoint there and marks itself cancelled.
+            rec = transition(store, rec.id, JobStatus.CANCELLING, (JobStatus.QUEUED, JobStatus.RUNNING,
+                                                                 JobStatus.UNKNOWN, JobStatus.CREATED)) or rec
+        else:
+            rec = transition(store, rec.id, JobStatus.CANCELLED, ACTIVE, result=_partial_result(rec)) or rec
+        return RemoteState(remote_id=rec.remote_id, status=store.get_job(job.id).status)
+
+    def resume(self, job: "JobRecord") -> RemoteState:
+        store = _store()
+        rec = store.get_job(job.id)
+        if rec.status not in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.UNKNOWN):
+            if worker_alive(rec):
+                raise JobStateError(f"job {rec.id} is {rec.status.value}: its worker (pid {rec.pid}) is running",
+                                    hint=f"cancel it first with `tunekit jobs cancel {rec.id}`")
+            if rec.status != JobStatus.UNKNOWN:
+                rec = self._settle_dead_worker(store, rec)
+            if rec.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+                raise JobStateError(f"job {rec.id} is {rec.status.value}; only failed, cancelled or unknown "
+                                    f"jobs can be resumed")
+        ckpt = last_checkpoint(rec)
+        if ckpt is None:
+            raise JobStateError(
+                f"job {rec.id} has no checkpoint to resume from",
+                hint="start it again with `tunekit finetune` (set provider_options.local.checkpoint_steps "
+                     "to checkpoint more often)")
+        return self._spawn(rec, resume_from=ckpt)
+
+    def poll_interval(self, job: "JobRecord") -> tuple[float, float]:
+        return (0.5, 5.0)
+
+    # -- the worker process --------------------------------------------------------------------------
+    def _spawn(self, job: "JobRecord", *, resume_from: str | None) -> RemoteState:
+        store = _store()
+        jdir = job_dir(job.id)
+        jdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", WORKER_MODULE, job.id]
+        if resume_from:
+            cmd += ["--resume", resume_from]
+        env = dict(os.environ)
+        env["TUNEKIT_HOME"] = str(tunekit_home())
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        pkg_root = str(Path(__file__).resolve().parents[3])  # so the worker imports this very tunekit
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        allowed = (JobStatus.CREATED,) if resume_from is None else (JobStatus.FAILED, JobStatus.CANCELLED,
+                                                                      JobStatus.UNKNOWN)
+        with job_lock(job.id):
+            current = store.get_job(job.id)
+            if current.status not in allowed:
+                raise JobStateError(f"job {job.id} is {current.status.value}; not starting a worker")
+            with open(jdir / "worker.log", "ab") as log:
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+                log.flush()
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        env=env, cwd=str(jdir), start_new_session=True, close_fds=True)
+            _CHILDREN[proc.pid] = proc
+            progress = {**current.progress, "host": socket.gethostname()}
+            if resume_from:
+                progress["resumed_from"] = resume_from
+            # queued until the worker has loaded the model and calls on_start (then: running)
+            rec = store.update_job(job.id, status=JobStatus.QUEUED, pid=proc.pid, heartbeat_at=time.time(),
+                                   remote_id=str(jdir), progress=progress, error=None)
+        return RemoteState(remote_id=rec.remote_id, status=rec.status)
+
+
+# ---------------------------------------------------------------------------------------------------
+# resolution: spec -> the exact training config (shared by plan, submit and the worker)
+
+def local_options(spec: TrainingSpec) -> dict[str, Any]:
+    """The validated provider_options.local (unknown keys are refused by the plan before this runs)."""
+    raw = dict((spec.provider_options or {}).get("local") or {})
+    ctx = PlanContext(spec=spec)
+    return {k: OPTIONS[k](v, ctx) for k, v in raw.items() if k in OPTIONS}
+
+
+def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
+    """Everything the run will use, with defaults, mirroring train(): base model id, device, micro-batch,
+    quantization decision and reason, optimizer, memory estimate. Reads config.json, never weights."""
+    from ...catalog import resolve_model
+    from . import memory
+    from .peft_config import check_combination, lora_kwargs, resolve_quantization
+    from .train import device_info, micro_batch_of
+
+    opts = local_options(spec)
+    hp = spec.hyperparameters
+    base = resolve_model(spec.base_model, "local")
+    micro, accum = micro_batch_of(spec)
+    dev = device_info(opts.get("device"))
+    on_gpu = dev.type == "cuda"
+    gc = opts.get("gradient_checkpointing", on_gpu)
+    dtype = "bf16" if on_gpu else "fp32"
+    budget = int(opts["memory_budget_gb"] * GiB) if "memory_budget_gb" in opts else dev.total_memory
+    cfg, skipped = _model_config(base)
+
+    def est(quant: str):
+        if cfg is None:
+            return None
+        return memory.estimate(cfg, micro_batch=micro, max_length=hp.max_length, quantization=quant,
+                               r=spec.adapter.r, target_modules=spec.adapter.target_modules,
+                               use_dora=spec.adapter.use_dora, gradient_checkpointing=gc,
+                               dtype=dtype if quant != "nf4" else "bf16", device_memory_bytes=budget,
+                               method=spec.method)
+
+    bf16_fits = None
+    if spec.quantization == "auto" and on_gpu and cfg is not None:
+        bf16_fits = est("none").fits
+    quant = resolve_quantization(spec, dev, bf16_fits)
+    check_combination(spec, quant)  # e.g. PiSSA on a 4-bit base: refused at plan time
+    estimate = est(quant.mode)
+
+    optimizer = "paged_adamw_8bit" if quant.quantized else ("adamw_torch_fused" if on_gpu else "adamw_torch")
+    if spec.adapter.loraplus_lr_ratio:
+        optimizer = "loraplus+" + optimizer.replace("_fused", "")
+    steps_per_epoch = math.ceil(rows / hp.batch_size) if rows else None
+    total = opts.get("max_steps") or (steps_per_epoch * hp.epochs if steps_per_epoch else None)
+    ckpt = opts.get("checkpoint_steps") or (max(1, math.ceil(total / 10)) if total else 50)
+    options = {"output_dir": opts.get("output_dir"), "checkpoint_steps": ckpt, "max_steps": opts.get("max_steps"),
+               "eval_steps": opts.get("eval_steps") or (ckpt if spec.validation_data else None),
+               "device": opts.get("device"), "gradient_checkpointing": gc,
+               "memory_budget_gb": opts.get("memory_budget_gb"), "logging_steps": opts.get("logging_steps", 1)}
+    request = {
+        "base_model": base,
+        "method": spec.method,
+        "lora": lora_kwargs(spec),
+        "quantization": {"requested": spec.quantization, "mode": quant.mode, "reason": quant.reason},
+        "training": {
+            **hp.model_dump(exclude={"dpo_beta"} if spec.method != "dpo" else set()),
+            "micro_batch_size": micro, "optimizer": optimizer, "dtype": "nf4+bf16" if quant.quantized else dtype,
+            "loraplus_lr_ratio": spec.adapter.loraplus_lr_ratio, "estimated_total_steps": total,
+        },
+        "device": {"type": dev.type, "name": dev.name, "memory_bytes": dev.total_memory},
+        "validation_data": spec.validation_data,
+        "output": {"name": spec.suffix},
+        "options": options,
+        "memory_estimate": None if estimate is None else {
+            "total_bytes": estimate.total_bytes, "breakdown": estimate.breakdown, "fits": estimate.fits,
+            "budget_bytes": budget},
+    }
+    return {"request": request, "quant": quant, "estimate": estimate, "estimate_skipped": skipped,
+            "options": options}
+
+
+def _model_config(base: str) -> tuple[dict[str, Any] | None, str | None]:
+    """config.json of the base model from a local dir or the Hugging Face cache; never downloads."""
+    from .memory import read_model_config
+
+    cfg = read_model_config(base)
+    if cfg is not None:
+        return cfg, None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(base, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid hub id: train() reports it when loading
+        path = None
+    if isinstance(path, str) and Path(path).is_file():
+        import json
+
+        return json.loads(Path(path).read_text()), None
+    return None, f"{base}: config.json is neither a local directory nor in the Hugging Face cache yet"
+
+
+# ---------------------------------------------------------------------------------------------------
+# job directory, locks, liveness
+
+def _store() -> "Store":
+    from ...store import default_store
+
+    return default_store()
+
+
+def job_dir(job_id: str) -> Path:
+    return tunekit_home() / "jobs" / job_id
+
+
+def output_dir(rec: "JobRecord") -> Path:
+    opt = ((rec.request or {}).get("options") or {}).get("output_dir")
+    return Path(opt) if opt else job_dir(rec.id) / "output"
+
+
+@contextmanager
+def job_lock(job_id: str) -> Iterator[None]:
+    """An exclusive per-job lock between processes (released by the OS if the holder dies)."""
+    jdir = job_dir(job_id)
+    jdir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no cross-process lock; the status writes are still single statements
+        yield
+        return
+    with open(jdir / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def transition(store: "Store", job_id: str, to: JobStatus, allowed_from: tuple[JobStatus, ...] | frozenset,
+               **fields: Any) -> "JobRecord | None":
+    """Set ``status=to`` (and ``fields``) only if the current status is in ``allowed_from``; None if not."""
+    with job_lock(job_id):
+        if store.get_job(job_id).status not in allowed_from:
+            return None
+        return store.update_job(job_id, status=to, **fields)
+
+
+def worker_alive(rec: "JobRecord") -> bool:
+    """Is this job's worker process running? (pid reuse and zombies count as gone)."""
+    if rec.pid is None:
+        return False
+    host = (rec.progress or {}).get("host")
+    if host and host != socket.gethostname():  # cannot see that pid from here: trust a fresh heartbeat
+        return rec.heartbeat_at is not None and time.time() - rec.heartbeat_at < STALE_HEARTBEAT_S
+    child = _CHILDREN.get(rec.pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(rec.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    proc = Path(f"/proc/{rec.pid}")
+    if proc.is_dir():
+        try:
+            if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False  # exited; its parent has not reaped it yet
+            cmdline = proc.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            return WORKER_MODULE in cmdline and rec.id in cmdline  # else the pid was reused
+        except (OSError, IndexError):
+            return False
+    return True
+
+
+def checkpoints(rec: "JobRecord") -> list[dict[str, Any]]:
+    """The job's checkpoints on disk, oldest first: [{"step": n, "path": ...}]."""
+    root = output_dir(rec) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+            if m and (p / "trainer_state.json").is_file():
+                found.append({"step": int(m.group(1)), "path": str(p)})
+    return sorted(found, key=lambda c: c["step"])
+
+
+def last_checkpoint(rec: "JobRecord") -> str | None:
+    found = checkpoints(rec)
+    return found[-1]["path"] if found else None
+
+
+def _partial_result(rec: "JobRecord") -> JobResult:
+    """The checkpoints of a job that stopped without an adapter (kept for resume)."""
+    base = rec.result or JobResult()
+    return base.model_copy(update={"checkpoints": checkpoints(rec)})

@@ -1,0 +1,252 @@
+"""The local training worker: ``python -m tunekit.backends.local.worker JOB_ID [--resume CHECKPOINT]``.
+
+Started detached by ``LocalBackend.submit``/``resume``. It reads the job from the store, runs
+``train()`` and writes everything back to the store: heartbeats (every step, and every few seconds from
+a thread so a long first step or model load never looks dead), progress, step metrics, events, and the
+final status. A cancel request (status ``cancelling``) or SIGTERM stops it at the next step boundary,
+after a checkpoint. Any exception fails the job with a one-line reason; the traceback goes to
+``worker.log`` and into an error event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..._exceptions import JobNotFoundError
+from ...schemas.job import JobEvent, JobResult, JobStatus
+from ...schemas.spec import TrainingSpec
+from ...store import Store, default_store
+from .backend import checkpoints, job_dir, output_dir, transition
+from .train import TrainCallbacks, TrainOutcome
+
+HEARTBEAT_S = 2.0
+LIVE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.UNKNOWN)
+
+
+class StoreCallbacks(TrainCallbacks):
+    """TrainCallbacks that write to the store: the only channel between the worker and everyone else."""
+
+    def __init__(self, store: Store, job_id: str, progress: dict[str, Any]) -> None:
+        self.store, self.job_id = store, job_id
+        self.progress = dict(progress)
+        self.stop_signal = False  # SIGTERM
+        self._t0: float | None = None
+        self._first_step: int | None = None
+        self._lock = threading.Lock()
+        self._step_delay = _step_delay()
+
+    def _write(self, **fields: Any) -> None:
+        with self._lock:
+            self.store.update_job(self.job_id, progress=self.progress, heartbeat_at=time.time(), **fields)
+
+    def event(self, level: str, message: str, type: str = "message", **data: Any) -> None:
+        self.store.add_event(self.job_id, JobEvent(created_at=time.time(), level=level, type=type,  # type: ignore[arg-type]
+                                                   message=message, data=data))
+
+    # -- TrainCallbacks --------------------------------------------------------------------------------
+    def on_start(self, total_steps: int) -> None:
+        self.progress["total_steps"] = int(total_steps)
+        self._t0 = time.monotonic()
+        with self._lock:
+            self.store.update_job(self.job_id, progress=self.progress, heartbeat_at=time.time())
+        # queued -> running; a cancel that arrived while loading stays 'cancelling' (should_stop sees it)
+        transition(self.store, self.job_id, JobStatus.RUNNING, (JobStatus.QUEUED, JobStatus.UNKNOWN))
+        self.event("info", f"training started: {total_steps} steps", type="start", total_steps=total_steps)
+
+    def on_step(self, step: int, metrics: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if self._first_step is None:  # the first logged step of this session (a resume starts midway)
+            self._first_step, self._t0 = step, now
+        values = {k: v for k, v in metrics.items() if v is not None}
+        self.store.add_metrics(self.job_id, step, values, split="train")
+        total = self.progress.get("total_steps") or 0
+        done = step - self._first_step
+        eta = (now - self._t0) / done * max(total - step, 0) if done > 0 and self._t0 is not None else None
+        self.progress.update(step=step, loss=values.get("loss"), lr=values.get("lr"),
+                             tokens_per_s=values.get("tokens_per_s"), tokens=values.get("tokens"),
+                             epoch=values.get("epoch"), memory_bytes=values.get("memory"), eta_s=eta)
+        self._write()
+        if self._step_delay:
+            time.sleep(self._step_delay)
+
+    def on_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.store.add_metrics(self.job_id, step, values, split="eval")
+        if "eval_loss" in values:
+            self.progress["eval_loss"] = values["eval_loss"]
+            self._write()
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        entry = {"step": step, "path": path}
+        ckpts = [c for c in self.progress.get("checkpoints", []) if c.get("step") != step] + [entry]
+        self.progress.update(checkpoints=ckpts, last_checkpoint=path)
+        self._write()
+        self.event("info", f"checkpoint saved at step {step}", type="checkpoint", step=step, path=path)
+
+    def on_event(self, level: str, message: str) -> None:
+        self.event(level if level in ("debug", "info", "warning", "error") else "info", message)
+
+    def should_stop(self) -> bool:
+        return self.stop_signal or self.store.get_job(self.job_id).status == JobStatus.CANCELLING
+
+    # -- heartbeat thread -------------------------------------------------------------------------------
+    def start_heartbeat(self) -> threading.Event:
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(HEARTBEAT_S):
+                try:
+                    self.store.update_job(self.job_id, heartbeat_at=time.time())
+                except Exception:  # noqa: BLE001 - a busy store must not kill training; next beat retries
+                    pass
+
+        threading.Thread(target=beat, name="tunekit-heartbeat", daemon=True).start()
+        return done
+
+
+def _step_delay() -> float:
+    """TUNEKIT_LOCAL_STEP_DELAY: seconds to pause after each step (tests use it to act mid-run)."""
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get("TUNEKIT_LOCAL_STEP_DELAY", "0")))
+    except ValueError:
+        return 0.0
+
+
+def one_line(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:500] if first else type(exc).__name__
+
+
+def run(job_id: str, *, resume_from: str | None = None, store: Store | None = None) -> int:
+    """Run one job to a terminal status; the exit code is 0 on success, 1 on failure or cancel."""
+    store = store or default_store()
+    record = store.get_job(job_id)
+    if record.status.terminal:
+        print(f"job {job_id} is already {record.status.value}; nothing to do", flush=True)
+        return 1
+    cb = StoreCallbacks(store, job_id, record.progress)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(cb, "stop_signal", True))
+    if record.status == JobStatus.CANCELLING:  # cancelled before the worker got going
+        transition(store, job_id, JobStatus.CANCELLED, LIVE, result=JobResult(checkpoints=checkpoints(record)))
+        return 1
+    beat = cb.start_heartbeat()
+    try:
+        outcome = _train(record, cb, resume_from)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the store
+        trace = traceback.format_exc()
+        print(trace, file=sys.stderr, flush=True)
+        reason = one_line(exc)
+        hint = getattr(exc, "hint", None)
+        cb.event("error", f"training failed: {reason}", type="error", traceback=trace[-8000:],
+                 **({"hint": hint} if hint else {}))
+        transition(store, job_id, JobStatus.FAILED, LIVE, error=reason + (f" ({hint})" if hint else ""),
+                   result=JobResult(checkpoints=checkpoints(store.get_job(job_id))))
+        return 1
+    finally:
+        beat.set()
+    return _finish(store, store.get_job(job_id), cb, outcome)
+
+
+def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
+    from .train import train
+
+    request = record.request or {}
+    opts = dict(request.get("options") or {})
+    spec = TrainingSpec.model_validate(record.spec)
+    # the worker trains exactly what was planned: the resolved base model id
+    spec = spec.model_copy(update={"base_model": request.get("base_model") or spec.base_model})
+    budget = opts.get("memory_budget_gb")
+    validation = (record.data or {}).get("validation", {}).get("path")
+    return train(
+        spec, record.data["train"]["path"], output_dir(record),
+        validation_path=validation, callbacks=cb, resume_from_checkpoint=resume_from,
+        checkpoint_steps=opts.get("checkpoint_steps"), max_steps=opts.get("max_steps"), device=opts.get("device"),
+        eval_steps=opts.get("eval_steps"), gradient_checkpointing=opts.get("gradient_checkpointing"),
+        memory_budget_bytes=int(budget * 1024**3) if budget else None, logging_steps=opts.get("logging_steps") or 1,
+    )
+
+
+def _finish(store: Store, record, cb: StoreCallbacks, outcome: TrainOutcome) -> int:
+    ckpts = checkpoints(record)
+    metrics = {k: v for k, v in outcome.metrics.items() if v is not None}
+    cb.progress.update(checkpoints=ckpts, last_checkpoint=outcome.last_checkpoint, eta_s=0)
+    if outcome.stopped or outcome.adapter_path is None:
+        why = "cancel requested" if record.status == JobStatus.CANCELLING else "stopped by SIGTERM"
+        cb._write()
+        transition(store, record.id, JobStatus.CANCELLED, LIVE,
+                   error=f"{why}; stopped at step {metrics.get('steps')} with checkpoint {outcome.last_checkpoint}",
+                   result=JobResult(metrics=metrics, checkpoints=ckpts))
+        return 1
+    adapter = _register(store, record, outcome, metrics)
+    cb.progress.update(step=metrics.get("steps", cb.progress.get("step")))
+    cb._write()
+    result = JobResult(model=outcome.adapter_path, adapter_path=outcome.adapter_path, metrics=metrics,
+                       checkpoints=ckpts, registry_id=adapter.id)
+    done = transition(store, record.id, JobStatus.SUCCEEDED, LIVE, result=result, error=None)
+    if done is None:  # someone settled the job meanwhile (e.g. a refresh from another host): say so
+        cb.event("warning", f"training finished but the job was already {store.get_job(record.id).status.value}; "
+                            f"adapter {adapter.id} at {outcome.adapter_path}")
+        return 1
+    cb.event("info", f"adapter {adapter.id} registered: {outcome.adapter_path}", type="result",
+             registry_id=adapter.id, adapter_path=outcome.adapter_path)
+    return 0
+
+
+def _register(store: Store, record, outcome: TrainOutcome, metrics: dict[str, Any]):
+    from .provenance import build_info, register
+
+    request = record.request or {}
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(outcome.adapter_path)
+    except Exception:  # noqa: BLE001 - hashes of the tokenizer are optional provenance
+        pass
+    config = {
+        "lora": outcome.lora_config, "quantization": outcome.quantization, "optimizer": outcome.optimizer,
+        "micro_batch": outcome.micro_batch, "gradient_accumulation_steps": outcome.grad_accum,
+        "gradient_checkpointing": outcome.gradient_checkpointing, "device": outcome.device, "dtype": outcome.dtype,
+        "masking": outcome.masking, "method": record.spec.get("method", "sft"),
+        "training": request.get("training"), "options": request.get("options"),
+    }
+    extra = {
+        "adapter_dir": outcome.adapter_path, "examples": outcome.examples, "truncated": outcome.truncated_count,
+        "no_loss": outcome.no_loss_count, "resumed_from": outcome.resumed_from,
+        "memory_estimate": outcome.memory_estimate, "trainer": outcome.extra,
+        "tokenizer_json_sha256": outcome.tokenizer_sha256,
+        "base_model_commit": outcome.base_model_revision,
+    }
+    info = build_info(record, base_model_id=request.get("base_model") or record.spec["base_model"],
+                      resolved_config=config, metrics=metrics, tokenizer=tokenizer, extra=extra)
+    name = record.spec.get("suffix")
+    if name:
+        try:
+            store.get_adapter(name)
+            name = f"{name}-{record.id.removeprefix('tk-')[:6]}"  # names are unique in the registry
+        except JobNotFoundError:  # the name is free
+            pass
+    return register(store, record, outcome.adapter_path, info, name=name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunekit.backends.local.worker")
+    parser.add_argument("job_id")
+    parser.add_argument("--resume", default=None, help="checkpoint directory to continue from")
+    args = parser.parse_args(argv)
+    print(f"tunekit worker for {args.job_id} (pid {__import__('os').getpid()}); job dir {job_dir(args.job_id)}",
+          flush=True)
+    return run(args.job_id, resume_from=args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
