@@ -97,3 +97,11 @@ def test_unexpected_error_without_traceback_unless_debug(capsys, monkeypatch):
     monkeypatch.setenv("TUNEKIT_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(["jobs", "list"])
+
+
+def test_public_api_is_lazy_and_complete():
+    code = ("import sys, tunekit\nassert 'pydantic' not in sys.modules, 'import tunekit pulled pydantic'\n"
+            "missing = [n for n in tunekit.__all__ if not hasattr(tunekit, n)]\nassert not missing, missing\n"
+            "assert tunekit.__all__ == sorted(tunekit.__all__)\nprint('OK')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "OK", out.stderr

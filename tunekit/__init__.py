@@ -4,43 +4,52 @@
     job = tunekit.finetune("train.jsonl", base_model="llama-3.1-8b-instruct", backend="together")
     job.wait(); print(job.result)
 
-Importing tunekit never imports torch, transformers or a provider SDK.
+Names are imported on first use (PEP 562), so ``import tunekit`` and the CLI start fast and never
+import torch, transformers or a provider SDK.
 """
 
-from ._exceptions import (
-    APIConnectionError,
-    APIError,
-    AuthenticationError,
-    BackendNotFoundError,
-    BadRequestError,
-    ConfigError,
-    ConflictError,
-    DataValidationError,
-    JobNotFoundError,
-    JobStateError,
-    MissingDependencyError,
-    NotFoundError,
-    PermissionDeniedError,
-    RateLimitError,
-    ResourceError,
-    ServerError,
-    StoreError,
-    TunekitError,
-    UnknownModelError,
-    UnsupportedFieldError,
-)
-from .api import finetune, get_job, list_jobs, load_spec, plan, reconcile, validate
-from .job import FineTuneJob, WaitTimeout
-from .schemas.job import JobEvent, JobResult, JobStatus, Plan
-from .schemas.spec import AdapterConfig, Hyperparameters, TrainingSpec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = sorted([
-    "APIConnectionError", "APIError", "AdapterConfig", "AuthenticationError", "BackendNotFoundError",
-    "BadRequestError", "ConfigError", "ConflictError", "DataValidationError", "FineTuneJob", "Hyperparameters",
-    "JobEvent", "JobNotFoundError", "JobResult", "JobStateError", "JobStatus", "MissingDependencyError",
-    "NotFoundError", "PermissionDeniedError", "Plan", "RateLimitError", "ResourceError", "ServerError",
-    "StoreError", "TrainingSpec", "TunekitError", "UnknownModelError", "UnsupportedFieldError", "WaitTimeout",
-    "__version__", "finetune", "get_job", "list_jobs", "load_spec", "plan", "reconcile", "validate",
-])
+_EXPORTS: dict[str, str] = {
+    **{name: "tunekit._exceptions" for name in (
+        "APIConnectionError", "APIError", "AuthenticationError", "BackendNotFoundError", "BadRequestError",
+        "ConfigError", "ConflictError", "DataValidationError", "JobNotFoundError", "JobStateError",
+        "MissingDependencyError", "NotFoundError", "PermissionDeniedError", "RateLimitError", "ResourceError",
+        "ServerError", "StoreError", "TunekitError", "UnknownModelError", "UnsupportedFieldError")},
+    **{name: "tunekit.api" for name in ("finetune", "get_job", "list_jobs", "load_spec", "plan", "reconcile",
+                                         "validate")},
+    "FineTuneJob": "tunekit.job",
+    "WaitTimeout": "tunekit.job",
+    **{name: "tunekit.schemas.job" for name in ("JobEvent", "JobResult", "JobStatus", "Plan")},
+    **{name: "tunekit.schemas.spec" for name in ("AdapterConfig", "Hyperparameters", "TrainingSpec")},
+    "ValidationReport": "tunekit.schemas.report",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tunekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from ._exceptions import *  # noqa: F401,F403
+    from .api import finetune, get_job, list_jobs, load_spec, plan, reconcile, validate  # noqa: F401
+    from .job import FineTuneJob, WaitTimeout  # noqa: F401
+    from .schemas.job import JobEvent, JobResult, JobStatus, Plan  # noqa: F401
+    from .schemas.report import ValidationReport  # noqa: F401
+    from .schemas.spec import AdapterConfig, Hyperparameters, TrainingSpec  # noqa: F401
