@@ -27,6 +27,9 @@ def test_full_lifecycle_succeeds():
     job.wait(timeout=10, progress=False)
     assert job.status == JobStatus.SUCCEEDED
     assert job.result.model.startswith("fake:")
+    entry = Store().get_adapter(job.result.registry_id)  # managed results land in the adapter registry
+    assert entry.location == job.result.model and entry.job_id == job.id
+    assert entry.data_sha256 == record.data["train"]["sha256"]
     messages = [e.message for _, e in job.events()]
     assert "remote at done" in messages and "status running -> succeeded" in messages
     remote_ids = [e.remote_id for _, e in job.events() if e.remote_id]

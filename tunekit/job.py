@@ -114,7 +114,24 @@ class FineTuneJob:
         if state.progress:
             fields["progress"] = {**current.progress, **state.progress}
         self._record = self._store.update_job(self.id, **fields) if fields else current
+        if self._record.status == JobStatus.SUCCEEDED and current.status != JobStatus.SUCCEEDED:
+            self._register_result()
         return self
+
+    def _register_result(self) -> None:
+        """Put a managed job's model into the adapter registry (local workers register their own)."""
+        result = self._record.result
+        if result is None or not result.model or result.registry_id:
+            return
+        train = (self._record.data or {}).get("train", {})
+        entry = self._store.add_adapter(
+            backend=self.backend_name, location=result.model, job_id=self.id,
+            base_model=self._record.spec.get("base_model"), data_sha256=train.get("sha256"),
+            info={"provider_job_id": self.remote_id, "spec": self._record.spec, "data": self._record.data,
+                  "metrics": result.metrics},
+        )
+        result = result.model_copy(update={"registry_id": entry.id})
+        self._record = self._store.update_job(self.id, result=result)
 
     def _sync_events(self) -> None:
         for event in self.backend.events(self._record):
