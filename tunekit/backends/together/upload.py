@@ -1,0 +1,55 @@
+"""Getting a validated tunekit JSONL file into the shape Together's upload takes, streaming.
+
+Together accepts tunekit's chat rows (``messages``) and preference rows (``input`` / ``preferred_output`` /
+``non_preferred_output``) as they are, and prompt/response rows as its *instruction* format, which names the
+answer ``completion``. So only three things ever need a rewritten copy:
+
+- prompt/response rows that use ``response`` (renamed ``completion``; the prompt stays masked by default);
+- a UTF-8 byte-order mark (tunekit's validator allows it; the SDK's JSON check and Together's parser do not);
+- a name not ending in ``.jsonl`` (the SDK picks the file type from the extension and refuses others).
+
+Anything else is uploaded from the user's file itself. A rewritten copy is deterministic, so re-submitting
+the same data uploads the same bytes and Together's sha256 de-duplication returns the existing file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...data.convert import iter_rows
+
+BOM = b"\xef\xbb\xbf"
+
+
+def needs_copy(src: Path, kind: str | None) -> bool:
+    if kind == "prompt_response" or src.suffix != ".jsonl":
+        return True
+    with open(src, "rb") as f:
+        return f.read(3) == BOM
+
+
+def together_row(row: dict, kind: str | None) -> dict:
+    """One tunekit row as Together takes it."""
+    if kind == "prompt_response":
+        answer = row["completion"] if "completion" in row else row["response"]
+        return {"prompt": row["prompt"], "completion": answer}
+    return row
+
+
+def prepare_upload(src: str | Path, kind: str | None, workdir: Path) -> Path:
+    """The path to upload: ``src`` itself, or a rewritten copy in ``workdir`` (one row in memory at a time)."""
+    src = Path(src)
+    if not needs_copy(src, kind):
+        return src
+    dst = workdir / f"{src.stem}.jsonl"
+    with open(dst, "w", encoding="utf-8", newline="\n") as out:
+        for _, row in iter_rows(src):
+            new = together_row(row, kind)
+            try:
+                line = json.dumps(new, ensure_ascii=False)
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape): keep it escaped
+                line = json.dumps(new)
+            out.write(line + "\n")
+    return dst
