@@ -28,6 +28,7 @@ from tunekit.schemas.rows import RowKind
 BLOCK = 1 << 20
 BOM = b"\xef\xbb\xbf"
 _PR = RowKind.PROMPT_RESPONSE
+FAST_PATH = True  # tests turn it off to check that the fast path agrees with the careful one
 
 
 def _reject_constant(name: str) -> Any:
@@ -66,7 +67,7 @@ class _Scan:
         carry = b""
         lineno = 0
         seen, hist = self.seen, self.hist
-        fast = self.tokenizer is None
+        fast = self.tokenizer is None and FAST_PATH
         while True:
             block = f.read(BLOCK)
             if not block:

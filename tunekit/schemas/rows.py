@@ -141,6 +141,18 @@ class PreferenceRow(_Row):
     preferred_output: list[Message] = Field(..., min_length=1, max_length=1)
     non_preferred_output: list[Message] = Field(..., min_length=1, max_length=1)
 
+    @model_validator(mode="after")
+    def _check(self) -> "PreferenceRow":
+        for where, msgs in (("input.messages", self.input.messages), ("preferred_output", self.preferred_output),
+                            ("non_preferred_output", self.non_preferred_output)):
+            if any(m.weight is not None for m in msgs):
+                raise ValueError(f"{where}: 'weight' has no meaning in a preference row")
+        for where, msgs in (("preferred_output", self.preferred_output),
+                            ("non_preferred_output", self.non_preferred_output)):
+            if msgs[0].role != "assistant":
+                raise ValueError(f"{where} must hold an assistant message")
+        return self
+
 
 ROW_MODELS: dict[RowKind, type[BaseModel]] = {
     RowKind.PROMPT_RESPONSE: PromptResponseRow,
