@@ -16,6 +16,7 @@ Semantics:
   (+ json/query subsets when given) gets HTTP 599 with a mismatch message, is appended to ``failures``
   and does NOT consume the exchange;
 - ``"drop": true`` reads the request and closes the connection without a response;
+- ``{server_url}`` in a response header value becomes the server's own URL (redirects to an upload URL);
 - every request is kept in ``requests`` (method, path, query, headers minus credentials, json body or
   multipart parts' names/filenames/sizes, body size) for assertions such as "exactly one create".
 
@@ -250,6 +251,8 @@ def _make_handler(server: ReplayServer) -> type[BaseHTTPRequestHandler]:
             else:
                 payload = response.get("body", "").encode()
                 headers = dict(response.get("headers", {}))
+            # "{server_url}" in a header value (e.g. a presigned upload Location) -> this server's URL.
+            headers = {k: str(v).replace("{server_url}", server.url) for k, v in headers.items()}
             self._send(int(response.get("status", 200)), headers, payload)
 
         def _send(self, status: int, headers: dict[str, str], payload: Any) -> None:
