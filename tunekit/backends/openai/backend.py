@@ -1,0 +1,357 @@
+"""OpenAI fine-tuning through the official ``openai`` SDK, on the ManagedBackend hooks.
+
+Lifecycle: rows converted to what OpenAI takes (chat for SFT, preference for DPO) -> uploaded with
+``purpose="fine-tune"`` (``files.create`` with an open handle, or the Uploads API in parts above
+``files_api_max_bytes``; never the whole file in memory) -> ``fine_tuning.jobs.create`` tagged with
+``metadata={"tunekit_job_id": <id>}`` -> retrieve / events / checkpoints / cancel. ``_find_tagged`` lists
+jobs by that metadata so a dropped connection during create never makes a second paid job.
+
+OpenAI stops accepting new fine-tuning jobs on 2027-01-06: ``submit`` warns before that day (one line
+saying how to move) and refuses from that day on; the clock is injectable (``OpenAIBackend(clock=...)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import io
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from ..._exceptions import APIError, ConfigError
+from ...schemas.job import JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
+from ...schemas.spec import TrainingSpec
+from .._managed import ManagedBackend
+from ..base import PlanContext, Rule
+from . import mapping as m
+
+if TYPE_CHECKING:
+    from ...store import JobRecord
+
+log = logging.getLogger(__name__)
+
+MOVE_HINT = ("run the same spec and data with backend='together', 'fireworks' or 'local' "
+             "(see docs/backends/openai.md, 'Moving off OpenAI')")
+# OpenAI's 401 message echoes a masked key ("sk-abc1****wxyz"): never pass even that part on.
+_KEYLIKE = re.compile(r"\b(sk|sess)-[A-Za-z0-9_*\-]{4,}")
+
+
+class OpenAIShutdownWarning(FutureWarning):
+    """OpenAI stops accepting new fine-tuning jobs on 2027-01-06."""
+
+
+def _utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+class _FileWindow(io.RawIOBase):
+    """A read-only view of ``length`` bytes of an open file from ``start``: one Uploads-API part, streamed
+    by the HTTP client in small chunks (and re-read from its start if a retry re-sends it)."""
+
+    def __init__(self, fh: Any, start: int, length: int, name: str) -> None:
+        super().__init__()
+        self._fh, self._start, self._length, self._pos = fh, start, length, 0
+        self.name = name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + offset, 0), self._length)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._length - self._pos
+        size = left if size is None or size < 0 else min(size, left)
+        if size <= 0:
+            return b""
+        self._fh.seek(self._start + self._pos)
+        data = self._fh.read(size)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class OpenAIBackend(ManagedBackend):
+    name: ClassVar[str] = "openai"
+    field_map = m.FIELD_MAP
+    provider_option_keys = frozenset(m.PROVIDER_OPTIONS)
+    status_map = m.STATUS_MAP
+    min_rows = 10                          # OpenAI rejects training files with fewer than 10 examples
+    max_file_bytes = 8 * 1024**3           # an Upload accepts at most 8 GB
+    api_key_env = ("OPENAI_API_KEY",)      # what the openai SDK itself reads
+    base_url_env = ("OPENAI_BASE_URL",)
+
+    files_api_max_bytes: ClassVar[int] = 512 * 1024**2   # POST /files limit; above it the Uploads API is used
+    upload_part_bytes: ClassVar[int] = 64 * 1024**2      # Uploads API: at most 64 MB per part
+    file_poll_seconds: ClassVar[float] = 2.0             # while an uploaded file is still being processed
+    file_wait_seconds: ClassVar[float] = 1800.0
+    shutdown_date: ClassVar[_dt.date] = m.SHUTDOWN_DATE
+
+    def __init__(self, *, clock: Callable[[], _dt.datetime | _dt.date] | None = None,
+                 http_client: str | None = None, **options: Any) -> None:
+        """``clock`` returns now (UTC) for the shutdown check; ``http_client="aiohttp"`` makes the async
+        client use the SDK's aiohttp transport (``openai[aiohttp]``) instead of httpx."""
+        super().__init__(**options)
+        self._clock = clock or _utc_now
+        self._http_client = http_client
+
+    # -- clients -----------------------------------------------------------------------------------------
+    def make_client(self, *, async_: bool) -> Any:
+        import openai
+
+        kwargs: dict[str, Any] = {"api_key": self.api_key, "max_retries": 0}
+        if self.base_url:
+            kwargs["base_url"] = self.base_url
+        if not async_:
+            return openai.OpenAI(**kwargs)
+        if self._http_client == "aiohttp":
+            kwargs["http_client"] = openai.DefaultAioHttpClient()
+        return openai.AsyncOpenAI(**kwargs)
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        err = super()._translate(exc)
+        if isinstance(err, APIError) and err.args:
+            err.args = (_KEYLIKE.sub("sk-***", str(err.args[0])), *err.args[1:])
+        return err
+
+    # -- the 2027-01-06 shutdown ---------------------------------------------------------------------------
+    def _today(self) -> _dt.date:
+        now = self._clock()
+        if isinstance(now, _dt.datetime):
+            return (now.astimezone(_dt.timezone.utc) if now.tzinfo else now).date()
+        return now
+
+    def check_shutdown(self, *, warn: bool) -> None:
+        """Refuse from the shutdown day on; before it, warn (one line) when ``warn``."""
+        today = self._today()
+        if today >= self.shutdown_date:
+            raise ConfigError(
+                f"OpenAI stopped accepting new fine-tuning jobs on {self.shutdown_date.isoformat()}; "
+                "nothing was uploaded", field="backend", hint=MOVE_HINT)
+        if warn:
+            days = (self.shutdown_date - today).days
+            warnings.warn(f"OpenAI stops accepting new fine-tuning jobs on {self.shutdown_date.isoformat()} "
+                          f"(in {days} days); to move: {MOVE_HINT}", OpenAIShutdownWarning, stacklevel=3)
+
+    # -- planning -----------------------------------------------------------------------------------------
+    def plan(self, spec: TrainingSpec, **kwargs: Any) -> Plan:
+        self.check_shutdown(warn=False)
+        return super().plan(spec, **kwargs)
+
+    def base_request(self, spec: TrainingSpec, ctx: PlanContext) -> dict[str, Any]:
+        return m.base_request(spec)
+
+    def _rule_for(self, path: str, spec: TrainingSpec) -> Rule:
+        prefix = f"provider_options.{self.name}."
+        if path.startswith(prefix) and path[len(prefix):] in m.PROVIDER_OPTIONS:
+            return m.PROVIDER_OPTIONS[path[len(prefix):]](spec)
+        return super()._rule_for(path, spec)
+
+    def plan_notes(self, spec: TrainingSpec, ctx: PlanContext) -> list[str]:
+        notes = [f"OpenAI stops accepting new fine-tuning jobs on {self.shutdown_date.isoformat()}; "
+                 f"to move: {MOVE_HINT}",
+                 f"the job is tagged metadata.{m.TAG_KEY}=<tunekit job id> (used to find it after a dropped "
+                 "connection, so a retry never creates a second job)"]
+        if ctx.row_kind == "prompt_response":
+            notes.append("prompt/response rows are uploaded as chat rows (user: prompt, assistant: response)")
+        return notes
+
+    # -- upload -------------------------------------------------------------------------------------------
+    def upload_files(self, job: "JobRecord", spec: TrainingSpec) -> dict[str, str]:
+        target = "preference" if spec.method == "dpo" else "chat"
+        files = {}
+        with tempfile.TemporaryDirectory(prefix="tunekit-openai-") as tmp:
+            for split, key in (("train", "training_file"), ("validation", "validation_file")):
+                entry = (job.data or {}).get(split)
+                if entry is None and split == "validation" and spec.validation_data:
+                    entry = {"path": spec.validation_data}
+                if entry is None:
+                    if split == "train":
+                        raise ConfigError(f"job {job.id} has no training data recorded", field="data")
+                    continue
+                path = Path(entry["path"])
+                if entry.get("kind") != target:  # unknown or another kind: convert (streams row by row)
+                    from ...data.convert import convert_file
+
+                    converted = Path(tmp) / f"{split}.jsonl"
+                    convert_file(path, converted, target)
+                    path = converted
+                files[key] = self.upload_file(path, filename=f"tunekit-{job.id}-{split}.jsonl")
+        return files
+
+    def upload_file(self, path: str | Path, *, filename: str | None = None) -> str:
+        """Upload one JSONL file for fine-tuning; return its file id once OpenAI has processed it."""
+        path = Path(path)
+        filename = filename or path.name
+        size = path.stat().st_size
+        if size > self.files_api_max_bytes:
+            file = self._upload_in_parts(path, filename, size)
+        else:
+            with open(path, "rb") as fh:  # a handle, not a path: the SDK reads a Path whole into memory
+                file = self.call(self._create_file, self.client, (filename, fh))
+        return self._wait_processed(file)
+
+    @staticmethod
+    def _create_file(client: Any, file: Any) -> Any:
+        return client.files.create(file=file, purpose="fine-tune")
+
+    def _upload_in_parts(self, path: Path, filename: str, size: int) -> Any:
+        """Uploads API: create -> parts (each streamed from the file, retried alone) -> complete (+ md5)."""
+        md5 = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1024 * 1024), b""):
+                md5.update(block)
+        client = self.client
+        upload = self.call(client.uploads.create, bytes=size, filename=filename, mime_type="text/jsonl",
+                           purpose="fine-tune")
+        part_ids = []
+        try:
+            with open(path, "rb") as fh:
+                for start in range(0, size, self.upload_part_bytes):
+                    window = _FileWindow(fh, start, min(self.upload_part_bytes, size - start), filename)
+                    part = self.call(client.uploads.parts.create, upload_id=upload.id, data=window)
+                    part_ids.append(part.id)
+            done = self.call(client.uploads.complete, upload_id=upload.id, part_ids=part_ids,
+                             md5=md5.hexdigest())
+        except BaseException:
+            try:  # best effort: an abandoned Upload would otherwise linger until it expires (1 hour)
+                self.call(client.uploads.cancel, upload.id)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                log.debug("could not cancel upload %s", upload.id)
+            raise
+        if done.status != "completed" or done.file is None:
+            raise APIError(f"openai: upload {upload.id} ended {done.status!r} without a file", provider=self.name,
+                           hint="retry the submit; the data was not attached to any job")
+        return done.file
+
+    def _wait_processed(self, file: Any) -> str:
+        """Files are usable once processed; status is deprecated, so a missing one counts as ready."""
+        deadline = time.monotonic() + self.file_wait_seconds
+        while getattr(file, "status", None) == "uploaded" and time.monotonic() < deadline:
+            time.sleep(self.file_poll_seconds)
+            file = self.call(self.client.files.retrieve, file.id)
+        if getattr(file, "status", None) == "error":
+            detail = getattr(file, "status_details", None) or "no details"
+            raise APIError(f"openai: file {file.id} failed processing: {detail}", provider=self.name,
+                           hint="run `tunekit validate` on the data with --backend openai")
+        return file.id
+
+    # -- create -------------------------------------------------------------------------------------------
+    def submit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
+        self.check_shutdown(warn=True)  # before any upload
+        return super().submit(job, spec, plan)
+
+    def create_kwargs(self, job: "JobRecord", plan: Plan, files: dict[str, str]) -> dict[str, Any]:
+        kwargs = copy.deepcopy(plan.request)
+        kwargs.pop("validation_file", None)
+        kwargs.update(files)
+        kwargs["metadata"] = {**(kwargs.get("metadata") or {}), m.TAG_KEY: job.id}
+        return kwargs
+
+    @staticmethod
+    def _create(client: Any, kwargs: dict[str, Any]) -> Any:
+        return client.fine_tuning.jobs.create(**kwargs)
+
+    @staticmethod
+    def _retrieve(client: Any, remote_id: str) -> Any:
+        return client.fine_tuning.jobs.retrieve(remote_id)
+
+    @staticmethod
+    def _cancel(client: Any, remote_id: str) -> Any:
+        return client.fine_tuning.jobs.cancel(remote_id)
+
+    @staticmethod
+    def _list_events(client: Any, remote_id: str) -> Any:
+        return client.fine_tuning.jobs.list_events(remote_id, limit=100)
+
+    @staticmethod
+    def _list_checkpoints(client: Any, remote_id: str) -> Any:
+        return client.fine_tuning.jobs.checkpoints.list(remote_id, limit=100)
+
+    def _find_tagged(self, client: Any, job: "JobRecord") -> Any | None:
+        page = client.fine_tuning.jobs.list(metadata={m.TAG_KEY: job.id}, limit=10)
+        for remote in page.data:  # check the tag too: never adopt a job the filter let through
+            if (remote.metadata or {}).get(m.TAG_KEY) == job.id:
+                return remote
+        return None
+
+    # -- reading state ------------------------------------------------------------------------------------
+    def to_state(self, raw: Any) -> RemoteState:
+        status = map_status(self.status_map, raw.status)
+        error = None
+        if raw.error is not None and (raw.error.message or raw.error.code):
+            extra = ", ".join(f"{k} {v}" for k, v in (("code", raw.error.code), ("param", raw.error.param)) if v)
+            error = f"{raw.error.message}" + (f" ({extra})" if extra else "")
+        result = None
+        if status is JobStatus.SUCCEEDED:
+            metrics = {"trained_tokens": raw.trained_tokens} if raw.trained_tokens is not None else {}
+            if raw.result_files:
+                metrics["result_files"] = list(raw.result_files)
+            result = JobResult(model=raw.fine_tuned_model, metrics=metrics)
+        progress: dict[str, Any] = {}
+        if raw.estimated_finish and not status.terminal:
+            progress["eta_s"] = max(0.0, raw.estimated_finish - time.time())
+        if raw.trained_tokens is not None:
+            progress["trained_tokens"] = raw.trained_tokens
+        return RemoteState(remote_id=raw.id, raw_status=raw.status, status=status, error=error, result=result,
+                           progress=progress)
+
+    @staticmethod
+    def to_checkpoints(page: Any) -> list[dict[str, Any]]:
+        out = []
+        for c in sorted(page.data, key=lambda c: c.step_number):
+            metrics = c.metrics.model_dump(exclude_none=True) if c.metrics is not None else {}
+            out.append({"id": c.id, "model": c.fine_tuned_model_checkpoint, "step": c.step_number,
+                        "created_at": c.created_at, "metrics": metrics})
+        return out
+
+    def to_events(self, raw_events: Any, job: "JobRecord") -> list[JobEvent]:
+        out = []
+        for e in reversed(list(raw_events.data)):  # the API lists newest first
+            data = e.data if isinstance(e.data, dict) else ({} if e.data is None else {"value": e.data})
+            out.append(JobEvent(created_at=float(e.created_at), level=m.EVENT_LEVELS.get(e.level, "info"),
+                                type=e.type or "message", message=e.message, data=data, remote_id=e.id))
+        return out
+
+    def refresh(self, job: "JobRecord") -> RemoteState:
+        state = self.to_state(self.call(self._retrieve, self.client, job.remote_id))
+        if state.result is not None:
+            state.result.checkpoints = self._checkpoints(lambda: self.call(
+                self._list_checkpoints, self.client, job.remote_id))
+        return state
+
+    async def arefresh(self, job: "JobRecord") -> RemoteState:
+        state = self.to_state(await self.acall(self._retrieve, self.aclient, job.remote_id))
+        if state.result is not None:
+            try:
+                page = await self.acall(self._list_checkpoints, self.aclient, job.remote_id)
+                state.result.checkpoints = self.to_checkpoints(page)
+            except APIError as exc:
+                log.warning("openai: could not list checkpoints of %s: %s", job.remote_id, exc)
+        return state
+
+    def _checkpoints(self, fetch: Callable[[], Any]) -> list[dict[str, Any]]:
+        try:
+            return self.to_checkpoints(fetch())
+        except APIError as exc:  # the job still succeeded; checkpoints are a bonus
+            log.warning("openai: could not list checkpoints: %s", exc)
+            return []
