@@ -1,0 +1,332 @@
+"""The embedded engine: one resident base model, a scheduler thread, batched multi-adapter decoding.
+
+Requests are queued; the scheduler waits ``batch_window_ms`` after the first arrival, takes up to
+``max_batch_size`` of them whose adapters fit in ``max_loras`` slots, and decodes them together:
+one forward per step for the whole batch, each row through its own adapter (or the base). Rows
+leave the batch as they finish (KV cache rows dropped). Requests arriving meanwhile wait for the
+next batch (static batching, no continuous batching).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import inspect
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..._exceptions import ConfigError
+
+Sink = Callable[[int, str, Any], None]  # (row index, "delta"|"done"|"error", payload)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenRequest:
+    """One generated sequence (a choice). ``sink`` gets text deltas, then done(finish_reason, n_tokens)."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    sink: Sink
+    index: int = 0
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    cancelled: bool = False
+    # decoding state
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0
+    generator: Any = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class GenResult:
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+def _default_device_dtype(device: str | None, dtype: str | None):
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in names:
+        dt = names[dtype]
+    else:
+        raise ConfigError(f"dtype {dtype!r} is not one of bf16, fp16, fp32", field="dtype")
+    return dev, dt
+
+
+class Engine:
+    def __init__(self, base_model: str | Path, adapters: dict[str, str | Path] | None = None, *,
+                 max_loras: int = 4, max_cpu_loras: int | None = None, max_lora_rank: int | None = None,
+                 device: str | None = None, dtype: str | None = None, max_batch_size: int = 32,
+                 batch_window_ms: float = 2.0) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .pool import AdapterPool
+
+        self.base_model = str(base_model)
+        self.device, self.dtype = _default_device_dtype(device, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype)
+        self.model = model.to(self.device).eval()
+        # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        self.pool = AdapterPool(self.model, max_loras=max_loras, device=self.device, dtype=self.dtype,
+                                max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank)
+        for name, path in (adapters or {}).items():
+            self.pool.register(name, path)
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_ms / 1000
+        self._torch = torch
+        self._cv = threading.Condition()
+        self._pending: collections.deque[GenRequest] = collections.deque()
+        self._paused = 0
+        self._closed = False
+        self._stats = collections.Counter()
+        self._batches: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
+        self._thread = threading.Thread(target=self._loop, name="tunekit-embedded-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- public API ----------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        self.pool.register(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        self.pool.unregister(name)
+
+    def adapters(self) -> dict[str, Path]:
+        return {n: self.pool.info(n).path for n in self.pool.names()}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        if req.adapter is not None and self.pool.info(req.adapter) is None:
+            raise KeyError(req.adapter)
+        with self._cv:
+            self._pending.append(req)
+            self._cv.notify_all()
+        return req
+
+    def generate(self, prompt: str | list[int], adapter: str | None = None, **params: Any) -> GenResult:
+        """Blocking convenience: one completion (used by the benchmark and tests)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        done = threading.Event()
+        parts: list[str] = []
+        final: dict[str, Any] = {}
+
+        def sink(_i: int, kind: str, payload: Any) -> None:
+            if kind == "delta":
+                parts.append(payload)
+            else:
+                final[kind] = payload
+                done.set()
+
+        self.submit(GenRequest(ids, adapter, SamplingParams(**params), sink))
+        done.wait()
+        if "error" in final:
+            raise RuntimeError(final["error"])
+        reason, n = final["done"]
+        return GenResult("".join(parts), reason, n)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold new batches while inside (requests still queue); lets tests line up concurrent requests."""
+        with self._cv:
+            self._paused += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._paused -= 1
+                self._cv.notify_all()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            out = dict(self._stats)
+            out["recent_batches"] = list(self._batches)
+            out["pending"] = len(self._pending)
+        out["adapters"] = self.pool.stats()
+        return out
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+        for req in list(self._pending):
+            req.sink(req.index, "error", "server shutting down")
+
+    # -- scheduler -----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (not self._pending or self._paused):
+                    self._cv.wait()
+                if self._closed:
+                    return
+            if self.batch_window_s:
+                time.sleep(self.batch_window_s)
+            with self._cv:
+                if self._paused:
+                    continue
+                batch = self._take_batch()
+            if batch:
+                try:
+                    self._run_batch(batch)
+                except Exception as exc:  # never kill the scheduler: fail this batch, keep serving
+                    self._stats["failed_batches"] += 1
+                    for req in batch:
+                        req.sink(req.index, "error", f"{type(exc).__name__}: {exc}")
+
+    def _take_batch(self) -> list[GenRequest]:
+        batch: list[GenRequest] = []
+        chosen: set[str] = set()
+        keep: collections.deque[GenRequest] = collections.deque()
+        while self._pending:
+            req = self._pending.popleft()
+            if req.cancelled:
+                continue
+            if len(batch) >= self.max_batch_size or (
+                    req.adapter is not None and req.adapter not in chosen and len(chosen) >= self.pool.max_loras):
+                keep.append(req)  # waits for the next batch, keeping its place in line
+                continue
+            if req.adapter is not None:
+                chosen.add(req.adapter)
+            batch.append(req)
+        self._pending = keep
+        return batch
+
+    def _run_batch(self, rows: list[GenRequest]) -> None:
+        torch = self._torch
+        for r in rows:
+            if r.adapter is not None and self.pool.info(r.adapter) is None:  # unloaded while queued
+                r.sink(r.index, "error", f"adapter {r.adapter!r} was unloaded")
+        rows = [r for r in rows if r.adapter is None or self.pool.info(r.adapter) is not None]
+        if not rows:
+            return
+        slots = self.pool.acquire([r.adapter for r in rows])
+        models = sorted({r.adapter or "__base__" for r in rows})
+        with self._cv:
+            self._stats["batches"] += 1
+            self._stats["mixed_batches"] += len(models) > 1
+            self._batches.append({"size": len(rows), "models": models,
+                                  "request_ids": sorted({r.request_id for r in rows})})
+        for r in rows:
+            if r.params.seed is not None:
+                r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's last prompt token is at the end
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        active = list(range(len(rows)))
+        cache = None
+        with torch.inference_mode():
+            while True:
+                self.pool.slots.set_rows([slots[i] for i in active])
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                 logits_to_keep=1, **{self._cache_kw: cache})
+                self._stats["forward_passes"] += 1
+                cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+                tokens = self._sample(out.logits[:, -1, :].float(), [rows[i] for i in active])
+                keep = [j for j, i in enumerate(active) if not self._advance(rows[i], tokens[j])]
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    idx = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(idx)
+                    mask, pos, tokens = mask[idx], pos[idx], [tokens[j] for j in keep]
+                    active = [active[j] for j in keep]
+                ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                pos = pos[:, -1:] + 1
+        self.pool.slots.set_rows([0])
+
+    def _sample(self, logits, rows: list[GenRequest]) -> list[int]:
+        torch = self._torch
+        out = logits.argmax(-1).tolist()
+        for j, r in enumerate(rows):
+            p = r.params
+            if p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[j] / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                cut = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest set with mass >= top_p
+                sorted_p[cut] = 0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+            out[j] = int(torch.multinomial(probs, 1, generator=r.generator).item())
+        return out
+
+    def _advance(self, r: GenRequest, token: int) -> bool:
+        """Append ``token`` to row ``r``, emit new text; True when the row is finished."""
+        if r.cancelled:
+            return True
+        p = r.params
+        reason = None
+        if token in self.eos_ids:
+            reason = "stop"
+        else:
+            r.generated.append(token)
+        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        if p.stop:
+            start = max(0, r.emitted - max(len(s) for s in p.stop))
+            hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
+            if hits:
+                text, reason = text[:min(hits)], "stop"
+        if reason is None and (len(r.generated) >= p.max_tokens
+                               or len(r.prompt_ids) + len(r.generated) >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence waits for its next byte
+            # Hold back a tail that may still grow into a stop string.
+            hold = max((k for s in p.stop for k in range(1, min(len(s), safe + 1))
+                        if text[:safe].endswith(s[:k])), default=0)
+            safe -= hold
+            if safe > r.emitted:
+                r.sink(r.index, "delta", text[r.emitted:safe])
+                r.emitted = safe
+            return False
+        if len(text) > r.emitted:
+            r.sink(r.index, "delta", text[r.emitted:])
+            r.emitted = len(text)
+        r.sink(r.index, "done", (reason, len(r.generated)))
+        return True
+

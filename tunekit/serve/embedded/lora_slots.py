@@ -1,0 +1,260 @@
+"""Pre-allocated LoRA slots with per-row adapters: the embedded server's hot-swap and mixed-batch core.
+
+Why not PEFT at serve time: PEFT's ``load_adapter`` reads and builds modules from disk (~500 ms for
+r=16 on an 8B base), and its mixed-batch forward (``adapter_names=``) loops over the distinct adapters
+of a batch in every layer, so kernel launches grow with the number of adapters in flight. Here:
+
+* Every targeted ``nn.Linear`` is wrapped once by :class:`SlotLinear`. All slots live in ONE device
+  tensor ``storage[num_slots + 1, total]``; row 0 is all zeros and stands for the base model.
+  Each wrapped module sees views ``A[slot, r_max, in]`` and ``BT[slot, r_max, out]`` into it.
+* An adapter is *packed* once on the host into that flat layout: ranks below ``r_max`` are
+  zero-padded (B·A is unchanged) and the LoRA scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) is
+  folded into B. A hot swap is then a single ``storage[slot].copy_(packed)``.
+* A forward gathers each row's A/B by slot index (two ``index_select`` + two ``bmm`` per module,
+  whatever the number of distinct adapters). Batches using one slot take a plain matmul path;
+  base-only batches skip LoRA entirely.
+
+Adapter tensors are read with safetensors and scaled exactly as PEFT does (``rank_pattern`` /
+``alpha_pattern`` resolved with PEFT's own ``get_pattern_key``); tests compare against PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..._exceptions import ConfigError
+from ..adapters import AdapterInfo
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter on the host: per module (A [r, in], B·scale transposed [r, out]), float32."""
+
+    name: str
+    path: Path
+    rank: int
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_adapter_weights(name: str, info: AdapterInfo, model: nn.Module) -> AdapterWeights:
+    """Read an adapter's tensors, check them against ``model`` and fold in PEFT's scaling."""
+    from peft.utils.other import get_pattern_key
+
+    path = info.path
+    st = path / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(st), device="cpu")
+    else:
+        state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        m = _KEY.match(key)
+        if not m:
+            raise ConfigError(
+                f"adapter {name!r} ({path}) holds tensor {key!r}, which is not a plain LoRA weight",
+                field="adapter", hint=f"merge it (`tunekit merge {path} OUT_DIR`) and serve the merged model")
+        parts.setdefault(m["module"], {})[m["ab"]] = tensor
+    named = dict(model.named_modules())
+    raw = info.raw
+    alpha_pattern = raw.get("alpha_pattern") or {}
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    rank = 0
+    for module, ab in sorted(parts.items()):
+        target = named.get(module)
+        if isinstance(target, SlotLinear):
+            target = target.base_layer
+        if not isinstance(target, nn.Linear):
+            what = "no such module" if target is None else f"a {type(target).__name__}, not nn.Linear"
+            raise ConfigError(
+                f"adapter {name!r} ({path}) targets {module!r}: {what} in the served base model",
+                field="adapter.target_modules",
+                hint="serve the adapter on the base it was trained on (adapter_config.json base_model_name_or_path); "
+                     "only LoRA on linear layers is served by the embedded engine")
+        if set(ab) != {"A", "B"}:
+            raise ConfigError(f"adapter {name!r} ({path}): {module} lacks lora_A or lora_B", field="adapter",
+                              hint="the adapter file is incomplete; re-save it")
+        a, b = ab["A"].float(), ab["B"].float()
+        r = a.shape[0]
+        if a.shape != (r, target.in_features) or b.shape != (target.out_features, r):
+            raise ConfigError(
+                f"adapter {name!r} ({path}): {module} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, which do not "
+                f"fit the base layer ({target.in_features} -> {target.out_features})", field="adapter",
+                hint="the adapter was trained on another base model; serve it with that base")
+        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), info.lora_alpha))
+        scale = alpha / (math.sqrt(r) if info.use_rslora else r)
+        modules[module] = (a.contiguous(), (b * scale).t().contiguous())
+        rank = max(rank, r)
+    if not modules:
+        raise ConfigError(f"adapter {name!r} ({path}) has no LoRA weights", field="adapter",
+                          hint="re-save the adapter")
+    return AdapterWeights(name=name, path=path, rank=rank, modules=modules)
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where each module's A and B·scale live in one slot's flat buffer."""
+
+    rank: int
+    modules: tuple[tuple[str, int, int], ...]  # (name, in_features, out_features), sorted
+
+    @property
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        out, off = {}, 0
+        for name, fin, fout in self.modules:
+            out[name] = (off, off + self.rank * fin)
+            off += self.rank * (fin + fout)
+        return out
+
+    @property
+    def numel(self) -> int:
+        return sum(self.rank * (fin + fout) for _, fin, fout in self.modules)
+
+    def covers(self, weights: AdapterWeights) -> bool:
+        names = {m for m, _, _ in self.modules}
+        return weights.rank <= self.rank and set(weights.modules) <= names
+
+    def grown(self, weights: AdapterWeights, *, rank_cap: int | None = None) -> "SlotLayout":
+        """The smallest layout covering this one and ``weights``."""
+        mods = {m: (fi, fo) for m, fi, fo in self.modules}
+        for m, (a, bt) in weights.modules.items():
+            mods[m] = (a.shape[1], bt.shape[1])
+        rank = max(self.rank, weights.rank)
+        if rank_cap is not None:
+            rank = max(rank, rank_cap)
+        return SlotLayout(rank=rank, modules=tuple(sorted((m, fi, fo) for m, (fi, fo) in mods.items())))
+
+
+EMPTY_LAYOUT = SlotLayout(rank=0, modules=())
+
+
+def pack(weights: AdapterWeights, layout: SlotLayout, *, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """The adapter as one flat host tensor in ``layout`` (zero-padded ranks, zeros for untargeted modules)."""
+    flat = torch.zeros(layout.numel, dtype=dtype)
+    offsets = layout.offsets
+    for name, fin, fout in layout.modules:
+        if name not in weights.modules:
+            continue
+        a, bt = weights.modules[name]
+        r = a.shape[0]
+        a_off, b_off = offsets[name]
+        flat[a_off:a_off + layout.rank * fin].view(layout.rank, fin)[:r].copy_(a)
+        flat[b_off:b_off + layout.rank * fout].view(layout.rank, fout)[:r].copy_(bt)
+    return flat.pin_memory() if pin else flat
+
+
+class _RowState:
+    """Which slot each batch row uses; shared by every SlotLinear of one model."""
+
+    def __init__(self) -> None:
+        self.mode = "base"  # "base" | "single" | "mixed"
+        self.slot = 0
+        self.rows: torch.Tensor | None = None
+
+
+class SlotLinear(nn.Module):
+    """An nn.Linear plus a per-row LoRA delta read from the shared slot storage."""
+
+    def __init__(self, base_layer: nn.Linear, state: _RowState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._state = state
+        self.A: torch.Tensor | None = None  # [slots+1, r, in] view
+        self.BT: torch.Tensor | None = None  # [slots+1, r, out] view
+
+    # Code that inspects the wrapped layer (dtype checks, tying) still finds its parameters.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        st = self._state
+        if st.mode == "base" or self.A is None:
+            return y
+        if st.mode == "single":
+            return y + (x @ self.A[st.slot].t()) @ self.BT[st.slot]
+        rows = st.rows
+        xb = x.reshape(rows.shape[0], -1, x.shape[-1])
+        h = torch.bmm(xb, self.A.index_select(0, rows).transpose(1, 2))
+        delta = torch.bmm(h, self.BT.index_select(0, rows))
+        return y + delta.reshape(y.shape)
+
+
+class LoraSlots:
+    """``num_slots`` LoRA slots over one model (slot 0 is the base; adapters use 1..num_slots)."""
+
+    def __init__(self, model: nn.Module, num_slots: int, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.num_slots = num_slots
+        self.device = device
+        self.dtype = dtype
+        self.layout = EMPTY_LAYOUT
+        self.storage = torch.zeros(num_slots + 1, 0, device=device, dtype=dtype)
+        self._state = _RowState()
+        self._wrapped: dict[str, SlotLinear] = {}
+
+    def apply_layout(self, layout: SlotLayout) -> None:
+        """Re-allocate the storage for ``layout`` (all slots emptied) and wrap any new target modules."""
+        self.storage = torch.zeros(self.num_slots + 1, layout.numel, device=self.device, dtype=self.dtype)
+        named = dict(self.model.named_modules())
+        offsets = layout.offsets
+        for name, fin, fout in layout.modules:
+            wrapper = self._wrapped.get(name)
+            if wrapper is None:
+                parent_name, _, child = name.rpartition(".")
+                wrapper = SlotLinear(named[name], self._state)
+                setattr(named[parent_name] if parent_name else self.model, child, wrapper)
+                self._wrapped[name] = wrapper
+            a_off, b_off = offsets[name]
+            wrapper.A = self.storage[:, a_off:a_off + layout.rank * fin].view(-1, layout.rank, fin)
+            wrapper.BT = self.storage[:, b_off:b_off + layout.rank * fout].view(-1, layout.rank, fout)
+        self.layout = layout
+
+    def write(self, slot: int, packed: torch.Tensor) -> None:
+        """Copy a packed adapter into ``slot`` (one host-to-device copy; asynchronous from pinned memory)."""
+        if not 1 <= slot <= self.num_slots:
+            raise IndexError(f"slot {slot} out of range 1..{self.num_slots}")
+        self.storage[slot].copy_(packed, non_blocking=True)
+
+    def set_rows(self, slots: list[int]) -> None:
+        """Route batch row i through slot ``slots[i]`` for the following forwards."""
+        st = self._state
+        distinct = set(slots)
+        if distinct == {0} or not self._wrapped:
+            st.mode, st.rows = "base", None
+        elif len(distinct) == 1:
+            st.mode, st.slot, st.rows = "single", slots[0], None
+        else:
+            st.mode = "mixed"
+            st.rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    @property
+    def wrapped_modules(self) -> list[str]:
+        return sorted(self._wrapped)
+
+
+def describe(weights: AdapterWeights) -> dict[str, Any]:
+    return {"rank": weights.rank, "modules": len(weights.modules)}
