@@ -35,7 +35,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON (use null or a string)")
 
 
-_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_decode = _DECODER.decode
+# The C scanner behind decode(), minus its whitespace handling: the fast path uses it when the whole
+# line is one JSON value with no surrounding whitespace; any other line takes the careful path.
+_scan_once = _DECODER.scan_once
 
 
 class _Scan:
@@ -66,7 +70,7 @@ class _Scan:
     def run(self, f, sha) -> None:
         carry = b""
         lineno = 0
-        seen, hist = self.seen, self.hist
+        seen, hist, scan, blake2b = self.seen, self.hist, _scan_once, hashlib.blake2b
         fast = self.tokenizer is None and FAST_PATH
         while True:
             block = f.read(BLOCK)
@@ -85,8 +89,11 @@ class _Scan:
                 # Fast path: a well-formed prompt/response row in a prompt/response file.
                 if fast and self.kind is _PR:
                     try:
-                        obj = _decode(raw.decode())
-                    except (ValueError, RecursionError):
+                        text = raw.decode()
+                        obj, end = scan(text, 0)
+                        if end != len(text):
+                            obj = None
+                    except (ValueError, StopIteration, RecursionError):
                         obj = None
                     if type(obj) is dict and len(obj) == 2:
                         p = obj.get("prompt")
@@ -94,7 +101,7 @@ class _Scan:
                         if r is None:
                             r = obj.get("completion")
                         if type(p) is str and type(r) is str and p and r and not p.isspace() and not r.isspace():
-                            digest = hashlib.blake2b(raw.rstrip(), digest_size=16).digest()
+                            digest = blake2b(raw, digest_size=16).digest()
                             if digest in seen:
                                 self.duplicate(lineno, digest)
                                 continue
@@ -162,7 +169,7 @@ class _Scan:
             return
         if self.kind is None:
             self.kind, self.kind_line = guess, lineno
-        digest = hashlib.blake2b(raw.rstrip(), digest_size=16).digest()
+        digest = hashlib.blake2b(raw, digest_size=16).digest()
         if digest in self.seen:
             self.duplicate(lineno, digest)
             return
@@ -236,7 +243,7 @@ def _first_lines(path: Path, wanted: set[bytes]) -> dict[bytes, int]:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1 and raw.startswith(BOM):
                 raw = raw[3:]
-            d = hashlib.blake2b(raw.rstrip(), digest_size=16).digest()
+            d = hashlib.blake2b(raw[:-1] if raw.endswith(b"\n") else raw, digest_size=16).digest()
             if d in wanted and d not in found:
                 found[d] = lineno
                 if len(found) == len(wanted):
