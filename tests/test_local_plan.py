@@ -1,0 +1,177 @@
+"""The local backend's plan: a decision for every spec field, the resolved config, quantization 'auto'."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import tunekit
+from tunekit._exceptions import ConfigError, UnsupportedFieldError
+from tunekit.backends.base import PlanContext
+from tunekit.backends.local.backend import LocalBackend
+from tunekit.backends.local.peft_config import DeviceInfo
+from tunekit.schemas.spec import TrainingSpec, spec_leaf_fields
+
+# Llama-3.1-8B's shape (a config.json alone: the plan never reads weights)
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "tie_word_embeddings": False}
+
+EVERY_FIELD = {
+    "method": "sft",
+    "hyperparameters": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-4, "warmup_ratio": 0.1,
+                        "lr_scheduler": "cosine", "weight_decay": 0.01, "max_grad_norm": 0.5,
+                        "gradient_accumulation_steps": 2, "max_length": 512, "seed": 7, "dpo_beta": 0.2},
+    "adapter": {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "use_dora": True,
+                "use_rslora": True, "init": "gaussian", "loraplus_lr_ratio": 16.0},
+    "quantization": "none",
+    "validation_data": "val.jsonl",
+    "suffix": "my-run",
+    "provider_options": {"local": {"checkpoint_steps": 5, "max_steps": 20, "eval_steps": 5, "device": "cpu",
+                                   "gradient_checkpointing": True, "memory_budget_gb": 8, "logging_steps": 2,
+                                   "output_dir": "out"}},
+}
+
+
+@pytest.fixture
+def model_8b(tmp_path):
+    d = tmp_path / "llama-8b-shape"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(LLAMA_8B))
+    return d
+
+
+def _spec(base, **fields):
+    return TrainingSpec.model_validate({"base_model": str(base), **fields})
+
+
+def _get(request, dotted):
+    for key in dotted.split("."):
+        request = request[key]
+    return request
+
+
+def test_every_leaf_field_has_a_rule():
+    missing = [f for f in spec_leaf_fields() if f not in LocalBackend.field_map]
+    assert missing == []
+
+
+def test_every_set_field_is_mapped_where_it_says(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = _spec(tiny_model, **EVERY_FIELD)
+    plan = LocalBackend().plan(spec, on_unsupported="ignore", context=PlanContext(spec=spec, rows=40))
+    by_field = {d.field: d for d in plan.fields}
+    expected = set(spec.set_fields())
+    assert set(by_field) == expected
+    # dpo_beta on an SFT spec is the one refusal, with its reason
+    assert by_field["hyperparameters.dpo_beta"].disposition == "unsupported"
+    assert "method='dpo'" in by_field["hyperparameters.dpo_beta"].reason
+    for name, d in by_field.items():
+        if name == "hyperparameters.dpo_beta":
+            continue
+        assert d.disposition in ("mapped", "transformed"), name
+        assert _get(plan.request, d.target) == d.sent, name  # the request holds what the plan says was sent
+    r = plan.request
+    assert r["lora"]["r"] == 16 and r["lora"]["lora_alpha"] == 32 and r["lora"]["use_dora"] is True
+    assert r["lora"]["init_lora_weights"] == "gaussian" and r["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert r["training"]["micro_batch_size"] == 4 and r["training"]["gradient_accumulation_steps"] == 2
+    assert r["training"]["optimizer"] == "loraplus+adamw_torch"
+    assert r["options"]["output_dir"] == str(tmp_path / "out")  # resolved to an absolute path
+    assert r["options"]["checkpoint_steps"] == 5 and r["options"]["max_steps"] == 20
+    assert r["output"]["name"] == "my-run"
+    assert r["device"]["type"] == "cpu"
+    with pytest.raises(UnsupportedFieldError, match="dpo_beta"):
+        LocalBackend().plan(spec)
+
+
+def test_dpo_beta_is_mapped_for_dpo(tiny_model):
+    spec = _spec(tiny_model, method="dpo", hyperparameters={"dpo_beta": 0.3})
+    plan = LocalBackend().plan(spec)
+    assert {d.field: d.disposition for d in plan.fields}["hyperparameters.dpo_beta"] == "mapped"
+    assert plan.request["training"]["dpo_beta"] == 0.3
+
+
+def test_defaults_are_resolved_without_any_set_field(tiny_model):
+    plan = LocalBackend().plan(_spec(tiny_model), context=PlanContext(spec=_spec(tiny_model), rows=100))
+    r = plan.request
+    assert [d.field for d in plan.fields] == ["base_model"]
+    assert r["training"]["micro_batch_size"] == 8 and r["training"]["estimated_total_steps"] == 13
+    assert r["options"]["checkpoint_steps"] == 2  # ~10 checkpoints per run by default
+    assert r["lora"]["r"] == 32 and r["lora"]["init_lora_weights"] is True
+    assert any(n.startswith("memory: ~") and "fits" in n for n in plan.notes)
+
+
+def test_canonical_model_name_is_resolved():
+    plan = tunekit.plan({"base_model": "llama-3.1-8b-instruct"}, "local")
+    d = plan.fields[0]
+    assert d.disposition == "transformed" and d.sent == "meta-llama/Llama-3.1-8B-Instruct"
+    assert plan.request["base_model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert any("no estimate" in n for n in plan.notes)  # not downloaded: the plan says so, never guesses
+    with pytest.raises(ConfigError, match="not offered by backend 'local'"):
+        tunekit.plan({"base_model": "gpt-4o-mini"}, "local")
+
+
+def test_quantization_auto_on_cpu_is_none_with_reason(tiny_model):
+    r = LocalBackend().plan(_spec(tiny_model, quantization="auto")).request
+    assert r["quantization"]["mode"] == "none" and "CPU" in r["quantization"]["reason"]
+    assert r["training"]["optimizer"] == "adamw_torch"
+
+
+def test_quantization_nf4_picks_paged_8bit_adamw(tiny_model):
+    r = LocalBackend().plan(_spec(tiny_model, quantization="nf4")).request
+    assert r["quantization"] == {"requested": "nf4", "mode": "nf4", "reason": r["quantization"]["reason"]}
+    assert "QLoRA" in r["quantization"]["reason"]
+    assert r["training"]["optimizer"] == "paged_adamw_8bit" and r["training"]["dtype"] == "nf4+bf16"
+
+
+@pytest.mark.parametrize("gpu_gib, mode, words", [(141, "none", "fits"), (35, "nf4", "would not fit")])
+def test_quantization_auto_on_gpu_follows_the_memory_estimate(model_8b, monkeypatch, gpu_gib, mode, words):
+    # A GPU of the given size, faked at the one place the device is read: the decision logic is real.
+    import tunekit.backends.local.train as train_mod
+
+    monkeypatch.setattr(train_mod, "device_info", lambda device=None: DeviceInfo("cuda", gpu_gib * 1024**3, "fake"))
+    plan = LocalBackend().plan(_spec(model_8b, hyperparameters={"batch_size": 4, "max_length": 2048}))
+    q = plan.request["quantization"]
+    assert q["mode"] == mode and words in q["reason"]
+    assert plan.request["memory_estimate"]["fits"] is True
+    assert plan.request["training"]["optimizer"] == ("paged_adamw_8bit" if mode == "nf4" else "adamw_torch_fused")
+    assert plan.request["options"]["gradient_checkpointing"] is True
+
+
+def test_plan_refuses_pissa_on_a_4bit_base(tiny_model):
+    with pytest.raises(ConfigError, match="full-precision") as err:
+        LocalBackend().plan(_spec(tiny_model, quantization="nf4", adapter={"init": "pissa"}))
+    assert err.value.field == "adapter.init"
+
+
+def test_batch_size_must_divide_by_accumulation(tiny_model):
+    with pytest.raises(ConfigError) as err:
+        LocalBackend().plan(_spec(tiny_model, hyperparameters={"batch_size": 6, "gradient_accumulation_steps": 4}))
+    assert err.value.field == "hyperparameters.gradient_accumulation_steps"
+
+
+def test_option_typo_and_other_backends_options_are_refused(tiny_model):
+    with pytest.raises(UnsupportedFieldError) as err:
+        LocalBackend().plan(_spec(tiny_model, provider_options={"local": {"checkpoint_step": 5}}))
+    assert "checkpoint_steps" in str(err.value)  # the valid keys are listed
+    plan = LocalBackend().plan(_spec(tiny_model, provider_options={"together": {"x": 1}}), on_unsupported="ignore")
+    assert plan.fields[-1].disposition == "unsupported" and "together" in plan.fields[-1].reason
+
+
+@pytest.mark.parametrize("key, value", [("checkpoint_steps", 0), ("max_steps", "ten"), ("device", "tpu"),
+                                        ("eval_steps", 1.5), ("gradient_checkpointing", "yes"),
+                                        ("memory_budget_gb", -1)])
+def test_bad_option_values_name_the_option(tiny_model, key, value):
+    with pytest.raises(ConfigError) as err:
+        LocalBackend().plan(_spec(tiny_model, provider_options={"local": {key: value}}))
+    assert err.value.field == f"provider_options.local.{key}"
+
+
+def test_importing_the_backend_does_not_import_torch():
+    code = ("import sys, tunekit.backends.local.backend, tunekit.backends.local.plot, "
+            "tunekit.backends.local.provenance; print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
