@@ -27,6 +27,7 @@ which is what httpx (sync and async) and aiohttp clients expect.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import socket
 import threading
@@ -48,7 +49,7 @@ class ReceivedRequest:
     headers: dict[str, str]
     body_size: int
     json: Any = None
-    multipart: list[dict[str, Any]] | None = None  # [{"name", "filename", "content_type", "size", "value"?}]
+    multipart: list[dict[str, Any]] | None = None  # [{"name", "filename", "content_type", "size", "value"|"sha256"}]
     raw: bytes = b""  # the body for non-JSON, non-multipart requests (e.g. upload parts are multipart)
 
     def multipart_field(self, name: str) -> dict[str, Any] | None:
@@ -185,6 +186,8 @@ def _parse_multipart(body: bytes, content_type: str) -> list[dict[str, Any]]:
         }
         if part["filename"] is None:
             part["value"] = content.decode("utf-8", "replace")  # plain form field: keep the value
+        else:
+            part["sha256"] = hashlib.sha256(content).hexdigest()  # to check what was uploaded, not keep it
         parts.append(part)
     return parts
 
