@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..._exceptions import ConfigError
 from ..._settings import env_credential
-from ...schemas.job import FieldDisposition, JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
+from ...schemas.job import JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
 from ...schemas.spec import TrainingSpec
 from .._managed import ManagedBackend
 from ..base import PlanContext, Rule
@@ -51,15 +51,21 @@ def _resource(client: Any, method: str) -> Any:
     return client.dpo_jobs if method == "dpo" else client.supervised_fine_tuning_jobs
 
 
+def wire_name(name: str, hint: Any) -> str:
+    """The JSON name of a TypedDict field: its ``PropertyInfo(alias=...)``, under any Required[...]."""
+    while str(typing.get_origin(hint)).endswith("Required"):  # Required / NotRequired
+        hint = typing.get_args(hint)[0]
+    for meta in getattr(hint, "__metadata__", ()):
+        if getattr(meta, "alias", None):
+            return meta.alias
+    return name
+
+
 def sdk_kwargs(body: dict[str, Any], params_type: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Wire (camelCase) body -> the SDK method's snake_case keyword arguments, plus keys the SDK does not
     know (sent as ``extra_body``). Nested objects stay in wire form: the SDK passes unknown keys through."""
-    hints = typing.get_type_hints(params_type, include_extras=True)
-    by_alias = {}
-    for name, hint in hints.items():
-        alias = next((meta.alias for meta in getattr(hint, "__metadata__", ()) if getattr(meta, "alias", None)),
-                     name)
-        by_alias[alias] = name
+    by_alias = {wire_name(name, hint): name
+                for name, hint in typing.get_type_hints(params_type, include_extras=True).items()}
     kwargs, extra = {}, {}
     for key, value in body.items():
         if key in by_alias:
@@ -135,13 +141,6 @@ class FireworksBackend(ManagedBackend):
         if path.startswith(f"provider_options.{self.name}."):
             return m.option_rule(path.split(".", 2)[2], spec)
         return super()._rule_for(path, spec)
-
-    def _decide(self, path: str, value: Any, spec: TrainingSpec, ctx: PlanContext,
-                request: dict[str, Any]) -> FieldDisposition:
-        if path == "method":  # picks the endpoint; nothing goes into the body
-            return FieldDisposition(field=path, value=value, disposition="mapped", target=m.ENDPOINT,
-                                    sent=m.ENDPOINTS[value], reason=m.FIELD_MAP["method"].note)
-        return super()._decide(path, value, spec, ctx, request)
 
     # -- submit ------------------------------------------------------------------------------------------
     def upload_files(self, job: "JobRecord", spec: TrainingSpec) -> dict[str, str]:

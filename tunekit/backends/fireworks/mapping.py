@@ -24,7 +24,6 @@ from ..base import PlanContext, Refuse, Rule, Send
 ACCOUNT, JOB = "{account}", "{job}"
 TRAIN_DATASET = f"accounts/{ACCOUNT}/datasets/{JOB}-train"
 EVAL_DATASET = f"accounts/{ACCOUNT}/datasets/{JOB}-eval"
-ENDPOINT = "(endpoint)"
 ENDPOINTS = {"sft": "POST /v1/accounts/{account}/supervisedFineTuningJobs",
              "dpo": "POST /v1/accounts/{account}/dpoJobs"}
 TEMPLATED = ("dataset", "evaluationDataset", "outputModel", "trainingConfig.outputModel")
@@ -105,7 +104,7 @@ def _lora_rank(spec: TrainingSpec) -> Rule:
     r = spec.adapter.r
     if r in LORA_RANKS:
         return Send(hp("loraRank"))
-    nearest = min(LORA_RANKS, key=lambda x: abs(x - r))
+    nearest = min(LORA_RANKS, key=lambda x: (abs(x - r), -x))  # ties go up
     return Refuse(f"Fireworks takes a LoRA rank that is a power of 2 up to 64 (got {r}); use e.g. {nearest}")
 
 
@@ -134,9 +133,9 @@ def _validation(spec: TrainingSpec) -> Rule:
 
 FIELD_MAP: dict[str, Any] = {
     "base_model": Send(hp("baseModel"), convert=to_base_model),
-    # Not a body field: it picks the endpoint (backend._decide writes nothing for ENDPOINT).
-    "method": Send(ENDPOINT, note="sft -> POST .../supervisedFineTuningJobs; dpo -> POST .../dpoJobs "
-                                  "with lossConfig.method DPO"),
+    # Not a body field: it picks the endpoint.
+    "method": Send(None, note="sft -> POST .../supervisedFineTuningJobs; dpo -> POST .../dpoJobs "
+                              "with lossConfig.method DPO"),
     "validation_data": _validation,
     "suffix": Send(hp("outputModel"), convert=output_model,
                    note="{account} and {job} (the Fireworks job id) are filled in at submit"),
@@ -162,10 +161,13 @@ FIELD_MAP: dict[str, Any] = {
     "adapter.alpha": Refuse("Fireworks sets LoRA alpha itself; only the rank (loraRank) is exposed"),
     "adapter.dropout": Refuse("Fireworks does not expose LoRA dropout"),
     "adapter.target_modules": Refuse("Fireworks chooses the LoRA target modules itself"),
-    "adapter.use_dora": Refuse("Fireworks trains plain LoRA adapters (no DoRA)"),
+    "adapter.use_dora": lambda spec: (Refuse("Fireworks trains plain LoRA adapters (no DoRA)") if spec.adapter.use_dora
+                                      else Send(None, note="plain LoRA is what Fireworks trains")),
     "adapter.use_rslora": Refuse("Fireworks does not expose rsLoRA scaling"),
     "adapter.init": Refuse("Fireworks does not expose the adapter initialisation"),
-    "adapter.loraplus_lr_ratio": Refuse("Fireworks does not expose LoRA+"),
+    "adapter.loraplus_lr_ratio": lambda spec: (Refuse("Fireworks does not expose LoRA+")
+                                               if spec.adapter.loraplus_lr_ratio is not None
+                                               else Send(None, note="no LoRA+: one learning rate")),
 }
 
 # provider_options.fireworks.<key>: wire keys of the create params that tunekit does not map itself
