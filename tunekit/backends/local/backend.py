@@ -39,6 +39,8 @@ GiB = 1024**3
 STALE_HEARTBEAT_S = 120.0
 # A row still 'created' with no worker this long after creation never got one (the caller died first).
 NEVER_STARTED_S = 60.0
+# resume waits this long for the previous worker to exit after it wrote its final status
+EXIT_WAIT_S = 15.0
 ACTIVE = (JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.UNKNOWN)
 
 # pid -> Popen of workers this process started: poll() tells a live child from a zombie and reaps it.
@@ -250,6 +252,12 @@ class LocalBackend(Backend):
             if rec.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
                 raise JobStateError(f"job {rec.id} is {rec.status.value}; only failed, cancelled or unknown "
                                     f"jobs can be resumed")
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while worker_alive(rec) and time.monotonic() < deadline:  # the last worker may still be exiting
+            time.sleep(0.1)
+        if worker_alive(rec):
+            raise JobStateError(f"job {rec.id} is {rec.status.value} but its worker (pid {rec.pid}) is still running",
+                                hint=f"wait for it to exit (or kill {rec.pid}), then resume")
         ckpt = last_checkpoint(rec)
         if ckpt is None:
             raise JobStateError(

@@ -55,9 +55,15 @@ class MemoryEstimate:
     assumptions: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.breakdown.items())
-        dev = f" of {self.device_bytes / GiB:.1f} GiB" if self.device_bytes else ""
-        return f"~{self.total_bytes / GiB:.2f} GiB{dev} ({parts} GiB)"
+        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in self.breakdown.items())
+        return f"~{human_bytes(self.total_bytes)} ({parts})"
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def read_model_config(base_model: str | Path) -> dict[str, Any] | None:
@@ -194,34 +200,59 @@ def estimate(
 
 
 def _suggest(cfg: dict[str, Any], est: MemoryEstimate, locals_: dict[str, Any]) -> list[str]:
-    """Concrete changes that would fit, each checked by re-running the estimate."""
-    out: list[str] = []
+    """Concrete changes that would fit, each checked by re-running the estimate (singles, then combined)."""
 
     def fits(**change: Any) -> bool:
-        e = estimate(cfg, **{**locals_, **change})
-        return bool(e.fits)
+        return bool(estimate(cfg, **{**locals_, **change}).fits)
 
-    if locals_["quantization"] != "nf4" and fits(quantization="nf4", dtype="bf16"):
+    def smallest_micro(**base: Any) -> int | None:
+        mb = locals_["micro_batch"]
+        while mb > 1:
+            mb //= 2
+            if fits(micro_batch=mb, **base):
+                return mb
+        return None
+
+    def shortest_len(**base: Any) -> int | None:
+        ml = locals_["max_length"]
+        while ml > 128:
+            ml //= 2
+            if fits(max_length=ml, **base):
+                return ml
+        return None
+
+    def micro_text(mb: int) -> str:
+        return (f"lower the micro-batch to {mb} (raise hyperparameters.gradient_accumulation_steps so that "
+                f"batch_size / gradient_accumulation_steps = {mb})")
+
+    def len_text(ml: int) -> str:
+        return f"shorten hyperparameters.max_length to {ml} (longer examples are truncated and counted)"
+
+    out: list[str] = []
+    nf4 = {"quantization": "nf4", "dtype": "bf16"}
+    can_quantize = locals_["quantization"] != "nf4"
+    if can_quantize and fits(**nf4):
         out.append("use QLoRA: quantization='nf4'")
     if not locals_["gradient_checkpointing"] and fits(gradient_checkpointing=True):
         out.append("enable gradient checkpointing")
-    mb = locals_["micro_batch"]
-    while mb > 1:
-        mb //= 2
-        if fits(micro_batch=mb):
-            out.append(
-                f"lower the micro-batch to {mb}: raise hyperparameters.gradient_accumulation_steps so that "
-                f"batch_size / gradient_accumulation_steps = {mb}"
-            )
-            break
-    ml = locals_["max_length"]
-    while ml > 128:
-        ml //= 2
-        if fits(max_length=ml):
-            out.append(f"shorten hyperparameters.max_length to {ml} (longer examples are truncated and counted)")
-            break
-    if not out:
-        out.append("use a smaller base model or a device with more memory (no single change above fits)")
+    if (mb := smallest_micro()) is not None:
+        out.append(micro_text(mb))
+    if (ml := shortest_len()) is not None:
+        out.append(len_text(ml))
+    if out:
+        return out
+    # nothing alone is enough: combine, QLoRA first (the largest single saving)
+    base = dict(nf4) if can_quantize else {}
+    if not locals_["gradient_checkpointing"]:
+        base["gradient_checkpointing"] = True
+    prefix = ("use QLoRA (quantization='nf4') and " if can_quantize else "") + (
+        "enable gradient checkpointing and " if not locals_["gradient_checkpointing"] else "")
+    if (mb := smallest_micro(**base)) is not None:
+        out.append(prefix + micro_text(mb))
+    elif (ml := shortest_len(micro_batch=1, **base)) is not None:
+        out.append(prefix + micro_text(1) + " and " + len_text(ml))
+    else:
+        out.append("use a smaller base model or a device with more memory (no change tunekit tried fits)")
     return out
 
 
@@ -230,7 +261,7 @@ def check_fits(estimate_: MemoryEstimate, *, what: str = "this training plan") -
     if estimate_.fits is False:
         raise ResourceError(
             f"{what} needs {estimate_.summary()}, more than {HEADROOM:.0%} of the device's "
-            f"{(estimate_.device_bytes or 0) / GiB:.1f} GiB",
+            f"{human_bytes(estimate_.device_bytes or 0)}",
             hint="; or ".join(estimate_.suggestions),
         )
 

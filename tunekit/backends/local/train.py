@@ -123,9 +123,22 @@ def device_info(device: str | None) -> DeviceInfo:
     return DeviceInfo("cpu", ram, "cpu")
 
 
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+
+
 def _load_config(base_model: str) -> Any:
     from transformers import AutoConfig
 
+    if _looks_local(base_model) and not (Path(base_model).expanduser() / "config.json").is_file():
+        where = Path(base_model).expanduser()
+        raise ConfigError(
+            f"base_model {base_model!r}: " + ("no config.json in that directory" if where.is_dir()
+                                              else "no such directory"),
+            field="base_model",
+            hint="give the directory of a saved Hugging Face model (config.json + weights + tokenizer), "
+            "or a Hugging Face model id such as 'meta-llama/Llama-3.1-8B-Instruct'",
+        )
     try:
         return AutoConfig.from_pretrained(base_model)
     except Exception as exc:  # OSError, HFValidationError, ValueError: all mean "not a loadable model"
@@ -425,7 +438,9 @@ def train(
         chat_template_sha256=_sha256(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None),
         base_model_revision=getattr(config, "_commit_hash", None),
         extra={"row_kind": data.row_kind, "validation_examples": len(val) if val else 0,
-               "validation_truncated": val.truncated_count if val else 0},
+               "validation_truncated": val.truncated_count if val else 0,
+               "base_linear_class": _adapted_base_class(trainer.model),
+               "optimizer_lrs": _initial_lrs(trainer)},
     )
 
 
@@ -434,10 +449,30 @@ def _last_train_loss(history: list[dict], result: Any) -> float | None:
     return float(last) if last is not None else (float(result.training_loss) if result.training_loss else None)
 
 
-def _optimizer_name(trainer: Any, planned: str) -> str:
+def _inner_optimizer(trainer: Any) -> Any:
     opt = getattr(trainer, "optimizer", None)
-    inner = getattr(opt, "optimizer", opt)  # accelerate wraps it
-    return f"{planned} ({type(inner).__name__})" if inner is not None else planned
+    return getattr(opt, "optimizer", opt)  # accelerate wraps it
+
+
+def _optimizer_name(trainer: Any, planned: str) -> str:
+    inner = _inner_optimizer(trainer)
+    return f"{planned} ({type(inner).__module__}.{type(inner).__name__})" if inner is not None else planned
+
+
+def _initial_lrs(trainer: Any) -> list[float]:
+    """Distinct learning rates of the optimizer's parameter groups (LoRA+ has several)."""
+    inner = _inner_optimizer(trainer)
+    if inner is None:
+        return []
+    return sorted({float(g.get("initial_lr", g["lr"])) for g in inner.param_groups if g["params"]})
+
+
+def _adapted_base_class(model: Any) -> str | None:
+    """Class of the frozen layer under the first LoRA layer (Linear4bit proves the QLoRA path)."""
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            return type(module.base_layer).__name__
+    return None
 
 
 def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData | None, *, ckpt_dir: Path,

@@ -1,0 +1,99 @@
+"""Memory estimate: calibrated against the H200 measurements, and the fit check refuses with suggestions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunekit._exceptions import ResourceError
+from tunekit.backends.local.memory import GiB, check_fits, count_params, estimate, estimate_for_spec, lora_params
+from tunekit.schemas.spec import TrainingSpec
+
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+H200 = int(139 * GiB)
+
+
+def allocated_gib(e):  # what torch.cuda.max_memory_allocated measures (no CUDA context / fragmentation)
+    b = e.breakdown
+    return (b["weights"] + b["adapter+optimizer"] + b["activations"]) / GiB
+
+
+@pytest.mark.parametrize(
+    "quant,ckpt,measured",
+    [("nf4", True, 27.3), ("none", True, 31.3), ("none", False, 104.7)],  # /work/shared/gpu/README.md
+)
+def test_calibrated_against_h200_measurements(quant, ckpt, measured):
+    e = estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization=quant, r=16, gradient_checkpointing=ckpt,
+                 device_memory_bytes=H200)
+    assert abs(allocated_gib(e) - measured) / measured < 0.05
+    assert e.fits
+
+
+def test_qlora_without_checkpointing_does_not_fit_an_h200():
+    # measured: out of memory on the H200
+    e = estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization="nf4", r=16, gradient_checkpointing=False,
+                 device_memory_bytes=H200)
+    assert e.fits is False
+    assert e.suggestions[0] == "enable gradient checkpointing"
+    with pytest.raises(ResourceError) as exc:
+        check_fits(e)
+    assert "gradient checkpointing" in exc.value.hint
+
+
+def test_param_counts_match_the_real_model(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert count_params(cfg)["total"] == sum(p.numel() for p in model.parameters())
+
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert lora_params(cfg, 4) == trainable
+
+
+def test_grows_with_batch_and_length_and_shrinks_with_nf4():
+    kw = dict(r=16, device_memory_bytes=H200)
+    base = estimate(LLAMA_8B, micro_batch=2, max_length=1024, **kw).total_bytes
+    assert estimate(LLAMA_8B, micro_batch=4, max_length=1024, **kw).total_bytes > base
+    assert estimate(LLAMA_8B, micro_batch=2, max_length=2048, **kw).total_bytes > base
+    nf4 = estimate(LLAMA_8B, micro_batch=2, max_length=1024, quantization="nf4", **kw)
+    assert nf4.breakdown["weights"] < 0.5 * estimate(LLAMA_8B, micro_batch=2, max_length=1024, **kw).breakdown["weights"]
+
+
+def test_suggestions_are_each_checked_to_fit():
+    big = dict(micro_batch=8, max_length=4096, r=16)
+    # 24 GiB: bf16 fits once max_length is short enough; the suggestion is re-checked here
+    e = estimate(LLAMA_8B, quantization="none", device_memory_bytes=24 * GiB, **big)
+    assert e.fits is False and e.suggestions
+    assert e.suggestions == ["shorten hyperparameters.max_length to 256 (longer examples are truncated and counted)"]
+    assert estimate(LLAMA_8B, quantization="none", device_memory_bytes=24 * GiB, **{**big, "max_length": 256}).fits
+    # 16 GiB: the bf16 weights alone do not fit; only QLoRA combined with a smaller micro-batch/length does
+    e = estimate(LLAMA_8B, quantization="none", device_memory_bytes=16 * GiB, **big)
+    assert len(e.suggestions) == 1 and e.suggestions[0].startswith("use QLoRA (quantization='nf4') and lower")
+    assert not estimate(LLAMA_8B, quantization="nf4", device_memory_bytes=16 * GiB, **big).fits
+    assert estimate(LLAMA_8B, quantization="nf4", device_memory_bytes=16 * GiB, micro_batch=1, max_length=2048,
+                    r=16).fits
+    # 4 GiB: nothing fits, and it says so
+    e = estimate(LLAMA_8B, quantization="none", device_memory_bytes=4 * GiB, **big)
+    assert "smaller base model" in e.suggestions[0]
+
+
+def test_tiny_model_refused_on_a_tiny_budget(tiny_model):
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    spec = TrainingSpec(base_model=str(tiny_model), hyperparameters={"batch_size": 64, "max_length": 1024})
+    e = estimate_for_spec(spec, cfg, quantization="none", device_memory_bytes=20 * 2**20, device_type="cpu",
+                          gradient_checkpointing=False)
+    assert e.fits is False
+    with pytest.raises(ResourceError) as exc:
+        check_fits(e, what="training tiny")
+    msg = str(exc.value)
+    assert "training tiny" in msg and "20.00 MiB" in msg
+    assert "micro-batch" in exc.value.hint or "max_length" in exc.value.hint
+    ok = estimate_for_spec(spec, cfg, quantization="none", device_memory_bytes=8 * GiB, device_type="cpu")
+    assert ok.fits
