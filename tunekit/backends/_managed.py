@@ -114,9 +114,21 @@ class ManagedBackend(Backend):
     def client(self) -> Any:
         return self.make_client(async_=False)
 
-    @cached_property
+    @property
     def aclient(self) -> Any:
-        return self.make_client(async_=True)
+        """The async client of the running event loop. An httpx AsyncClient's pooled connections belong to
+        the loop that opened them, so a second ``asyncio.run(...)`` gets a fresh client instead of a broken one."""
+        import asyncio
+
+        try:
+            loop: Any = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        cached = self.__dict__.get("_aclient_for_loop")
+        if cached is None or cached[0] is not loop:
+            cached = (loop, self.make_client(async_=True))
+            self.__dict__["_aclient_for_loop"] = cached
+        return cached[1]
 
     def make_client(self, *, async_: bool) -> Any:
         """The official SDK client with its own retries off (max_retries=0): tunekit retries once, here."""
