@@ -1,6 +1,6 @@
 """Benchmark: tunekit.data.validate on 1M prompt/response rows vs a bare json.loads loop.
 
-    python benchmarks/validate.py [--rows 1000000] [--keep FILE]
+    python benchmarks/validate.py [--rows 1000000] [--kind prompt_response|chat] [--keep FILE]
 
 Each measurement runs in its own subprocess, which reports its wall time and its own peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, interpreter and imports included). Targets on a
@@ -45,14 +45,19 @@ print(json.dumps({"wall_s": wall, "rows": n, "maxrss_kb": resource.getrusage(res
 """
 
 
-def generate(path: str, rows: int, seed: int = 0) -> None:
-    """Short, distinct prompt/response rows like the example data (reverse a few words)."""
+def generate(path: str, rows: int, kind: str = "prompt_response", seed: int = 0) -> None:
+    """Short, distinct rows like the example data (reverse a few words)."""
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for i in range(rows):
             words = rng.choices(WORDS, k=rng.randint(2, 6))
-            f.write(json.dumps({"prompt": f"Reverse the words ({i}): {' '.join(words)}",
-                                "response": " ".join(reversed(words))}) + "\n")
+            prompt, response = f"Reverse the words ({i}): {' '.join(words)}", " ".join(reversed(words))
+            if kind == "chat":
+                row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": response}]}
+            else:
+                row = {"prompt": prompt, "response": response}
+            f.write(json.dumps(row) + "\n")
 
 
 def measure(code: str, path: str) -> dict:
@@ -63,12 +68,14 @@ def measure(code: str, path: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--kind", choices=["prompt_response", "chat"], default="prompt_response",
+                    help="row kind to generate (targets apply to prompt_response; chat rows take the careful path)")
     ap.add_argument("--keep", help="write the generated file here (and keep it)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or os.path.join(tmp, "bench.jsonl")
         t0 = time.perf_counter()
-        generate(path, args.rows)
+        generate(path, args.rows, args.kind)
         gen_s = time.perf_counter() - t0
         size_mb = os.path.getsize(path) / 1e6
         v = measure(VALIDATE, path)
@@ -78,7 +85,7 @@ def main() -> None:
     ratio = v_rate / b_rate
     mb = v["maxrss_kb"] / 1024
     ok = lambda good: "ok" if good else "MISS"  # noqa: E731
-    print(f"file: {args.rows:,} rows, {size_mb:.1f} MB (generated in {gen_s:.1f} s)")
+    print(f"file: {args.rows:,} {args.kind} rows, {size_mb:.1f} MB (generated in {gen_s:.1f} s)")
     print(f"validate:  {v['wall_s']:.2f} s, {v_rate:,.0f} rows/s, peak RSS {mb:.1f} MB "
           f"(targets: <= 10 s {ok(v['wall_s'] <= 10)}, <= 150 MB {ok(mb <= 150)})")
     print(f"bare json.loads loop: {b['wall_s']:.2f} s, {b_rate:,.0f} rows/s, peak RSS {b['maxrss_kb'] / 1024:.1f} MB")

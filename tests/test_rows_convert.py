@@ -67,7 +67,32 @@ chat_msgs = st.builds(_conversation, st.one_of(st.none(), text),
                       st.lists(st.tuples(text, assistant), min_size=1, max_size=3), st.none())
 input_msgs = st.builds(_conversation, st.one_of(st.none(), text), st.lists(st.tuples(text, assistant), max_size=2),
                        text)
-msgs = st.one_of(chat_msgs, input_msgs, st.lists(st.one_of(good_msg, msg), max_size=4))
+
+
+def _mutate(conv, i, op, role):
+    """One small edit of a well-formed conversation: the order mistakes people make."""
+    conv = [dict(m) for m in conv]
+    if not conv:
+        return conv
+    i %= len(conv)
+    if op == "swap" and len(conv) > 1:
+        j = (i + 1) % len(conv)
+        conv[i], conv[j] = conv[j], conv[i]
+    elif op == "repeat":
+        conv.insert(i, dict(conv[i]))
+    elif op == "drop":
+        del conv[i]
+    elif op == "insert":
+        conv.insert(i, {"role": role, "content": "x"})
+    elif op == "role":
+        conv[i]["role"] = role
+    return conv
+
+
+mutated = st.builds(_mutate, st.one_of(chat_msgs, input_msgs), st.integers(0, 20),
+                    st.sampled_from(["swap", "repeat", "drop", "insert", "role"]),
+                    st.sampled_from(["system", "user", "assistant", "tool"]))
+msgs = st.one_of(chat_msgs, input_msgs, mutated, st.lists(st.one_of(good_msg, msg), max_size=4))
 one_assistant = st.builds(lambda c: [{"role": "assistant", "content": c}],
                           st.sampled_from(["yes", "no", "maybe", "sure", "never", "ok", ""]))
 output = st.one_of(one_assistant, one_assistant, st.lists(assistant, min_size=1, max_size=1),
@@ -76,6 +101,8 @@ rows = st.one_of(
     st.builds(lambda p, key, r: {"prompt": p, key: r}, text, st.sampled_from(["response", "completion"]), text),
     st.dictionaries(st.sampled_from(["prompt", "response", "completion", "x"]), value, max_size=3),
     st.builds(lambda m: {"messages": m}, st.one_of(chat_msgs, msgs)),
+    st.builds(lambda i, p, n: {"input": {"messages": i}, "preferred_output": p, "non_preferred_output": n},
+              mutated, output, output),
     st.builds(lambda i, p, n: {"input": {"messages": i}, "preferred_output": p, "non_preferred_output": n},
               st.one_of(input_msgs, input_msgs, msgs), output, output),
     st.builds(lambda q, p, n: {"input": {"messages": [{"role": "user", "content": q}]}, "preferred_output": p,
@@ -101,6 +128,37 @@ def test_checks_agree_with_models(row):
         assert issues, row  # everything the schema type rejects, the validator rejects
     if model_ok and issues:
         assert {code for _, code, _ in issues} <= SEMANTIC_CODES, (row, issues)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows)
+def test_fast_checks_only_pass_valid_rows(row):
+    """The validator's fast path may only accept rows the full checks accept, with the same length."""
+    for kind, fast in _checks.FAST_CHECKS.items():
+        n = fast(row)
+        if n is not None:
+            assert _checks.guess_kind(row) is kind and _checks.check_row(row, kind) == [], row
+            assert n == _checks.text_chars(row, kind)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mutated, output, output)
+def test_fast_checks_on_edited_conversations(conv, good, bad):
+    for row in ({"messages": conv}, {"input": {"messages": conv}, "preferred_output": good,
+                                     "non_preferred_output": bad}):
+        kind = _checks.guess_kind(row)
+        n = _checks.FAST_CHECKS[kind](row)
+        issues = _checks.check_row(row, kind)
+        assert (n is not None) <= (issues == []), (row, issues)
+
+
+def test_fast_checks_take_the_common_shapes():
+    chat = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                         {"role": "assistant", "content": "a", "weight": 0}, {"role": "user", "content": "u2"},
+                         {"role": "assistant", "content": "a2"}]}
+    assert _checks.fast_chat(chat) == 7
+    for _, row in iter_rows(EXAMPLES / "preference.jsonl"):
+        assert _checks.fast_preference(row) == _checks.text_chars(row, RowKind.PREFERENCE)
 
 
 # -- conversion -------------------------------------------------------------------------------------

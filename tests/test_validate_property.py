@@ -85,11 +85,20 @@ pr_lines = st.one_of(
 )
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.one_of(pr_lines, rowlike.map(json.dumps)), min_size=1, max_size=10), st.integers(1, 40))
-def test_block_size_and_fast_path_do_not_change_the_report(lines, block):
-    """Reading in tiny blocks, or with the prompt/response fast path off, gives the same report."""
-    data = ("\n".join(['{"prompt": "first", "response": "row"}'] + lines) + "\n").encode()
+FIRST = [  # a valid first row of each kind, so that the fast path of each kind is exercised
+    '{"prompt": "first", "response": "row"}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+    '{"input": {"messages": [{"role": "user", "content": "a"}]}, "preferred_output": [{"role": "assistant", '
+    '"content": "yes"}], "non_preferred_output": [{"role": "assistant", "content": "no"}]}',
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(FIRST), st.lists(st.one_of(pr_lines, rowlike.map(json.dumps)), min_size=1, max_size=10),
+       st.integers(1, 40))
+def test_block_size_and_fast_path_do_not_change_the_report(first, lines, block):
+    """Reading in tiny blocks, or with the fast path off, gives the same report."""
+    data = ("\n".join([first] + lines) + "\n").encode()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "x.jsonl"
         path.write_bytes(data)

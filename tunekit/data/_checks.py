@@ -283,3 +283,83 @@ def text_chars(obj: dict, kind: RowKind) -> int:
     return _content_chars(obj["input"]["messages"]) + max(
         _content_chars(obj["preferred_output"]), _content_chars(obj["non_preferred_output"])
     )
+
+
+# -- fast checks ------------------------------------------------------------------------------------
+# Plain type checks of the common valid shapes (no tools, no names). They return the row's character
+# count when the row is certainly valid, or None: then the full checks above decide and explain.
+# tests/test_rows_convert.py asserts that a row they pass has no issues under the full checks.
+
+
+def _fast_messages(msgs: Any, chat: bool) -> Optional[int]:
+    if type(msgs) is not list or not msgs:
+        return None
+    prev = None
+    trained = False
+    chars = 0
+    for m in msgs:
+        if type(m) is not dict:
+            return None
+        content = m.get("content")
+        if type(content) is not str or not content or content.isspace():
+            return None
+        role = m.get("role")
+        n = len(m)
+        if role == "user":
+            if n != 2 or (prev is not None and prev != "system" and prev != "assistant"):
+                return None
+        elif role == "assistant":
+            if prev != "user":
+                return None
+            if n == 2:
+                trained = True
+            elif not chat or n != 3:
+                return None
+            else:
+                w = m.get("weight")
+                if type(w) is not int or (w != 0 and w != 1):
+                    return None
+                trained = trained or w == 1
+        elif role == "system":
+            if n != 2 or prev is not None:
+                return None
+        else:
+            return None
+        chars += len(content)
+        prev = role
+    if chat:
+        return chars if prev == "assistant" and trained else None
+    return chars if prev == "user" else None
+
+
+def fast_chat(obj: dict) -> Optional[int]:
+    if len(obj) != 1:
+        return None
+    return _fast_messages(obj.get("messages"), True)
+
+
+def _fast_output(value: Any) -> Optional[str]:
+    if type(value) is not list or len(value) != 1:
+        return None
+    m = value[0]
+    if type(m) is not dict or len(m) != 2 or m.get("role") != "assistant":
+        return None
+    content = m.get("content")
+    if type(content) is not str or not content or content.isspace():
+        return None
+    return content
+
+
+def fast_preference(obj: dict) -> Optional[int]:
+    inp = obj.get("input")
+    if len(obj) != 3 or type(inp) is not dict or len(inp) != 1:
+        return None
+    chars = _fast_messages(inp.get("messages"), False)
+    good = _fast_output(obj.get("preferred_output"))
+    bad = _fast_output(obj.get("non_preferred_output"))
+    if chars is None or good is None or bad is None or good == bad:
+        return None
+    return chars + max(len(good), len(bad))
+
+
+FAST_CHECKS = {RowKind.CHAT: fast_chat, RowKind.PREFERENCE: fast_preference}

@@ -1,9 +1,8 @@
 """Streaming JSONL validator: every problem with its line, in constant memory.
 
 The file is read in 1 MiB binary blocks split on b"\\n" (the whole file is never held); each line
-is decoded as strict UTF-8 and parsed with the stdlib ``json``. Prompt/response rows of the usual
-shape take a fast path of plain type checks; anything else goes through ``_checks`` for a precise
-message. Memory that grows with the file, and why it is acceptable:
+is decoded as strict UTF-8 and parsed with the stdlib ``json``. Rows of the usual shape take a fast
+path of plain type checks; anything else goes through ``_checks`` for a precise message. Memory that grows with the file, and why it is acceptable:
 
 * duplicates: a set of 16-byte BLAKE2b digests of the valid rows' bytes (~90 bytes per row in
   CPython, so ~90 MB for a million rows). The line of a duplicate's first occurrence is found by a
@@ -72,6 +71,8 @@ class _Scan:
         lineno = 0
         seen, hist, scan, blake2b = self.seen, self.hist, _scan_once, hashlib.blake2b
         fast = self.tokenizer is None and FAST_PATH
+        fast_kind: Optional[RowKind] = None
+        fast_other = None
         while True:
             block = f.read(BLOCK)
             if not block:
@@ -86,8 +87,9 @@ class _Scan:
                 lines[0] = lines[0][3:]
             for raw in lines:
                 lineno += 1
-                # Fast path: a well-formed prompt/response row in a prompt/response file.
-                if fast and self.kind is _PR:
+                # Fast path once the kind is known: a well-formed row of the usual shape is valid with
+                # plain type checks; any other line takes the careful path, which explains it.
+                if fast_kind is not None:
                     try:
                         text = raw.decode()
                         obj, end = scan(text, 0)
@@ -95,22 +97,31 @@ class _Scan:
                             obj = None
                     except (ValueError, StopIteration, RecursionError):
                         obj = None
-                    if type(obj) is dict and len(obj) == 2:
-                        p = obj.get("prompt")
-                        r = obj.get("response")
-                        if r is None:
-                            r = obj.get("completion")
-                        if type(p) is str and type(r) is str and p and r and not p.isspace() and not r.isspace():
-                            digest = blake2b(raw, digest_size=16).digest()
-                            if digest in seen:
-                                self.duplicate(lineno, digest)
-                                continue
-                            seen.add(digest)
-                            n = len(p) + len(r)
-                            hist[n] = hist.get(n, 0) + 1
-                            self.rows += 1
+                    n = None
+                    if type(obj) is dict:
+                        if fast_kind is _PR:
+                            if len(obj) == 2:
+                                p = obj.get("prompt")
+                                r = obj.get("response")
+                                if r is None:
+                                    r = obj.get("completion")
+                                if (type(p) is str and type(r) is str and p and r
+                                        and not p.isspace() and not r.isspace()):
+                                    n = len(p) + len(r)
+                        else:
+                            n = fast_other(obj)
+                    if n is not None:
+                        digest = blake2b(raw, digest_size=16).digest()
+                        if digest in seen:
+                            self.duplicate(lineno, digest)
                             continue
+                        seen.add(digest)
+                        hist[n] = hist.get(n, 0) + 1
+                        self.rows += 1
+                        continue
                 self.line(lineno, raw, last=False)
+                if fast_kind is None and fast and self.kind is not None:
+                    fast_kind, fast_other = self.kind, _checks.FAST_CHECKS.get(self.kind)
         if carry:
             lineno += 1
             if lineno == 1 and carry.startswith(BOM):
