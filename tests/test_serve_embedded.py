@@ -1,0 +1,257 @@
+"""The embedded OpenAI-compatible server, driven by the stock `openai` client on a tiny Llama."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from tests.conftest_serve import make_adapter, peft_greedy  # noqa: E402
+from tunekit import ConfigError  # noqa: E402
+
+KEY = "test-key"
+PROMPTS = ["Hello there", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        # different ranks and targets: slots pad r=4 up to 16 and cover the union of modules
+        "sql": make_adapter(tiny_model, root / "sql", r=4, target_modules=("q_proj", "v_proj"), seed=1),
+        "poem": make_adapter(tiny_model, root / "poem", r=16, target_modules="all-linear", seed=2,
+                             use_rslora=True, alpha_pattern={"down_proj": 8}),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, adapters):
+    from tunekit.serve.embedded import start_in_thread
+
+    handle = start_in_thread(str(tiny_model), {k: str(v) for k, v in adapters.items()}, api_key=KEY, max_loras=2,
+                             batch_window_ms=0)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, adapters) -> dict[tuple[str | None, str], str]:
+    """Greedy outputs of transformers/PEFT, one request at a time: what every path must reproduce."""
+    return {(name, p): peft_greedy(tiny_model, adapters.get(name), p, 8)
+            for name in (None, "sql", "poem") for p in PROMPTS}
+
+
+def _complete(client, model: str, prompt: str, **kw):
+    return client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, **kw)
+
+
+def test_outputs_equal_peft_for_base_and_each_adapter(client, tiny_model, reference):
+    base = str(tiny_model)
+    for p in PROMPTS:
+        got = {name: _complete(client, name or base, p).choices[0].text for name in (None, "sql", "poem")}
+        for name, text in got.items():
+            assert text == reference[(name, p)], (name, p)
+        # the adapters really change the model, and differently
+        assert len(set(got.values())) == 3
+
+
+def test_models_list_and_usage(client, tiny_model):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [str(tiny_model), "sql", "poem"]
+    r = _complete(client, "sql", PROMPTS[0])
+    assert r.object == "text_completion" and r.model == "sql"
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+    from transformers import AutoTokenizer
+
+    assert r.usage.prompt_tokens == len(AutoTokenizer.from_pretrained(tiny_model)(PROMPTS[0])["input_ids"])
+
+
+def test_streaming_matches_non_streaming(client, reference):
+    chunks = list(_complete(client, "poem", PROMPTS[1], stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == reference[("poem", PROMPTS[1])]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+def test_chat_and_chat_streaming(client, tiny_model):
+    msgs = [{"role": "user", "content": "hi"}]
+    full = client.chat.completions.create(model="sql", messages=msgs, max_tokens=6, temperature=0)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    # the chat template was applied: same as a raw completion of the rendered prompt
+    from transformers import AutoTokenizer
+
+    rendered = AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(msgs, tokenize=False,
+                                                                             add_generation_prompt=True)
+    raw = client.completions.create(model="sql", prompt=rendered, max_tokens=6, temperature=0)
+    assert full.choices[0].message.content == raw.choices[0].text
+    stream = list(client.chat.completions.create(model="sql", messages=msgs, max_tokens=6, temperature=0,
+                                                 stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in stream)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == full.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_concurrent_requests_for_different_adapters_share_one_batch(client, server, tiny_model, reference):
+    engine = server.engine
+    jobs = [(name or str(tiny_model), name, p) for name in (None, "sql", "poem") for p in PROMPTS]
+    results: dict[int, object] = {}
+
+    def call(i: int, model: str, prompt: str) -> None:
+        results[i] = _complete(client, model, prompt)
+
+    with engine.paused():  # line all six requests up, then let the scheduler take them together
+        threads = [threading.Thread(target=call, args=(i, m, p)) for i, (m, _, p) in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while engine.pending() < len(jobs):
+            assert time.monotonic() < deadline, "requests did not reach the engine"
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    ids = {results[i].id for i in range(len(jobs))}
+    stats = httpx.get(server.url + "/tunekit/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+    batch = next(b for b in reversed(stats["recent_batches"]) if set(b["request_ids"]) & ids)
+    assert set(b for b in batch["request_ids"]) == ids  # all six in ONE batched decode
+    assert batch["size"] == 6 and batch["models"] == ["__base__", "poem", "sql"]
+    for i, (_, name, p) in enumerate(jobs):  # and each row still got its own adapter
+        assert results[i].choices[0].text == reference[(name, p)], (name, p)
+
+
+def test_stop_sequences_truncate_also_when_streaming(client, reference):
+    full = reference[("sql", PROMPTS[0])]
+    stop = full[3:5]
+    cut = full[:full.find(stop)]
+    r = _complete(client, "sql", PROMPTS[0], stop=[stop])
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in _complete(client, "sql", PROMPTS[0], stop=stop, stream=True))
+    assert streamed == cut
+
+
+def test_sampling_is_seeded_and_respects_top_p(client):
+    kw = {"max_tokens": 12, "temperature": 1.0, "seed": 7}
+    a = client.completions.create(model="poem", prompt="x", **kw).choices[0].text
+    b = client.completions.create(model="poem", prompt="x", **kw).choices[0].text
+    assert a == b
+    greedy = client.completions.create(model="poem", prompt="x", max_tokens=12, temperature=0).choices[0].text
+    tiny_p = client.completions.create(model="poem", prompt="x", top_p=1e-6, **kw).choices[0].text
+    assert tiny_p == greedy  # top_p -> 0 keeps only the most likely token
+
+
+def test_hot_load_unload_and_access_rules(client, server, adapters, tiny_model, tmp_path, reference):
+    h = {"Authorization": f"Bearer {KEY}"}
+    post = lambda path, body: httpx.post(server.url + path, json=body, headers=h)  # noqa: E731
+    r = post("/v1/unload_lora_adapter", {"lora_name": "sql"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'sql' removed successfully."
+    with pytest.raises(openai.NotFoundError) as err:
+        _complete(client, "sql", PROMPTS[0])
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    assert "sql" not in [m.id for m in client.models.list().data]
+    assert post("/v1/unload_lora_adapter", {"lora_name": "sql"}).status_code == 404
+    # a path that was not given at start nor registered: refused, whatever it holds
+    other = make_adapter(tiny_model, tmp_path / "other", seed=9)
+    r = post("/v1/load_lora_adapter", {"lora_name": "other", "lora_path": str(other)})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    # back by name (known from start), and the same weights under a second name
+    r = post("/v1/load_lora_adapter", {"lora_name": "sql"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'sql' added successfully."
+    assert post("/v1/load_lora_adapter", {"lora_name": "sql2", "lora_path": str(adapters["sql"])}).status_code == 200
+    assert _complete(client, "sql2", PROMPTS[0]).choices[0].text == reference[("sql", PROMPTS[0])]
+    r = post("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters["sql"])})
+    assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
+    assert post("/v1/unload_lora_adapter", {"lora_name": "sql2"}).status_code == 200
+    assert _complete(client, "sql", PROMPTS[0]).choices[0].text == reference[("sql", PROMPTS[0])]
+
+
+def test_registry_adapters_can_be_loaded(client, server, tiny_model, tmp_path):
+    from tunekit.store import default_store
+
+    path = make_adapter(tiny_model, tmp_path / "registered", seed=5)
+    default_store().add_adapter(backend="local", location=str(path), info={}, name="registered-one")
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "reg", "lora_path": str(path)},
+                   headers=h)
+    assert r.status_code == 200, r.text
+    assert _complete(client, "reg", "hi").choices[0].text == peft_greedy(tiny_model, path, "hi", 8)
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "registered-one"}, headers=h)
+    assert r.status_code == 200, r.text  # by registry name alone
+    for name in ("reg", "registered-one"):
+        httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": name}, headers=h)
+
+
+def test_errors_are_openai_shaped_and_server_keeps_serving(client, server, reference):
+    h = {"Authorization": f"Bearer {KEY}"}
+    url = server.url
+    assert httpx.get(url + "/health").status_code == 200  # open without a key
+    r = httpx.get(url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(url + "/v1/completions", content=b"{not json", headers={**h, "Content-Type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(url + "/v1/completions", json={"model": "sql"}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(url + "/v1/completions", json={"model": "sql", "prompt": "x", "max_tokens": -1}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="sql", prompt="x", logprobs=2)
+    assert err.value.body["param"] == "logprobs"  # refused, never silently ignored
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="sql", prompt="x", max_tokens=5000)
+    assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        _complete(client, "no-such-adapter", "x")
+    assert httpx.get(url + "/v1/nothing-here", headers=h).json()["error"]["message"] == "Not Found"
+    assert _complete(client, "poem", PROMPTS[0]).choices[0].text == reference[("poem", PROMPTS[0])]
+
+
+def test_lru_with_one_slot_still_serves_every_adapter_correctly(tiny_model, adapters, reference):
+    from tunekit.serve.embedded import start_in_thread
+
+    with start_in_thread(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=1) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        for name in ("sql", "poem", "sql", None, "poem"):
+            got = _complete(c, name or str(tiny_model), PROMPTS[0]).choices[0].text
+            assert got == reference[(name, PROMPTS[0])], name
+        # two adapters queued together with one slot: served in two batches, both right
+        results = {}
+        with srv.engine.paused():
+            ts = [threading.Thread(target=lambda n=n: results.__setitem__(n, _complete(c, n, PROMPTS[1])))
+                  for n in ("sql", "poem")]
+            for t in ts:
+                t.start()
+            while srv.engine.pending() < 2:
+                time.sleep(0.01)
+        for t in ts:
+            t.join(60)
+        for n in ("sql", "poem"):
+            assert results[n].choices[0].text == reference[(n, PROMPTS[1])]
+        stats = srv.engine.stats()
+        assert stats["adapters"]["evictions"] >= 4 and stats["adapters"]["resident"] in ({"sql": 1}, {"poem": 1})
+        assert all(len([m for m in b["models"] if m != "__base__"]) <= 1 for b in stats["recent_batches"])
+
+
+def test_unservable_adapters_are_refused(tiny_model, adapters, tmp_path, server):
+    from tunekit.serve.embedded import create_app
+
+    dora = make_adapter(tiny_model, tmp_path / "dora", use_dora=True)
+    with pytest.raises(ConfigError, match="DoRA") as err:
+        create_app(str(tiny_model), {"d": str(dora)})
+    assert "tunekit merge" in err.value.hint
+    with pytest.raises(ConfigError, match="not a PEFT adapter directory"):
+        create_app(str(tiny_model), {"x": str(tmp_path)})
