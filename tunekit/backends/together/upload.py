@@ -2,10 +2,9 @@
 
 Together accepts tunekit's chat rows (``messages``) and preference rows (``input`` / ``preferred_output`` /
 ``non_preferred_output``) as they are, and prompt/response rows as its *instruction* format, which names the
-answer ``completion``. So only three things ever need a rewritten copy:
+answer ``completion``. So only two things ever need a rewritten copy:
 
-- prompt/response rows that use ``response`` (renamed ``completion``; the prompt stays masked by default);
-- a UTF-8 byte-order mark (tunekit's validator allows it; the SDK's JSON check and Together's parser do not);
+- prompt/response rows (``response`` renamed ``completion``; Together masks the prompt by default);
 - a name not ending in ``.jsonl`` (the SDK picks the file type from the extension and refuses others).
 
 Anything else is uploaded from the user's file itself. A rewritten copy is deterministic, so re-submitting
@@ -19,14 +18,8 @@ from pathlib import Path
 
 from ...data.convert import iter_rows
 
-BOM = b"\xef\xbb\xbf"
-
-
 def needs_copy(src: Path, kind: str | None) -> bool:
-    if kind == "prompt_response" or src.suffix != ".jsonl":
-        return True
-    with open(src, "rb") as f:
-        return f.read(3) == BOM
+    return kind == "prompt_response" or src.suffix != ".jsonl"
 
 
 def together_row(row: dict, kind: str | None) -> dict:
