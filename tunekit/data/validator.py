@@ -222,7 +222,10 @@ class _Scan:
 
 
 def _short(exc: Exception) -> str:
-    msg = str(exc)
+    if isinstance(exc, json.JSONDecodeError):  # its own "line 1" would be confusing: we name the file's line
+        msg = f"{exc.msg} at column {exc.colno}"
+    else:
+        msg = str(exc)
     return msg if len(msg) <= 120 else msg[:117] + "..."
 
 
