@@ -153,11 +153,8 @@ class OpenAIBackend(ManagedBackend):
                           f"(in {days} days); to move: {MOVE_HINT}", OpenAIShutdownWarning, stacklevel=3)
 
     # -- planning -----------------------------------------------------------------------------------------
-    def plan(self, spec: TrainingSpec, **kwargs: Any) -> Plan:
-        self.check_shutdown(warn=False)
-        return super().plan(spec, **kwargs)
-
     def base_request(self, spec: TrainingSpec, ctx: PlanContext) -> dict[str, Any]:
+        self.check_shutdown(warn=False)  # plan() starts here: refuse before planning a job OpenAI won't take
         return m.base_request(spec)
 
     def _rule_for(self, path: str, spec: TrainingSpec) -> Rule:
