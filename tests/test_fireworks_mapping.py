@@ -226,7 +226,8 @@ def test_credentials(monkeypatch):
     with pytest.raises(ConfigError) as err:
         b.client
     assert "FIREWORKS_ACCOUNT_ID" in err.value.hint
-    assert FireworksBackend(account_id="acme").client.account_id == "acme"
+    client = FireworksBackend(account_id="acme").client
+    assert client.account_id == "acme" and client.max_retries == 0  # tunekit's policy retries, not the SDK
     assert "fw-secret-123" not in repr(b) and "fw-secret-123" not in repr(vars(b))
     monkeypatch.delenv("FIREWORKS_API_KEY")
     with pytest.raises(AuthenticationError, match="no API key") as err:
