@@ -70,7 +70,7 @@ def warmup_steps(ratio: float, ctx: PlanContext) -> int:
         raise ConfigError(
             "hyperparameters.warmup_ratio: Fireworks counts warmup in steps; converting the ratio needs the "
             "number of training rows", field="hyperparameters.warmup_ratio",
-            hint="plan with the data (tunekit.plan(..., rows=N) or `tunekit plan --data FILE`)")
+            hint="give the row count: tunekit.plan(..., rows=N) or `tunekit plan SPEC --backend fireworks --rows N`")
     h = ctx.spec.hyperparameters
     total = h.epochs * math.ceil(ctx.rows / h.batch_size)
     return math.ceil(round(ratio * total, 9))  # round first: 0.1 * 30 is 3.0000000000000004
