@@ -4,9 +4,11 @@
     iter_rows(path)                  -> (line, row) pairs of a validated file
     to_chat_row(row, kind)           -> the chat form of one row
     convert_file(src, dst, target)   -> rows written
+    guess_kind(row)                  -> the RowKind a row's keys point to (None when none)
 """
 
+from tunekit.data._checks import guess_kind
 from tunekit.data.convert import convert_file, convert_row, iter_rows, to_chat_row
 from tunekit.data.validator import validate
 
-__all__ = ["convert_file", "convert_row", "iter_rows", "to_chat_row", "validate"]
+__all__ = ["convert_file", "convert_row", "guess_kind", "iter_rows", "to_chat_row", "validate"]
