@@ -96,9 +96,9 @@ def user_metadata(value: Any, ctx: PlanContext) -> dict[str, str]:
 
 
 LR_REASON = (
-    "OpenAI takes no absolute learning rate, only learning_rate_multiplier: a factor on a base rate it "
-    "picks per model and does not publish, so no conversion of an absolute rate would be faithful; set "
-    "provider_options={'openai': {'learning_rate_multiplier': X}} instead (unset = OpenAI's 'auto')"
+    "OpenAI takes only learning_rate_multiplier, a factor on a per-model base rate it does not publish, "
+    "so an absolute rate has no faithful conversion; set provider_options.openai.learning_rate_multiplier "
+    "instead (unset = OpenAI's 'auto')"
 )
 
 # Every leaf of TrainingSpec (tests check this against spec_leaf_fields()).
