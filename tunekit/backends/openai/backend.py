@@ -291,6 +291,11 @@ class OpenAIBackend(ManagedBackend):
                 return remote
         return None
 
+    def list_remote(self, *, limit: int = 50) -> list[RemoteState]:
+        """The account's most recent jobs (newest first), made by tunekit or not; one page of ``limit``."""
+        page = self.call(lambda client: client.fine_tuning.jobs.list(limit=limit), self.client)
+        return [self.to_state(raw) for raw in page.data]
+
     # -- reading state ------------------------------------------------------------------------------------
     def to_state(self, raw: Any) -> RemoteState:
         status = map_status(self.status_map, raw.status)
