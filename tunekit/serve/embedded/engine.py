@@ -88,7 +88,9 @@ class Engine:
         self.base_model = str(base_model)
         self.device, self.dtype = _default_device_dtype(device, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype)
+        # Load straight onto the GPU (no full host copy first); the base is loaded once, in 16-bit on GPU.
+        placement = {"device_map": {"": str(self.device)}} if self.device.type == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype, **placement)
         self.model = model.to(self.device).eval()
         # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -258,9 +260,9 @@ class Engine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         active = list(range(len(rows)))
         cache = None
+        self.pool.slots.set_rows(slots)
         with torch.inference_mode():
             while True:
-                self.pool.slots.set_rows([slots[i] for i in active])
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                                  logits_to_keep=1, **{self._cache_kw: cache})
                 self._stats["forward_passes"] += 1
@@ -274,6 +276,7 @@ class Engine:
                     cache.batch_select_indices(idx)
                     mask, pos, tokens = mask[idx], pos[idx], [tokens[j] for j in keep]
                     active = [active[j] for j in keep]
+                    self.pool.slots.set_rows([slots[i] for i in active])
                 ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
                 mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
                 pos = pos[:, -1:] + 1

@@ -160,10 +160,15 @@ class _RowState:
         self.mode = "base"  # "base" | "single" | "mixed"
         self.slot = 0
         self.rows: torch.Tensor | None = None
+        self.version = 0  # bumped whenever the rows change: invalidates the per-module gathers
 
 
 class SlotLinear(nn.Module):
-    """An nn.Linear plus a per-row LoRA delta read from the shared slot storage."""
+    """An nn.Linear plus a per-row LoRA delta read from the shared slot storage.
+
+    Per decode step the delta costs two kernels: the rows' A/B are gathered once per batch
+    composition (not per step), then ``bmm`` + fused ``baddbmm`` (or ``matmul`` + ``addmm``).
+    """
 
     def __init__(self, base_layer: nn.Linear, state: _RowState) -> None:
         super().__init__()
@@ -171,6 +176,7 @@ class SlotLinear(nn.Module):
         self._state = state
         self.A: torch.Tensor | None = None  # [slots+1, r, in] view
         self.BT: torch.Tensor | None = None  # [slots+1, r, out] view
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # Code that inspects the wrapped layer (dtype checks, tying) still finds its parameters.
     @property
@@ -194,13 +200,19 @@ class SlotLinear(nn.Module):
         st = self._state
         if st.mode == "base" or self.A is None:
             return y
+        inplace = not torch.is_grad_enabled()  # y is fresh; fold the delta in without another kernel
         if st.mode == "single":
-            return y + (x @ self.A[st.slot].t()) @ self.BT[st.slot]
-        rows = st.rows
-        xb = x.reshape(rows.shape[0], -1, x.shape[-1])
-        h = torch.bmm(xb, self.A.index_select(0, rows).transpose(1, 2))
-        delta = torch.bmm(h, self.BT.index_select(0, rows))
-        return y + delta.reshape(y.shape)
+            a, bt = self.A[st.slot], self.BT[st.slot]
+            h = (x @ a.t()).reshape(-1, a.shape[0])
+            y2 = y.reshape(-1, y.shape[-1])
+            return (y2.addmm_(h, bt) if inplace else torch.addmm(y2, h, bt)).reshape(y.shape)
+        g = self._gathered
+        if g is None or g[0] != st.version:
+            g = self._gathered = (st.version, self.A.index_select(0, st.rows), self.BT.index_select(0, st.rows))
+        b = st.rows.shape[0]
+        h = torch.bmm(x.reshape(b, -1, x.shape[-1]), g[1].transpose(1, 2))
+        y3 = y.reshape(b, -1, y.shape[-1])
+        return (y3.baddbmm_(h, g[2]) if inplace else torch.baddbmm(y3, h, g[2])).reshape(y.shape)
 
 
 class LoraSlots:
@@ -242,6 +254,9 @@ class LoraSlots:
     def set_rows(self, slots: list[int]) -> None:
         """Route batch row i through slot ``slots[i]`` for the following forwards."""
         st = self._state
+        st.version += 1
+        for w in self._wrapped.values():  # drop the previous batch's gathers now, not at the next forward
+            w._gathered = None
         distinct = set(slots)
         if distinct == {0} or not self._wrapped:
             st.mode, st.rows = "base", None

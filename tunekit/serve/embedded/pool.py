@@ -77,6 +77,11 @@ class AdapterPool:
             self._packed.pop(name, None)
             self._resident.pop(name, None)  # its slot is free for the next batch
 
+    def evict(self, name: str) -> None:
+        """Free ``name``'s device slot (it stays registered and host-cached; the next use swaps it back in)."""
+        with self._lock:
+            self._resident.pop(name, None)
+
     def names(self) -> list[str]:
         with self._lock:
             return list(self._entries)

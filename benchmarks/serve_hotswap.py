@@ -1,0 +1,288 @@
+"""Embedded server: LoRA hot-swap time and multi-adapter throughput.
+
+Builds a random-weight Llama-3.1-8B-shaped model (or a tiny one with --tiny), saves it and 16 random
+r=16 all-linear adapters under --work, then measures and prints one JSON line per figure:
+
+  (a) swap_ms            copying a host-cached r=16 adapter into a resident LoRA slot (median; target <= 10 ms)
+      acquire_ms         the pool's full swap path for a non-resident adapter (LRU bookkeeping + copy)
+      peft_load_adapter_ms  PEFT's load_adapter of the same adapter from disk onto the resident base (baseline)
+  (b) tokens_per_s for 16 requests in flight on the base alone, and for 16 requests each with a distinct
+      adapter (through the HTTP server, greedy, EOS disabled so every request generates --max-tokens);
+      throughput_ratio = adapters / base (target >= 0.6).
+
+The 16 requests are lined up before the scheduler takes them (engine.paused()), so both runs decode
+one 16-row batch: the figure is batched-decode throughput, not arrival jitter.
+
+    python benchmarks/serve_hotswap.py --tiny                  # CPU smoke test
+    python3 benchmarks/serve_hotswap.py --work /tmp/tk-bench   # GPU, 8B shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def emit(rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+
+
+def llama8b_config(vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=5,
+                       pad_token_id=0)
+
+
+def big_vocab_tokenizer(vocab: int):
+    """The tiny byte tokenizer padded to ``vocab`` ids with ASCII filler tokens, so any sampled id decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunekit.testing import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    table = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        table[ch] = len(table)
+    i = 0
+    while len(table) < vocab:
+        table[f"w{i}"] = len(table)
+        i += 1
+    tok = Tokenizer(models.BPE(vocab=table, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<|start|>", "</s>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_base(work: Path, tiny: bool) -> Path:
+    import torch
+
+    path = work / ("tiny-llama" if tiny else "llama8b-random")
+    if (path / "config.json").exists():
+        return path
+    t = time.time()
+    if tiny:
+        from tunekit.testing import build_tiny_llama
+
+        build_tiny_llama(path, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=4)
+    else:
+        from transformers import LlamaForCausalLM
+
+        vocab = 128256
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(llama8b_config(vocab)).to(torch.bfloat16)
+        model.save_pretrained(path)
+        big_vocab_tokenizer(vocab).save_pretrained(path)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    emit({"step": "build_base", "path": str(path), "seconds": round(time.time() - t, 1)})
+    return path
+
+
+def build_adapters(base: Path, work: Path, n: int, rank: int, device: str) -> list[Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dirs = [work / f"adapter-r{rank}-{i:02d}" for i in range(n)]
+    if all((d / "adapter_config.json").exists() for d in dirs):
+        return dirs
+    t = time.time()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **({"device_map": {"": 0}} if device == "cuda"
+                                                                       else {}))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                                  task_type="CAUSAL_LM"))
+    gen = torch.Generator(device="cpu")
+    for i, d in enumerate(dirs):
+        gen.manual_seed(i)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen).to(p) * (0.02 if "lora_B" in name else 0.05))
+        peft_model.save_pretrained(d)
+    del peft_model, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    emit({"step": "build_adapters", "count": n, "rank": rank, "seconds": round(time.time() - t, 1)})
+    return dirs
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peft_load_adapter_ms(base: Path, adapters: list[Path], device: str, repeats: int) -> list[float]:
+    """Baseline: PEFT load_adapter from disk onto a resident base (what a naive server does per swap)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **({"device_map": {"": 0}} if device == "cuda"
+                                                                       else {}))
+    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name="warm")
+    times = []
+    for i in range(repeats):
+        src = adapters[1 + i % (len(adapters) - 1)]
+        sync(device)
+        t = time.perf_counter()
+        peft_model.load_adapter(src, adapter_name=f"a{i}")
+        peft_model.set_adapter(f"a{i}")
+        sync(device)
+        times.append((time.perf_counter() - t) * 1000)
+        peft_model.set_adapter("warm")
+        peft_model.delete_adapter(f"a{i}")
+    del peft_model, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return times
+
+
+def swap_figures(engine, names: list[str], device: str, repeats: int) -> tuple[list[float], list[float]]:
+    pool = engine.pool
+    pool.acquire([names[0]])  # apply the slot layout once
+    copy_ms, acquire_ms = [], []
+    for i in range(repeats):
+        name = names[i % len(names)]
+        packed = pool._packed[name][1]  # host-cached, packed for the current layout
+        sync(device)
+        t = time.perf_counter()
+        pool.slots.write(1, packed)
+        sync(device)
+        copy_ms.append((time.perf_counter() - t) * 1000)
+    # full path: acquire an adapter that is registered and host-cached but not in a slot
+    for i in range(repeats):
+        name = names[i % len(names)]
+        pool.evict(name)
+        sync(device)
+        t = time.perf_counter()
+        pool.acquire([name])
+        sync(device)
+        acquire_ms.append((time.perf_counter() - t) * 1000)
+    return copy_ms, acquire_ms
+
+
+def throughput(server, model_names: list[str], prompt: str, max_tokens: int, repeats: int) -> dict:
+    import httpx
+
+    engine = server.engine
+    rates = []
+    for _ in range(repeats):
+        results: list[dict] = []
+        lock = threading.Lock()
+
+        def call(model: str) -> None:
+            r = httpx.post(server.url + "/v1/completions", timeout=600,
+                           json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+            r.raise_for_status()
+            with lock:
+                results.append(r.json())
+
+        threads = [threading.Thread(target=call, args=(m,)) for m in model_names]
+        with engine.paused():
+            for t in threads:
+                t.start()
+            while engine.pending() < len(model_names):
+                time.sleep(0.001)
+            t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        tokens = sum(r["usage"]["completion_tokens"] for r in results)
+        rates.append(tokens / wall)
+    batch = engine.stats()["recent_batches"][-1]
+    return {"tokens_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates],
+            "requests": len(model_names), "max_tokens": max_tokens, "last_batch_size": batch["size"],
+            "distinct_models_in_batch": len(batch["models"])}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
+    ap.add_argument("--work", default="/tmp/tunekit-serve-bench")
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--swaps", type=int, default=50)
+    ap.add_argument("--peft-loads", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import peft
+    import torch
+    import transformers
+
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    emit({"step": "env", "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+          "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__})
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = build_base(work, args.tiny)
+    adapters = build_adapters(base, work, args.adapters, args.rank, device)
+
+    peft_ms = peft_load_adapter_ms(base, adapters, device, args.peft_loads)
+    emit({"figure": "peft_load_adapter_ms", "median": round(statistics.median(peft_ms), 2),
+          "min": round(min(peft_ms), 2), "n": len(peft_ms), "rank": args.rank})
+
+    from tunekit.serve.embedded import start_in_thread
+
+    names = [f"ad{i:02d}" for i in range(len(adapters))]
+    t = time.time()
+    server = start_in_thread(str(base), dict(zip(names, map(str, adapters))), max_loras=len(names),
+                             max_batch_size=max(32, len(names)), batch_window_ms=0)
+    emit({"step": "server_start", "seconds": round(time.time() - t, 1)})
+    try:
+        engine = server.engine
+        engine.eos_ids = set()  # every request generates exactly max_tokens: equal work in both runs
+        copy_ms, acquire_ms = swap_figures(engine, names, device, args.swaps)
+        slot_mb = engine.pool.slots.storage[1].numel() * engine.pool.slots.storage.element_size() / 2**20
+        emit({"figure": "swap_ms", "median": round(statistics.median(copy_ms), 3), "p90":
+              round(sorted(copy_ms)[int(0.9 * len(copy_ms))], 3), "n": len(copy_ms), "rank": args.rank,
+              "slot_mb": round(slot_mb, 1), "pinned_host_source": device == "cuda", "target_ms": 10,
+              "meets_target": statistics.median(copy_ms) <= 10})
+        emit({"figure": "acquire_ms", "median": round(statistics.median(acquire_ms), 3), "n": len(acquire_ms)})
+        emit({"figure": "swap_speedup_vs_peft", "value": round(statistics.median(peft_ms) /
+                                                               statistics.median(copy_ms), 1)})
+
+        max_tokens = args.max_tokens or (16 if args.tiny else 128)
+        prompt = "Summarize the following text in one sentence: " + "the quick brown fox jumps over the lazy dog " * 4
+        for name in names:  # make every adapter resident: the figure is decode, not first-swap cost
+            engine.generate(prompt, name, max_tokens=1, temperature=0)
+        engine.generate(prompt, None, max_tokens=1, temperature=0)
+        base_fig = throughput(server, [str(base)] * len(names), prompt, max_tokens, args.repeats)
+        emit({"figure": "tokens_per_s_base", **base_fig})
+        mixed_fig = throughput(server, names, prompt, max_tokens, args.repeats)
+        emit({"figure": "tokens_per_s_distinct_adapters", **mixed_fig})
+        ratio = mixed_fig["tokens_per_s"] / base_fig["tokens_per_s"]
+        emit({"figure": "throughput_ratio", "value": round(ratio, 3), "target": 0.6, "meets_target": ratio >= 0.6})
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
