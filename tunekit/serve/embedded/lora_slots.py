@@ -10,12 +10,12 @@ of a batch in every layer, so kernel launches grow with the number of adapters i
 * An adapter is *packed* once on the host into that flat layout: ranks below ``r_max`` are
   zero-padded (B·A is unchanged) and the LoRA scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) is
   folded into B. A hot swap is then a single ``storage[slot].copy_(packed)``.
-* A forward gathers each row's A/B by slot index (two ``index_select`` + two ``bmm`` per module,
-  whatever the number of distinct adapters). Batches using one slot take a plain matmul path;
-  base-only batches skip LoRA entirely.
+* A mixed batch gathers each row's A/B by slot index once per batch composition; each decode step
+  then costs two kernels per module (``bmm`` + fused ``baddbmm``), whatever the number of distinct
+  adapters. Batches using one slot take a ``matmul`` + ``addmm`` path; base-only batches skip LoRA.
 
 Adapter tensors are read with safetensors and scaled exactly as PEFT does (``rank_pattern`` /
-``alpha_pattern`` resolved with PEFT's own ``get_pattern_key``); tests compare against PEFT.
+``alpha_pattern`` resolved with the regex of PEFT's ``get_pattern_key``); tests compare against PEFT.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 
 @dataclass
 class AdapterWeights:
-    """One adapter on the host: per module (A [r, in], B·scale transposed [r, out]), float32."""
+    """One adapter on the host: per module (A [r, in], B·scale transposed [r, out]) until it is packed."""
 
     name: str
     path: Path
@@ -47,8 +47,6 @@ class AdapterWeights:
 
 def read_adapter_weights(name: str, info: AdapterInfo, model: nn.Module) -> AdapterWeights:
     """Read an adapter's tensors, check them against ``model`` and fold in PEFT's scaling."""
-    from peft.utils.other import get_pattern_key
-
     path = info.path
     st = path / "adapter_model.safetensors"
     if st.is_file():
@@ -84,21 +82,30 @@ def read_adapter_weights(name: str, info: AdapterInfo, model: nn.Module) -> Adap
         if set(ab) != {"A", "B"}:
             raise ConfigError(f"adapter {name!r} ({path}): {module} lacks lora_A or lora_B", field="adapter",
                               hint="the adapter file is incomplete; re-save it")
-        a, b = ab["A"].float(), ab["B"].float()
+        a, b = ab["A"], ab["B"]
         r = a.shape[0]
         if a.shape != (r, target.in_features) or b.shape != (target.out_features, r):
             raise ConfigError(
                 f"adapter {name!r} ({path}): {module} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, which do not "
                 f"fit the base layer ({target.in_features} -> {target.out_features})", field="adapter",
                 hint="the adapter was trained on another base model; serve it with that base")
-        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), info.lora_alpha))
+        alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, module), info.lora_alpha))
         scale = alpha / (math.sqrt(r) if info.use_rslora else r)
-        modules[module] = (a.contiguous(), (b * scale).t().contiguous())
+        # Scale in fp32, round once when packing; B·scale is kept as a transposed view (pack copies it).
+        modules[module] = (a, (b.float() * scale).t())
         rank = max(rank, r)
     if not modules:
         raise ConfigError(f"adapter {name!r} ({path}) has no LoRA weights", field="adapter",
                           hint="re-save the adapter")
     return AdapterWeights(name=name, path=path, rank=rank, modules=modules)
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str:
+    """PEFT's ``peft.utils.other.get_pattern_key`` (same regex), without importing peft (seconds) at serve time."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
 
 
 @dataclass(frozen=True)
