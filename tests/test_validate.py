@@ -115,6 +115,8 @@ def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as exc:
         validate(missing)
     assert str(missing) in str(exc.value)
+    with pytest.raises(ConfigError, match="is not a file"):
+        validate(tmp_path)
 
 
 def test_empty_file(tmp_path):

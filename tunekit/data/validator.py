@@ -301,8 +301,8 @@ def validate(
     rules = rules or DataRules()
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: no such file", field="data",
-                          hint="check the path of the training file (a .jsonl file)")
+        what = "is not a file" if p.exists() else "no such file"
+        raise ConfigError(f"{p}: {what}", field="data", hint="check the path of the training file (a .jsonl file)")
     scan = _Scan(str(p), rules, tokenizer, max(0, max_problems))
     sha = hashlib.sha256()
     try:
