@@ -303,7 +303,12 @@ def train(
     if data.no_loss_count:
         cb.on_event("warning", f"{data.no_loss_count} training examples have no trained token left and are skipped")
 
+    resume = _resolve_resume(resume_from_checkpoint, ckpt_dir, cb)
+    if resume:
+        cb.on_event("info", f"resuming from {resume}")
+
     # ---- model
+    _quiet_progress_bars()
     bnb_cfg, _ = quantization_config(spec, dev, bf16_fits)
     load_kw: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
     if bnb_cfg is not None:
@@ -333,12 +338,16 @@ def train(
     except (ValueError, TypeError, RuntimeError) as exc:
         raise peft_error_to_config_error(exc) from exc
     mutating = spec.adapter.init in MUTATING_INITS
-    if mutating and not (init_dir / "adapter_config.json").is_file():
+    if mutating and not (resume and (init_dir / "adapter_config.json").is_file()):
         # saved before any step: the conversion to plain LoRA subtracts this initial adapter at the end
         model.save_pretrained(str(init_dir))
 
     # ---- optimizer
-    optim_name = ("paged_adamw_8bit" if decision.quantized else ("adamw_torch_fused" if on_gpu else "adamw_torch"))
+    # QLoRA's paged 8-bit AdamW; bitsandbytes cannot page on CPU, so there the plain 8-bit AdamW is asked for
+    if decision.quantized:
+        optim_name = "paged_adamw_8bit" if on_gpu else "adamw_bnb_8bit"
+    else:
+        optim_name = "adamw_torch_fused" if on_gpu else "adamw_torch"
     optimizers: tuple[Any, Any] = (None, None)
     if spec.adapter.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
@@ -346,7 +355,8 @@ def train(
         if decision.quantized:
             import bitsandbytes as bnb
 
-            opt_cls, optim_name = bnb.optim.PagedAdamW8bit, "loraplus+paged_adamw_8bit"
+            opt_cls = bnb.optim.PagedAdamW8bit if on_gpu else bnb.optim.AdamW8bit
+            optim_name = "loraplus+" + optim_name
         else:
             opt_cls, optim_name = torch.optim.AdamW, "loraplus+adamw_torch"
         optimizers = (create_loraplus_optimizer(
@@ -365,9 +375,6 @@ def train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # metrics go to the callbacks, not stdout
-    resume = _resolve_resume(resume_from_checkpoint, ckpt_dir, cb)
-    if resume:
-        cb.on_event("info", f"resuming from {resume}")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
 
@@ -442,6 +449,18 @@ def train(
                "base_linear_class": _adapted_base_class(trainer.model),
                "optimizer_lrs": _initial_lrs(trainer)},
     )
+
+
+def _quiet_progress_bars() -> None:
+    """The worker's log is for tunekit's events; HF progress bars (dataset maps, weight loading) only add noise."""
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # cosmetic only
+        pass
 
 
 def _last_train_loss(history: list[dict], result: Any) -> float | None:
