@@ -343,3 +343,40 @@ def test_importing_serve_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- CLI (tunekit/cli/serve.py; registered by the CLI's main) ---------------------------------------------
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from tunekit.cli import serve as serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", *argv])
+    return args.func(args)
+
+
+def test_cli_vllm_dry_run_prints_the_checked_plan(tmp_path, capsys, monkeypatch):
+    a = adapter_dir(tmp_path, "sql", r=24)
+    monkeypatch.setenv("TUNEKIT_SERVE_API_KEY", "from-env")
+    assert _cli([BASE, "--adapter", f"sql={a}", "--engine", "vllm", "--dry-run", "--json",
+                 "--vllm-arg=--max-model-len=4096"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["settings"]["max_lora_rank"] == 32 and plan["argv"][-1] == "--max-model-len=4096"
+    assert plan["env"]["VLLM_API_KEY"] == "***"
+    dora = adapter_dir(tmp_path, "dora", use_dora=True)
+    with pytest.raises(ConfigError, match="DoRA"):
+        _cli([BASE, "--adapter", f"d={dora}", "--engine", "vllm", "--dry-run"])
+    with pytest.raises(ConfigError, match="not NAME=PATH"):
+        _cli([BASE, "--adapter", str(a), "--engine", "vllm", "--dry-run"])
+
+
+def test_cli_embedded_dry_run_checks_adapters(tmp_path, capsys):
+    a = adapter_dir(tmp_path, "sql", r=8)
+    assert _cli([BASE, "--adapter", f"sql={a}", "--engine", "embedded", "--dry-run"]) == 0
+    assert "sql: " in capsys.readouterr().out
+    bad = adapter_dir(tmp_path, "bad", modules_to_save=["lm_head"])
+    with pytest.raises(ConfigError, match="modules_to_save"):
+        _cli([BASE, "--adapter", f"b={bad}", "--engine", "embedded", "--dry-run"])
