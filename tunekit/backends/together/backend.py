@@ -192,7 +192,7 @@ class TogetherBackend(ManagedBackend):
         return state
 
     def cancel(self, job: "JobRecord") -> RemoteState:
-        if job.raw_status == "cancel_requested":  # Together is already cancelling: asking again is a 400
+        if job.raw_status == "cancel_requested":  # already cancelling (the SDK's CLI refuses to ask again)
             return self.refresh(job)
         return super().cancel(job)
 

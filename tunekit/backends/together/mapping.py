@@ -212,8 +212,8 @@ def base_request(spec: TrainingSpec) -> dict[str, Any]:
 
 def plan_notes(spec: TrainingSpec) -> list[str]:
     notes = [
-        "request = keyword arguments of together's client.fine_tuning.create; the SDK builds the JSON body "
-        "and adds training_file/validation_file ids after the upload",
+        "request = keyword arguments of together's client.fine_tuning.create (the SDK builds the JSON body); "
+        "training_file/validation_file ids are added after the upload",
         "fields you did not set take Together's defaults: 1 epoch, learning rate 1e-5, cosine schedule, "
         "batch_size 'max', LoRA rank = the model's default rank, alpha = 2 x rank",
         f"the suffix sent is '<your suffix>-<tunekit job id>' (Together caps it at {SUFFIX_MAX} characters)",
