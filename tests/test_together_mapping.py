@@ -156,6 +156,7 @@ def test_pick_tagged_takes_the_earliest_of_duplicates():
 
 
 def test_status_map_is_total_over_the_sdk_enum():
+    pytest.importorskip("together")
     from together.lib.types.fine_tuning import COMPLETED_STATUSES, FinetuneJobStatus
 
     assert {s.value for s in FinetuneJobStatus} == set(mapping.STATUS_MAP)
@@ -231,6 +232,7 @@ def test_model_limits_are_checked_with_field_names():
 
 
 def test_sdk_parameter_errors_become_config_errors():
+    pytest.importorskip("together")
     from together import Together
     from together.types.finetune_model_limits import FinetuneModelLimits
 
@@ -246,6 +248,7 @@ def test_sdk_parameter_errors_become_config_errors():
 
 
 def test_wandb_key_comes_from_the_environment_at_submit(monkeypatch):
+    pytest.importorskip("together")
     monkeypatch.setenv("TOGETHER_API_KEY", "k")
     backend = get_backend("together")
     monkeypatch.setattr(TogetherBackend, "_model_limits", staticmethod(lambda client, model: SimpleNamespace()))
