@@ -272,3 +272,24 @@ def test_import_and_plan_do_not_import_the_sdk():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Meta-Llama-3.1-8B" in out.stdout
+
+
+def test_prepare_upload_memory_does_not_grow_with_the_file(tmp_path):
+    import tracemalloc
+
+    def peak_for(rows: int) -> tuple[int, int]:
+        src = tmp_path / f"pr{rows}.jsonl"
+        with open(src, "w") as f:
+            for i in range(rows):
+                f.write('{"prompt": "question %d %s", "response": "answer %d"}\n' % (i, "x" * 40, i))
+        (tmp_path / str(rows)).mkdir()
+        tracemalloc.start()
+        out = prepare_upload(src, "prompt_response", tmp_path / str(rows))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak, out.stat().st_size
+
+    small_peak, _ = peak_for(2_000)
+    big_peak, big_size = peak_for(30_000)      # ~2.5 MB
+    assert big_size > 2_000_000
+    assert big_peak < 1_000_000 and big_peak < small_peak * 3  # one row at a time, not the file
