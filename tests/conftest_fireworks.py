@@ -69,11 +69,13 @@ def _routes() -> list[tuple[str, re.Pattern[str], Any, Any, frozenset[str]]]:
         ("GET", re.compile(f"{a}/supervisedFineTuningJobs"), None, SyncCursorSupervisedFineTuningJobs[sft],
          frozenset()),
         ("GET", re.compile(f"{a}/supervisedFineTuningJobs/{seg}"), None, sft, frozenset()),
-        ("POST", re.compile(f"{a}/supervisedFineTuningJobs/{seg}:(cancel|resume)"), "empty", "empty", frozenset()),
+        ("POST", re.compile(f"{a}/supervisedFineTuningJobs/{seg}:cancel"), "empty", "empty", frozenset()),
+        ("POST", re.compile(f"{a}/supervisedFineTuningJobs/{seg}:resume"), "empty", sft, frozenset()),
         ("POST", re.compile(f"{a}/dpoJobs"), dpo_job_create_params.DpoJobCreateParams, dpo, frozenset({"dpoJobId"})),
         ("GET", re.compile(f"{a}/dpoJobs"), None, SyncCursorDpoJobs[dpo], frozenset()),
         ("GET", re.compile(f"{a}/dpoJobs/{seg}"), None, dpo, frozenset()),
-        ("POST", re.compile(f"{a}/dpoJobs/{seg}:(cancel|resume)"), "empty", "empty", frozenset()),
+        ("POST", re.compile(f"{a}/dpoJobs/{seg}:cancel"), "empty", "empty", frozenset()),
+        ("POST", re.compile(f"{a}/dpoJobs/{seg}:resume"), "empty", dpo, frozenset()),
     ]
 
 

@@ -317,6 +317,25 @@ def test_unknown_paused_and_deleted_states(replay_server):
     srv.assert_done()
 
 
+def test_resume_a_paused_job(replay_server):
+    srv = replay_server(REC / "resume.json")
+    job = remote_job(srv, status=JobStatus.QUEUED, raw="JOB_STATE_PAUSED")
+    job.resume()
+    srv.assert_done()
+    assert (job.status, job.raw_status) == (JobStatus.QUEUED, "JOB_STATE_PENDING")
+
+
+def test_a_job_without_a_fireworks_id_cannot_be_cancelled(replay_server):
+    from tunekit._exceptions import JobStateError
+
+    srv = replay_server({"provider": "fireworks", "notes": ["no request expected"], "exchanges": []})
+    job = remote_job(srv, remote_id=None, status=JobStatus.UNKNOWN, raw=None)
+    with pytest.raises(JobStateError, match="no Fireworks id") as err:
+        job.cancel()
+    assert "reconcile" in err.value.hint
+    assert srv.requests == []
+
+
 def test_early_stopped_is_a_success_with_a_warning(replay_server):
     srv = replay_server(REC / "early_stopped.json")
     job = remote_job(srv)

@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..._exceptions import ConfigError
+from ..._exceptions import ConfigError, JobStateError
 from ..._settings import env_credential
 from ...schemas.job import JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
 from ...schemas.spec import TrainingSpec
@@ -38,8 +38,11 @@ def _method(job: "JobRecord") -> str:
     return (job.spec or {}).get("method") or "sft"
 
 
-def parse_name(remote_id: str) -> tuple[str, str, str]:
+def parse_name(remote_id: str | None) -> tuple[str, str, str]:
     """``accounts/<a>/<collection>/<id>`` -> (account, method, id)."""
+    if not remote_id:
+        raise JobStateError("the job has no Fireworks id yet (submit outcome unknown?)",
+                            hint="run `tunekit jobs reconcile <job id>` to find it on Fireworks")
     parts = remote_id.split("/")
     if len(parts) != 4 or parts[0] != "accounts" or parts[2] not in COLLECTIONS.values():
         raise ConfigError(f"not a Fireworks job name: {remote_id!r}", field="remote_id")
@@ -283,18 +286,22 @@ class FireworksBackend(ManagedBackend):
 
     # -- cancel / resume / list --------------------------------------------------------------------------
     def cancel(self, job: "JobRecord") -> RemoteState:
+        parse_name(job.remote_id)  # a job that never got an id cannot be cancelled (yet)
         self.call(self._cancel, self.client, job.remote_id)  # returns {}: read the job back
         return self.refresh(job)
 
     async def acancel(self, job: "JobRecord") -> RemoteState:
+        parse_name(job.remote_id)
         await self.acall(self._cancel, self.aclient, job.remote_id)
         return await self.arefresh(job)
 
     def resume(self, job: "JobRecord") -> RemoteState:
-        """``:resume`` (e.g. a job Fireworks paused)."""
-        account, method, job_id = parse_name(job.remote_id or "")
-        self.call(lambda c: _resource(c, method).resume(job_id, account_id=account, body={}), self.client)
-        return self.refresh(job)
+        """``:resume`` (e.g. a job Fireworks paused); the reply is the job itself."""
+        account, method, job_id = parse_name(job.remote_id)
+        state = self.to_state(self.call(
+            lambda c: _resource(c, method).resume(job_id, account_id=account, body={}), self.client))
+        self._note_changes(job, state)
+        return state
 
     def find_remote(self, job: "JobRecord") -> RemoteState | None:
         state = super().find_remote(job)
