@@ -193,8 +193,9 @@ class LocalBackend(Backend):
     def submit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
         from .memory import check_fits
 
-        resolved = resolve(spec, rows=(job.data.get("train") or {}).get("rows"))
-        if resolved["estimate"] is not None:  # refuse before spawning anything
+        planned = (plan.request or {}).get("memory_estimate") or {}
+        if planned.get("fits") is False:  # refuse before spawning anything (re-estimated for the suggestions)
+            resolved = resolve(spec, rows=(job.data.get("train") or {}).get("rows"))
             q = resolved["quant"]
             check_fits(resolved["estimate"], what=f"training {resolved['request']['base_model']} ({q.mode}, "
                        f"micro-batch {resolved['request']['training']['micro_batch_size']}, "
@@ -340,7 +341,7 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
                                r=spec.adapter.r, target_modules=spec.adapter.target_modules,
                                use_dora=spec.adapter.use_dora, gradient_checkpointing=gc,
                                dtype=dtype if quant != "nf4" else "bf16", device_memory_bytes=budget,
-                               method=spec.method)
+                               method=spec.method, device_type=dev.type, **_speed_kwargs(spec))
 
     bf16_fits = None
     if spec.quantization == "auto" and on_gpu and cfg is not None:
@@ -349,7 +350,11 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
     check_combination(spec, quant)  # e.g. PiSSA on a 4-bit base: refused at plan time
     estimate = est(quant.mode)
 
-    optimizer = "paged_adamw_8bit" if quant.quantized else ("adamw_torch_fused" if on_gpu else "adamw_torch")
+    # as train() picks it: bitsandbytes pages optimizer state on GPU only
+    if quant.quantized:
+        optimizer = "paged_adamw_8bit" if on_gpu else "adamw_bnb_8bit"
+    else:
+        optimizer = "adamw_torch_fused" if on_gpu else "adamw_torch"
     if spec.adapter.loraplus_lr_ratio:
         optimizer = "loraplus+" + optimizer.replace("_fused", "")
     steps_per_epoch = math.ceil(rows / hp.batch_size) if rows else None
@@ -379,6 +384,15 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
     }
     return {"request": request, "quant": quant, "estimate": estimate, "estimate_skipped": skipped,
             "options": options}
+
+
+def _speed_kwargs(spec: TrainingSpec) -> dict[str, Any]:
+    """The estimate arguments train() adds for its speed options (fused head etc.), when it has them."""
+    try:
+        from .speed import estimate_kwargs
+    except ImportError:
+        return {}
+    return estimate_kwargs(spec)
 
 
 def _model_config(base: str) -> tuple[dict[str, Any] | None, str | None]:

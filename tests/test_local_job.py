@@ -1,0 +1,278 @@
+"""The local backend as a durable background job: the real worker process on a tiny model (CPU).
+
+Each training test spawns `python -m tunekit.backends.local.worker` exactly as users get it; the test
+process only talks to the job through the store (and signals, for the crash test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tunekit
+from tunekit._exceptions import JobStateError, ResourceError
+from tunekit.backends.local.backend import job_dir, worker_alive
+from tunekit.backends.local.plot import plot_metrics, terminal_plot
+from tunekit.schemas.job import JobStatus
+from tunekit.store import default_store
+
+ROWS = 32  # batch 4 -> 8 steps per epoch
+
+
+@pytest.fixture
+def data(tmp_path):
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{i} plus 1?", "response": f"{i + 1}"}) + "\n"
+                             for i in range(ROWS)))
+    val.write_text("".join(json.dumps({"prompt": f"{i} plus 2?", "response": f"{i + 2}"}) + "\n" for i in range(4)))
+    return train, val
+
+
+def _kw(model, **options):
+    return dict(base_model=str(model), backend="local", adapter={"r": 8},
+                hyperparameters={"batch_size": 4, "max_length": 64, "epochs": 2},
+                provider_options={"local": {"checkpoint_steps": 4, **options}})
+
+
+def _wait_for(job, predicate, timeout=90.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job.refresh()
+        if predicate(job):
+            return job
+        assert not job.status.terminal, f"job ended early: {job.status} {job.error}"
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; job {job.status} progress {job.progress}")
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------- training
+
+# The uninterrupted run's losses and adapter, kept for the crash/resume test (which reruns it if absent).
+_REFERENCE: dict = {}
+
+
+def _remember(job) -> dict:
+    from safetensors.torch import load_file
+
+    return {"losses": [(r["step"], r["loss"]) for r in job.metrics("train")],
+            "eval": [(r["step"], r["eval_loss"]) for r in job.metrics("eval")], "metrics": job.result.metrics,
+            "adapter": load_file(Path(job.result.adapter_path) / "adapter_model.safetensors")}
+
+
+@pytest.mark.slow
+def test_finetune_runs_detached_and_registers_the_adapter(tiny_model, data, tmp_path):
+    train, val = data
+    job = tunekit.finetune(train, validation_data=val, suffix="adder", **_kw(tiny_model))
+    assert job.status == JobStatus.QUEUED and job.record.pid
+    # Another process follows the same job through the store alone.
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", f"import tunekit; j = tunekit.get_job({job.id!r}); j.wait(); print(j.status.value)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    job.wait(timeout=120)
+    out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err
+    assert out.strip() == "succeeded"
+    assert job.status == JobStatus.SUCCEEDED, job.error
+
+    res = job.result
+    adapter = Path(res.adapter_path)
+    assert res.model == res.adapter_path and (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+    assert res.metrics["steps"] == 16 and res.metrics["eval_loss"] > 0
+    assert [c["step"] for c in res.checkpoints] == [4, 8, 12, 16]
+
+    # progress, heartbeats and metrics were written by the worker
+    p = job.progress
+    assert p["step"] == p["total_steps"] == 16 and p["loss"] > 0 and p["tokens_per_s"] > 0 and p["memory_bytes"] > 0
+    assert job.record.heartbeat_at and job.record.heartbeat_at >= job.record.created_at
+    train_rows, eval_rows = job.metrics("train"), job.metrics("eval")
+    assert [r["step"] for r in train_rows] == list(range(1, 17))
+    assert [r["step"] for r in eval_rows] == [4, 8, 12, 16] and all(r["eval_loss"] > 0 for r in eval_rows)
+    kinds = [e.type for _, e in default_store().events(job.id)]
+    assert kinds.count("checkpoint") == 4 and "start" in kinds and "result" in kinds
+
+    # the registry entry says what produced the adapter
+    entry = default_store().get_adapter(res.registry_id)
+    assert entry.job_id == job.id and entry.location == str(adapter.resolve()) and entry.name == "adder"
+    assert entry.data_sha256 == _sha256(train) and entry.base_model == str(tiny_model)
+    info = entry.info
+    assert info["data"]["validation"]["sha256"] == _sha256(val)
+    assert info["data"]["train"]["changed_since_submit"] is False
+    assert info["owner"] and info["created_at"] > 0 and info["libraries"]["peft"]
+    assert info["tokenizer"]["chat_template_sha256"] and info["tokenizer"]["vocab_sha256"]
+    assert info["base_model"]["fingerprint"] and info["metrics"]["steps"] == 16
+    # the plan and the run agree on the resolved config
+    planned = job.record.request
+    assert info["config"]["optimizer"].startswith(planned["training"]["optimizer"])
+    assert info["config"]["micro_batch"] == planned["training"]["micro_batch_size"]
+    assert info["config"]["quantization"]["mode"] == planned["quantization"]["mode"]
+    assert (job_dir(job.id) / "worker.log").is_file()
+
+    # the loss curve, as a PNG and as text
+    png = plot_metrics(job.metrics(), tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    text = terminal_plot(job.metrics(), width=40, height=10)
+    assert "*" in text and "o" in text and "validation loss" in text
+    _REFERENCE.update(_remember(job), data=(train.read_text(), val.read_text()))
+
+
+@pytest.mark.slow
+def test_cancel_stops_at_a_checkpoint_and_resume_finishes(tiny_model, data, monkeypatch):
+    train, _ = data
+    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.4")  # pace the steps so the cancel lands mid-run
+    job = tunekit.finetune(train, **_kw(tiny_model, checkpoint_steps=100))
+    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")
+    _wait_for(job, lambda j: j.status == JobStatus.RUNNING and (j.progress.get("step") or 0) >= 2)
+    job.cancel()
+    assert job.status in (JobStatus.CANCELLING, JobStatus.CANCELLED)
+    job.wait(timeout=60)
+    assert job.status == JobStatus.CANCELLED
+    stopped_at = job.result.checkpoints[-1]["step"]
+    assert 2 <= stopped_at < 16 and job.result.adapter_path is None  # a checkpoint at the stop, no adapter
+    assert "cancel requested" in job.error
+    with pytest.raises(JobStateError):
+        job.cancel()
+
+    job.resume()  # continues from the checkpoint saved at the stop
+    job.wait(timeout=120)
+    assert job.status == JobStatus.SUCCEEDED and job.error is None
+    assert job.result.metrics["steps"] == 16
+    assert [r["step"] for r in job.metrics("train")] == list(range(1, 17))
+
+
+@pytest.mark.slow
+def test_killed_worker_is_detected_and_resume_matches_an_uninterrupted_run(tiny_model, data, monkeypatch):
+    train, val = data
+    kw = dict(validation_data=val, suffix="adder", **_kw(tiny_model))  # the same job as the first test
+    if _REFERENCE.get("data") != (train.read_text(), val.read_text()):
+        reference = tunekit.finetune(train, **kw).wait(timeout=120)
+        assert reference.status == JobStatus.SUCCEEDED
+        _REFERENCE.update(_remember(reference), data=(train.read_text(), val.read_text()))
+
+    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.4")
+    job = tunekit.finetune(train, **kw)
+    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")  # the resumed worker runs at full speed
+    _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 6)
+    os.kill(job.record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while job.refresh().status != JobStatus.FAILED and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.status == JobStatus.FAILED
+    assert f"worker process {job.record.pid} vanished" in job.error and f"tunekit jobs resume {job.id}" in job.error
+    assert [c["step"] for c in job.result.checkpoints] == [4]
+    killed_pid = job.record.pid
+
+    job.resume()
+    assert job.status == JobStatus.QUEUED and job.record.pid != killed_pid and job.error is None
+    job.wait(timeout=120)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+
+    # same steps, same losses, same adapter as the run that was never interrupted; no duplicate rows
+    ref, got = _REFERENCE, _remember(job)
+    assert [s for s, _ in got["losses"]] == [s for s, _ in ref["losses"]] == list(range(1, 17))
+    for (step, a), (_, b) in zip(ref["losses"], got["losses"]):
+        assert b == pytest.approx(a, abs=1e-5), step
+    assert [s for s, _ in got["eval"]] == [4, 8, 12, 16]
+    assert got["eval"][-1][1] == pytest.approx(ref["eval"][-1][1], abs=1e-5)
+    assert got["metrics"]["steps"] == ref["metrics"]["steps"] == 16
+    assert got["metrics"]["tokens"] == ref["metrics"]["tokens"]
+    wa, wb = ref["adapter"], got["adapter"]
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    # the registry holds the resumed job's adapter under a name of its own
+    entry = default_store().get_adapter(job.result.registry_id)
+    assert entry.job_id == job.id and entry.info["resumed_from"].endswith("checkpoint-4")
+    events = [e.message for _, e in default_store().events(job.id)]
+    assert any("resuming from" in m and "checkpoint-4" in m for m in events)
+
+
+@pytest.mark.slow
+def test_worker_failure_surfaces_as_failed_with_the_reason(tiny_model, data):
+    train, _ = data
+    job = tunekit.finetune(train, **{**_kw(tiny_model), "adapter": {"target_modules": ["no_such_proj"]}})
+    job.wait(timeout=120)
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("ConfigError:") and "adapter.target_modules" in job.error
+    assert "\n" not in job.error
+    errors = [e for _, e in default_store().events(job.id) if e.type == "error"]
+    assert errors and "Traceback" in errors[0].data["traceback"]
+    assert "Traceback" in (job_dir(job.id) / "worker.log").read_text()
+    with pytest.raises(JobStateError, match="no checkpoint"):
+        job.resume()
+
+
+# --------------------------------------------------------------------------------------- no training
+
+def test_memory_refusal_happens_before_anything_is_spawned(data, tmp_path):
+    train, _ = data
+    big = tmp_path / "llama-70b-shape"  # config only: the fit check never loads weights
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8}))
+    with pytest.raises(ResourceError) as err:
+        tunekit.finetune(train, base_model=str(big), backend="local", provider_options={"local": {"device": "cpu"}})
+    assert "GiB" in str(err.value) and err.value.hint
+    [record] = default_store().list_jobs()
+    assert record.status == JobStatus.FAILED and record.pid is None and "ResourceError" in record.error
+    assert not (job_dir(record.id) / "worker.log").exists()
+
+
+def test_memory_budget_option_is_enforced(tiny_model, data):
+    train, _ = data
+    with pytest.raises(ResourceError, match="micro-batch 8"):
+        tunekit.finetune(train, base_model=str(tiny_model), backend="local",
+                         provider_options={"local": {"memory_budget_gb": 0.01}})
+    assert default_store().list_jobs()[0].status == JobStatus.FAILED
+
+
+def test_a_live_unrelated_process_is_not_taken_for_the_worker(tiny_model, data):
+    train, _ = data
+    store = default_store()
+    rec = store.create_job("local", {"base_model": str(tiny_model)}, {"train": {"path": str(train)}})
+    # our own pid is alive, but it is not this job's worker (pid reuse must not keep a dead job "running")
+    rec = store.update_job(rec.id, status=JobStatus.RUNNING, pid=os.getpid(), heartbeat_at=time.time() - 30)
+    assert not worker_alive(rec)
+    job = tunekit.get_job(rec.id).refresh()
+    assert job.status == JobStatus.FAILED and "vanished (last heartbeat 30s ago)" in job.error
+    with pytest.raises(JobStateError, match="no checkpoint"):
+        job.resume()
+
+
+def test_cancel_of_a_job_whose_worker_is_gone_marks_it_cancelled(tiny_model, data):
+    train, _ = data
+    store = default_store()
+    rec = store.create_job("local", {"base_model": str(tiny_model)}, {"train": {"path": str(train)}})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update_job(rec.id, status=JobStatus.QUEUED, pid=dead.pid)
+    job = tunekit.get_job(rec.id).cancel()
+    assert job.status == JobStatus.CANCELLED
+
+
+def test_terminal_plot_and_png_from_rows(tmp_path):
+    rows = [{"split": "train", "step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 21)]
+    rows += [{"split": "eval", "step": s, "eval_loss": 2.9 - 0.1 * s} for s in (5, 10, 15, 20)]
+    text = terminal_plot(rows, width=30, height=8)
+    lines = text.splitlines()
+    assert len(lines) == 8 + 3 and lines[0].strip().startswith("2.9 ") and lines[-2].split() == ["1", "20"]
+    assert lines[0].index("*") == lines[0].index("|") + 1  # the highest loss is the first step: top-left
+    assert lines[7].rstrip()[-1] in "*@"  # the lowest is the last step: bottom-right (@: both series)
+    assert "o" in text
+    assert terminal_plot([]) == "(no loss values logged yet)"
+    png = plot_metrics(rows, tmp_path / "sub" / "loss.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError):
+        plot_metrics([{"split": "train", "step": 1}], tmp_path / "x.png")
