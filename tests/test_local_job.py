@@ -276,3 +276,29 @@ def test_terminal_plot_and_png_from_rows(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError):
         plot_metrics([{"split": "train", "step": 1}], tmp_path / "x.png")
+
+
+def test_cancel_before_the_first_step(tiny_model, data):
+    train, _ = data
+    job = tunekit.finetune(train, **_kw(tiny_model))
+    job.cancel()  # the worker is still starting up
+    job.wait(timeout=60)
+    assert job.status == JobStatus.CANCELLED and "before the first step" in job.error
+    assert job.metrics() == [] and job.result.checkpoints == []
+
+
+def test_reconcile_reattaches_a_worker_whose_pid_was_not_recorded(tiny_model, data):
+    train, _ = data
+    store = default_store()
+    rec = store.create_job("local", {"base_model": str(tiny_model)}, {"train": {"path": str(train)}})
+    # a process that looks like this job's worker (same argv), spawned but never recorded
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "tunekit.backends.local.worker", rec.id])
+    try:
+        [job] = tunekit.api.reconcile(rec.id)
+        assert job.record.pid == fake.pid and job.status == JobStatus.QUEUED
+        assert worker_alive(job.record)
+    finally:
+        fake.kill()
+        fake.wait()
+    assert job.refresh().status == JobStatus.FAILED and "vanished" in job.error

@@ -125,6 +125,9 @@ def _init(value: Any, ctx: PlanContext) -> Any:
 def _base_model(value: Any, ctx: PlanContext) -> str:
     from ...catalog import resolve_model
 
+    local = Path(value).expanduser()
+    if local.is_dir():  # absolute: the worker runs in the job directory
+        return str(local.resolve())
     return resolve_model(value, "local")
 
 
@@ -267,6 +270,18 @@ class LocalBackend(Backend):
                      "to checkpoint more often)")
         return self._spawn(rec, resume_from=ckpt)
 
+    def find_remote(self, job: "JobRecord") -> RemoteState | None:
+        """A worker of this job running without its pid recorded (the submitter died right after spawning)."""
+        pid = find_worker_pid(job.id)
+        if pid is None:
+            return None
+        store = _store()
+        with job_lock(job.id):
+            rec = store.update_job(job.id, pid=pid, heartbeat_at=time.time(), remote_id=str(job_dir(job.id)),
+                                   progress={**store.get_job(job.id).progress, "host": socket.gethostname()})
+        status = rec.status if rec.status not in (JobStatus.CREATED, JobStatus.UNKNOWN) else JobStatus.QUEUED
+        return RemoteState(remote_id=rec.remote_id, status=status)
+
     def poll_interval(self, job: "JobRecord") -> tuple[float, float]:
         return (0.5, 5.0)
 
@@ -325,7 +340,7 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
 
     opts = local_options(spec)
     hp = spec.hyperparameters
-    base = resolve_model(spec.base_model, "local")
+    base = _base_model(spec.base_model, PlanContext(spec=spec))
     micro, accum = micro_batch_of(spec)
     dev = device_info(opts.get("device"))
     on_gpu = dev.type == "cuda"
@@ -486,6 +501,23 @@ def worker_alive(rec: "JobRecord") -> bool:
         except (OSError, IndexError):
             return False
     return True
+
+
+def find_worker_pid(job_id: str) -> int | None:
+    """The pid of a running worker for ``job_id`` on this host (Linux /proc), if any."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if WORKER_MODULE.encode() in argv and job_id.encode() in argv:
+            return int(entry.name)
+    return None
 
 
 def checkpoints(rec: "JobRecord") -> list[dict[str, Any]]:

@@ -30,6 +30,10 @@ HEARTBEAT_S = 2.0
 LIVE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.UNKNOWN)
 
 
+class CancelledBeforeStart(Exception):
+    """A cancel (or SIGTERM) arrived before the first training step."""
+
+
 class StoreCallbacks(TrainCallbacks):
     """TrainCallbacks that write to the store: the only channel between the worker and everyone else."""
 
@@ -52,6 +56,8 @@ class StoreCallbacks(TrainCallbacks):
 
     # -- TrainCallbacks --------------------------------------------------------------------------------
     def on_start(self, total_steps: int) -> None:
+        if self.should_stop():  # cancelled while the model was loading: no step, nothing to checkpoint
+            raise CancelledBeforeStart()
         self.progress["total_steps"] = int(total_steps)
         self._t0 = time.monotonic()
         with self._lock:
@@ -136,11 +142,16 @@ def run(job_id: str, *, resume_from: str | None = None, store: Store | None = No
     cb = StoreCallbacks(store, job_id, record.progress)
     signal.signal(signal.SIGTERM, lambda *_: setattr(cb, "stop_signal", True))
     if record.status == JobStatus.CANCELLING:  # cancelled before the worker got going
-        transition(store, job_id, JobStatus.CANCELLED, LIVE, result=JobResult(checkpoints=checkpoints(record)))
+        transition(store, job_id, JobStatus.CANCELLED, LIVE, error="cancelled before the first step",
+                   result=JobResult(checkpoints=checkpoints(record)))
         return 1
     beat = cb.start_heartbeat()
     try:
         outcome = _train(record, cb, resume_from)
+    except CancelledBeforeStart:
+        transition(store, job_id, JobStatus.CANCELLED, LIVE, error="cancelled before the first step",
+                   result=JobResult(checkpoints=checkpoints(store.get_job(job_id))))
+        return 1
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the store
         trace = traceback.format_exc()
         print(trace, file=sys.stderr, flush=True)
