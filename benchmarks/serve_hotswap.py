@@ -174,6 +174,8 @@ def swap_figures(engine, names: list[str], device: str, repeats: int) -> tuple[l
         pool.slots.write(1, packed)
         sync(device)
         copy_ms.append((time.perf_counter() - t) * 1000)
+    for name in names:  # slot 1 was overwritten above: forget every residency so no slot is stale
+        pool.evict(name)
     # full path: acquire an adapter that is registered and host-cached but not in a slot
     for i in range(repeats):
         name = names[i % len(names)]

@@ -214,6 +214,10 @@ def test_errors_are_openai_shaped_and_server_keeps_serving(client, server, refer
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="sql", prompt="x", max_tokens=5000)
     assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match=r"token ids must be in"):
+        client.completions.create(model="sql", prompt=[1, 2, 10**6], max_tokens=2)
+    ids = client.completions.create(model="sql", prompt=[1, 70, 71], max_tokens=2, temperature=0)
+    assert ids.usage.prompt_tokens == 3
     with pytest.raises(openai.NotFoundError):
         _complete(client, "no-such-adapter", "x")
     assert httpx.get(url + "/v1/nothing-here", headers=h).json()["error"]["message"] == "Not Found"

@@ -199,6 +199,9 @@ def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.
         req.check_fields()
         adapter = resolve_model(req.model)
         prompts = [engine.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
+        vocab = engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):  # would fail the whole batch, not just this one
+            raise APIErrorResponse(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         params = _params(req, req.max_tokens or 16, prompts, engine.max_model_len)
         rid = new_id("cmpl")
         run = _Run(engine, rid, adapter, prompts, params, req.n, req.seed)
