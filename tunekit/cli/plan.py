@@ -30,7 +30,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for d in result.fields:
-        sent = f"{d.target} = {short(d.sent, 40)}" if d.disposition != "unsupported" else ""
+        if d.disposition == "unsupported":
+            sent = ""
+        elif d.target is None:
+            sent = "(nothing to send)"
+        else:
+            sent = f"{d.target} = {short(d.sent, 40)}"
         rows.append([d.field, short(d.value, 30), d.disposition, sent, d.reason or ""])
     print(table(["FIELD", "VALUE", "DISPOSITION", "SENT AS", "REASON"], rows))
     for note in result.notes:
