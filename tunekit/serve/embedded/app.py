@@ -99,6 +99,7 @@ def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.
                     max_lora_rank=max_lora_rank, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
     base_name = served_model_name or str(base_model)
     access = _Access(start, tuple(allowed_adapter_dirs))
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield

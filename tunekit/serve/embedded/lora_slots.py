@@ -277,6 +277,3 @@ class LoraSlots:
     def wrapped_modules(self) -> list[str]:
         return sorted(self._wrapped)
 
-
-def describe(weights: AdapterWeights) -> dict[str, Any]:
-    return {"rank": weights.rank, "modules": len(weights.modules)}
