@@ -84,6 +84,8 @@ class StoreCallbacks(TrainCallbacks):
 
     def on_eval(self, step: int, metrics: dict[str, Any]) -> None:
         values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if "eval_loss" in values:  # rows of both splits call their loss "loss" (tables, plots, comparisons)
+            values["loss"] = values["eval_loss"]
         self.store.add_metrics(self.job_id, step, values, split="eval")
         if "eval_loss" in values:
             self.progress["eval_loss"] = values["eval_loss"]
