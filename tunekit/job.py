@@ -242,6 +242,31 @@ class FineTuneJob:
     def metrics(self, split: str | None = None) -> list[dict[str, Any]]:
         return self._store.metrics(self.id, split=split)
 
+    # -- deployment (local adapters) -------------------------------------------------------------------
+    def _adapter_key(self) -> str:
+        self._record = self._store.get_job(self.id)
+        if self.status != JobStatus.SUCCEEDED or self.result is None:
+            raise JobStateError(f"job {self.id} is {self.status.value}: only a succeeded job has an adapter",
+                                hint=f"wait for it: `tunekit jobs wait {self.id}`")
+        if not self.result.adapter_path:
+            raise JobStateError(f"job {self.id} ran on {self.backend_name}: its model {self.result.model} lives "
+                                "at the provider", hint="serve it there, or train the same spec with backend='local'")
+        return self.result.registry_id or self.result.adapter_path
+
+    def merge(self, out_dir: str, **kwargs: Any) -> Any:
+        """Fold this job's adapter into its 16-bit base and check the merge (see ``tunekit.api.merge``)."""
+        from .api import merge
+
+        return merge(self._adapter_key(), out_dir, **kwargs)
+
+    def serve(self, *, name: str | None = None, engine: str | None = None, block: bool = True, **kwargs: Any) -> Any:
+        """Serve this job's adapter over its base model on an OpenAI-compatible API (``model=name``)."""
+        from .serve import serve
+
+        key = self._adapter_key()
+        base = self._store.get_adapter(key).base_model if self.result.registry_id else self.spec.base_model
+        return serve(base, {name or self.id: key}, engine=engine, block=block, **kwargs)
+
 
 def progress_line(record: JobRecord) -> str:
     """One line: status, step/total, loss, tokens/s, ETA (whatever the backend reported)."""

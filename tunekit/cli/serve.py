@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Adapters are NAME=PATH pairs (PATH: an adapter directory or a registry "
                                    "id/name from `tunekit adapters list`). The API key can also come from "
                                    "TUNEKIT_SERVE_API_KEY (keeps it out of the process list).")
-    p.add_argument("base_model", help="the base model (hub id or local directory)")
+    p.add_argument("base_model", help="the base model (hub id or local directory), or a job id / registry "
+                                      "adapter to serve that one adapter over its own base")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="repeatable")
     p.add_argument("--engine", choices=["embedded", "vllm"], help="default: vllm if installed with a GPU")
     p.add_argument("--host", default="127.0.0.1")
@@ -28,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="embedded: default bf16 on GPU, fp32 on CPU")
     p.add_argument("--allowed-adapter-dir", action="append", default=[], metavar="DIR",
                    help="embedded: runtime loads may also use adapters under DIR (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="check the adapters and print the plan; start nothing")
+    p.add_argument("--dry-run", "--plan", dest="dry_run", action="store_true",
+                   help="check the adapters and print the exact plan (vLLM: the command); start nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     p.set_defaults(func=serve_run)
 
@@ -48,11 +50,39 @@ def _adapters(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _single_adapter(ref: str) -> tuple[str, dict[str, str]] | None:
+    """`tunekit serve JOB`: a job id or registry entry means that adapter over the base it was trained on."""
+    from pathlib import Path
+
+    from .._exceptions import JobNotFoundError
+
+    if Path(ref).expanduser().exists():
+        if not (Path(ref).expanduser() / "adapter_config.json").exists():
+            return None  # a base model directory
+        from ..serve.adapters import read_adapter
+
+        info = read_adapter(Path(ref).expanduser())
+        return str(info.base_model), {Path(ref).name: str(Path(ref).expanduser())}
+    from ..store import default_store
+
+    try:
+        entry = default_store().get_adapter(ref)
+    except JobNotFoundError:
+        return None
+    if not entry.base_model:
+        return None
+    return entry.base_model, {entry.job_id or entry.id: entry.id}
+
+
 def serve_run(args: argparse.Namespace) -> int:
     from ..serve import pick_engine
     from ._output import print_json
 
     adapters = _adapters(args.adapter)
+    if not adapters:
+        single = _single_adapter(args.base_model)
+        if single is not None:
+            args.base_model, adapters = single
     api_key = args.api_key or os.environ.get("TUNEKIT_SERVE_API_KEY") or None
     engine = pick_engine(args.engine)
     if engine == "vllm":
