@@ -40,6 +40,8 @@ H_COEF = 24
 I_COEF = 4
 # Bytes per logit element over the step: the logits themselves + fp32 upcast/log-softmax/gradient.
 LOGIT_BYTES = {"bf16": 12, "fp32_head": 12, "fp32": 16}
+# TRL's chunked LM head (trl.trainer.utils.add_fused_lm_head): token x vocabulary tile of the logits
+FUSED_HEAD_TILE = (4096, 32768)
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 FRAGMENTATION = 0.05  # allocator slack, fraction of the allocated peak
 HEADROOM = 0.92  # a plan "fits" when its total is within this share of the device memory
@@ -137,8 +139,15 @@ def estimate(
     n_params: int | None = None,
     method: str = "sft",
     device_type: str = "cuda",
+    fused_lm_head: bool = False,
+    kbit_upcast: bool = True,
 ) -> MemoryEstimate:
-    """Estimated peak bytes of one training step. ``quantization`` is the resolved mode ('nf4'|'none')."""
+    """Estimated peak bytes of one training step. ``quantization`` is the resolved mode ('nf4'|'none').
+
+    ``fused_lm_head``: the loss is computed in vocabulary tiles (TRL's chunked LM head), so the logits are
+    never whole. ``kbit_upcast``: QLoRA's non-quantized params are upcast to fp32 (speed.py's bf16_kbit
+    path keeps them bf16).
+    """
     d = _dims(model_config)
     counts = count_params(model_config)
     if n_params and n_params > 0:  # measured count wins; keep the linear/other split proportional
@@ -147,7 +156,7 @@ def estimate(
     nf4 = quantization == "nf4"
     wbytes = 4 if dtype == "fp32" else 2
     if nf4:
-        weights = counts["linear"] * NF4_BYTES_PER_PARAM + counts["other"] * 4  # kbit prep upcasts the rest
+        weights = counts["linear"] * NF4_BYTES_PER_PARAM + counts["other"] * (4 if kbit_upcast else 2)
     else:
         weights = counts["total"] * wbytes
 
@@ -159,14 +168,19 @@ def estimate(
     if method == "dpo":
         tokens *= 2  # chosen + rejected go through the model together (the reference pass keeps no graph)
     act_elem = d["hidden"] * H_COEF + d["intermediate"] * I_COEF
-    hidden_bytes = 4 if (nf4 or dtype == "fp32") else 2  # QLoRA: fp32 embeddings make the residual stream fp32
-    layer_bytes = 3 if nf4 else (4 if dtype == "fp32" else 2)  # QLoRA: mixed bf16 matmuls / fp32 stream
+    up = nf4 and kbit_upcast
+    hidden_bytes = 4 if (up or dtype == "fp32") else 2  # QLoRA: fp32 embeddings make the residual stream fp32
+    layer_bytes = 3 if up else (4 if dtype == "fp32" else 2)  # QLoRA: mixed bf16 matmuls / fp32 stream
     full_layer = tokens * act_elem * layer_bytes
     if gradient_checkpointing:
         acts = d["layers"] * tokens * d["hidden"] * hidden_bytes + full_layer
     else:
         acts = d["layers"] * full_layer
-    logits = tokens * d["vocab"] * LOGIT_BYTES["fp32" if dtype == "fp32" else ("fp32_head" if nf4 else "bf16")]
+    logit_bytes = LOGIT_BYTES["fp32" if dtype == "fp32" else ("fp32_head" if up else "bf16")]
+    if fused_lm_head:  # one tile of FUSED_HEAD_TILE tokens x vocabulary columns at a time
+        logits = min(tokens, FUSED_HEAD_TILE[0]) * min(d["vocab"], FUSED_HEAD_TILE[1]) * logit_bytes
+    else:
+        logits = tokens * d["vocab"] * logit_bytes
     activations = acts + logits
 
     allocated = weights + adapter + activations
@@ -187,7 +201,7 @@ def estimate(
         assumptions={
             "micro_batch": micro_batch, "max_length": max_length, "quantization": quantization, "r": r,
             "gradient_checkpointing": gradient_checkpointing, "dtype": dtype, "lora_params": n_lora,
-            "base_params": counts["total"],
+            "base_params": counts["total"], "fused_lm_head": fused_lm_head, "kbit_upcast": kbit_upcast,
         },
     )
     if fits is False:
@@ -195,7 +209,8 @@ def estimate(
             micro_batch=micro_batch, max_length=max_length, quantization=quantization, r=r,
             target_modules=target_modules, use_dora=use_dora, gradient_checkpointing=gradient_checkpointing,
             dtype=dtype, optimizer_state_bytes=optimizer_state_bytes, device_memory_bytes=device_memory_bytes,
-            n_params=n_params, method=method, device_type=device_type))
+            n_params=n_params, method=method, device_type=device_type, fused_lm_head=fused_lm_head,
+            kbit_upcast=kbit_upcast))
     return est
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..._exceptions import ConfigError
 from . import memory as _memory
+from . import speed as _speed
 from .datasets import PreparedData, prepare
 from .peft_config import (
     MUTATING_INITS,
@@ -262,6 +263,7 @@ def train(
     micro, accum = micro_batch_of(spec)
     dev = device_info(device)
     on_gpu = dev.type == "cuda"
+    ckpt_auto = gradient_checkpointing is None  # speed.plan may then checkpoint only the layers memory needs
     if gradient_checkpointing is None:
         gradient_checkpointing = on_gpu  # the measured GPU recipes use it; tiny CPU runs are faster without
     dtype_name = "bf16" if on_gpu else "fp32"
@@ -271,12 +273,13 @@ def train(
     cfg_dict = config.to_dict()
     budget = memory_budget_bytes or dev.total_memory
 
-    def _estimate(quant: str) -> _memory.MemoryEstimate:
+    def _estimate(quant: str, ckpt: bool | None = None) -> _memory.MemoryEstimate:
         return _memory.estimate(
             cfg_dict, micro_batch=micro, max_length=hp.max_length, quantization=quant, r=spec.adapter.r,
             target_modules=spec.adapter.target_modules, use_dora=spec.adapter.use_dora,
-            gradient_checkpointing=gradient_checkpointing, dtype=dtype_name if quant != "nf4" else "bf16",
-            device_memory_bytes=budget, method=spec.method, device_type=dev.type,
+            gradient_checkpointing=gradient_checkpointing if ckpt is None else ckpt,
+            dtype=dtype_name if quant != "nf4" else "bf16",
+            device_memory_bytes=budget, method=spec.method, device_type=dev.type, **_speed.estimate_kwargs(spec),
         )
 
     bf16_fits = _estimate("none").fits if (spec.quantization == "auto" and on_gpu) else None
@@ -286,6 +289,10 @@ def train(
     _memory.check_fits(est, what=f"training {spec.base_model} ({decision.mode}, micro-batch {micro}, "
                                  f"max_length {hp.max_length})")
     cb.on_event("info", f"quantization: {decision.mode} ({decision.reason}); memory estimate {est.summary()}")
+    speed = _speed.plan(spec, cfg_dict, dev.type, decision.quantized, gradient_checkpointing=gradient_checkpointing,
+                        auto_checkpointing=ckpt_auto, budget_bytes=budget,
+                        estimate=lambda ck: _estimate(decision.mode, ck))
+    cb.on_event("info", speed.summary())
 
     # ---- tokenizer + data
     try:
@@ -320,7 +327,7 @@ def train(
     except Exception as exc:
         raise ConfigError(f"base_model {spec.base_model!r} could not be loaded as a causal LM: {exc}",
                           field="base_model", hint="tunekit trains decoder-only (causal LM) models") from exc
-    if decision.quantized:
+    if decision.quantized and not speed.on("bf16_kbit"):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -341,6 +348,8 @@ def train(
     if mutating and not (resume and (init_dir / "adapter_config.json").is_file()):
         # saved before any step: the conversion to plain LoRA subtracts this initial adapter at the end
         model.save_pretrained(str(init_dir))
+
+    speed_applied = _speed.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
 
     # ---- optimizer
     # QLoRA's paged 8-bit AdamW; bitsandbytes cannot page on CPU, so there the plain 8-bit AdamW is asked for
@@ -367,7 +376,7 @@ def train(
     # ---- trainer
     trainer = _build_trainer(
         spec, model, tokenizer, data, val, ckpt_dir=ckpt_dir, micro=micro, accum=accum, on_gpu=on_gpu,
-        optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=gradient_checkpointing,
+        optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # speed.apply set it per layer
         checkpoint_steps=checkpoint_steps, max_steps=max_steps, eval_steps=eval_steps, logging_steps=logging_steps,
     )
     bridge = _make_bridge(cb, dev, ckpt_dir)
@@ -434,7 +443,7 @@ def train(
         optimizer=_optimizer_name(trainer, optim_name),
         micro_batch=micro,
         grad_accum=accum,
-        gradient_checkpointing=bool(gradient_checkpointing),
+        gradient_checkpointing=speed.checkpointed_layers > 0,
         device=dev.type,
         dtype="nf4+bf16" if decision.quantized else dtype_name,
         masking=data.masking,
@@ -447,7 +456,7 @@ def train(
         extra={"row_kind": data.row_kind, "validation_examples": len(val) if val else 0,
                "validation_truncated": val.truncated_count if val else 0,
                "base_linear_class": _adapted_base_class(trainer.model),
-               "optimizer_lrs": _initial_lrs(trainer)},
+               "optimizer_lrs": _initial_lrs(trainer), "speed": {**speed.to_dict(), "applied": speed_applied}},
     )
 
 

@@ -1,0 +1,466 @@
+"""Local training throughput: the plain recipe vs tunekit's local path, same shapes and data, in one run.
+
+    python benchmarks/train_throughput.py [--shape llama-3.1-8b|tiny] [--layers N] [--seq 2048] [--batch 4]
+        [--rank 16] [--variant qlora dora lora_bf16 auto] [--steps 5] [--warmup 2] [--qlora-budget-gib 20]
+        [--attribution] [--check-loss [--loss-steps 30]] [--out DIR]
+
+The model is a random-weight model built from the real config (Llama-3.1-8B: vocab 128256, hidden 4096,
+intermediate 14336, 32 layers, 32/8 heads) with tunekit's code-made byte tokenizer, saved once under /tmp and
+loaded through from_pretrained: nothing is downloaded; speed and memory do not depend on the weight values.
+
+Plain recipe (/work/shared/anchors/plain_qlora_bench.py): transformers + PEFT (r, alpha=2r, dropout 0,
+all-linear) + bitsandbytes NF4 double quant with bf16 compute, prepare_model_for_kbit_training, non-reentrant
+gradient checkpointing, paged 8-bit AdamW, a bare forward/backward/step loop; lora_bf16: bf16 base, fused
+AdamW. tunekit: `tunekit.backends.local.train.train()` on a JSONL file of prompt/response rows (a 16-token
+prompt and a completion filling --seq tokens exactly), the same token ids the plain loop gets.
+
+Variants (each side in its own subprocess, so no kernel patch or allocator state leaks between them):
+  qlora      plain QLoRA            vs tunekit quantization="nf4" with memory_budget_bytes=--qlora-budget-gib
+  dora       plain QLoRA + DoRA     vs tunekit nf4 + use_dora (same budget); also vs tunekit's own qlora
+  lora_bf16  plain bf16 LoRA        vs tunekit quantization="none"
+  auto       plain QLoRA            vs tunekit quantization="auto" (bf16 when it fits the device)
+Tokens/s is the median over --steps timed steps after --warmup; peak memory is torch.cuda.max_memory_allocated
+over the training steps. --attribution adds tunekit runs with TUNEKIT_SPEEDUPS=off (the TRL path alone).
+
+--check-loss trains both sides for --loss-steps full-batch steps on one fixed batch of --batch rows of varied
+lengths (padding included), same seed, constant LR, and compares the loss curves against the plain recipe's
+own seed-to-seed spread (plain at --seed vs plain at --seed+1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096),
+}
+PROMPT_TOKENS = 16
+GiB = 2**30
+
+
+# ------------------------------------------------------------------------------------------------ model + data
+
+def build_model(p: dict) -> dict:
+    """Save the random-weight model + tokenizer once (idempotent)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunekit.testing import build_tokenizer
+
+    path = Path(p["model"])
+    if (path / "config.json").exists() and (path / "tokenizer_config.json").exists():
+        return {"built": False}
+    t = time.time()
+    tok = build_tokenizer()
+    shape = dict(SHAPES[p["shape"]])
+    shape.setdefault("vocab_size", len(tok))
+    if p.get("layers"):
+        shape["num_hidden_layers"] = p["layers"]
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    cuda = p["device"] == "cuda"
+    if cuda:
+        torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return {"built": True, "seconds": round(time.time() - t, 1)}
+
+
+def make_rows(tok, n: int, lengths: list[int], seed: int) -> list[dict]:
+    """prompt/response rows whose TRL tokenization (prompt + completion + EOS) has exactly the given lengths."""
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz     ,.ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    rows = []
+    for i in range(n):
+        prompt = "Q: " + "".join(rng.choice(alphabet) for _ in range(PROMPT_TOKENS - 3))
+        completion = " " + "".join(rng.choice(alphabet) for _ in range(lengths[i] - PROMPT_TOKENS - 2))
+        got = len(tok(prompt + completion + tok.eos_token)["input_ids"])
+        assert got == lengths[i], (got, lengths[i])  # the byte tokenizer: one token per ASCII character
+        rows.append({"prompt": prompt, "response": completion})
+    return rows
+
+
+def encode(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) the way TRL builds them: prompt tokens masked, EOS appended to the completion."""
+    out = []
+    for r in rows:
+        ids = tok(r["prompt"] + r["response"] + tok.eos_token)["input_ids"]
+        n_prompt = len(tok(r["prompt"])["input_ids"])
+        out.append((ids, [-100] * n_prompt + ids[n_prompt:]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plain recipe
+
+def plain_run(p: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+
+    cuda = p["device"] == "cuda"
+    dev = torch.device("cuda:0" if cuda else "cpu")
+    quant = p["variant"] in ("qlora", "dora", "auto")
+    kw: dict = {}
+    if quant:
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    if cuda:
+        kw["device_map"] = {"": 0}
+    t = time.time()
+    model = AutoModelForCausalLM.from_pretrained(p["model"], dtype=torch.bfloat16 if cuda else torch.float32, **kw)
+    load_s = time.time() - t
+    ckpt = cuda  # the anchor recipe checkpoints on the GPU; on CPU it changes nothing but time
+    if quant:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    set_seed(p["seed"])  # as train() does, right before the adapter is created
+    model = get_peft_model(model, LoraConfig(r=p["rank"], lora_alpha=2 * p["rank"], lora_dropout=0.0,
+                                             target_modules="all-linear", use_dora=p["variant"] == "dora",
+                                             task_type="CAUSAL_LM"))
+    params = [q for q in model.parameters() if q.requires_grad]
+    if quant:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.PagedAdamW8bit(params, lr=p["lr"], weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=p["lr"], weight_decay=0.0, fused=cuda)
+    model.train()
+    tok = AutoTokenizer.from_pretrained(p["model"])
+    data = encode(tok, json_rows(p["data"]))
+    B = p["batch"]
+    if p["check"]:
+        batches = [collate(data, tok.pad_token_id)] * p["loss_steps"]
+    else:
+        batches = [collate(data[i * B:(i + 1) * B], tok.pad_token_id) for i in range(len(data) // B)]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    losses, times, tokens = [], [], []
+    for ids, mask, labels in batches:
+        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+        t = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        if p["check"]:  # train() clips at the spec's max_grad_norm (1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(float(out.loss.item()))
+        tokens.append(int(mask.sum()))
+    res = {"load_s": round(load_s, 1), "losses": losses, "step_times": times, "step_tokens": tokens,
+           "trainable_params": sum(q.numel() for q in params)}
+    if cuda:
+        res["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return res
+
+
+def collate(data, pad_id):
+    import torch
+
+    n = max(len(ids) for ids, _ in data)
+    ids = torch.full((len(data), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(data), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(data), n), dtype=torch.long)
+    for i, (a, lab) in enumerate(data):
+        ids[i, :len(a)], labels[i, :len(a)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(lab), 1
+    return ids, mask, labels
+
+
+def json_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ tunekit
+
+def tunekit_run(p: dict) -> dict:
+    from tunekit.backends.local.train import TrainCallbacks, train
+    from tunekit.schemas.spec import TrainingSpec
+
+    quant = {"qlora": "nf4", "dora": "nf4", "lora_bf16": "none", "auto": "auto"}[p["variant"]]
+    B = p["batch"]
+    steps = p["loss_steps"] if p["check"] else p["warmup"] + p["steps"]
+    spec = TrainingSpec(
+        base_model=p["model"], quantization=quant,
+        hyperparameters={"batch_size": B, "max_length": p["seq"], "learning_rate": p["lr"], "warmup_ratio": 0.0,
+                         "lr_scheduler": "constant", "epochs": steps if p["check"] else 1, "seed": p["seed"]},
+        adapter={"r": p["rank"], "alpha": 2 * p["rank"], "dropout": 0.0, "target_modules": "all-linear",
+                 "use_dora": p["variant"] == "dora"},
+    )
+
+    class Rec(TrainCallbacks):
+        def __init__(self):
+            self.marks, self.losses, self.events = [], [], []
+
+        def on_start(self, total_steps):
+            self.marks.append((time.perf_counter(), 0))
+
+        def on_step(self, step, m):
+            self.marks.append((time.perf_counter(), m.get("tokens", 0)))
+            self.losses.append(m.get("loss"))
+
+        def on_event(self, level, message):
+            self.events.append(message)
+            print(f"[tunekit {level}] {message}", file=sys.stderr, flush=True)
+
+    rec = Rec()
+    budget = p.get("budget_gib")
+    out = train(spec, p["data"], tempfile.mkdtemp(prefix="tk-bench-"), callbacks=rec, max_steps=steps,
+                device=p["device"], logging_steps=1,
+                memory_budget_bytes=int(budget * GiB) if budget else None)
+    # logging_first_step adds a log at step 1; marks[0] is the start, so marks[i] ends step i
+    times = [b[0] - a[0] for a, b in zip(rec.marks, rec.marks[1:])]
+    tokens = [b[1] - a[1] for a, b in zip(rec.marks, rec.marks[1:])]
+    res = {"losses": rec.losses, "step_times": times, "step_tokens": tokens, "events": rec.events,
+           "quantization": out.quantization, "speed": out.extra.get("speed"),
+           "memory_estimate_bytes": out.memory_estimate.get("total_bytes"), "optimizer": out.optimizer,
+           "gradient_checkpointing": out.gradient_checkpointing}
+    if p["device"] == "cuda":
+        import torch
+
+        res["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def child(job: str, p: dict, env: dict | None = None) -> dict:
+    """Run one job in a fresh interpreter; its last stdout line is the JSON result."""
+    cmd = [sys.executable, __file__, "--_job", job, "--_params", json.dumps(p)]
+    e = {**os.environ, **(env or {})}
+    e["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), e.get("PYTHONPATH", "")) if x)
+    t = time.time()
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=e)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode or not lines:
+        return {"error": f"exit {r.returncode}", "stdout_tail": r.stdout[-2000:], "wall_s": round(time.time() - t, 1)}
+    res = json.loads(lines[-1][7:])
+    res["wall_s"] = round(time.time() - t, 1)
+    return res
+
+
+def summarize(res: dict, warmup: int) -> dict:
+    if "error" in res:
+        return {"error": res["error"]}
+    times, toks = res["step_times"][warmup:], res["step_tokens"][warmup:]
+    if not times:
+        return {"error": "no timed steps"}
+    med = statistics.median(times)
+    tok = statistics.median(toks)
+    out = {"tokens_per_s": round(tok / med, 1), "median_step_s": round(med, 4), "step_tokens": tok,
+           "steps_timed": len(times), "peak_gib": round(res["peak_bytes"] / GiB, 2) if "peak_bytes" in res else None}
+    if res.get("memory_estimate_bytes"):
+        out["fit_check_estimate_gib"] = round(res["memory_estimate_bytes"] / GiB, 2)
+    sp = res.get("speed") or {}
+    if sp:
+        out["speedups"] = [k for k, v in sp["enabled"].items() if v]
+        out["checkpointed_layers"] = f'{sp["checkpointed_layers"]}/{sp["num_layers"]}'
+        if sp.get("memory_estimate_bytes"):
+            out["plan_estimate_gib"] = round(sp["memory_estimate_bytes"] / GiB, 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per example (default 2048; tiny: 128)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--variant", nargs="+", default=["qlora", "dora", "lora_bf16", "auto"],
+                    choices=["qlora", "dora", "lora_bf16", "auto"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--qlora-budget-gib", type=float, default=20.0,
+                    help="tunekit memory_budget_bytes for qlora/dora (0: the device's memory)")
+    ap.add_argument("--attribution", nargs="*", default=None, metavar="VARIANT",
+                    help="also run tunekit with TUNEKIT_SPEEDUPS=off for these variants (none named: all)")
+    ap.add_argument("--ablate", nargs="*", default=[], metavar="OPT",
+                    help="also run tunekit qlora with each named speed-up off (TUNEKIT_SPEEDUPS=-OPT)")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (tunekit only)")
+    ap.add_argument("--check-loss", action="store_true")
+    ap.add_argument("--loss-steps", type=int, default=30)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    ap.add_argument("--out", default=None, help="directory for results.jsonl")
+    ap.add_argument("--_job", help=argparse.SUPPRESS)
+    ap.add_argument("--_params", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a._job:
+        p = json.loads(a._params)
+        fn = {"build": build_model, "plain": plain_run, "tunekit": tunekit_run}[a._job]
+        print("RESULT " + json.dumps(fn(p)), flush=True)
+        return 0
+
+    import torch
+    from transformers import AutoTokenizer
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    seq = a.seq or (2048 if a.shape != "tiny" else 128)
+    layers = a.layers
+    model_dir = f"/tmp/tunekit-bench/{a.shape}" + (f"-L{layers}" if layers else "") + f"-{device}"
+    base = {"model": model_dir, "shape": a.shape, "layers": layers, "device": device, "seq": seq,
+            "batch": a.batch, "rank": a.rank, "lr": a.lr, "seed": a.seed, "steps": a.steps, "warmup": a.warmup,
+            "loss_steps": a.loss_steps, "check": a.check_loss}
+    meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
+            "argv": " ".join(sys.argv), "device": device,
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "versions": versions()}
+    print(json.dumps(meta), flush=True)
+    built = child("build", base)
+    print(json.dumps({"build": built}), flush=True)
+    if "error" in built:
+        return 1
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = Path(tempfile.mkdtemp(prefix="tk-bench-data-")) / "train.jsonl"
+    if a.check_loss:
+        rng = random.Random(a.seed)
+        lengths = [seq] + [rng.randint(max(PROMPT_TOKENS + 4, seq // 2), seq) for _ in range(a.batch - 1)]
+        rows = make_rows(tok, a.batch, lengths, a.seed)
+    else:
+        rows = make_rows(tok, a.batch * (a.warmup + a.steps), [seq] * (a.batch * (a.warmup + a.steps)), a.seed)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base["data"] = str(data)
+
+    results = []
+
+    def record(variant: str, impl: str, res: dict, extra: dict | None = None) -> dict:
+        rec = {"variant": variant, "impl": impl, **(extra or {})}
+        if a.check_loss:
+            rec["losses"] = res.get("losses")
+            if "error" in res:
+                rec["error"] = res["error"]
+        else:
+            rec.update(summarize(res, a.warmup))
+        if "error" in res:
+            rec["stdout_tail"] = res.get("stdout_tail", "")[-800:]
+        rec["wall_s"] = res.get("wall_s")
+        results.append(rec)
+        print(json.dumps(rec), flush=True)
+        return rec
+
+    if a.check_loss:
+        return check_loss(a, base, record, meta)
+
+    plain_cache: dict[str, dict] = {}
+    for v in a.variant:
+        plain_variant = "qlora" if v == "auto" else v
+        if not a.no_plain and plain_variant not in plain_cache:
+            plain_cache[plain_variant] = record(plain_variant, "plain", child("plain", {**base, "variant": plain_variant}))
+        budget = a.qlora_budget_gib if (v in ("qlora", "dora") and a.qlora_budget_gib and device == "cuda") else None
+        p = {**base, "variant": v, "budget_gib": budget}
+        tk = record(v, "tunekit", child("tunekit", p), {"budget_gib": budget})
+        if a.attribution is not None and (not a.attribution or v in a.attribution):
+            record(v, "tunekit_speedups_off", child("tunekit", p, {"TUNEKIT_SPEEDUPS": "off"}), {"budget_gib": budget})
+        if v == "qlora":
+            for opt in a.ablate:
+                record(v, f"tunekit_without_{opt}", child("tunekit", p, {"TUNEKIT_SPEEDUPS": f"-{opt}"}),
+                       {"budget_gib": budget})
+        ref = plain_cache.get(plain_variant)
+        if ref and tk.get("tokens_per_s") and ref.get("tokens_per_s"):
+            tk["ratio_vs_plain_" + plain_variant] = round(tk["tokens_per_s"] / ref["tokens_per_s"], 3)
+    table(results, plain_cache, meta)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        with open(Path(a.out) / "results.jsonl", "a") as f:
+            for r in [meta] + results:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+def table(results: list[dict], plain: dict, meta: dict) -> None:
+    q = (plain.get("qlora") or {}).get("tokens_per_s")
+    tk_q = next((r.get("tokens_per_s") for r in results if r["variant"] == "qlora" and r["impl"] == "tunekit"), None)
+    print(f"\n{meta['date']} commit {meta['commit']} on {meta['gpu'] or meta['device']}")
+    print(f"{'variant':10} {'impl':30} {'tok/s':>9} {'peak GiB':>9} {'x plain':>8} {'x plain qlora':>13}  notes")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:10} {r['impl']:30} ERROR {r['error']}")
+            continue
+        ref = (plain.get("qlora" if r["variant"] == "auto" else r["variant"]) or {}).get("tokens_per_s")
+        tps = r["tokens_per_s"]
+        notes = []
+        if r["impl"] != "plain":
+            notes.append(f"ckpt {r.get('checkpointed_layers')}")
+            if r["variant"] == "dora" and tk_q and r["impl"] == "tunekit":
+                notes.append(f"{100 * (1 - tps / tk_q):+.1f}% slower than tunekit qlora")
+        print(f"{r['variant']:10} {r['impl']:30} {tps:9.0f} {r['peak_gib'] if r['peak_gib'] is not None else '-':>9} "
+              f"{(tps / ref if ref else float('nan')):8.2f} {(tps / q if q else float('nan')):13.2f}  {'; '.join(notes)}")
+
+
+def check_loss(a, base: dict, record, meta: dict) -> int:
+    ok = True
+    for v in a.variant:
+        pv = "qlora" if v == "auto" else v
+        plain = record(pv, "plain", child("plain", {**base, "variant": pv}))
+        noise = record(pv, "plain_seed+1", child("plain", {**base, "variant": pv, "seed": a.seed + 1}))
+        tk = record(v, "tunekit", child("tunekit", {**base, "variant": v}))
+        if any("error" in r for r in (plain, noise, tk)):
+            ok = False
+            continue
+        n = min(len(plain["losses"]), len(tk["losses"]), len(noise["losses"]))
+        d_tk = max(abs(x - y) for x, y in zip(tk["losses"][:n], plain["losses"][:n]))
+        d_seed = max(abs(x - y) for x, y in zip(noise["losses"][:n], plain["losses"][:n]))
+        match = d_tk <= max(d_seed, 1e-4)
+        ok &= match
+        print(json.dumps({"variant": v, "steps": n, "max_abs_diff_tunekit_vs_plain": round(d_tk, 5),
+                          "max_abs_diff_plain_seed_vs_seed+1": round(d_seed, 5), "match": match,
+                          "plain_first_last": [round(plain["losses"][0], 4), round(plain["losses"][n - 1], 4)],
+                          "tunekit_first_last": [round(tk["losses"][0], 4), round(tk["losses"][n - 1], 4)]}), flush=True)
+        for i in range(n):
+            print(f"  {v:9} step {i + 1:3}  plain {plain['losses'][i]:.4f}  tunekit {tk['losses'][i]:.4f}  "
+                  f"plain(seed+1) {noise['losses'][i]:.4f}")
+    print(f"{meta['date']} commit {meta['commit']}: loss curves {'MATCH' if ok else 'DIFFER'}", flush=True)
+    return 0 if ok else 1
+
+
+def git_commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # the device machine gets the working tree without .git
+        return os.environ["BENCH_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for n in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger_kernel", "accelerate"):
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

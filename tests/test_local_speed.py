@@ -1,0 +1,263 @@
+"""speed.py: each optimisation trains to the same loss/adapter as the path without it (tiny Llama, CPU).
+
+Liger's kernels are Triton (CUDA only): their test is skipped without a GPU; on the GPU,
+benchmarks/train_throughput.py --check-loss compares the whole fast path with the plain recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+from tunekit._exceptions import ConfigError  # noqa: E402
+from tunekit.backends.local import memory, speed  # noqa: E402
+from tunekit.backends.local.train import TrainCallbacks, train  # noqa: E402
+from tunekit.schemas.spec import TrainingSpec  # noqa: E402
+
+GiB = 2**30
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, model_type="llama")
+
+
+def spec_for(model: Path, **kw) -> TrainingSpec:
+    hp = {"batch_size": 4, "learning_rate": 5e-3, "max_length": 64, "warmup_ratio": 0.0, "epochs": 2,
+          **kw.pop("hp", {})}
+    adapter = {"r": 8, "alpha": 16, "dropout": 0.1, **kw.pop("adapter", {})}
+    return TrainingSpec(base_model=str(model), hyperparameters=hp, adapter=adapter, **kw)
+
+
+def rows_file(tmp_path: Path, n: int = 16) -> Path:
+    # varied lengths, so batches carry padding
+    rows = [{"prompt": f"Q{i}: " + "x" * (i % 5), "response": f" A{i % 4}" + "y" * (i % 7)} for i in range(n)]
+    p = tmp_path / "t.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+class Losses(TrainCallbacks):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.events: list[str] = []
+
+    def on_step(self, step, metrics):
+        self.losses.append(metrics["loss"])
+
+    def on_event(self, level, message):
+        self.events.append(message)
+
+
+def run(tmp_path: Path, name: str, spec: TrainingSpec, monkeypatch, speedups: str, **kw):
+    monkeypatch.setenv(speed.ENV, speedups)
+    cb = Losses()
+    out = train(spec, rows_file(tmp_path), tmp_path / name, callbacks=cb, max_steps=6, **kw)
+    return out, cb
+
+
+def adapter_tensors(out) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out.adapter_path) / "adapter_model.safetensors"))
+
+
+def assert_same_training(a, b, *, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    import torch
+
+    (out_a, cb_a), (out_b, cb_b) = a, b
+    assert len(cb_a.losses) == len(cb_b.losses) == 6
+    assert cb_a.losses == pytest.approx(cb_b.losses, abs=2e-4)  # the trainer logs 4 decimals
+    ta, tb = adapter_tensors(out_a), adapter_tensors(out_b)
+    assert ta.keys() == tb.keys() and ta
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=rtol, atol=atol, msg=k)
+    # training moved the adapter: equal adapters are not two untouched initialisations
+    assert any(float(t.abs().max()) > 0 for k, t in ta.items() if "lora_B" in k)
+
+
+# ----------------------------------------------------------------------------- equal loss, one optimisation at a time
+
+@pytest.mark.slow
+def test_fast_lora_trains_like_peft(tiny_model, tmp_path, monkeypatch):
+    spec = spec_for(tiny_model, quantization="none")
+    fast = run(tmp_path, "fast", spec, monkeypatch, "")
+    slow = run(tmp_path, "peft", spec, monkeypatch, "-fast_lora")
+    sp = fast[0].extra["speed"]
+    assert sp["enabled"]["fast_lora"] and sp["applied"]["fast_lora_modules"] == 2 * 7  # 2 layers x all-linear
+    assert not slow[0].extra["speed"]["enabled"]["fast_lora"]
+    assert_same_training(fast, slow)  # dropout 0.1 too: same RNG draws in the same order
+
+
+@pytest.mark.slow
+def test_fast_dora_trains_like_peft(tiny_model, tmp_path, monkeypatch):
+    spec = spec_for(tiny_model, quantization="none", adapter={"use_dora": True})
+    fast = run(tmp_path, "fast", spec, monkeypatch, "")
+    slow = run(tmp_path, "peft", spec, monkeypatch, "-fast_dora")
+    assert fast[0].extra["speed"]["applied"]["fast_dora_modules"] == 14
+    assert "fast_dora_modules" not in slow[0].extra["speed"]["applied"]
+    assert_same_training(fast, slow)
+
+
+@pytest.mark.slow
+def test_bf16_kbit_qlora_trains_like_prepare_model_for_kbit_training(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    spec = spec_for(tiny_model, quantization="nf4", adapter={"dropout": 0.0})
+    fast = run(tmp_path, "fast", spec, monkeypatch, "")
+    slow = run(tmp_path, "peft", spec, monkeypatch, "-bf16_kbit,-fast_lora")
+    assert fast[0].extra["base_linear_class"] == "Linear4bit"
+    assert fast[0].extra["speed"]["enabled"]["bf16_kbit"] and not slow[0].extra["speed"]["enabled"]["bf16_kbit"]
+    assert_same_training(fast, slow, rtol=2e-3, atol=1e-5)  # TRL keeps QLoRA adapters in bf16
+
+
+@pytest.mark.slow
+def test_checkpointing_all_some_or_no_layers_gives_the_same_training(tiny_model, tmp_path, monkeypatch):
+    spec = spec_for(tiny_model, quantization="none")
+    none = run(tmp_path, "none", spec, monkeypatch, "", gradient_checkpointing=False)
+    full = run(tmp_path, "all", spec, monkeypatch, "", gradient_checkpointing=True)
+    assert none[0].extra["speed"]["checkpointed_layers"] == 0 and not none[0].gradient_checkpointing
+    assert full[0].extra["speed"]["applied"]["checkpointed_layers"] == 2 and full[0].gradient_checkpointing
+    assert_same_training(none, full, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_partial_checkpointing_gives_the_same_gradients(tiny_model):
+    """The per-layer policy (first k layers checkpointed) leaves gradients unchanged, whatever k."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for k in (0, 1, 2):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                               LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+        model.train()
+        assert speed.set_checkpointing(model.get_base_model(), k) == k
+        layers = model.get_base_model().model.layers
+        assert [bool(layer.gradient_checkpointing) for layer in layers] == [i < k for i in range(2)]
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for g in grads[1:]:
+        for n in grads[0]:
+            torch.testing.assert_close(g[n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the pieces, directly
+
+def test_dora_norm_matches_the_direct_norm_and_follows_updates():
+    import torch
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(48, 32, bias=False)
+    A = torch.nn.Parameter(torch.randn(4, 48, generator=g))
+    B = torch.nn.Parameter(torch.randn(32, 4, generator=g))
+    layer = DoraLinearLayer(fan_in_fan_out=False)
+    direct = torch.linalg.norm(base.weight + 0.5 * (B @ A), dim=1)
+    got = speed.dora_weight_norm(layer, base, A, B, 0.5)
+    torch.testing.assert_close(got, direct.detach(), rtol=1e-5, atol=1e-6)
+    assert speed.dora_weight_norm(layer, base, A, B, 0.5) is got  # cached while A and B are unchanged
+    with torch.no_grad():
+        B.add_(1.0)  # an in-place optimizer update bumps the version counter
+    again = speed.dora_weight_norm(layer, base, A, B, 0.5)
+    torch.testing.assert_close(again, torch.linalg.norm(base.weight + 0.5 * (B @ A), dim=1).detach(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fast_lora_forward_equals_peft_forward_on_nf4(tiny_model):
+    """Linear4bit (bitsandbytes NF4 on CPU): same output and same adapter gradients as PEFT's forward."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    res = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q)
+        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+        if fast:
+            assert speed.patch_lora(m) == 14
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        res.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-5, atol=1e-6)
+    for n, g in res[0][1].items():
+        torch.testing.assert_close(res[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_liger_kernels_patch_the_model_and_train_on_cuda(tiny_model):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("Liger's kernels are Triton (CUDA only); the GPU benchmark's --check-loss covers them")
+    pytest.importorskip("liger_kernel")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 200, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    losses = []
+    for liger in (False, True):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda()
+        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear"))
+        sp = speed.SpeedPlan({"liger": liger}, {}, 2, 0)
+        speed.apply(m, sp)
+        with torch.no_grad():
+            losses.append(float(m(input_ids=ids, labels=ids).loss))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_plan_checkpoints_only_the_layers_the_budget_needs():
+    spec = TrainingSpec(base_model="x", quantization="nf4", hyperparameters={"batch_size": 4, "max_length": 2048},
+                        adapter={"r": 16})
+
+    def est(ck):
+        return memory.estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization="nf4", r=16,
+                               gradient_checkpointing=ck, **speed.estimate_kwargs(spec))
+
+    full, none = est(True).total_bytes, est(False).total_bytes
+    kw = dict(gradient_checkpointing=True, auto_checkpointing=True, estimate=est)
+    roomy = speed.plan(spec, LLAMA_8B, "cuda", True, budget_bytes=int(none / memory.HEADROOM) + GiB, **kw)
+    tight = speed.plan(spec, LLAMA_8B, "cuda", True, budget_bytes=int(full / memory.HEADROOM) + 1, **kw)
+    middle = speed.plan(spec, LLAMA_8B, "cuda", True, budget_bytes=20 * GiB, **kw)
+    assert roomy.checkpointed_layers == 0 and "not needed" in roomy.reasons["checkpointing"]
+    assert tight.checkpointed_layers == 32
+    assert 0 < middle.checkpointed_layers < 32
+    assert middle.memory_estimate_bytes <= memory.HEADROOM * 20 * GiB
+    # the caller forcing it wins; CPU runs default to none
+    forced = speed.plan(spec, LLAMA_8B, "cuda", True, budget_bytes=200 * GiB, gradient_checkpointing=True,
+                        auto_checkpointing=False, estimate=est)
+    assert forced.checkpointed_layers == 32
+    cpu = speed.plan(spec, LLAMA_8B, "cpu", True, budget_bytes=None, gradient_checkpointing=False,
+                     auto_checkpointing=True)
+    assert cpu.checkpointed_layers == 0 and not cpu.on("liger") and "CUDA" in cpu.reasons["liger"]
+
+
+def test_estimate_for_the_fast_path_drops_the_logits_and_the_fp32_upcast():
+    kw = dict(micro_batch=4, max_length=2048, quantization="nf4", r=16, gradient_checkpointing=True)
+    plain = memory.estimate(LLAMA_8B, **kw)
+    fast = memory.estimate(LLAMA_8B, **kw, fused_lm_head=True, kbit_upcast=False)
+    # the plain recipe's calibration point (27.3 GiB allocated, measured) is unchanged by default
+    allocated = plain.total_bytes - plain.breakdown["overhead"]
+    assert 26 * GiB < allocated < 28.5 * GiB
+    saved = plain.total_bytes - fast.total_bytes
+    logits = 4 * 2048 * 128256 * 12  # the B x S x V logits and their fp32 companions
+    assert saved > logits  # plus the bf16 embeddings/head and the bf16 residual stream
+    assert fast.breakdown["weights"] < plain.breakdown["weights"]
+    assert fast.total_bytes < 20 * GiB
+
+
+def test_speedups_env_switch(monkeypatch):
+    monkeypatch.setenv(speed.ENV, "off")
+    assert speed.disabled() == set(speed.OPTIMISATIONS)
+    monkeypatch.setenv(speed.ENV, "-liger, -fast_dora")
+    assert speed.disabled() == {"liger", "fast_dora"}
+    monkeypatch.setenv(speed.ENV, "-warp_drive")
+    with pytest.raises(ConfigError) as e:
+        speed.disabled()
+    assert e.value.field == speed.ENV

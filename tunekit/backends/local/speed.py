@@ -1,0 +1,306 @@
+"""Speed-ups of the local training path: decided per run (`plan`), applied to the PEFT model (`apply`).
+
+Nothing here changes what is trained (same spec, same loss up to rounding; tests/test_local_speed.py checks
+each one against the path without it). What each optimisation does, and why it pays:
+
+  liger        Liger's Triton RMSNorm, SwiGLU and RoPE kernels on the decoder (CUDA only). Its fused linear
+               cross-entropy is not used: TRL's SFTTrainer already runs its own chunked LM head, so the
+               batch x seq x vocab logits are never materialised.
+  bf16_kbit    QLoRA without `prepare_model_for_kbit_training`'s fp32 upcast of the embeddings, LM head and
+               norms: the residual stream stays bf16 (half the checkpointed activations, no fp32<->bf16 casts
+               around every matmul). bf16 autocast already does the matmuls in bf16.
+  fast_lora    the LoRA update folded into one GEMM epilogue: addmm(base_out, A(x), B^T, alpha=scaling)
+               instead of B(A(x)) -> * scaling -> + base_out (and QLoRA's defensive clone): 4-6 fewer passes over
+               every adapted layer's output, forward and backward.
+  fast_dora    DoRA's weight norm ||W + s*B@A|| (detached by design) from cached ||W||^2 plus two rank-r
+               products, once per optimizer step, instead of dequantizing W and materialising W + s*B@A in
+               every forward and again in the checkpoint recompute; the DoRA rescale stays in the activations'
+               dtype so the residual stream is not promoted to fp32.
+  checkpointing gradient checkpointing only on as many decoder layers as the memory budget needs (the rest
+               keep their activations and skip the recompute); decided from memory.estimate.
+
+`TUNEKIT_SPEEDUPS` turns them off for diagnosis and benchmarks ("off", or "-liger,-fast_dora"); it is
+not part of the spec.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing")
+ENV = "TUNEKIT_SPEEDUPS"
+# model types Liger's instance patching covers and that were checked to share Llama's module layout
+LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def disabled() -> set[str]:
+    """Optimisations switched off by TUNEKIT_SPEEDUPS ("off"/"0"/"none" = all; "-a,-b" = those)."""
+    raw = os.environ.get(ENV, "").strip().lower()
+    if raw in ("off", "0", "none", "false"):
+        return set(OPTIMISATIONS)
+    out = {p.strip().lstrip("-") for p in raw.split(",") if p.strip().startswith("-")}
+    unknown = out - set(OPTIMISATIONS)
+    if unknown:
+        from ..._exceptions import ConfigError
+
+        raise ConfigError(f"{ENV}: unknown optimisation(s) {sorted(unknown)}", field=ENV,
+                          hint=f"known: {', '.join(OPTIMISATIONS)}; 'off' disables all")
+    return out
+
+
+@dataclass
+class SpeedPlan:
+    """Which speed-ups a run uses, and why (shown in the run's events and recorded in the outcome)."""
+
+    enabled: dict[str, bool]
+    reasons: dict[str, str]
+    num_layers: int
+    checkpointed_layers: int  # decoder layers under gradient checkpointing (the first ones); 0 = none
+    memory_estimate_bytes: int | None = None  # estimated peak with this checkpointing choice
+    notes: list[str] = field(default_factory=list)
+
+    def on(self, name: str) -> bool:
+        return bool(self.enabled.get(name))
+
+    def summary(self) -> str:
+        on = [k for k, v in self.enabled.items() if v and k != "checkpointing"]
+        ck = (f"checkpointing {self.checkpointed_layers}/{self.num_layers} layers" if self.checkpointed_layers
+              else "no checkpointing")
+        return f"speed-ups: {', '.join(on) or 'none'}; {ck} ({self.reasons.get('checkpointing', '')})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate_kwargs(spec: Any) -> dict[str, Any]:
+    """memory.estimate arguments describing the path train() really takes (fused LM head, bf16 QLoRA)."""
+    return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in disabled()}
+
+
+def _layers(cfg: dict[str, Any]) -> int:
+    c = cfg.get("text_config") or cfg
+    return int(c.get("num_hidden_layers") or c.get("n_layer") or 0)
+
+
+def plan(
+    spec: Any,
+    cfg: dict[str, Any],
+    device_type: str,
+    quantized: bool,
+    *,
+    gradient_checkpointing: bool,
+    auto_checkpointing: bool,
+    budget_bytes: int | None,
+    estimate: Any = None,
+) -> SpeedPlan:
+    """Decide the speed-ups of one run.
+
+    ``estimate(gradient_checkpointing: bool) -> MemoryEstimate`` is train()'s estimator for the resolved
+    quantization; with ``auto_checkpointing`` (the caller did not force it) and a known ``budget_bytes``, it
+    decides how many layers need checkpointing. ``device_type`` is "cuda" or "cpu".
+    """
+    off = disabled()
+    cuda = device_type == "cuda"
+    model_type = (cfg.get("text_config") or cfg).get("model_type", "")
+    en: dict[str, bool] = {}
+    why: dict[str, str] = {}
+
+    def decide(name: str, ok: bool, reason: str) -> None:
+        en[name] = ok and name not in off
+        why[name] = f"disabled by {ENV}" if (ok and name in off) else reason
+
+    liger_ok, liger_why = False, "CUDA only (Triton kernels)"
+    if cuda:
+        if model_type not in LIGER_MODEL_TYPES:
+            liger_why = f"model type {model_type!r} not covered"
+        elif not _importable("liger_kernel") or not _importable("triton"):
+            liger_why = "liger-kernel/triton not installed"
+        else:
+            liger_ok, liger_why = True, "RMSNorm, SwiGLU, RoPE kernels (the LM head is TRL's chunked one)"
+    decide("liger", liger_ok, liger_why)
+    decide("bf16_kbit", quantized, "QLoRA: embeddings/LM head/norms stay bf16 (no fp32 upcast)" if quantized
+           else "not quantized")
+    decide("fast_lora", True, "LoRA update as one addmm epilogue")
+    decide("fast_dora", bool(spec.adapter.use_dora), "cached DoRA weight norm" if spec.adapter.use_dora
+           else "no DoRA")
+
+    n = _layers(cfg)
+    ckpt, est_bytes = (n if gradient_checkpointing else 0), None
+    if not gradient_checkpointing:
+        why["checkpointing"] = "off" + (" (CPU: tiny models train faster without)" if not cuda else "")
+    elif "checkpointing" in off or not auto_checkpointing or not budget_bytes or estimate is None or n == 0:
+        why["checkpointing"] = ("all layers (" + ("disabled by " + ENV if "checkpointing" in off
+                                                   else "requested" if not auto_checkpointing
+                                                   else "no memory budget known") + ")")
+    else:
+        ckpt, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, estimate)
+    en["checkpointing"] = ckpt > 0
+    return SpeedPlan(en, why, n, ckpt, est_bytes)
+
+
+def _checkpoint_layers(n: int, budget: int, estimate: Any) -> tuple[int, int, str]:
+    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check)."""
+    from .memory import HEADROOM
+
+    full, none = estimate(True), estimate(False)
+    per_layer = max(1, (none.total_bytes - full.total_bytes) / n)
+    room = HEADROOM * budget - full.total_bytes
+    keep = int(max(0, min(n, room // per_layer)))  # layers that keep their activations
+    peak = int(full.total_bytes + keep * per_layer)
+    gib = 2**30
+    if keep == n:
+        reason = f"not needed: ~{none.total_bytes / gib:.1f} GiB without it fits {budget / gib:.1f} GiB"
+    else:
+        reason = (f"{n - keep} of {n} layers so that ~{peak / gib:.1f} GiB fits {budget / gib:.1f} GiB "
+                  f"(~{per_layer / gib:.2f} GiB per un-checkpointed layer)")
+    return n - keep, peak, reason
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# ------------------------------------------------------------------------------------------------ apply
+
+def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
+    """Apply the plan to a PEFT model (after get_peft_model, before the trainer). Returns what was done."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    done: dict[str, Any] = {}
+    if sp.on("liger"):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # TRL's chunked LM head already avoids the logits, and TRL refuses Liger's fused cross-entropy
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+        done["liger"] = True
+    if sp.on("fast_lora"):
+        done["fast_lora_modules"] = patch_lora(model)
+    if sp.on("fast_dora"):
+        done["fast_dora_modules"] = patch_dora(model)
+    done["checkpointed_layers"] = set_checkpointing(base, sp.checkpointed_layers)
+    return done
+
+
+def set_checkpointing(base: Any, layers: int) -> int:
+    """Non-reentrant gradient checkpointing on the first ``layers`` decoder layers, none on the others."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if layers <= 0:  # also undoes prepare_model_for_kbit_training's blanket enable
+        for m in base.modules():
+            if isinstance(getattr(m, "gradient_checkpointing", None), bool):
+                m.gradient_checkpointing = False
+        return 0
+    kw = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    for i, m in enumerate(blocks):
+        m.gradient_checkpointing = i < layers
+    return sum(bool(m.gradient_checkpointing) for m in blocks)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+def patch_lora(model: Any) -> int:
+    """Give every PEFT LoRA Linear / Linear4bit the fused forward; returns how many were patched."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and type(m).__name__ in ("Linear", "Linear4bit") and "_tk_forward" not in vars(m):
+            m._tk_forward = m.forward  # the bound original, for every case the fast path does not cover
+            m.forward = types.MethodType(_fast_lora_forward, m)
+            n += 1
+    return n
+
+
+def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        return self._tk_forward(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or self.use_dora.get(name):
+        return self._tk_forward(x, *args, **kwargs)
+    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    if lora_B.bias is not None or lora_A.bias is not None:
+        return self._tk_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    x = self._cast_input_dtype(x, lora_A.weight.dtype)
+    h = lora_A(self.lora_dropout[name](x))
+    w = lora_B.weight
+    if not torch.is_autocast_enabled(result.device.type) and not (h.dtype == w.dtype == result.dtype):
+        # mixed dtypes without autocast: PEFT's own promotion rules apply
+        return (result + lora_B(h) * self.scaling[name]).to(result.dtype)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), w.t(),
+                      alpha=self.scaling[name])
+    return out.view(result.shape).to(result.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ DoRA
+
+def patch_dora(model: Any) -> int:
+    """Give every DoRA linear layer the cached-norm forward; returns how many were patched."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    n = 0
+    for m in model.modules():
+        if type(m) is DoraLinearLayer and not m.fan_in_fan_out and "_tk_forward" not in vars(m):
+            m._tk_forward = m.forward
+            m.forward = types.MethodType(_fast_dora_forward, m)
+            n += 1
+    return n
+
+
+def dora_weight_norm(layer: Any, base_layer: Any, A: Any, B: Any, scaling: float) -> Any:
+    """||W_i + s (B A)_i|| per output row, fp32, without materialising W + s B A.
+
+    ||W_i||^2 + 2 s <W_i A^T, B_i> + s^2 B_i (A A^T) B_i^T: ||W||^2 is cached (W is frozen), the rest needs
+    W A^T (out x r) once per optimizer step; the value is cached until A or B change (their version counter
+    moves on every in-place optimizer update), so the checkpoint recompute reuses it.
+    """
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
+
+    key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.dtype, B.dtype, float(scaling))
+    cached = layer.__dict__.get("_tk_norm")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        W = dequantize_module_weight(base_layer)
+        wkey = (base_layer.weight.data_ptr(), W.shape)
+        wsq = layer.__dict__.get("_tk_wsq")
+        if wsq is None or wsq[0] != wkey:
+            wsq = (wkey, W.float().pow(2).sum(1))
+            layer._tk_wsq = wsq
+        Af, Bf = A.float(), B.float()
+        WA = (W @ A.to(W.dtype).t()).float()  # out x r, one pass over W
+        cross = (WA * Bf).sum(1)
+        quad = ((Bf @ (Af @ Af.t())) * Bf).sum(1)
+        norm = (wsq[1] + (2 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
+    layer._tk_norm = (key, norm)
+    return norm
+
+
+def _fast_dora_forward(self: Any, x: Any, *, lora_A: Any, lora_B: Any, scaling: float, base_layer: Any,
+                       base_result: Any = None, adapter_name: str = "default") -> Any:
+    import torch.nn.functional as F
+    from peft.utils.integrations import dequantize_module_weight
+
+    norm = dora_weight_norm(self, base_layer, lora_A.weight, lora_B.weight, scaling)
+    scale = self.weight / norm  # magnitude (trainable) / detached norm, fp32
+    lora_result = lora_B(lora_A(x))
+    if base_result is None:  # dropout active: the base output of the un-dropped input is not available
+        base_result = F.linear(x, dequantize_module_weight(base_layer).to(x.dtype))
+    elif base_layer.bias is not None:
+        base_result = base_result - base_layer.bias
+    # (scale - 1) is formed in fp32 (it is small), then both factors go to the activations' dtype
+    dt = base_result.dtype
+    return (scale - 1).to(dt).view(1, -1) * base_result + (scale * scaling).to(dt).view(1, -1) * lora_result.to(dt)
