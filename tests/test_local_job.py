@@ -19,7 +19,7 @@ import pytest
 
 import tunekit
 from tunekit._exceptions import JobStateError, ResourceError
-from tunekit.backends.local.backend import job_dir, worker_alive
+from tunekit.backends.local.process import job_dir, worker_alive
 from tunekit.backends.local.plot import plot_metrics, terminal_plot
 from tunekit.schemas.job import JobStatus
 from tunekit.store import default_store

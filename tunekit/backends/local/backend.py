@@ -20,31 +20,37 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..._exceptions import ConfigError, JobStateError
 from ..._settings import tunekit_home
-from ...schemas.job import JobResult, JobStatus, Plan, RemoteState
+from ...schemas.job import JobStatus, Plan, RemoteState
 from ...schemas.spec import TrainingSpec
 from ..base import Backend, PlanContext, Refuse, Rule, Send
+from .process import (
+    _CHILDREN,
+    WORKER_MODULE,
+    _partial_result,
+    _store,
+    find_worker_pid,
+    job_dir,
+    job_lock,
+    last_checkpoint,
+    transition,
+    worker_alive,
+)
 
 if TYPE_CHECKING:
     from ...store import JobRecord, Store
 
-WORKER_MODULE = "tunekit.backends.local.worker"
 GiB = 1024**3
-# A worker on another host (shared TUNEKIT_HOME) cannot be checked by pid: its heartbeat must be this fresh.
-STALE_HEARTBEAT_S = 120.0
 # A row still 'created' with no worker this long after creation never got one (the caller died first).
 NEVER_STARTED_S = 60.0
 # resume waits this long for the previous worker to exit after it wrote its final status
 EXIT_WAIT_S = 15.0
 ACTIVE = (JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.UNKNOWN)
 
-# pid -> Popen of workers this process started: poll() tells a live child from a zombie and reaps it.
-_CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,116 +434,3 @@ def _model_config(base: str) -> tuple[dict[str, Any] | None, str | None]:
 
         return json.loads(Path(path).read_text()), None
     return None, f"{base}: config.json is neither a local directory nor in the Hugging Face cache yet"
-
-
-# ---------------------------------------------------------------------------------------------------
-# job directory, locks, liveness
-
-def _store() -> "Store":
-    from ...store import default_store
-
-    return default_store()
-
-
-def job_dir(job_id: str) -> Path:
-    return tunekit_home() / "jobs" / job_id
-
-
-def output_dir(rec: "JobRecord") -> Path:
-    opt = ((rec.request or {}).get("options") or {}).get("output_dir")
-    return Path(opt) if opt else job_dir(rec.id) / "output"
-
-
-@contextmanager
-def job_lock(job_id: str) -> Iterator[None]:
-    """An exclusive per-job lock between processes (released by the OS if the holder dies)."""
-    jdir = job_dir(job_id)
-    jdir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no cross-process lock; the status writes are still single statements
-        yield
-        return
-    with open(jdir / ".lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def transition(store: "Store", job_id: str, to: JobStatus, allowed_from: tuple[JobStatus, ...] | frozenset,
-               **fields: Any) -> "JobRecord | None":
-    """Set ``status=to`` (and ``fields``) only if the current status is in ``allowed_from``; None if not."""
-    with job_lock(job_id):
-        if store.get_job(job_id).status not in allowed_from:
-            return None
-        return store.update_job(job_id, status=to, **fields)
-
-
-def worker_alive(rec: "JobRecord") -> bool:
-    """Is this job's worker process running? (pid reuse and zombies count as gone)."""
-    if rec.pid is None:
-        return False
-    host = (rec.progress or {}).get("host")
-    if host and host != socket.gethostname():  # cannot see that pid from here: trust a fresh heartbeat
-        return rec.heartbeat_at is not None and time.time() - rec.heartbeat_at < STALE_HEARTBEAT_S
-    child = _CHILDREN.get(rec.pid)
-    if child is not None:
-        return child.poll() is None
-    try:
-        os.kill(rec.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    proc = Path(f"/proc/{rec.pid}")
-    if proc.is_dir():
-        try:
-            if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return False  # exited; its parent has not reaped it yet
-            cmdline = proc.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            return WORKER_MODULE in cmdline and rec.id in cmdline  # else the pid was reused
-        except (OSError, IndexError):
-            return False
-    return True
-
-
-def find_worker_pid(job_id: str) -> int | None:
-    """The pid of a running worker for ``job_id`` on this host (Linux /proc), if any."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return None
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if WORKER_MODULE.encode() in argv and job_id.encode() in argv:
-            return int(entry.name)
-    return None
-
-
-def checkpoints(rec: "JobRecord") -> list[dict[str, Any]]:
-    """The job's checkpoints on disk, oldest first: [{"step": n, "path": ...}]."""
-    root = output_dir(rec) / "checkpoints"
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-            if m and (p / "trainer_state.json").is_file():
-                found.append({"step": int(m.group(1)), "path": str(p)})
-    return sorted(found, key=lambda c: c["step"])
-
-
-def last_checkpoint(rec: "JobRecord") -> str | None:
-    found = checkpoints(rec)
-    return found[-1]["path"] if found else None
-
-
-def _partial_result(rec: "JobRecord") -> JobResult:
-    """The checkpoints of a job that stopped without an adapter (kept for resume)."""
-    base = rec.result or JobResult()
-    return base.model_copy(update={"checkpoints": checkpoints(rec)})

@@ -16,14 +16,13 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from ..._exceptions import JobNotFoundError
 from ...schemas.job import JobEvent, JobResult, JobStatus
 from ...schemas.spec import TrainingSpec
 from ...store import Store, default_store
-from .backend import checkpoints, job_dir, output_dir, transition
+from .process import checkpoints, job_dir, output_dir, transition
 from .train import TrainCallbacks, TrainOutcome
 
 HEARTBEAT_S = 2.0
