@@ -89,3 +89,39 @@ def test_adapter_registry_filters():
     assert store.get_adapter(a.id).merge_check == {"top1_agreement": 1.0}
     store.remove_adapter(a.id)
     assert len(store.list_adapters()) == 1
+
+
+def test_compare_and_set_refuses_a_stale_status():
+    from tunekit.store.db import StaleWriteError
+
+    store = Store()
+    job = store.create_job("fake", {}, {})
+    store.update_job(job.id, status=JobStatus.RUNNING)  # e.g. the worker, meanwhile
+    with pytest.raises(StaleWriteError):
+        store.update_job(job.id, expect_status=JobStatus.CREATED, status=JobStatus.QUEUED)
+    assert store.get_job(job.id).status == JobStatus.RUNNING
+
+
+def test_apply_rereads_instead_of_overwriting_a_concurrent_status(monkeypatch):
+    """A backend view computed before the worker wrote 'succeeded' must not win."""
+    from tunekit.job import FineTuneJob
+    from tunekit.schemas.job import RemoteState
+
+    store = Store()
+    rec = store.create_job("fake", {}, {})
+    store.update_job(rec.id, status=JobStatus.RUNNING)
+    job = FineTuneJob(store.get_job(rec.id), store=store)
+    real_get = store.get_job
+    calls = {"n": 0}
+
+    def racing_get(job_id):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the worker finishes right after apply() read the row
+            snapshot = real_get(job_id)
+            store.update_job(job_id, status=JobStatus.SUCCEEDED)
+            return snapshot
+        return real_get(job_id)
+
+    monkeypatch.setattr(store, "get_job", racing_get)
+    job.apply(RemoteState(status=JobStatus.FAILED, error="stale view"))
+    assert real_get(rec.id).status == JobStatus.SUCCEEDED and job.status == JobStatus.SUCCEEDED

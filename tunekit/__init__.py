@@ -36,7 +36,12 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'tunekit' has no attribute {name!r}")
+        try:  # a submodule, e.g. tunekit.api, as after an eager import
+            return importlib.import_module(f"tunekit.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"tunekit.{name}":
+                raise
+            raise AttributeError(f"module 'tunekit' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

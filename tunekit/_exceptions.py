@@ -11,6 +11,7 @@
     ├── JobStateError               the operation does not fit the job's state (e.g. resume a running job)
     ├── ResourceError               the plan cannot fit the device (memory estimate, suggestions)
     ├── StoreError                  the SQLite store is unusable
+    │   └── StaleWriteError         a compare-and-set update lost to another process (read again)
     └── APIError                    a provider call failed (status, provider, request id; never a key)
         ├── BadRequestError         400 / 422
         ├── AuthenticationError     401
@@ -105,6 +106,10 @@ class ResourceError(TunekitError):
 
 
 class StoreError(TunekitError):
+    pass
+
+
+class StaleWriteError(StoreError):
     pass
 
 

@@ -95,28 +95,49 @@ class FineTuneJob:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def apply(self, state: RemoteState) -> "FineTuneJob":
-        """Write a backend's view of the job into the store (never downgrades a terminal status)."""
-        current = self._store.get_job(self.id)
-        fields: dict[str, Any] = {}
-        if current.status.terminal and state.status != current.status:
-            self._record = current
+        """Write a backend's view of the job into the store (never downgrades a terminal status).
+
+        A compare-and-set on the status: if another process (a local worker, another CLI) changed the
+        status since we read it, read again and decide again instead of overwriting its news.
+        """
+        from .store.db import StaleWriteError
+
+        for _ in range(5):
+            current = self._store.get_job(self.id)
+            fields = self._changes(current, state)
+            if not fields:
+                self._record = current
+                return self
+            try:
+                self._record = self._store.update_job(self.id, expect_status=current.status, **fields)
+            except StaleWriteError:
+                continue
+            if self._record.status == JobStatus.SUCCEEDED and current.status != JobStatus.SUCCEEDED:
+                self._register_result()
             return self
+        self._record = self._store.get_job(self.id)
+        return self
+
+    @staticmethod
+    def _changes(current: JobRecord, state: RemoteState) -> dict[str, Any]:
+        if current.status.terminal and state.status != current.status:
+            return {}
+        fields: dict[str, Any] = {}
         if state.remote_id and state.remote_id != current.remote_id:
             fields["remote_id"] = state.remote_id
-        if state.raw_status is not None:
+        if state.raw_status is not None and state.raw_status != current.raw_status:
             fields["raw_status"] = state.raw_status
         if state.status != current.status:
             fields["status"] = state.status
-        if state.error is not None:
+        if state.error is not None and state.error != current.error:
             fields["error"] = state.error
-        if state.result is not None:
+        if state.result is not None and state.result != current.result:
             fields["result"] = state.result
         if state.progress:
-            fields["progress"] = {**current.progress, **state.progress}
-        self._record = self._store.update_job(self.id, **fields) if fields else current
-        if self._record.status == JobStatus.SUCCEEDED and current.status != JobStatus.SUCCEEDED:
-            self._register_result()
-        return self
+            merged = {**current.progress, **state.progress}
+            if merged != current.progress:
+                fields["progress"] = merged
+        return fields
 
     def _register_result(self) -> None:
         """Put a managed job's model into the adapter registry (local workers register their own)."""

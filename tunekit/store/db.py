@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .._exceptions import JobNotFoundError, StoreError
+from .._exceptions import JobNotFoundError, StaleWriteError, StoreError
 from .._settings import state_db_path
 from ..schemas.job import JobEvent, JobResult, JobStatus
 from .migrations import MIGRATIONS
@@ -182,12 +182,15 @@ class Store:
     _UPDATABLE = frozenset({"status", "raw_status", "remote_id", "request", "result", "error", "progress",
                             "pid", "heartbeat_at", "data"})
 
-    def update_job(self, job_id: str, **fields: Any) -> JobRecord:
-        """Update columns; a status change also writes a status event."""
+    def update_job(self, job_id: str, *, expect_status: JobStatus | str | None = None, **fields: Any) -> JobRecord:
+        """Update columns in one transaction; a status change also writes a status event.
+
+        ``expect_status`` makes it a compare-and-set: if another process changed the status since the
+        caller read it, nothing is written and :class:`StaleWriteError` is raised (read again, decide again).
+        """
         unknown = set(fields) - self._UPDATABLE
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}")
-        old = self.get_job(job_id)
         cols, args = [], []
         for key, value in fields.items():
             if key == "status":
@@ -196,19 +199,26 @@ class Store:
                 value = _dump(value)
             cols.append(f"{key} = ?")
             args.append(value)
+        now = time.time()
         cols.append("updated_at = ?")
-        args.append(time.time())
+        args.append(now)
         with self._write() as c:
+            row = c.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"no job {job_id!r} in {self.path}", hint="list jobs with `tunekit jobs list`")
+            old_status = row["status"]
+            if expect_status is not None and old_status != JobStatus(expect_status).value:
+                raise StaleWriteError(f"job {job_id} changed to {old_status} meanwhile")
             c.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id = ?", (*args, job_id))
-        new = self.get_job(job_id)
-        if new.status != old.status:
-            level = "error" if new.status == JobStatus.FAILED else "info"
-            msg = f"status {old.status.value} -> {new.status.value}"
-            if new.status == JobStatus.FAILED and new.error:
-                msg += f": {new.error}"
-            self.add_event(job_id, JobEvent(created_at=time.time(), level=level, type="status", message=msg,
-                                            data={"status": new.status.value, "raw_status": new.raw_status}))
-        return new
+            new_status = fields.get("status")
+            if new_status is not None and JobStatus(new_status).value != old_status:
+                new = JobStatus(new_status)
+                error = fields.get("error")
+                msg = f"status {old_status} -> {new.value}" + (f": {error}" if new == JobStatus.FAILED and error else "")
+                data = {"status": new.value, "raw_status": fields.get("raw_status")}
+                c.execute("INSERT INTO events (job_id, created_at, level, type, message, data) VALUES (?, ?, ?, ?, ?, ?)",
+                          (job_id, now, "error" if new == JobStatus.FAILED else "info", "status", msg, _dump(data)))
+        return self.get_job(job_id)
 
     def delete_job(self, job_id: str) -> None:
         with self._write() as c:
