@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import contextmanager
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 from .._exceptions import (
     APIConnectionError,
@@ -139,32 +140,31 @@ class ManagedBackend(Backend):
         secrets = (self._api_key or env_credential(*self.api_key_env) or "",)
         return translate_sdk_error(exc, self.name, tuple(str.__str__(s) for s in secrets if s))
 
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """The one boundary where SDK exceptions become tunekit's (others pass through unchanged)."""
+        try:
+            yield
+        except APIError:
+            raise
+        except Exception as exc:
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
     def call(self, fn: Callable[..., Any], *args: Any, idempotent: bool = True, **kwargs: Any) -> Any:
         def once() -> Any:
-            try:
+            with self._translated():
                 return fn(*args, **kwargs)
-            except APIError:
-                raise
-            except Exception as exc:
-                translated = self._translate(exc)
-                if translated is exc:
-                    raise
-                raise translated from exc
 
         return retry_call(once, policy=self.retry_policy, idempotent=idempotent)
 
     async def acall(self, fn: Callable[..., Any], *args: Any, idempotent: bool = True, **kwargs: Any) -> Any:
         async def once() -> Any:
-            try:
+            with self._translated():
                 result = fn(*args, **kwargs)
                 return await result if inspect.isawaitable(result) else result
-            except APIError:
-                raise
-            except Exception as exc:
-                translated = self._translate(exc)
-                if translated is exc:
-                    raise
-                raise translated from exc
 
         return await retry_call_async(once, policy=self.retry_policy, idempotent=idempotent)
 
