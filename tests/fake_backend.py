@@ -65,7 +65,7 @@ class FakeBackend(Backend):
         result = JobResult(model=f"fake:{remote['id']}") if status == "done" else None
         return RemoteState(remote_id=remote["id"], raw_status=status, status=map_status(STATUS, status),
                            result=result, error="boom" if status == "error" else None,
-                           progress={"step": remote["pos"], "total_steps": len(remote["script"]) - 1})
+                           progress={"percent": 100 * remote["pos"] / max(len(remote["script"]) - 1, 1)})
 
     def submit(self, job, spec, plan):
         remote = {"id": "fk-" + uuid.uuid4().hex[:8], "tag": job.id, "request": plan.request,
@@ -87,8 +87,13 @@ class FakeBackend(Backend):
 
     def events(self, job):
         remote = self._load(job.remote_id)
-        return [JobEvent(created_at=time.time(), message=f"remote at {remote['script'][i]}", remote_id=f"e{i}")
-                for i in range(remote["pos"] + 1)]
+        events = [JobEvent(created_at=time.time(), message=f"remote at {remote['script'][i]}", remote_id=f"e{i}")
+                  for i in range(remote["pos"] + 1)]
+        if remote["script"][remote["pos"]] == "training":  # like OpenAI's metrics events
+            events.append(JobEvent(created_at=time.time(), type="metrics", message=f"step {remote['pos']}",
+                                   remote_id=f"m{remote['pos']}",
+                                   data={"step": remote["pos"] * 10, "total_steps": 100, "train_loss": 1.0 / remote["pos"]}))
+        return events
 
     def find_remote(self, job):
         for path in self.root.glob("*.json"):

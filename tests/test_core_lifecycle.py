@@ -33,7 +33,17 @@ def test_full_lifecycle_succeeds():
     messages = [e.message for _, e in job.events()]
     assert "remote at done" in messages and "status running -> succeeded" in messages
     remote_ids = [e.remote_id for _, e in job.events() if e.remote_id]
-    assert remote_ids == ["e0", "e1", "e2", "e3"]  # each provider event stored once, in order
+    assert remote_ids == ["e0", "e1", "m1", "e2", "m2", "e3"]  # each provider event stored once, in order
+
+
+def test_provider_metrics_events_feed_the_progress_line():
+    from tunekit.job import progress_line
+
+    job = tunekit.finetune(TRAIN, base_model="m", backend="fake")
+    job.refresh()  # remote now "training" with a metrics event at step 10
+    assert job.progress["step"] == 10 and job.progress["total_steps"] == 100 and job.progress["loss"] == 1.0
+    line = progress_line(job.record)
+    assert "10/100" in line and "loss 1.0000" in line
 
 
 def test_invalid_data_never_reaches_backend(tmp_path):

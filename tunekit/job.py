@@ -155,8 +155,16 @@ class FineTuneJob:
         self._record = self._store.update_job(self.id, result=result)
 
     def _sync_events(self) -> None:
-        for event in self.backend.events(self._record):
-            self._store.add_event(self.id, event)
+        self._store_events(self.backend.events(self._record))
+
+    def _store_events(self, events: list[JobEvent]) -> None:
+        """Store provider events once each; the newest training-metrics event feeds the progress line."""
+        latest: dict[str, Any] = {}
+        for event in events:
+            if self._store.add_event(self.id, event) and event.type == "metrics":
+                latest = _progress_from_metrics(event.data) or latest
+        if latest and not self.status.terminal:
+            self._record = self._store.update_job(self.id, progress={**self._record.progress, **latest})
 
     def refresh(self) -> "FineTuneJob":
         """Re-read the store and, unless the job is over, ask the backend."""
@@ -221,8 +229,7 @@ class FineTuneJob:
         if self.status.terminal or (self._record.remote_id is None and not self._is_local()):
             return self
         self.apply(await self.backend.arefresh(self._record))
-        for event in await self.backend.aevents(self._record):
-            self._store.add_event(self.id, event)
+        self._store_events(await self.backend.aevents(self._record))
         return self
 
     def cancel(self) -> "FineTuneJob":
@@ -287,6 +294,18 @@ class FineTuneJob:
         key = self._adapter_key()
         base = self._store.get_adapter(key).base_model if self.result.registry_id else self.spec.base_model
         return serve(base, {name or self.id: key}, engine=engine, block=block, **kwargs)
+
+
+def _progress_from_metrics(data: dict[str, Any]) -> dict[str, Any]:
+    """step / total_steps / loss from a provider's metrics event (OpenAI: step, total_steps, train_loss)."""
+    out: dict[str, Any] = {}
+    for key, names in (("step", ("step",)), ("total_steps", ("total_steps",)),
+                       ("loss", ("train_loss", "loss"))):
+        for name in names:
+            if isinstance(data.get(name), (int, float)):
+                out[key] = data[name]
+                break
+    return out if "step" in out else {}
 
 
 def progress_line(record: JobRecord) -> str:
