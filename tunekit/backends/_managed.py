@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import time
 from contextlib import contextmanager
+from abc import abstractmethod
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
@@ -131,9 +132,9 @@ class ManagedBackend(Backend):
             self.__dict__["_aclient_for_loop"] = cached
         return cached[1]
 
+    @abstractmethod
     def make_client(self, *, async_: bool) -> Any:
         """The official SDK client with its own retries off (max_retries=0): tunekit retries once, here."""
-        raise NotImplementedError
 
     # -- calling the SDK -------------------------------------------------------------------------------
     def _translate(self, exc: BaseException) -> BaseException:
@@ -169,33 +170,37 @@ class ManagedBackend(Backend):
         return await retry_call_async(once, policy=self.retry_policy, idempotent=idempotent)
 
     # -- hooks a provider implements ----------------------------------------------------------------------
+    @abstractmethod
     def upload_files(self, job: "JobRecord", spec: TrainingSpec) -> dict[str, str]:
         """Convert (if needed) and upload training/validation data; return provider file refs,
         e.g. {"training_file": "file-1", "validation_file": "file-2"}, merged into the create request."""
-        raise NotImplementedError
 
+    @abstractmethod
     def create_kwargs(self, job: "JobRecord", plan: Plan, files: dict[str, str]) -> dict[str, Any]:
         """The create call's arguments: the planned request + file refs + the tunekit tag."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _create(self, client: Any, kwargs: dict[str, Any]) -> Any:
-        raise NotImplementedError
+        """The SDK's create call (sync or async client), never retried blindly: see create_once."""
 
+    @abstractmethod
     def _retrieve(self, client: Any, remote_id: str) -> Any:
-        raise NotImplementedError
+        """The SDK's get-job call."""
 
+    @abstractmethod
     def _cancel(self, client: Any, remote_id: str) -> Any:
-        raise NotImplementedError
+        """The SDK's cancel call."""
 
+    @abstractmethod
     def _find_tagged(self, client: Any, job: "JobRecord") -> Any | None:
         """The remote job tagged with ``job.id`` (or created with its client-chosen id), else None."""
-        raise NotImplementedError
 
     def _list_events(self, client: Any, remote_id: str) -> Any:
         return []
 
+    @abstractmethod
     def to_state(self, raw: Any) -> RemoteState:
-        raise NotImplementedError
+        """The provider's job object -> RemoteState (status through the provider's total status map)."""
 
     def to_events(self, raw_events: Any, job: "JobRecord") -> list[JobEvent]:
         return []

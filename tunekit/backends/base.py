@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Union
 
@@ -63,7 +64,7 @@ def set_path(obj: dict[str, Any], dotted: str, value: Any) -> None:
     obj[last] = value
 
 
-class Backend:
+class Backend(ABC):
     """Base class. Subclasses set the class attributes and implement the lifecycle methods."""
 
     name: ClassVar[str] = "base"
@@ -151,15 +152,17 @@ class Backend:
                                 reason=rule.note)
 
     # -- lifecycle (subclasses implement) ------------------------------------------------------------
+    @abstractmethod
     def submit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
         """Upload the data and create the job. The store row already exists (job.id)."""
-        raise NotImplementedError(f"{self.name} does not implement submit")
 
+    @abstractmethod
     def refresh(self, job: "JobRecord") -> RemoteState:
-        raise NotImplementedError(f"{self.name} does not implement refresh")
+        """The job's current state at the backend."""
 
+    @abstractmethod
     def cancel(self, job: "JobRecord") -> RemoteState:
-        raise NotImplementedError(f"{self.name} does not implement cancel")
+        """Ask the backend to stop the job."""
 
     def events(self, job: "JobRecord") -> list[JobEvent]:
         """New provider events (the store de-duplicates by ``remote_id``)."""
