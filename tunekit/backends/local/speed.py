@@ -13,11 +13,15 @@ each one against the path without it). What each optimisation does, and why it p
                instead of B(A(x)) -> * scaling -> + base_out (and QLoRA's defensive clone): 4-6 fewer passes over
                every adapted layer's output, forward and backward.
   fast_dora    DoRA's weight norm ||W + s*B@A|| (detached by design) from cached ||W||^2 plus two rank-r
-               products, once per optimizer step, instead of dequantizing W and materialising W + s*B@A in
-               every forward and again in the checkpoint recompute; the DoRA rescale stays in the activations'
-               dtype so the residual stream is not promoted to fp32.
+               products, once per forward pass (the checkpoint recompute reuses it), instead of dequantizing W
+               and materialising W + s*B@A in every forward and again in the recompute; without dropout the
+               whole DoRA layer is one GEMM epilogue plus one addcmul: (m/n) * (base + s*B A x); the rescale
+               stays in the activations' dtype so the residual stream is not promoted to fp32.
   checkpointing gradient checkpointing only on as many decoder layers as the memory budget needs (the rest
                keep their activations and skip the recompute); decided from memory.estimate.
+  fp32_adapters not a speed-up but a numerics guard: TRL casts a quantized model's LoRA A/B to bf16, where
+               AdamW steps of lr ~2e-4 are partly rounded away (the loss curve lags the plain recipe's, which
+               keeps PEFT's fp32 adapters); they go back to fp32 (autocast still runs the matmuls in bf16).
 
 `TUNEKIT_SPEEDUPS` turns them off for diagnosis and benchmarks ("off", or "-liger,-fast_dora"); it is
 not part of the spec.
@@ -30,7 +34,7 @@ import types
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing")
+OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters")
 ENV = "TUNEKIT_SPEEDUPS"
 # model types Liger's instance patching covers and that were checked to share Llama's module layout
 LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -126,6 +130,8 @@ def plan(
     decide("fast_lora", True, "LoRA update as one addmm epilogue")
     decide("fast_dora", bool(spec.adapter.use_dora), "cached DoRA weight norm" if spec.adapter.use_dora
            else "no DoRA")
+    decide("fp32_adapters", quantized, "QLoRA: adapters kept fp32 like PEFT's default (TRL casts them to bf16)"
+           if quantized else "not quantized (adapters already fp32)")
 
     n = _layers(cfg)
     ckpt, est_bytes = (n if gradient_checkpointing else 0), None
@@ -179,9 +185,10 @@ def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
                                         fused_linear_cross_entropy=False)
         done["liger"] = True
     if sp.on("fast_lora"):
-        done["fast_lora_modules"] = patch_lora(model)
+        done["fast_lora_modules"] = patch_lora(model, fuse_dora=sp.on("fast_dora"))
     if sp.on("fast_dora"):
         done["fast_dora_modules"] = patch_dora(model)
+        track_forward_passes(model)
     done["checkpointed_layers"] = set_checkpointing(base, sp.checkpointed_layers)
     return done
 
@@ -206,16 +213,33 @@ def set_checkpointing(base: Any, layers: int) -> int:
     return sum(bool(m.gradient_checkpointing) for m in blocks)
 
 
+def after_trainer(trainer: Any, sp: SpeedPlan) -> int:
+    """Undo TRL's bf16 cast of a quantized model's adapters (before the optimizer exists); returns #params."""
+    import torch
+
+    n = 0
+    if sp.on("fp32_adapters"):
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+                p.data = p.data.float()
+                n += 1
+    return n
+
+
 # ------------------------------------------------------------------------------------------------ LoRA
 
-def patch_lora(model: Any) -> int:
-    """Give every PEFT LoRA Linear / Linear4bit the fused forward; returns how many were patched."""
+def patch_lora(model: Any, fuse_dora: bool = False) -> int:
+    """Give every PEFT LoRA Linear / Linear4bit the fused forward; returns how many were patched.
+
+    ``fuse_dora``: DoRA layers (without dropout) take the fused path too, as scale * (base + s * B A x).
+    """
     from peft.tuners.lora import LoraLayer
 
     n = 0
     for m in model.modules():
         if isinstance(m, LoraLayer) and type(m).__name__ in ("Linear", "Linear4bit") and "_tk_forward" not in vars(m):
             m._tk_forward = m.forward  # the bound original, for every case the fast path does not cover
+            m._tk_fuse_dora = fuse_dora
             m.forward = types.MethodType(_fast_lora_forward, m)
             n += 1
     return n
@@ -227,7 +251,12 @@ def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
         return self._tk_forward(x, *args, **kwargs)
     name = self.active_adapters[0]
-    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or self.use_dora.get(name):
+    dora = None
+    if name in getattr(self, "lora_variant", {}) or self.use_dora.get(name):
+        dora = _fusable_dora(self, name)
+        if dora is None:
+            return self._tk_forward(x, *args, **kwargs)
+    if name not in self.lora_A:
         return self._tk_forward(x, *args, **kwargs)
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
     if lora_B.bias is not None or lora_A.bias is not None:
@@ -235,16 +264,62 @@ def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     result = self.base_layer(x)
     x = self._cast_input_dtype(x, lora_A.weight.dtype)
     h = lora_A(self.lora_dropout[name](x))
-    w = lora_B.weight
+    w, s = lora_B.weight, self.scaling[name]
     if not torch.is_autocast_enabled(result.device.type) and not (h.dtype == w.dtype == result.dtype):
+        if dora is not None:
+            return self._tk_forward(x, *args, **kwargs)
         # mixed dtypes without autocast: PEFT's own promotion rules apply
-        return (result + lora_B(h) * self.scaling[name]).to(result.dtype)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), w.t(),
-                      alpha=self.scaling[name])
-    return out.view(result.shape).to(result.dtype)
+        return (result + lora_B(h) * s).to(result.dtype)
+    # base + s * B(A(x)) in the GEMM's epilogue: no separate scale, add or (QLoRA) defensive clone
+    y = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), w.t(), alpha=s)
+    if dora is not None:
+        # PEFT's base + (m/n - 1) * base + (m/n) * s * lora is (m/n) * (base + s * lora) = y + y * (m/n - 1);
+        # (m/n - 1) is small, so it is formed in fp32 before going to the activations' dtype
+        norm = dora_weight_norm(dora, self.get_base_layer(), lora_A.weight, w, s)
+        y = torch.addcmul(y, y, (dora.weight / norm - 1).to(y.dtype).view(1, -1))
+    return y.view(result.shape).to(result.dtype)
+
+
+def _fusable_dora(layer: Any, name: str) -> Any:
+    """The DoRA magnitude layer when the fused path computes exactly PEFT's DoRA forward, else None."""
+    import torch
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    mags = getattr(layer, "lora_magnitude_vector", None)
+    if not getattr(layer, "_tk_fuse_dora", False) or mags is None or name not in mags:
+        return None
+    mag = mags[name]
+    if type(mag) is not DoraLinearLayer or mag.fan_in_fan_out or getattr(layer.get_base_layer(), "bias", None) is not None:
+        return None
+    if layer.training and not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None  # PEFT's DoRA applies dropout to its base term too
+    return mag
 
 
 # ------------------------------------------------------------------------------------------------ DoRA
+
+def track_forward_passes(model: Any) -> dict:
+    """Count forward passes of the decoder (a pre-hook on the backbone, which the checkpoint recompute does
+    not re-enter) and hand the counter to every DoRA layer: its weight norm is recomputed once per pass.
+
+    Parameter version counters cannot key that cache: bitsandbytes' optimizers update weights in their own
+    kernels, which do not bump them.
+    """
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None) or base
+    gen = {"passes": 0}
+
+    def bump(module: Any, args: Any) -> None:
+        gen["passes"] += 1
+
+    backbone.register_forward_pre_hook(bump)
+    for m in model.modules():
+        if type(m) is DoraLinearLayer:
+            m._tk_gen = gen
+    return gen
+
 
 def patch_dora(model: Any) -> int:
     """Give every DoRA linear layer the cached-norm forward; returns how many were patched."""
@@ -263,15 +338,16 @@ def dora_weight_norm(layer: Any, base_layer: Any, A: Any, B: Any, scaling: float
     """||W_i + s (B A)_i|| per output row, fp32, without materialising W + s B A.
 
     ||W_i||^2 + 2 s <W_i A^T, B_i> + s^2 B_i (A A^T) B_i^T: ||W||^2 is cached (W is frozen), the rest needs
-    W A^T (out x r) once per optimizer step; the value is cached until A or B change (their version counter
-    moves on every in-place optimizer update), so the checkpoint recompute reuses it.
+    W A^T (out x r). With a pass counter (`track_forward_passes`) the value is computed once per forward
+    pass and reused by that pass's checkpoint recompute; without one it is computed on every call.
     """
     import torch
     from peft.utils.integrations import dequantize_module_weight
 
-    key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.dtype, B.dtype, float(scaling))
+    gen = layer.__dict__.get("_tk_gen")
+    key = None if gen is None else (gen["passes"], A.data_ptr(), B.data_ptr(), A.dtype, B.dtype, float(scaling))
     cached = layer.__dict__.get("_tk_norm")
-    if cached is not None and cached[0] == key:
+    if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
         W = dequantize_module_weight(base_layer)

@@ -379,6 +379,7 @@ def train(
         optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # speed.apply set it per layer
         checkpoint_steps=checkpoint_steps, max_steps=max_steps, eval_steps=eval_steps, logging_steps=logging_steps,
     )
+    speed_applied["fp32_adapter_params"] = _speed.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
     trainer.add_callback(bridge)
     from transformers.trainer_callback import PrinterCallback
