@@ -7,7 +7,8 @@
 #   TUNEKIT_SERVE_BENCH=1 bash scripts/gpu_tests.sh   # tests, then the serving benchmark on the same 8B weights
 #
 # Environment: OUT (where logs go; the device tool sets it), TUNEKIT_GPU_LAYERS (default 32),
-# TUNEKIT_GPU_TESTS_TIMEOUT (seconds for pytest, default 270), TUNEKIT_GPU_PYTEST_X (default -x; "" runs every test), TUNEKIT_GPU_DEADLINE (seconds for the whole script:
+# TUNEKIT_GPU_TESTS_TIMEOUT (seconds for pytest, default 270), TUNEKIT_GPU_PYTEST_X (default -x; "" runs every
+# test), TUNEKIT_GPU_DEADLINE (seconds for the whole script:
 # the benchmark gets what is left, default 460), TUNEKIT_SERVE_BENCH_ARGS (extra benchmark arguments).
 # Files under $OUT: env.txt, build.log, gpu_tests.log, gpu_report.jsonl (one JSON line of figures per test),
 # serve_hotswap.log (the benchmark's JSON lines). Exit status: pytest's.

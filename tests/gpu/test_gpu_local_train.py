@@ -125,7 +125,8 @@ def load_base(path: Path, device: str, quantization: str):
 @pytest.fixture
 def capture_trainer(monkeypatch):
     """The SFTTrainer train() builds (to reach the trained model after train() returns), and, when
-    ``seen["resume_from"]`` names a checkpoint, the adapter weights at the first step compared with that checkpoint's."""
+    ``seen["resume_from"]`` names a checkpoint, the adapter weights at the first step compared with that
+    checkpoint's."""
     from trl import SFTTrainer
 
     seen: dict = {}
