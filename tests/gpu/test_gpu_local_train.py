@@ -272,14 +272,22 @@ def test_recipe_trains_resumes_and_reloads(variant, gpu_env, gpu_model, tmp_path
         assert out2.optimizer.startswith("loraplus+")
         assert sorted(out2.extra["optimizer_lrs"]) == pytest.approx([lr, lr * 16])
 
-    # reloaded vs trained: well inside the distance training moved the logits (bf16 rounding differs: tunekit's
-    # fused LoRA/DoRA forwards vs PEFT's own, PiSSA's residual base vs the original + converted adapter)
-    assert reload["rel_dist_to_trained"] < 0.05 * reload["rel_dist_base_to_trained"], reload
+    # Reloaded vs trained, relative to how far training moved the logits. Where the computation is the same
+    # (plain LoRA: tunekit's fused forward equals PEFT's bit for bit) the bound is tight. Two cases differ by
+    # bf16 rounding, amplified by 32 random-weight layers (measured on the H200 at fc39c29: 7.3% and 6.1%;
+    # on CPU in fp32 both are <= 0.05%, which tests/test_local_train.py and tests/test_local_speed.py hold):
+    #  - PiSSA trains on the residual W - B0 A0 stored in bf16; the converted adapter goes on the original W;
+    #  - DoRA: tunekit's norm ||W + sBA|| is computed in fp32 from cached pieces, PEFT's from a bf16 W + sBA.
+    # There the bound is looser, and the top-1 prediction must still agree everywhere.
+    bf16_rounding = reload["mutating"] or bool(adapter.get("use_dora"))
+    bound = 0.15 if bf16_rounding else 0.05
+    assert reload["argmax_agreement"] == 1.0, reload
+    assert reload["rel_dist_to_trained"] < bound * reload["rel_dist_base_to_trained"], reload
     if not reload["mutating"]:
         # the same weights (in the trained dtypes) through the same PEFT code: the file holds what was trained
         assert reload["rel_dist_to_trained_peft_forward"] < 0.01 * reload["rel_dist_base_to_trained"], reload
         # tunekit's speed-ups compute what PEFT's forward computes on the trained weights
-        assert reload["rel_dist_speedups_vs_peft_forward"] < 0.05 * reload["rel_dist_base_to_trained"], reload
+        assert reload["rel_dist_speedups_vs_peft_forward"] < bound * reload["rel_dist_base_to_trained"], reload
 
 
 def unpatch_instance_forwards(model) -> int:
