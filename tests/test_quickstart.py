@@ -39,3 +39,15 @@ def test_quickstart_runs_on_managed_backend(backend, replay_server, monkeypatch,
     srv.assert_done()
     out = capsys.readouterr().out
     assert expected in out, out
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_the_local_backend(tiny_model, monkeypatch, capsys, tmp_path):
+    """The same script, --backend local: a real (tiny) fine-tune in a detached worker."""
+    data = tmp_path / "train.jsonl"  # a slice of the example data keeps the CPU run short
+    data.write_text("".join((EXAMPLES / "data" / "train.jsonl").read_text().splitlines(True)[:24]))
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--backend", "local", "--base-model", str(tiny_model),
+                                      "--data", str(data), "--timeout", "300"])
+    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "succeeded" in out and "/adapter" in out, out
