@@ -294,6 +294,10 @@ def test_reconcile_reattaches_a_worker_whose_pid_was_not_recorded(tiny_model, da
     # a process that looks like this job's worker (same argv), spawned but never recorded
     fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                              "tunekit.backends.local.worker", rec.id])
+    cmdline = Path(f"/proc/{fake.pid}/cmdline")
+    deadline = time.monotonic() + 10  # a loaded machine may not have finished exec() when Popen returns
+    while b"tunekit.backends.local.worker" not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
         [job] = tunekit.api.reconcile(rec.id)
         assert job.record.pid == fake.pid and job.status == JobStatus.QUEUED
