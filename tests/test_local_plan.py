@@ -129,11 +129,11 @@ def test_quantization_nf4_picks_8bit_adamw(tiny_model):
 
 def test_quantization_auto_on_gpu_follows_the_memory_estimate(model_8b, monkeypatch):
     # A GPU of a given size, faked at the one place the device is read: the decision logic is real.
-    import tunekit.backends.local.train as train_mod
+    import tunekit.backends.local.resolve as resolve_mod
     from tunekit.backends.local.memory import HEADROOM
 
     def on_gpu(gib):
-        monkeypatch.setattr(train_mod, "device_info", lambda device=None: DeviceInfo("cuda", int(gib * 1024**3), "x"))
+        monkeypatch.setattr(resolve_mod, "device_info", lambda device=None: DeviceInfo("cuda", int(gib * 1024**3), "x"))
         return LocalBackend().plan(_spec(model_8b, hyperparameters={"batch_size": 4, "max_length": 2048})).request
 
     big = on_gpu(141)  # an H200: the bf16 model fits with room

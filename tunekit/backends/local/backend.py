@@ -337,54 +337,28 @@ def local_options(spec: TrainingSpec) -> dict[str, Any]:
 
 
 def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
-    """Everything the run will use, with defaults, mirroring train(): base model id, device, micro-batch,
-    quantization decision and reason, optimizer, memory estimate. Reads config.json, never weights."""
-    from ...catalog import resolve_model
-    from . import memory
-    from .peft_config import check_combination, lora_kwargs, resolve_quantization
-    from .train import device_info, micro_batch_of
+    """Everything the run will use, with defaults: the request the worker runs, built from `resolve_run`
+    (the same resolution train() runs: micro-batch, quantization and why, optimizer, memory estimate).
+    Reads config.json, never weights."""
+    from .peft_config import lora_kwargs
+    from .resolve import resolve_run
 
     opts = local_options(spec)
     hp = spec.hyperparameters
     base = _base_model(spec.base_model, PlanContext(spec=spec))
-    micro, accum = micro_batch_of(spec)
-    dev = device_info(opts.get("device"))
-    on_gpu = dev.type == "cuda"
-    gc = opts.get("gradient_checkpointing", on_gpu)
-    dtype = "bf16" if on_gpu else "fp32"
-    budget = int(opts["memory_budget_gb"] * GiB) if "memory_budget_gb" in opts else dev.total_memory
-    cfg, skipped = _model_config(base)
-
-    def est(quant: str):
-        if cfg is None:
-            return None
-        return memory.estimate(cfg, micro_batch=micro, max_length=hp.max_length, quantization=quant,
-                               r=spec.adapter.r, target_modules=spec.adapter.target_modules,
-                               use_dora=spec.adapter.use_dora, gradient_checkpointing=gc,
-                               dtype=dtype if quant != "nf4" else "bf16", device_memory_bytes=budget,
-                               method=spec.method, device_type=dev.type, **_speed_kwargs(spec))
-
-    bf16_fits = None
-    if spec.quantization == "auto" and on_gpu and cfg is not None:
-        bf16_fits = est("none").fits
-    quant = resolve_quantization(spec, dev, bf16_fits)
-    check_combination(spec, quant)  # e.g. PiSSA on a 4-bit base: refused at plan time
-    estimate = est(quant.mode)
-
-    # as train() picks it: bitsandbytes pages optimizer state on GPU only
-    if quant.quantized:
-        optimizer = "paged_adamw_8bit" if on_gpu else "adamw_bnb_8bit"
-    else:
-        optimizer = "adamw_torch_fused" if on_gpu else "adamw_torch"
-    if spec.adapter.loraplus_lr_ratio:
-        optimizer = "loraplus+" + optimizer.replace("_fused", "")
+    budget_gb = opts.get("memory_budget_gb")
+    run = resolve_run(spec.model_copy(update={"base_model": base}), device=opts.get("device"),
+                      gradient_checkpointing=opts.get("gradient_checkpointing"),
+                      memory_budget_bytes=int(budget_gb * GiB) if budget_gb else None)
+    quant, dev, estimate = run.quant, run.device, run.estimate
     steps_per_epoch = math.ceil(rows / hp.batch_size) if rows else None
     total = opts.get("max_steps") or (steps_per_epoch * hp.epochs if steps_per_epoch else None)
     ckpt = opts.get("checkpoint_steps") or (max(1, math.ceil(total / 10)) if total else 50)
+    # gradient_checkpointing: the resolved choice, so the worker runs exactly it
     options = {"output_dir": opts.get("output_dir"), "checkpoint_steps": ckpt, "max_steps": opts.get("max_steps"),
                "eval_steps": opts.get("eval_steps") or (ckpt if spec.validation_data else None),
-               "device": opts.get("device"), "gradient_checkpointing": gc,
-               "memory_budget_gb": opts.get("memory_budget_gb"), "logging_steps": opts.get("logging_steps", 1)}
+               "device": opts.get("device"), "gradient_checkpointing": run.gradient_checkpointing,
+               "memory_budget_gb": budget_gb, "logging_steps": opts.get("logging_steps", 1)}
     request = {
         "base_model": base,
         "method": spec.method,
@@ -392,7 +366,7 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
         "quantization": {"requested": spec.quantization, "mode": quant.mode, "reason": quant.reason},
         "training": {
             **hp.model_dump(exclude={"dpo_beta"} if spec.method != "dpo" else set()),
-            "micro_batch_size": micro, "optimizer": optimizer, "dtype": "nf4+bf16" if quant.quantized else dtype,
+            "micro_batch_size": run.micro_batch, "optimizer": run.optimizer, "dtype": run.dtype,
             "loraplus_lr_ratio": spec.adapter.loraplus_lr_ratio, "estimated_total_steps": total,
         },
         "device": {"type": dev.type, "name": dev.name, "memory_bytes": dev.total_memory},
@@ -401,36 +375,7 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
         "options": options,
         "memory_estimate": None if estimate is None else {
             "total_bytes": estimate.total_bytes, "breakdown": estimate.breakdown, "fits": estimate.fits,
-            "budget_bytes": budget},
+            "budget_bytes": run.budget_bytes},
     }
-    return {"request": request, "quant": quant, "estimate": estimate, "estimate_skipped": skipped,
-            "options": options}
-
-
-def _speed_kwargs(spec: TrainingSpec) -> dict[str, Any]:
-    """The estimate arguments train() adds for its speed options (fused head etc.), when it has them."""
-    try:
-        from .speed import estimate_kwargs
-    except ImportError:
-        return {}
-    return estimate_kwargs(spec)
-
-
-def _model_config(base: str) -> tuple[dict[str, Any] | None, str | None]:
-    """config.json of the base model from a local dir or the Hugging Face cache; never downloads."""
-    from .memory import read_model_config
-
-    cfg = read_model_config(base)
-    if cfg is not None:
-        return cfg, None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(base, "config.json")
-    except Exception:  # noqa: BLE001 - not a valid hub id: train() reports it when loading
-        path = None
-    if isinstance(path, str) and Path(path).is_file():
-        import json
-
-        return json.loads(Path(path).read_text()), None
-    return None, f"{base}: config.json is neither a local directory nor in the Hugging Face cache yet"
+    return {"request": request, "quant": quant, "estimate": estimate, "estimate_skipped": run.estimate_skipped,
+            "options": options, "run": run}

@@ -12,7 +12,6 @@ store rows; nothing here knows about the store. Output layout under ``output_dir
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,15 +21,8 @@ from ..._exceptions import ConfigError
 from . import memory as _memory
 from . import speed as _speed
 from .datasets import PreparedData, prepare
-from .peft_config import (
-    MUTATING_INITS,
-    DeviceInfo,
-    check_combination,
-    lora_kwargs,
-    peft_error_to_config_error,
-    quantization_config,
-    resolve_quantization,
-)
+from .peft_config import MUTATING_INITS, DeviceInfo, lora_kwargs, peft_error_to_config_error, quantization_config
+from .resolve import resolve_run
 
 
 class TrainCallbacks:
@@ -81,19 +73,6 @@ class TrainOutcome:
         return asdict(self)
 
 
-def micro_batch_of(spec: Any) -> tuple[int, int]:
-    """(micro-batch, grad accumulation): spec.batch_size is the global batch."""
-    hp = spec.hyperparameters
-    bs, ga = hp.batch_size, hp.gradient_accumulation_steps
-    if bs % ga:
-        raise ConfigError(
-            f"hyperparameters.batch_size={bs} is not a multiple of gradient_accumulation_steps={ga}",
-            field="hyperparameters.gradient_accumulation_steps",
-            hint="batch_size is the global batch = micro-batch x gradient_accumulation_steps; pick a divisor",
-        )
-    return bs // ga, ga
-
-
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -104,24 +83,6 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-def device_info(device: str | None) -> DeviceInfo:
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("device='cuda' but no CUDA GPU is visible", field="device",
-                              hint="drop device= to train on CPU (tiny models only), or check CUDA_VISIBLE_DEVICES")
-        idx = torch.device(device).index or 0
-        props = torch.cuda.get_device_properties(idx)
-        return DeviceInfo("cuda", int(props.total_memory), props.name)
-    import os
-
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    return DeviceInfo("cpu", ram, "cpu")
 
 
 def _looks_local(name: str) -> bool:
@@ -260,38 +221,16 @@ def train(
     hp = spec.hyperparameters
     output_dir = Path(output_dir)
     ckpt_dir, adapter_dir, init_dir = output_dir / "checkpoints", output_dir / "adapter", output_dir / "init_adapter"
-    micro, accum = micro_batch_of(spec)
-    dev = device_info(device)
-    on_gpu = dev.type == "cuda"
-    ckpt_auto = gradient_checkpointing is None  # speed.plan may then checkpoint only the layers memory needs
-    if gradient_checkpointing is None:
-        gradient_checkpointing = on_gpu  # the measured GPU recipes use it; tiny CPU runs are faster without
-    dtype_name = "bf16" if on_gpu else "fp32"
 
-    # ---- base model config -> quantization decision -> memory fit, before loading any weights
+    # ---- base model config -> resolve_run (the same resolution the plan shows) -> memory fit, before any weights
     config = _load_config(spec.base_model)
-    cfg_dict = config.to_dict()
-    budget = memory_budget_bytes or dev.total_memory
-
-    def _estimate(quant: str, ckpt: bool | None = None) -> _memory.MemoryEstimate:
-        return _memory.estimate(
-            cfg_dict, micro_batch=micro, max_length=hp.max_length, quantization=quant, r=spec.adapter.r,
-            target_modules=spec.adapter.target_modules, use_dora=spec.adapter.use_dora,
-            gradient_checkpointing=gradient_checkpointing if ckpt is None else ckpt,
-            dtype=dtype_name if quant != "nf4" else "bf16",
-            device_memory_bytes=budget, method=spec.method, device_type=dev.type, **_speed.estimate_kwargs(spec),
-        )
-
-    bf16_fits = _estimate("none").fits if (spec.quantization == "auto" and on_gpu) else None
-    decision = resolve_quantization(spec, dev, bf16_fits)
-    check_combination(spec, decision)
-    est = _estimate(decision.mode)
+    run = resolve_run(spec, device=device, gradient_checkpointing=gradient_checkpointing,
+                      memory_budget_bytes=memory_budget_bytes, model_config=config.to_dict())
+    dev, on_gpu, micro, accum = run.device, run.on_gpu, run.micro_batch, run.grad_accum
+    decision, est, speed = run.quant, run.estimate, run.speed
     _memory.check_fits(est, what=f"training {spec.base_model} ({decision.mode}, micro-batch {micro}, "
                                  f"max_length {hp.max_length})")
     cb.on_event("info", f"quantization: {decision.mode} ({decision.reason}); memory estimate {est.summary()}")
-    speed = _speed.plan(spec, cfg_dict, dev.type, decision.quantized, gradient_checkpointing=gradient_checkpointing,
-                        auto_checkpointing=ckpt_auto, budget_bytes=budget,
-                        estimate=lambda ck: _estimate(decision.mode, ck))
     cb.on_event("info", speed.summary())
 
     # ---- tokenizer + data
@@ -316,7 +255,7 @@ def train(
 
     # ---- model
     _quiet_progress_bars()
-    bnb_cfg, _ = quantization_config(spec, dev, bf16_fits)
+    bnb_cfg, _ = quantization_config(spec, dev, run.bf16_fits)
     load_kw: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
     if bnb_cfg is not None:
         load_kw["quantization_config"] = bnb_cfg
@@ -331,7 +270,7 @@ def train(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
+            model, use_gradient_checkpointing=run.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     model.config.use_cache = False
@@ -351,12 +290,8 @@ def train(
 
     speed_applied = _speed.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
 
-    # ---- optimizer
-    # QLoRA's paged 8-bit AdamW; bitsandbytes cannot page on CPU, so there the plain 8-bit AdamW is asked for
-    if decision.quantized:
-        optim_name = "paged_adamw_8bit" if on_gpu else "adamw_bnb_8bit"
-    else:
-        optim_name = "adamw_torch_fused" if on_gpu else "adamw_torch"
+    # ---- optimizer (named by resolve_run; LoRA+ builds it here with the same class)
+    optim_name = run.optimizer
     optimizers: tuple[Any, Any] = (None, None)
     if spec.adapter.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
@@ -365,9 +300,8 @@ def train(
             import bitsandbytes as bnb
 
             opt_cls = bnb.optim.PagedAdamW8bit if on_gpu else bnb.optim.AdamW8bit
-            optim_name = "loraplus+" + optim_name
         else:
-            opt_cls, optim_name = torch.optim.AdamW, "loraplus+adamw_torch"
+            opt_cls = torch.optim.AdamW
         optimizers = (create_loraplus_optimizer(
             model=model, optimizer_cls=opt_cls, lr=hp.learning_rate,
             loraplus_lr_ratio=spec.adapter.loraplus_lr_ratio, weight_decay=hp.weight_decay,
@@ -446,7 +380,7 @@ def train(
         grad_accum=accum,
         gradient_checkpointing=speed.checkpointed_layers > 0,
         device=dev.type,
-        dtype="nf4+bf16" if decision.quantized else dtype_name,
+        dtype=run.dtype,
         masking=data.masking,
         memory_estimate={"total_bytes": est.total_bytes, "breakdown": est.breakdown, "fits": est.fits,
                          "device_bytes": est.device_bytes},

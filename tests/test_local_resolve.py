@@ -1,0 +1,89 @@
+"""The plan shows what the worker runs: both come from resolve_run, checked end to end on a tiny model (CPU).
+
+For each spec the backend plans it, then the worker's own argument mapping (worker._train) runs train()
+from that plan's request; every resolved value the plan states must equal what train() records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("trl")
+
+from tunekit.backends.base import PlanContext  # noqa: E402
+from tunekit.backends.local.backend import LocalBackend  # noqa: E402
+from tunekit.backends.local.resolve import resolve_run  # noqa: E402
+from tunekit.backends.local.train import TrainCallbacks  # noqa: E402
+from tunekit.backends.local.worker import _train  # noqa: E402
+from tunekit.schemas.spec import TrainingSpec  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROWS = [{"prompt": f"Q{i % 4}:", "response": f" A{i % 4}{i % 4}"} for i in range(8)]
+
+
+@pytest.mark.parametrize("variant, extra, optimizer, optimizer_class", [
+    # transformers builds adamw_bnb_8bit as bitsandbytes' AdamW(optim_bits=8); LoRA+ passes AdamW8bit itself
+    ("nf4 on CPU", {"quantization": "nf4"}, "adamw_bnb_8bit", "bitsandbytes.optim.adamw.AdamW"),
+    ("no quantization", {"quantization": "none"}, "adamw_torch", "torch.optim.adamw.AdamW"),
+    ("LoRA+", {"adapter": {"r": 8, "loraplus_lr_ratio": 16}}, "loraplus+adamw_torch", "torch.optim.adamw.AdamW"),
+    ("LoRA+ on nf4", {"quantization": "nf4", "adapter": {"r": 8, "loraplus_lr_ratio": 16}},
+     "loraplus+adamw_bnb_8bit", "bitsandbytes.optim.adamw.AdamW8bit"),
+])
+def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, variant, extra, optimizer, optimizer_class):
+    if extra.get("quantization") == "nf4":
+        pytest.importorskip("bitsandbytes")
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    spec = TrainingSpec.model_validate({
+        "base_model": str(tiny_model), "adapter": {"r": 8}, **extra,
+        "hyperparameters": {"batch_size": 4, "gradient_accumulation_steps": 2, "max_length": 64, "learning_rate": 5e-3},
+        "provider_options": {"local": {"max_steps": 2, "output_dir": str(tmp_path / "out"), "memory_budget_gb": 4}},
+    })
+    plan = LocalBackend().plan(spec, context=PlanContext(spec=spec, rows=len(ROWS)))
+    req = plan.request
+    assert req["training"]["optimizer"] == optimizer, variant
+
+    record = SimpleNamespace(request=req, spec=spec.model_dump(), data={"train": {"path": str(data)}})
+    out = _train(record, TrainCallbacks(), None)
+
+    assert out.quantization == {"mode": req["quantization"]["mode"], "reason": req["quantization"]["reason"]}
+    assert out.optimizer == f"{optimizer} ({optimizer_class})"
+    assert (out.micro_batch, out.grad_accum) == (2, 2)
+    assert (out.micro_batch, out.grad_accum) == (req["training"]["micro_batch_size"],
+                                                 req["training"]["gradient_accumulation_steps"])
+    assert out.dtype == req["training"]["dtype"] == ("nf4+bf16" if extra.get("quantization") == "nf4" else "fp32")
+    assert out.device == req["device"]["type"] == "cpu"
+    assert out.gradient_checkpointing is req["options"]["gradient_checkpointing"] is False
+    planned = req["memory_estimate"]
+    assert planned["budget_bytes"] == out.memory_estimate["device_bytes"] == 4 * 1024**3
+    assert {k: out.memory_estimate[k] for k in ("total_bytes", "breakdown", "fits")} == {
+        k: planned[k] for k in ("total_bytes", "breakdown", "fits")}
+    assert out.metrics["steps"] == 2 and math.isfinite(out.metrics["train_loss"])
+    if spec.adapter.loraplus_lr_ratio:  # LoRA+ really built the optimizer: two learning rates
+        assert sorted(out.extra["optimizer_lrs"]) == [pytest.approx(5e-3), pytest.approx(5e-3 * 16)]
+
+
+def test_resolve_run_is_pure_and_matches_the_plan(tiny_model):
+    """No torch at import; the plan's request is resolve_run's values (GPU 'auto' is in test_local_plan)."""
+    import subprocess
+
+    code = ("import sys, tunekit.backends.local.resolve; print('torch' in sys.modules, "
+            "'transformers' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.split() == ["False", "False"]
+    spec = TrainingSpec.model_validate({"base_model": str(tiny_model), "quantization": "nf4",
+                                        "hyperparameters": {"batch_size": 8, "gradient_accumulation_steps": 4}})
+    run = resolve_run(spec, device="cpu")
+    req = LocalBackend().plan(spec).request
+    assert (run.micro_batch, run.grad_accum, run.optimizer, run.dtype, run.quant.mode) == (
+        req["training"]["micro_batch_size"], req["training"]["gradient_accumulation_steps"],
+        req["training"]["optimizer"], req["training"]["dtype"], req["quantization"]["mode"]) == (
+        2, 4, "adamw_bnb_8bit", "nf4+bf16", "nf4")
+    assert run.estimate.total_bytes == req["memory_estimate"]["total_bytes"]
+    assert run.speed is not None and run.speed.checkpointed_layers == 0  # CPU default: no checkpointing

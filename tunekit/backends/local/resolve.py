@@ -1,0 +1,169 @@
+"""One resolution of a local training run: spec + device -> every decision the run makes before loading weights.
+
+`resolve_run` is the single place that decides micro-batch / gradient accumulation, the compute dtype,
+gradient checkpointing, the quantization mode (with the memory estimate behind 'auto'), the memory fit,
+the optimizer name and the speed plan. `train()` runs what it returns, and the backend's plan shows what
+it returns, so the plan cannot drift from the run. Pure: torch is imported only to read the device.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..._exceptions import ConfigError
+from . import memory as _memory
+from . import speed as _speed
+from .peft_config import DeviceInfo, QuantDecision, check_combination, resolve_quantization
+
+
+@dataclass
+class RunPlan:
+    """What a run will do. ``model_config`` None means config.json was not readable (``estimate_skipped`` says
+    why): then there is no memory estimate or speed plan, and 'auto' quantization on a GPU picks NF4."""
+
+    device: DeviceInfo
+    micro_batch: int
+    grad_accum: int
+    compute_dtype: str  # "bf16" on CUDA, "fp32" on CPU (QLoRA computes in bf16 either way)
+    gradient_checkpointing: bool  # requested, else the default (on for GPU, off for CPU)
+    auto_checkpointing: bool  # not requested: the speed plan may checkpoint only the layers memory needs
+    budget_bytes: int | None  # memory the fit check assumes
+    quant: QuantDecision
+    bf16_fits: bool | None  # the bf16 estimate behind quantization 'auto' on a GPU (None: not asked)
+    optimizer: str  # TrainingArguments.optim name; "loraplus+<name>" when LoRA+ builds the optimizer
+    estimate_kwargs: dict[str, Any]  # the speed path's memory.estimate arguments (fused LM head, bf16 QLoRA)
+    model_config: dict[str, Any] | None
+    estimate: _memory.MemoryEstimate | None
+    estimate_skipped: str | None = None
+    speed: _speed.SpeedPlan | None = None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def dtype(self) -> str:
+        """The recorded dtype: "nf4+bf16" for QLoRA, else the compute dtype."""
+        return "nf4+bf16" if self.quant.quantized else self.compute_dtype
+
+
+def micro_batch_of(spec: Any) -> tuple[int, int]:
+    """(micro-batch, grad accumulation): spec.batch_size is the global batch."""
+    hp = spec.hyperparameters
+    bs, ga = hp.batch_size, hp.gradient_accumulation_steps
+    if bs % ga:
+        raise ConfigError(
+            f"hyperparameters.batch_size={bs} is not a multiple of gradient_accumulation_steps={ga}",
+            field="hyperparameters.gradient_accumulation_steps",
+            hint="batch_size is the global batch = micro-batch x gradient_accumulation_steps; pick a divisor",
+        )
+    return bs // ga, ga
+
+
+def device_info(device: str | None) -> DeviceInfo:
+    """The device a run uses (default: CUDA when visible) and its memory; the one place torch reads it."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA GPU is visible", field="device",
+                              hint="drop device= to train on CPU (tiny models only), or check CUDA_VISIBLE_DEVICES")
+        idx = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(idx)
+        return DeviceInfo("cuda", int(props.total_memory), props.name)
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    return DeviceInfo("cpu", ram, "cpu")
+
+
+def optimizer_name(spec: Any, quantized: bool, on_gpu: bool) -> str:
+    """QLoRA: bitsandbytes' paged 8-bit AdamW on GPU; it cannot page on CPU, so there the plain 8-bit AdamW.
+    Otherwise fused AdamW for the bf16 GPU path. LoRA+ builds its own optimizer of the same class (torch's
+    AdamW when not quantized), named "loraplus+<optim>"."""
+    if quantized:
+        name = "paged_adamw_8bit" if on_gpu else "adamw_bnb_8bit"
+    else:
+        name = "adamw_torch_fused" if on_gpu else "adamw_torch"
+    if spec.adapter.loraplus_lr_ratio:
+        name = "loraplus+" + (name if quantized else "adamw_torch")
+    return name
+
+
+def read_config(base_model: str) -> tuple[dict[str, Any] | None, str | None]:
+    """config.json of the base model from a local dir or the Hugging Face cache; never downloads.
+    Returns (config, None) or (None, why it is unknown)."""
+    cfg = _memory.read_model_config(base_model)
+    if cfg is not None:
+        return cfg, None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(base_model, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid hub id: train() reports it when loading
+        path = None
+    if isinstance(path, str) and Path(path).is_file():
+        return json.loads(Path(path).read_text()), None
+    return None, f"{base_model}: config.json is neither a local directory nor in the Hugging Face cache yet"
+
+
+def resolve_run(
+    spec: Any,
+    *,
+    device: str | None = None,
+    gradient_checkpointing: bool | None = None,
+    memory_budget_bytes: int | None = None,
+    model_config: dict[str, Any] | None = None,
+) -> RunPlan:
+    """Resolve every pre-load decision of a run of ``spec``.
+
+    ``model_config`` is the base model's config as a dict (train() passes the loaded AutoConfig's); None
+    reads config.json from a local directory or the HF cache (the plan: never downloads, never needs torch
+    beyond the device). Raises ConfigError for a bad batch split or a refused combination (PiSSA on NF4).
+    The memory fit is estimated here but not enforced: callers decide when to refuse (`memory.check_fits`).
+    """
+    hp, a = spec.hyperparameters, spec.adapter
+    micro, accum = micro_batch_of(spec)
+    dev = device_info(device)
+    on_gpu = dev.type == "cuda"
+    auto_ckpt = gradient_checkpointing is None
+    if gradient_checkpointing is None:
+        gradient_checkpointing = on_gpu  # the measured GPU recipes use it; tiny CPU runs are faster without
+    compute_dtype = "bf16" if on_gpu else "fp32"
+    budget = memory_budget_bytes or dev.total_memory
+    skipped = None
+    if model_config is None:
+        model_config, skipped = read_config(str(spec.base_model))
+    est_kw = _speed.estimate_kwargs(spec) if model_config is not None else {}
+
+    def estimate(quant: str, ckpt: bool | None = None) -> _memory.MemoryEstimate:
+        return _memory.estimate(
+            model_config, micro_batch=micro, max_length=hp.max_length, quantization=quant, r=a.r,
+            target_modules=a.target_modules, use_dora=a.use_dora,
+            gradient_checkpointing=gradient_checkpointing if ckpt is None else ckpt,
+            dtype=compute_dtype if quant != "nf4" else "bf16",
+            device_memory_bytes=budget, method=spec.method, device_type=dev.type, **est_kw,
+        )
+
+    bf16_fits = None
+    if spec.quantization == "auto" and on_gpu and model_config is not None:
+        bf16_fits = estimate("none").fits
+    quant = resolve_quantization(spec, dev, bf16_fits)
+    check_combination(spec, quant)  # e.g. PiSSA on a 4-bit base: refused before anything loads
+    est = speed = None
+    if model_config is not None:
+        est = estimate(quant.mode)
+        speed = _speed.plan(spec, model_config, dev.type, quant.quantized,
+                            gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt,
+                            budget_bytes=budget, estimate=lambda ck: estimate(quant.mode, ck))
+    return RunPlan(
+        device=dev, micro_batch=micro, grad_accum=accum, compute_dtype=compute_dtype,
+        gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt, budget_bytes=budget,
+        quant=quant, bf16_fits=bf16_fits, optimizer=optimizer_name(spec, quant.quantized, on_gpu),
+        estimate_kwargs=est_kw, model_config=model_config, estimate=est, estimate_skipped=skipped, speed=speed,
+    )
