@@ -139,7 +139,10 @@ def test_quantization_auto_on_gpu_follows_the_memory_estimate(model_8b, monkeypa
     big = on_gpu(141)  # an H200: the bf16 model fits with room
     assert big["quantization"]["mode"] == "none" and "fits" in big["quantization"]["reason"]
     assert big["memory_estimate"]["fits"] is True and big["training"]["optimizer"] == "adamw_torch_fused"
-    assert big["options"]["gradient_checkpointing"] is True
+    # auto checkpointing: the worker gets no explicit request, so train() applies the per-layer policy shown here
+    assert big["options"]["gradient_checkpointing"] is None
+    assert big["training"]["checkpointing"]["requested"] == "auto" and big["training"]["checkpointing"]["enabled"]
+    assert big["training"]["checkpointing"]["layers"].endswith("/32")
     # a GPU just too small for the bf16 estimate: auto falls back to NF4, which fits
     bf16_bytes = big["memory_estimate"]["total_bytes"]
     small = on_gpu(bf16_bytes / HEADROOM * 0.97 / 1024**3)

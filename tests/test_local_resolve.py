@@ -59,7 +59,8 @@ def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, variant, extra
                                                  req["training"]["gradient_accumulation_steps"])
     assert out.dtype == req["training"]["dtype"] == ("nf4+bf16" if extra.get("quantization") == "nf4" else "fp32")
     assert out.device == req["device"]["type"] == "cpu"
-    assert out.gradient_checkpointing is req["options"]["gradient_checkpointing"] is False
+    assert req["options"]["gradient_checkpointing"] is None  # auto: train() resolves it as the plan did
+    assert out.gradient_checkpointing is req["training"]["checkpointing"]["enabled"] is False
     planned = req["memory_estimate"]
     assert planned["budget_bytes"] == out.memory_estimate["device_bytes"] == 4 * 1024**3
     assert {k: out.memory_estimate[k] for k in ("total_bytes", "breakdown", "fits")} == {

@@ -354,10 +354,11 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
     steps_per_epoch = math.ceil(rows / hp.batch_size) if rows else None
     total = opts.get("max_steps") or (steps_per_epoch * hp.epochs if steps_per_epoch else None)
     ckpt = opts.get("checkpoint_steps") or (max(1, math.ceil(total / 10)) if total else 50)
-    # gradient_checkpointing: the resolved choice, so the worker runs exactly it
+    # gradient_checkpointing: the user's request (None = auto), so the worker's train() makes the same
+    # per-layer choice this plan shows under training.checkpointing (resolve_run is deterministic)
     options = {"output_dir": opts.get("output_dir"), "checkpoint_steps": ckpt, "max_steps": opts.get("max_steps"),
                "eval_steps": opts.get("eval_steps") or (ckpt if spec.validation_data else None),
-               "device": opts.get("device"), "gradient_checkpointing": run.gradient_checkpointing,
+               "device": opts.get("device"), "gradient_checkpointing": opts.get("gradient_checkpointing"),
                "memory_budget_gb": budget_gb, "logging_steps": opts.get("logging_steps", 1)}
     request = {
         "base_model": base,
@@ -368,6 +369,11 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
             **hp.model_dump(exclude={"dpo_beta"} if spec.method != "dpo" else set()),
             "micro_batch_size": run.micro_batch, "optimizer": run.optimizer, "dtype": run.dtype,
             "loraplus_lr_ratio": spec.adapter.loraplus_lr_ratio, "estimated_total_steps": total,
+            "checkpointing": {
+                "requested": opts.get("gradient_checkpointing", "auto"), "enabled": run.gradient_checkpointing,
+                "layers": f"{run.speed.checkpointed_layers}/{run.speed.num_layers}" if run.speed else None,
+                "reason": run.speed.reasons.get("checkpointing") if run.speed else None,
+            },
         },
         "device": {"type": dev.type, "name": dev.name, "memory_bytes": dev.total_memory},
         "validation_data": spec.validation_data,
