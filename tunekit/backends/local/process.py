@@ -84,8 +84,8 @@ def worker_alive(rec: "JobRecord") -> bool:
         os.kill(rec.pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass  # exists, owned by someone else
+    except PermissionError:  # it exists, owned by another user: go on to the zombie check
+        pass
     proc = Path(f"/proc/{rec.pid}")
     if proc.is_dir():
         try:
