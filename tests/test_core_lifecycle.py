@@ -44,6 +44,9 @@ def test_provider_metrics_events_feed_the_progress_line():
     assert job.progress["step"] == 10 and job.progress["total_steps"] == 100 and job.progress["loss"] == 1.0
     line = progress_line(job.record)
     assert "10/100" in line and "loss 1.0000" in line
+    job.wait(timeout=10, progress=False)
+    # the same events become step metrics, for `tunekit jobs metrics ID --plot` on a managed job
+    assert [(m["split"], m["step"], m["loss"]) for m in job.metrics()] == [("train", 10, 1.0), ("train", 20, 0.5)]
 
 
 def test_invalid_data_never_reaches_backend(tmp_path):

@@ -154,6 +154,10 @@ class FineTuneJob:
         result = result.model_copy(update={"registry_id": entry.id})
         self._record = self._store.update_job(self.id, result=result)
 
+    def _record_provider_metrics(self, data: dict[str, Any]) -> None:
+        for split, values in _provider_step_metrics(data).items():
+            self._store.add_metrics(self.id, int(data["step"]), values, split=split)
+
     def _sync_events(self) -> None:
         self._store_events(self.backend.events(self._record))
 
@@ -162,7 +166,10 @@ class FineTuneJob:
         latest: dict[str, Any] = {}
         for event in events:
             if self._store.add_event(self.id, event) and event.type == "metrics":
-                latest = _progress_from_metrics(event.data) or latest
+                progress = _progress_from_metrics(event.data)
+                if progress:  # also step metrics, so `tunekit jobs metrics --plot` works for managed jobs
+                    latest = progress
+                    self._record_provider_metrics(event.data)
         if latest and not self.status.terminal:
             self._record = self._store.update_job(self.id, progress={**self._record.progress, **latest})
 
@@ -294,6 +301,17 @@ class FineTuneJob:
         key = self._adapter_key()
         base = self._store.get_adapter(key).base_model if self.result.registry_id else self.spec.base_model
         return serve(base, {name or self.id: key}, engine=engine, block=block, **kwargs)
+
+
+def _provider_step_metrics(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """split -> values from a provider metrics event (OpenAI: train_loss, valid_loss, *_mean_token_accuracy)."""
+    out: dict[str, dict[str, Any]] = {}
+    for split, prefix in (("train", "train_"), ("eval", "valid_")):
+        values = {k[len(prefix):]: v for k, v in data.items()
+                  if k.startswith(prefix) and isinstance(v, (int, float))}
+        if "loss" in values:
+            out[split] = values
+    return out
 
 
 def _progress_from_metrics(data: dict[str, Any]) -> dict[str, Any]:
