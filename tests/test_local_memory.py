@@ -7,7 +7,8 @@ import json
 import pytest
 
 from tunekit._exceptions import ResourceError
-from tunekit.backends.local.memory import GiB, check_fits, count_params, estimate, estimate_for_spec, lora_params
+from tunekit.backends.local.memory import GiB, check_fits, count_params, estimate, lora_params
+from tunekit.backends.local.resolve import resolve_run
 from tunekit.schemas.spec import TrainingSpec
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -87,13 +88,14 @@ def test_suggestions_are_each_checked_to_fit():
 def test_tiny_model_refused_on_a_tiny_budget(tiny_model):
     cfg = json.loads((tiny_model / "config.json").read_text())
     spec = TrainingSpec(base_model=str(tiny_model), hyperparameters={"batch_size": 64, "max_length": 1024})
-    e = estimate_for_spec(spec, cfg, quantization="none", device_memory_bytes=20 * 2**20, device_type="cpu",
-                          gradient_checkpointing=False)
+    # the estimate train() and the plan use (resolve_run), for this spec on a 20 MiB CPU budget
+    e = resolve_run(spec, device="cpu", gradient_checkpointing=False, memory_budget_bytes=20 * 2**20,
+                    model_config=cfg).estimate
     assert e.fits is False
     with pytest.raises(ResourceError) as exc:
         check_fits(e, what="training tiny")
     msg = str(exc.value)
     assert "training tiny" in msg and "20.00 MiB" in msg
     assert "micro-batch" in exc.value.hint or "max_length" in exc.value.hint
-    ok = estimate_for_spec(spec, cfg, quantization="none", device_memory_bytes=8 * GiB, device_type="cpu")
+    ok = resolve_run(spec, device="cpu", memory_budget_bytes=8 * GiB, model_config=cfg).estimate
     assert ok.fits

@@ -279,27 +279,3 @@ def check_fits(estimate_: MemoryEstimate, *, what: str = "this training plan") -
             f"{human_bytes(estimate_.device_bytes or 0)}",
             hint="; or ".join(estimate_.suggestions),
         )
-
-
-def estimate_for_spec(
-    spec: Any,
-    model_config: dict[str, Any],
-    *,
-    quantization: str,
-    device_memory_bytes: int | None = None,
-    gradient_checkpointing: bool = True,
-    device_type: str = "cuda",
-    n_params: int | None = None,
-) -> MemoryEstimate:
-    """`estimate` with the micro-batch, max_length and adapter taken from a TrainingSpec.
-
-    ``quantization`` is the resolved mode ('nf4' | 'none'; see peft_config.resolve_quantization).
-    """
-    hp, a = spec.hyperparameters, spec.adapter
-    micro = max(1, hp.batch_size // hp.gradient_accumulation_steps)
-    return estimate(
-        model_config, micro_batch=micro, max_length=hp.max_length, quantization=quantization, r=a.r,
-        target_modules=a.target_modules, use_dora=a.use_dora, gradient_checkpointing=gradient_checkpointing,
-        dtype="bf16" if device_type == "cuda" or quantization == "nf4" else "fp32",
-        device_memory_bytes=device_memory_bytes, n_params=n_params, method=spec.method, device_type=device_type,
-    )

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..._exceptions import ConfigError
 from . import memory as _memory
+from . import provenance as _provenance
 from . import speed as _speed
 from .datasets import PreparedData, prepare
 from .peft_config import MUTATING_INITS, DeviceInfo, lora_kwargs, peft_error_to_config_error, quantization_config
@@ -71,18 +72,6 @@ class TrainOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "absent"
-    return out
 
 
 def _looks_local(name: str) -> bool:
@@ -384,7 +373,7 @@ def train(
         masking=data.masking,
         memory_estimate={"total_bytes": est.total_bytes, "breakdown": est.breakdown, "fits": est.fits,
                          "device_bytes": est.device_bytes},
-        versions=library_versions(),
+        versions=_provenance.library_versions(),
         tokenizer_sha256=_file_sha256(adapter_dir / "tokenizer.json"),
         chat_template_sha256=_sha256(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None),
         base_model_revision=getattr(config, "_commit_hash", None),
