@@ -191,8 +191,10 @@ def test_dora_norm_matches_the_direct_norm_once_per_forward_pass():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_fast_lora_forward_equals_peft_forward_on_nf4(tiny_model):
-    """Linear4bit (bitsandbytes NF4 on CPU): same output and same adapter gradients as PEFT's forward."""
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_forward_equals_peft_forward_on_nf4(tiny_model, dora):
+    """Linear4bit (bitsandbytes NF4 on CPU): the fused LoRA forward, and with DoRA (no dropout) the fused
+    LoRA+DoRA forward, give PEFT's loss and adapter gradients (DoRA's magnitude included)."""
     pytest.importorskip("bitsandbytes")
     import torch
     from peft import LoraConfig, get_peft_model
@@ -200,46 +202,21 @@ def test_fast_lora_forward_equals_peft_forward_on_nf4(tiny_model):
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
-    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(2 if dora else 1))
+    extra = {"use_dora": True, "lora_dropout": 0.0} if dora else {}
     res = []
     for fast in (False, True):
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q)
-        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian", **extra))
         if fast:
-            assert speed.patch_lora(m) == 14
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        res.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
-    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-5, atol=1e-6)
-    for n, g in res[0][1].items():
-        torch.testing.assert_close(res[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
-
-
-def test_fused_dora_forward_equals_peft_forward_on_nf4(tiny_model):
-    """NF4 base, DoRA without dropout: the fused forward gives PEFT's loss and gradients (magnitude included)."""
-    pytest.importorskip("bitsandbytes")
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(2))
-    res = []
-    for fast in (False, True):
-        torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q)
-        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian",
-                                         use_dora=True, lora_dropout=0.0))
-        if fast:
-            assert speed.patch_lora(m, fuse_dora=True) == 14
+            assert speed.patch_lora(m, fuse_dora=dora) == 14
         m.train()
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
         res.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
     torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-5, atol=1e-6)
-    assert any("magnitude" in n for n in res[0][1])
+    assert any("magnitude" in n for n in res[0][1]) == dora
     for n, g in res[0][1].items():
         torch.testing.assert_close(res[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
