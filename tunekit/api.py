@@ -200,20 +200,3 @@ def _event(message: str):
     from .schemas.job import JobEvent
 
     return JobEvent(created_at=time.time(), type="reconcile", message=message)
-
-
-def merge(adapter: str, out_dir: str | Path, *, base_model: str | None = None, dtype: str = "bf16",
-          check_data: str | Path | None = None, agreement_threshold: float = 0.99, overwrite: bool = False):
-    """Merge an adapter (job id, registry id/name or directory) into its 16-bit base and check it.
-
-    The check's figures are recorded on the registry entry when there is one.
-    """
-    from .backends.local.merge import merge_adapter
-    from .serve.adapters import resolve_adapter
-
-    path, record = resolve_adapter(adapter)
-    if check_data is None and record is not None and record.job_id:
-        train = (default_store().get_job(record.job_id).data or {}).get("train", {})
-        check_data = train.get("path")
-    return merge_adapter(adapter, out_dir, base_model=base_model, dtype=dtype, check_data=check_data,
-                         agreement_threshold=agreement_threshold, overwrite=overwrite)

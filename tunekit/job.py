@@ -289,10 +289,10 @@ class FineTuneJob:
         return self.result.registry_id or self.result.adapter_path
 
     def merge(self, out_dir: str, **kwargs: Any) -> Any:
-        """Fold this job's adapter into its 16-bit base and check the merge (see ``tunekit.api.merge``)."""
-        from .api import merge
+        """Fold this job's adapter into its 16-bit base and check the merge (see ``merge_adapter``)."""
+        from .backends.local.merge import merge_adapter
 
-        return merge(self._adapter_key(), out_dir, **kwargs)
+        return merge_adapter(self._adapter_key(), out_dir, **kwargs)
 
     def serve(self, *, name: str | None = None, engine: str | None = None, block: bool = True, **kwargs: Any) -> Any:
         """Serve this job's adapter over its base model on an OpenAI-compatible API (``model=name``)."""

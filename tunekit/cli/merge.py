@@ -21,11 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import merge
+    from ..backends.local.merge import merge_adapter
     from ._output import print_json
 
-    result = merge(args.adapter, args.out, base_model=args.base_model, dtype=args.dtype,
-                   check_data=args.check_data, agreement_threshold=args.threshold, overwrite=args.overwrite)
+    result = merge_adapter(args.adapter, args.out, base_model=args.base_model, dtype=args.dtype,
+                           check_data=args.check_data, agreement_threshold=args.threshold,
+                           overwrite=args.overwrite)
     if args.json:
         print_json(result.to_dict())
     else:

@@ -91,8 +91,9 @@ def merge_adapter(adapter_path: str | os.PathLike[str], out_dir: str | os.PathLi
                   overwrite: bool = False) -> MergeResult:
     """Merge ``adapter_path`` (a PEFT LoRA dir or a registry key) into a 16-bit base; save to ``out_dir``.
 
-    ``check_prompts`` (or the first rows of ``check_data``) feed the merge check; built-in prompts are
-    used when neither is given. A registry adapter gets the check recorded (``merge_check``).
+    ``check_prompts`` (or the first rows of ``check_data``; for a registry adapter, its job's training
+    data) feed the merge check; built-in prompts are used when none is known. A registry adapter gets
+    the check recorded (``merge_check``).
     """
     from ...serve.adapters import read_adapter, resolve_adapter
 
@@ -101,6 +102,8 @@ def merge_adapter(adapter_path: str | os.PathLike[str], out_dir: str | os.PathLi
         raise ConfigError(f"dtype {dtype!r} is not bf16 or fp16", field="dtype",
                           hint="merge into a 16-bit checkpoint: dtype='bf16' (default) or 'fp16'")
     path, record = resolve_adapter(adapter_path)
+    if check_prompts is None and check_data is None and record is not None and record.job_id:
+        check_data = _training_data(record.job_id)  # check on the job's own training prompts
     info = read_adapter(path)
     if info.unconverted_init:
         raise ConfigError(
@@ -176,6 +179,16 @@ def merge_adapter(adapter_path: str | os.PathLike[str], out_dir: str | os.PathLi
         check = {k: v for k, v in result.to_dict().items() if k != "prompts"}
         default_store().update_adapter(record.id, merge_check=check)
     return result
+
+
+def _training_data(job_id: str) -> str | None:
+    from ..._exceptions import JobNotFoundError
+    from ...store import default_store
+
+    try:
+        return (default_store().get_job(job_id).data or {}).get("train", {}).get("path")
+    except JobNotFoundError:
+        return None
 
 
 def _refuse_prequantized(base: str) -> None:
