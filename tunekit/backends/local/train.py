@@ -11,7 +11,6 @@ store rows; nothing here knows about the store. Output layout under ``output_dir
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,14 +98,6 @@ def _load_config(base_model: str) -> Any:
             hint="give a local directory containing config.json and weights, or a Hugging Face model id that is "
             "downloaded (or reachable: HF_HUB_OFFLINE unset)",
         ) from exc
-
-
-def _sha256(text: str | None) -> str | None:
-    return hashlib.sha256(text.encode()).hexdigest() if text else None
-
-
-def _file_sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _peak_memory(dev: DeviceInfo) -> int:
@@ -374,8 +365,10 @@ def train(
         memory_estimate={"total_bytes": est.total_bytes, "breakdown": est.breakdown, "fits": est.fits,
                          "device_bytes": est.device_bytes},
         versions=_provenance.library_versions(),
-        tokenizer_sha256=_file_sha256(adapter_dir / "tokenizer.json"),
-        chat_template_sha256=_sha256(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None),
+        tokenizer_sha256=(_provenance.file_sha256(adapter_dir / "tokenizer.json")
+                          if (adapter_dir / "tokenizer.json").is_file() else None),
+        chat_template_sha256=_provenance.text_sha256(
+            tokenizer.chat_template if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template else None),
         base_model_revision=getattr(config, "_commit_hash", None),
         extra={"row_kind": data.row_kind, "validation_examples": len(val) if val else 0,
                "validation_truncated": val.truncated_count if val else 0,
