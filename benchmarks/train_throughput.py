@@ -222,6 +222,18 @@ def tunekit_run(p: dict) -> dict:
         def on_step(self, step, m):
             self.marks.append((time.perf_counter(), m.get("tokens", 0)))
             self.losses.append(m.get("loss"))
+            if p.get("profile") and step == p["warmup"]:  # profile the first timed step
+                from torch.profiler import ProfilerActivity, profile
+
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+            elif getattr(self, "prof", None) is not None:
+                self.prof.__exit__(None, None, None)
+                ka = self.prof.key_averages()
+                busy = sum(e.self_device_time_total for e in ka) / 1e6
+                print(f"[profile {p['variant']}] GPU busy {busy:.3f} s in one step\n"
+                      + ka.table(sort_by="self_cuda_time_total", row_limit=25), file=sys.stderr, flush=True)
+                self.prof = None
 
         def on_event(self, level, message):
             self.events.append(message)
@@ -308,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss-steps", type=int, default=30)
     ap.add_argument("--no-noise", action="store_true", help="--check-loss without the plain seed+1 run")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler kernel table of one timed step")
     ap.add_argument("--out", default=None, help="directory for results.jsonl")
     ap.add_argument("--_job", help=argparse.SUPPRESS)
     ap.add_argument("--_params", help=argparse.SUPPRESS)
@@ -328,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = f"/tmp/tunekit-bench/{a.shape}" + (f"-L{layers}" if layers else "") + f"-{device}"
     base = {"model": model_dir, "shape": a.shape, "layers": layers, "device": device, "seq": seq,
             "batch": a.batch, "rank": a.rank, "lr": a.lr, "seed": a.seed, "steps": a.steps, "warmup": a.warmup,
-            "loss_steps": a.loss_steps, "check": a.check_loss}
+            "loss_steps": a.loss_steps, "check": a.check_loss, "profile": a.profile}
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
             "argv": " ".join(sys.argv), "device": device,
             "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "versions": versions()}
