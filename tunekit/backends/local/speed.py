@@ -14,9 +14,11 @@ each one against the path without it). What each optimisation does, and why it p
                every adapted layer's output, forward and backward.
   fast_dora    DoRA's weight norm ||W + s*B@A|| (detached by design) from cached ||W||^2 plus two rank-r
                products, once per forward pass (the checkpoint recompute reuses it), instead of dequantizing W
-               and materialising W + s*B@A in every forward and again in the recompute; without dropout the
-               whole DoRA layer is one GEMM epilogue plus one addcmul: (m/n) * (base + s*B A x); the rescale
-               stays in the activations' dtype so the residual stream is not promoted to fp32.
+               and materialising W + s*B@A in every forward and again in the recompute. Without dropout the
+               DoRA layer is (m/n) * (base + s*B A x): on an NF4 base the per-row factor m/n is folded into
+               the NF4 block scales and into B (one autograd function, no pass over the activations in the
+               forward; the backward adds one reduction for m's gradient); on a 16-bit base it is one GEMM
+               epilogue plus one addcmul, kept in the activations' dtype.
   checkpointing gradient checkpointing only on as many decoder layers as the memory budget needs (the rest
                keep their activations and skip the recompute); decided from memory.estimate.
   fp32_adapters not a speed-up but a numerics guard: TRL casts a quantized model's LoRA A/B to bf16, where
@@ -261,6 +263,10 @@ def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
     if lora_B.bias is not None or lora_A.bias is not None:
         return self._tk_forward(x, *args, **kwargs)
+    if dora is not None:
+        out = nf4_dora_forward(self, x, name, dora)
+        if out is not None:
+            return out
     result = self.base_layer(x)
     x = self._cast_input_dtype(x, lora_A.weight.dtype)
     h = lora_A(self.lora_dropout[name](x))
@@ -380,3 +386,101 @@ def _fast_dora_forward(self: Any, x: Any, *, lora_A: Any, lora_B: Any, scaling: 
     # (scale - 1) is formed in fp32 (it is small), then both factors go to the activations' dtype
     dt = base_result.dtype
     return (scale - 1).to(dt).view(1, -1) * base_result + (scale * scaling).to(dt).view(1, -1) * lora_result.to(dt)
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA + DoRA
+
+def nf4_dora_forward(layer: Any, x: Any, name: str, dora: Any) -> Any:
+    """DoRA on a bitsandbytes 4-bit base as one autograd function, or None where it does not apply.
+
+    (m/n) * (W x + s B A x) = (diag(m/n) W) x + s (diag(m/n) B) A x. diag(m/n) W is what the 4-bit
+    dequantization yields when each row's block scales (absmax, fp32) are multiplied by m/n first, so the
+    GEMMs are LoRA's and no pass over the [tokens, out] activations rescales them (PEFT's DoRA makes 3-4).
+    The product is formed in fp32 before the single rounding to the compute dtype, so m/n - 1 ~ 1e-4 is
+    not lost the way it would be in a 16-bit factor.
+    """
+    import torch
+
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    qs = getattr(weight, "quant_state", None)
+    if qs is None or qs.quant_type not in ("nf4", "fp4") or getattr(qs, "packing_format_for_cpu", False):
+        return None  # not 4-bit, or bitsandbytes' CPU inference layout (repacked weights, transposed scales)
+    out_f, in_f = qs.shape
+    if in_f % qs.blocksize:
+        return None  # a block would straddle two rows: no per-row factor on the block scales
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    cdt = getattr(base, "compute_dtype", None) or x.dtype
+    if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == A.dtype == B.dtype == cdt):
+        return None  # mixed dtypes without autocast: PEFT's promotion rules apply
+    s = float(layer.scaling[name])
+    norm = dora_weight_norm(dora, base, A, B, s)
+    global _NF4_DORA
+    if _NF4_DORA is None:
+        _NF4_DORA = _make_nf4_dora()
+    return _NF4_DORA.apply(x, A, B, dora.weight, norm, weight, s, cdt)
+
+
+_NF4_DORA = None  # the autograd.Function class, built on first use (torch is imported lazily)
+
+
+def _block_scales(qs: Any) -> Any:
+    """The fp32 absmax of every 4-bit block (double quantization undone)."""
+    if not qs.nested:
+        return qs.absmax.float()
+    from bitsandbytes.functional import dequantize_blockwise
+
+    return (dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+
+
+def _dequant_scaled(weight: Any, qs: Any, absmax: Any, dtype: Any) -> Any:
+    import torch
+
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, qs.blocksize, qs.quant_type, qs.shape,
+                                                          dtype)
+
+
+def _make_nf4_dora():
+    import torch
+
+    class Nf4Dora(torch.autograd.Function):
+        """y = diag(m/n) (x W^T + s (x A^T) B^T), W 4-bit and frozen, n detached (PEFT's DoRA, no dropout)."""
+
+        @staticmethod
+        def forward(ctx, x, A, B, mag, norm, weight, s, cdt):
+            qs = weight.quant_state
+            out_f = qs.shape[0]
+            scale = mag.float() / norm  # fp32 [out]
+            absmax = (_block_scales(qs).view(out_f, -1) * scale.view(-1, 1)).reshape(-1)
+            W = _dequant_scaled(weight, qs, absmax, cdt)  # diag(m/n) W
+            x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+            a = A.to(cdt)
+            bs = (B.float() * (scale * s).view(-1, 1)).to(cdt)  # diag(s m/n) B, formed in fp32
+            h = x2 @ a.t()
+            y = torch.addmm(x2 @ W.t(), h, bs.t())
+            ctx.save_for_backward(x2, h, a, bs, absmax, y, mag)
+            ctx.weight, ctx.s, ctx.cdt, ctx.x_shape, ctx.x_dtype = weight, s, cdt, x.shape, x.dtype
+            ctx.scale, ctx.dtypes = scale, (A.dtype, B.dtype, mag.dtype)
+            return y.view(*x.shape[:-1], out_f).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            x2, h, a, bs, absmax, y, mag = ctx.saved_tensors
+            need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
+            g2 = g.reshape(-1, g.shape[-1]).to(ctx.cdt)
+            gx = gA = gB = gm = None
+            gh = g2 @ bs if (need_x or need_a) else None  # dL/dh, [tokens, r]
+            if need_x:
+                W = _dequant_scaled(ctx.weight, ctx.weight.quant_state, absmax, ctx.cdt)
+                gx = torch.addmm(g2 @ W, gh, a).view(ctx.x_shape).to(ctx.x_dtype)
+            if need_a:
+                gA = (gh.t() @ x2).to(ctx.dtypes[0])
+            if need_b:
+                gB = ((g2.t() @ h).float() * (ctx.scale * ctx.s).view(-1, 1)).to(ctx.dtypes[1])
+            if need_m:
+                # dL/dm = (1/n) sum_t g * y/(m/n) = sum_t g*y / m  (y = (m/n) y0; rows with m == 0 get 0)
+                gy = (g2 * y).sum(0, dtype=torch.float32)
+                gm = torch.where(mag != 0, gy / mag.float(), torch.zeros_like(gy)).to(ctx.dtypes[2])
+            return gx, gA, gB, gm, None, None, None, None
+
+    return Nf4Dora
