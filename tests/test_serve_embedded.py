@@ -122,8 +122,15 @@ def test_concurrent_requests_for_different_adapters_share_one_batch(client, serv
         while engine.pending() < len(jobs):
             assert time.monotonic() < deadline, "requests did not reach the engine"
             time.sleep(0.01)
+        slots = engine.pool.slots
+        shared_before = slots.shared_shrinks
     for t in threads:
         t.join(60)
+    # the mixed batch took the grouped shrink: k/v (after q) and up (after gate) reused their sibling's bmm,
+    # in every layer of every mixed forward
+    per_forward = sum(len(g) - 1 for g in slots.shrink_groups)
+    shared = slots.shared_shrinks - shared_before
+    assert per_forward == 3 * 2 and shared >= per_forward and shared % per_forward == 0
     ids = {results[i].id for i in range(len(jobs))}
     stats = httpx.get(server.url + "/tunekit/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
     batch = next(b for b in reversed(stats["recent_batches"]) if set(b["request_ids"]) & ids)
@@ -259,3 +266,99 @@ def test_unservable_adapters_are_refused(tiny_model, adapters, tmp_path, server)
     assert "tunekit merge" in err.value.hint
     with pytest.raises(ConfigError, match="not a PEFT adapter directory"):
         create_app(str(tiny_model), {"x": str(tmp_path)})
+
+
+def _random_slots(tiny_model, num_slots: int = 3, rank: int = 4):
+    """The tiny Llama with every linear layer (but lm_head) in random LoRA slots."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.serve.embedded.lora_slots import LoraSlots, SlotLayout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    mods = tuple(sorted((n, m.in_features, m.out_features) for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and n != "lm_head"))
+    slots = LoraSlots(model, num_slots, device=torch.device("cpu"), dtype=torch.float32)
+    slots.apply_layout(SlotLayout(rank=rank, modules=mods))
+    slots.storage[1:].copy_(torch.randn(slots.storage[1:].shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    return model, slots
+
+
+def test_mixed_batch_grouped_shrink_equals_each_row_alone(tiny_model):
+    import torch
+
+    model, slots = _random_slots(tiny_model)
+    layers = model.config.num_hidden_layers
+    assert sorted(map(tuple, slots.shrink_groups)) == sorted(
+        g for i in range(layers) for g in (
+            tuple(f"model.layers.{i}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")),
+            tuple(f"model.layers.{i}.mlp.{m}" for m in ("gate_proj", "up_proj"))))  # o_proj, down_proj alone
+    rows = [1, 2, 0, 3, 1]
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, 200, (len(rows), 6), generator=gen)
+    nxt = torch.randint(10, 200, (len(rows), 1), generator=gen)
+
+    def run(slot_rows, prompt, token):  # prefill + one cached decode step
+        slots.set_rows(slot_rows)
+        with torch.inference_mode():
+            out = model(input_ids=prompt, use_cache=True)
+            step = model(input_ids=token, cache=out.past_key_values)
+        return torch.cat([out.logits, step.logits], dim=1)
+
+    before = slots.shared_shrinks
+    mixed = run(rows, ids, nxt)
+    assert slots.shared_shrinks - before == 2 * 3 * layers  # k, v, up reused the group's bmm in both forwards
+    for i, slot in enumerate(rows):  # each row alone: the single-adapter (matmul + addmm) or base path
+        alone = run([slot], ids[i:i + 1], nxt[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-4, atol=1e-5)
+    base = run([0], ids[:1], nxt[:1])
+    assert (mixed[:1] - base).abs().max() > 1e-2  # the adapters really change the logits
+
+
+def test_group_members_given_different_inputs_compute_their_own_shrink(tiny_model):
+    import gc
+    import weakref
+
+    import torch
+    import torch.nn.functional as F
+
+    model, slots = _random_slots(tiny_model)
+    rows = [2, 0, 1, 3]
+    slots.set_rows(rows)
+    attn = model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    sel = torch.tensor(rows)
+
+    def reference(w, x):  # per row: base layer + x A_slot^T B_slot^T (B already holds the scaling)
+        xb = x.reshape(len(rows), -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(xb, w.A[sel].transpose(1, 2)), w.BT[sel]).reshape(*x.shape[:-1], -1)
+        return F.linear(x, w.weight, w.bias) + delta
+
+    gen = torch.Generator().manual_seed(3)
+    x1, x2, x3 = (torch.randn(len(rows), 3, q.in_features, generator=gen) for _ in range(3))
+    calls = [(q, x1), (k, x2), (v, x1), (v, x3), (k, x1), (q, x2), (q, x2), (k, x3),  # interleaved inputs
+             (v, x2), (k, x2), (q, x2),  # the usual round, in reverse order
+             (q, x1.reshape(-1, q.in_features))]  # [batch*tokens, features] input
+    shared = []
+    with torch.inference_mode():
+        for w, x in calls:
+            before = slots.shared_shrinks
+            torch.testing.assert_close(w(x), reference(w, x), rtol=1e-5, atol=1e-5)
+            shared.append(slots.shared_shrinks - before)
+    # only a member called with the very tensor its group's bmm used reads the shared result
+    assert shared == [0, 0, 1, 0, 0, 0, 0, 1, 0, 1, 1, 0]
+    slots.set_rows(rows)  # re-gather outside inference mode (inference tensors cannot be saved for backward)
+    with torch.enable_grad():  # autograd path (no in-place expand) agrees too
+        x = x2.clone().requires_grad_()
+        for w in (q, k, v):
+            torch.testing.assert_close(w(x), reference(w, x), rtol=1e-5, atol=1e-5)
+    # a finished round holds no activation: the input is freed once every member has used it
+    x = torch.randn(len(rows), 1, q.in_features)
+    ref = weakref.ref(x)
+    with torch.inference_mode():
+        for w in (q, k, v):
+            w(x)
+    del x
+    gc.collect()
+    assert ref() is None

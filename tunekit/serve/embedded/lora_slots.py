@@ -11,8 +11,10 @@ of a batch in every layer, so kernel launches grow with the number of adapters i
   zero-padded (B·A is unchanged) and the LoRA scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) is
   folded into B. A hot swap is then a single ``storage[slot].copy_(packed)``.
 * A mixed batch gathers each row's A/B by slot index once per batch composition; each decode step
-  then costs two kernels per module (``bmm`` + fused ``baddbmm``), whatever the number of distinct
-  adapters. Batches using one slot take a ``matmul`` + ``addmm`` path; base-only batches skip LoRA.
+  then costs two kernels per module (``bmm`` shrink + fused ``baddbmm`` expand), whatever the number
+  of distinct adapters. Sibling modules fed the same input (q/k/v, gate/up) share one shrink ``bmm``
+  over their concatenated A, so a group of k costs k + 1 kernels. Batches using one slot take a
+  ``matmul`` + ``addmm`` path; base-only batches skip LoRA.
 
 Adapter tensors are read with safetensors and scaled exactly as PEFT does (``rank_pattern`` /
 ``alpha_pattern`` resolved with the regex of PEFT's ``get_pattern_key``); tests compare against PEFT.
@@ -168,14 +170,77 @@ class _RowState:
         self.mode = "base"  # "base" | "single" | "mixed"
         self.slot = 0
         self.rows: torch.Tensor | None = None
-        self.version = 0  # bumped whenever the rows change: invalidates the per-module gathers
+        self.version = 0  # bumped whenever the rows change: invalidates the per-group gathers
+        self.shared_shrinks = 0  # mixed-mode shrinks served from a sibling's bmm (no bmm of their own)
+
+
+# Siblings that read the same input tensor in common HF architectures (Llama, Mistral, Qwen, Gemma, ...:
+# q/k/v get ``hidden_states``, gate/up get the MLP input; BERT-style attention; Mixtral-style w1/w3).
+# Why names and not just "same parent + same in_features": in Llama o_proj has in_features == hidden
+# size too, but it reads the attention output, so it would never share: its columns in the group's bmm
+# would be wasted work and the group could never tell that its round was over (to drop its input).
+# Names only decide what is concatenated; correctness rests on the identity check in _ShrinkGroup.
+_SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
+
+
+class _ShrinkGroup:
+    """Wrapped modules of one parent that read the same input: their mixed-batch shrinks are one ``bmm``.
+
+    Once per batch composition the members' gathered A are concatenated into ``At [batch, in, r*k]``.
+    The first member called with a new ``x`` computes ``bmm(x, At)`` and keeps (x, its r-column
+    splits); a member called with that same tensor object takes its split. A member called with any
+    other tensor computes its own shrink from its slice of ``At``, so results never depend on call order.
+    The input is dropped once every member has used it: nothing outlives the round (the step).
+    """
+
+    __slots__ = ("members", "version", "rank", "At", "parts", "BT", "x", "hs", "used", "full")
+
+    def __init__(self, members: list["SlotLinear"]) -> None:
+        self.members = members
+        self.full = (1 << len(members)) - 1
+        self.clear()
+
+    def clear(self) -> None:
+        self.version = self.rank = -1
+        self.At = self.parts = self.BT = self.x = self.hs = None
+        self.used = 0
+
+    def gather(self, st: _RowState) -> None:
+        rows = st.rows
+        self.rank = self.members[0].A.shape[1]  # one layout: every member has the same (padded) rank
+        a = [m.A.index_select(0, rows) for m in self.members]
+        self.At = (torch.cat(a, dim=1) if len(a) > 1 else a[0]).transpose(1, 2)  # [batch, in, r*k]
+        self.parts = self.At.split(self.rank, dim=2)  # each member's [batch, in, r] view
+        self.BT = [m.BT.index_select(0, rows) for m in self.members]
+        self.x = self.hs = None
+        self.used = 0
+        self.version = st.version
+
+    def shrink(self, i: int, x: torch.Tensor, xb: torch.Tensor, st: _RowState) -> torch.Tensor:
+        """Member ``i``'s ``xb @ A_rows^T`` (``x`` is the tensor the module got, ``xb`` it as [batch, t, in])."""
+        if self.full == 1:
+            return torch.bmm(xb, self.At)
+        bit = 1 << i
+        if x is self.x:
+            h = self.hs[i]
+            st.shared_shrinks += 1
+            self.used |= bit
+            if self.used == self.full:  # every member served: let the activation go
+                self.x = self.hs = None
+            return h
+        if self.x is None or self.used & bit:  # no live input, or this member already had it: a new round
+            self.hs = torch.bmm(xb, self.At).split(self.rank, dim=2)
+            self.x, self.used = x, bit
+            return self.hs[i]
+        return torch.bmm(xb, self.parts[i])  # a different input while the group's is live
 
 
 class SlotLinear(nn.Module):
     """An nn.Linear plus a per-row LoRA delta read from the shared slot storage.
 
     Per decode step the delta costs two kernels: the rows' A/B are gathered once per batch
-    composition (not per step), then ``bmm`` + fused ``baddbmm`` (or ``matmul`` + ``addmm``).
+    composition (not per step), then ``bmm`` + fused ``baddbmm`` (or ``matmul`` + ``addmm``);
+    in a mixed batch the ``bmm`` is shared with the module's :class:`_ShrinkGroup` siblings.
     """
 
     def __init__(self, base_layer: nn.Linear, state: _RowState) -> None:
@@ -184,7 +249,8 @@ class SlotLinear(nn.Module):
         self._state = state
         self.A: torch.Tensor | None = None  # [slots+1, r, in] view
         self.BT: torch.Tensor | None = None  # [slots+1, r, out] view
-        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._group = _ShrinkGroup([self])  # replaced by LoraSlots when the module has siblings
+        self._gidx = 0
 
     # Code that inspects the wrapped layer (dtype checks, tying) still finds its parameters.
     @property
@@ -216,17 +282,17 @@ class SlotLinear(nn.Module):
             h = (x @ a.t()).reshape(-1, a.shape[0])
             y2 = y.reshape(-1, y.shape[-1])
             return (y2.addmm_(h, bt) if inplace else torch.addmm(y2, h, bt)).reshape(y.shape)
-        g = self._gathered
-        if g is None or g[0] != st.version:
-            g = self._gathered = (st.version, self.A.index_select(0, st.rows).transpose(1, 2),
-                                  self.BT.index_select(0, st.rows))
-        if x.dim() == 3 and x.shape[0] == g[1].shape[0]:  # [batch, tokens, features]: no reshapes needed
-            h = torch.bmm(x, g[1])
-            return y.baddbmm_(h, g[2]) if inplace else torch.baddbmm(y, h, g[2])
-        b = g[1].shape[0]
-        h = torch.bmm(x.reshape(b, -1, x.shape[-1]), g[1])
+        g = self._group
+        if g.version != st.version:
+            g.gather(st)
+        bt = g.BT[self._gidx]
+        b = bt.shape[0]
+        if x.dim() == 3 and x.shape[0] == b:  # [batch, tokens, features]: no reshapes needed
+            h = g.shrink(self._gidx, x, x, st)
+            return y.baddbmm_(h, bt) if inplace else torch.baddbmm(y, h, bt)
+        h = g.shrink(self._gidx, x, x.reshape(b, -1, x.shape[-1]), st)
         y3 = y.reshape(b, -1, y.shape[-1])
-        return (y3.baddbmm_(h, g[2]) if inplace else torch.baddbmm(y3, h, g[2])).reshape(y.shape)
+        return (y3.baddbmm_(h, bt) if inplace else torch.baddbmm(y3, h, bt)).reshape(y.shape)
 
 
 class LoraSlots:
@@ -257,7 +323,23 @@ class LoraSlots:
             a_off, b_off = offsets[name]
             wrapper.A = self.storage[:, a_off:a_off + layout.rank * fin].view(-1, layout.rank, fin)
             wrapper.BT = self.storage[:, b_off:b_off + layout.rank * fout].view(-1, layout.rank, fout)
+        self._group_siblings(named)
         self.layout = layout
+
+    def _group_siblings(self, named: dict[str, nn.Module]) -> None:
+        """Give wrapped siblings that read the same input (see _SHARED_INPUT) one _ShrinkGroup."""
+        order = {name: i for i, name in enumerate(named)}  # registration order: q before k before v
+        groups: dict[tuple[str, int, int], list[SlotLinear]] = {}
+        for name in sorted(self._wrapped, key=lambda n: order.get(n, -1)):
+            parent, _, child = name.rpartition(".")
+            w = self._wrapped[name]
+            fam = next((i for i, names in enumerate(_SHARED_INPUT) if child in names), None)
+            key = (name, -1, 0) if fam is None else (parent, fam, w.in_features)
+            groups.setdefault(key, []).append(w)
+        for members in groups.values():
+            group = _ShrinkGroup(members)
+            for i, w in enumerate(members):
+                w._group, w._gidx = group, i
 
     def write(self, slot: int, packed: torch.Tensor) -> None:
         """Copy a packed adapter into ``slot`` (one host-to-device copy; asynchronous from pinned memory)."""
@@ -270,7 +352,7 @@ class LoraSlots:
         st = self._state
         st.version += 1
         for w in self._wrapped.values():  # drop the previous batch's gathers now, not at the next forward
-            w._gathered = None
+            w._group.clear()
         distinct = set(slots)
         if distinct == {0} or not self._wrapped:
             st.mode, st.rows = "base", None
@@ -283,4 +365,21 @@ class LoraSlots:
     @property
     def wrapped_modules(self) -> list[str]:
         return sorted(self._wrapped)
+
+    @property
+    def shrink_groups(self) -> list[list[str]]:
+        """Wrapped modules whose mixed-batch shrinks share one ``bmm`` (groups of two or more)."""
+        names = {id(w): n for n, w in self._wrapped.items()}
+        seen, out = set(), []
+        for w in self._wrapped.values():
+            g = w._group
+            if id(g) not in seen and len(g.members) > 1:
+                seen.add(id(g))
+                out.append([names[id(m)] for m in g.members])
+        return out
+
+    @property
+    def shared_shrinks(self) -> int:
+        """How many mixed-batch shrinks were served from a sibling's shared ``bmm`` so far."""
+        return self._state.shared_shrinks
 
