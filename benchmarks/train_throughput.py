@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attribution", nargs="*", default=None, metavar="VARIANT",
                     help="also run tunekit with TUNEKIT_SPEEDUPS=off for these variants (none named: all)")
     ap.add_argument("--ablate", nargs="*", default=[], metavar="OPT",
-                    help="also run tunekit qlora with each named speed-up off (TUNEKIT_SPEEDUPS=-OPT)")
+                    help="also run tunekit qlora with each named speed-up off (TUNEKIT_SPEEDUPS=-OPT; 'a,b' for "
+                         "several, 'all' for none); with --check-loss, for every variant")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (tunekit only)")
     ap.add_argument("--check-loss", action="store_true")
     ap.add_argument("--loss-steps", type=int, default=30)
@@ -450,9 +451,18 @@ def check_loss(a, base: dict, record, meta: dict) -> int:
                           "max_abs_diff_plain_seed_vs_seed+1": round(d_seed, 5), "match": match,
                           "plain_first_last": [round(plain["losses"][0], 4), round(plain["losses"][n - 1], 4)],
                           "tunekit_first_last": [round(tk["losses"][0], 4), round(tk["losses"][n - 1], 4)]}), flush=True)
+        extra = {}
+        for opt in a.ablate:  # attribution: the same check with speed-ups switched off ("all" = every one)
+            env = "off" if opt == "all" else ",".join("-" + o for o in opt.split(","))
+            r = record(v, f"tunekit_without_{opt}", child("tunekit", {**base, "variant": v}, {"TUNEKIT_SPEEDUPS": env}))
+            if "error" not in r:
+                extra[opt] = r["losses"]
+                print(json.dumps({"variant": v, "without": opt, "max_abs_diff_vs_plain": round(max(
+                    abs(x - y) for x, y in zip(r["losses"][:n], plain["losses"][:n])), 5)}), flush=True)
         for i in range(n):
             print(f"  {v:9} step {i + 1:3}  plain {plain['losses'][i]:.4f}  tunekit {tk['losses'][i]:.4f}  "
-                  f"plain(seed+1) {noise['losses'][i]:.4f}")
+                  f"plain(seed+1) {noise['losses'][i]:.4f}"
+                  + "".join(f"  without {k} {ls[i]:.4f}" for k, ls in extra.items() if i < len(ls)))
     print(f"{meta['date']} commit {meta['commit']}: loss curves {'MATCH' if ok else 'DIFFER'}", flush=True)
     return 0 if ok else 1
 
