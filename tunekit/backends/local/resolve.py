@@ -139,7 +139,7 @@ def resolve_run(
     skipped = None
     if model_config is None:
         model_config, skipped = read_config(str(spec.base_model))
-    est_kw = _speed.estimate_kwargs(spec) if model_config is not None else {}
+    est_kw = _speed.estimate_kwargs(spec, model_config, dev.type) if model_config is not None else {}
 
     def estimate(quant: str, ckpt: bool | None = None) -> _memory.MemoryEstimate:
         return _memory.estimate(

@@ -81,9 +81,24 @@ class SpeedPlan:
         return asdict(self)
 
 
-def estimate_kwargs(spec: Any) -> dict[str, Any]:
-    """memory.estimate arguments describing the path train() really takes (fused LM head, bf16 QLoRA)."""
-    return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in disabled()}
+def estimate_kwargs(spec: Any, cfg: dict[str, Any] | None = None, device_type: str = "cpu") -> dict[str, Any]:
+    """memory.estimate arguments describing the path train() really takes (fused LM head, bf16 QLoRA, and
+    on CUDA Liger's kernels with the fused LoRA forward, which keep fewer activations per layer)."""
+    off = disabled()
+    fused = bool(cfg) and _liger(cfg, device_type)[0] and not {"liger", "fast_lora"} & off
+    return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in off, "fused_kernels": fused}
+
+
+def _liger(cfg: dict[str, Any], device_type: str) -> tuple[bool, str]:
+    """Whether Liger's kernels can run on this model and device, and why (not)."""
+    if device_type != "cuda":
+        return False, "CUDA only (Triton kernels)"
+    model_type = (cfg.get("text_config") or cfg).get("model_type", "")
+    if model_type not in LIGER_MODEL_TYPES:
+        return False, f"model type {model_type!r} not covered"
+    if not _importable("liger_kernel") or not _importable("triton"):
+        return False, "liger-kernel/triton not installed"
+    return True, "RMSNorm, SwiGLU, RoPE kernels (the LM head is TRL's chunked one)"
 
 
 def _layers(cfg: dict[str, Any]) -> int:
@@ -110,7 +125,6 @@ def plan(
     """
     off = disabled()
     cuda = device_type == "cuda"
-    model_type = (cfg.get("text_config") or cfg).get("model_type", "")
     en: dict[str, bool] = {}
     why: dict[str, str] = {}
 
@@ -118,14 +132,7 @@ def plan(
         en[name] = ok and name not in off
         why[name] = f"disabled by {ENV}" if (ok and name in off) else reason
 
-    liger_ok, liger_why = False, "CUDA only (Triton kernels)"
-    if cuda:
-        if model_type not in LIGER_MODEL_TYPES:
-            liger_why = f"model type {model_type!r} not covered"
-        elif not _importable("liger_kernel") or not _importable("triton"):
-            liger_why = "liger-kernel/triton not installed"
-        else:
-            liger_ok, liger_why = True, "RMSNorm, SwiGLU, RoPE kernels (the LM head is TRL's chunked one)"
+    liger_ok, liger_why = _liger(cfg, device_type)
     decide("liger", liger_ok, liger_why)
     decide("bf16_kbit", quantized, "QLoRA: embeddings/LM head/norms stay bf16 (no fp32 upcast)" if quantized
            else "not quantized")
@@ -263,12 +270,14 @@ def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
     if lora_B.bias is not None or lora_A.bias is not None:
         return self._tk_forward(x, *args, **kwargs)
-    if dora is not None:
-        out = nf4_dora_forward(self, x, name, dora)
+    if dora is not None or type(self).__name__ == "Linear4bit":
+        out = nf4_lora_forward(self, x, name, dora)
         if out is not None:
             return out
     result = self.base_layer(x)
-    x = self._cast_input_dtype(x, lora_A.weight.dtype)
+    if not torch.is_autocast_enabled(x.device.type):
+        # (under autocast the matmul casts to 16-bit anyway: an fp32 copy of x would cost a pass and memory)
+        x = self._cast_input_dtype(x, lora_A.weight.dtype)
     h = lora_A(self.lora_dropout[name](x))
     w, s = lora_B.weight, self.scaling[name]
     if not torch.is_autocast_enabled(result.device.type) and not (h.dtype == w.dtype == result.dtype):
@@ -388,16 +397,19 @@ def _fast_dora_forward(self: Any, x: Any, *, lora_A: Any, lora_B: Any, scaling: 
     return (scale - 1).to(dt).view(1, -1) * base_result + (scale * scaling).to(dt).view(1, -1) * lora_result.to(dt)
 
 
-# ------------------------------------------------------------------------------------------------ QLoRA + DoRA
+# ------------------------------------------------------------------------------------------------ QLoRA (+ DoRA)
 
-def nf4_dora_forward(layer: Any, x: Any, name: str, dora: Any) -> Any:
-    """DoRA on a bitsandbytes 4-bit base as one autograd function, or None where it does not apply.
+def nf4_lora_forward(layer: Any, x: Any, name: str, dora: Any = None) -> Any:
+    """LoRA (with ``dora``: DoRA) on a bitsandbytes 4-bit base as one autograd function; None where it does
+    not apply (the caller then takes the generic path).
 
-    (m/n) * (W x + s B A x) = (diag(m/n) W) x + s (diag(m/n) B) A x. diag(m/n) W is what the 4-bit
-    dequantization yields when each row's block scales (absmax, fp32) are multiplied by m/n first, so the
-    GEMMs are LoRA's and no pass over the [tokens, out] activations rescales them (PEFT's DoRA makes 3-4).
-    The product is formed in fp32 before the single rounding to the compute dtype, so m/n - 1 ~ 1e-4 is
-    not lost the way it would be in a 16-bit factor.
+    One function instead of bitsandbytes' matmul + PEFT's lora_A/lora_B modules + the epilogue: the same
+    GEMMs (base, A, B epilogue; in the backward base, A, B and the two adapter gradients), with less
+    Python and no extra copies of the input. DoRA: (m/n) * (W x + s B A x) = (diag(m/n) W) x +
+    s (diag(m/n) B) A x, and diag(m/n) W is what the dequantization yields when each row's block scales
+    (absmax, fp32) are multiplied by m/n first, so no pass over the [tokens, out] activations rescales
+    them (PEFT's DoRA makes 3-4). Products are formed in fp32 before the single rounding to the compute
+    dtype, so m/n - 1 ~ 1e-4 is not lost the way it would be in a 16-bit factor.
     """
     import torch
 
@@ -406,22 +418,23 @@ def nf4_dora_forward(layer: Any, x: Any, name: str, dora: Any) -> Any:
     qs = getattr(weight, "quant_state", None)
     if qs is None or qs.quant_type not in ("nf4", "fp4") or getattr(qs, "packing_format_for_cpu", False):
         return None  # not 4-bit, or bitsandbytes' CPU inference layout (repacked weights, transposed scales)
-    out_f, in_f = qs.shape
-    if in_f % qs.blocksize:
-        return None  # a block would straddle two rows: no per-row factor on the block scales
+    if getattr(base, "bias", None) is not None or qs.shape[1] % qs.blocksize:
+        return None  # a block straddling two rows would get no per-row DoRA factor
     A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
     cdt = getattr(base, "compute_dtype", None) or x.dtype
     if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == A.dtype == B.dtype == cdt):
         return None  # mixed dtypes without autocast: PEFT's promotion rules apply
     s = float(layer.scaling[name])
-    norm = dora_weight_norm(dora, base, A, B, s)
-    global _NF4_DORA
-    if _NF4_DORA is None:
-        _NF4_DORA = _make_nf4_dora()
-    return _NF4_DORA.apply(x, A, B, dora.weight, norm, weight, s, cdt)
+    global _NF4_LORA
+    if _NF4_LORA is None:
+        _NF4_LORA = _make_nf4_lora()
+    if dora is None:
+        return _NF4_LORA.apply(x, layer.lora_dropout[name](x), A, B, None, None, weight, s, cdt)
+    # DoRA is fused only without (active) dropout: see _fusable_dora
+    return _NF4_LORA.apply(x, x, A, B, dora.weight, dora_weight_norm(dora, base, A, B, s), weight, s, cdt)
 
 
-_NF4_DORA = None  # the autograd.Function class, built on first use (torch is imported lazily)
+_NF4_LORA = None  # the autograd.Function class, built on first use (torch is imported lazily)
 
 
 def _block_scales(qs: Any) -> Any:
@@ -433,54 +446,69 @@ def _block_scales(qs: Any) -> Any:
     return (dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
 
 
-def _dequant_scaled(weight: Any, qs: Any, absmax: Any, dtype: Any) -> Any:
+def _dequant(weight: Any, absmax: Any, dtype: Any) -> Any:
     import torch
 
+    qs = weight.quant_state
     return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, qs.blocksize, qs.quant_type, qs.shape,
                                                           dtype)
 
 
-def _make_nf4_dora():
+def _make_nf4_lora():
     import torch
 
-    class Nf4Dora(torch.autograd.Function):
-        """y = diag(m/n) (x W^T + s (x A^T) B^T), W 4-bit and frozen, n detached (PEFT's DoRA, no dropout)."""
+    class Nf4Lora(torch.autograd.Function):
+        """y = x W^T + s (xd A^T) B^T, xd = dropout(x); DoRA: y = diag(m/n) (x W^T + s (x A^T) B^T), n detached.
+        W is 4-bit and frozen."""
 
         @staticmethod
-        def forward(ctx, x, A, B, mag, norm, weight, s, cdt):
-            qs = weight.quant_state
-            out_f = qs.shape[0]
-            scale = mag.float() / norm  # fp32 [out]
-            absmax = (_block_scales(qs).view(out_f, -1) * scale.view(-1, 1)).reshape(-1)
-            W = _dequant_scaled(weight, qs, absmax, cdt)  # diag(m/n) W
+        def forward(ctx, x, xd, A, B, mag, norm, weight, s, cdt):
+            out_f = weight.quant_state.shape[0]
+            absmax = _block_scales(weight.quant_state)
+            if mag is None:
+                coef = scale = None
+                bs = (B.float() * s).to(cdt)
+            else:
+                scale = mag.float() / norm  # fp32 [out]
+                absmax = (absmax.view(out_f, -1) * scale.view(-1, 1)).reshape(-1)
+                coef = scale * s
+                bs = (B.float() * coef.view(-1, 1)).to(cdt)  # diag(s m/n) B, formed in fp32
             x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+            xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1]).to(cdt)
             a = A.to(cdt)
-            bs = (B.float() * (scale * s).view(-1, 1)).to(cdt)  # diag(s m/n) B, formed in fp32
-            h = x2 @ a.t()
-            y = torch.addmm(x2 @ W.t(), h, bs.t())
-            ctx.save_for_backward(x2, h, a, bs, absmax, y, mag)
-            ctx.weight, ctx.s, ctx.cdt, ctx.x_shape, ctx.x_dtype = weight, s, cdt, x.shape, x.dtype
-            ctx.scale, ctx.dtypes = scale, (A.dtype, B.dtype, mag.dtype)
+            h = xd2 @ a.t()
+            y = torch.addmm(x2 @ _dequant(weight, absmax, cdt).t(), h, bs.t())
+            ctx.save_for_backward(xd2, h, a, bs, absmax, *(() if mag is None else (y, mag)))
+            ctx.weight, ctx.s, ctx.coef, ctx.cdt, ctx.same = weight, s, coef, cdt, xd is x
+            ctx.shapes = (x.shape, x.dtype, xd.shape, xd.dtype)
+            ctx.dtypes = (A.dtype, B.dtype, None if mag is None else mag.dtype)
             return y.view(*x.shape[:-1], out_f).to(x.dtype)
 
         @staticmethod
         def backward(ctx, g):
-            x2, h, a, bs, absmax, y, mag = ctx.saved_tensors
-            need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
-            g2 = g.reshape(-1, g.shape[-1]).to(ctx.cdt)
-            gx = gA = gB = gm = None
-            gh = g2 @ bs if (need_x or need_a) else None  # dL/dh, [tokens, r]
+            xd2, h, a, bs, absmax, *dora = ctx.saved_tensors
+            need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
+            (x_shape, x_dtype, xd_shape, xd_dtype), cdt = ctx.shapes, ctx.cdt
+            g2 = g.reshape(-1, g.shape[-1]).to(cdt)
+            gx = gxd = gA = gB = gm = None
+            gh = g2 @ bs if (need_xd or need_a) else None  # dL/dh, [tokens, r]
             if need_x:
-                W = _dequant_scaled(ctx.weight, ctx.weight.quant_state, absmax, ctx.cdt)
-                gx = torch.addmm(g2 @ W, gh, a).view(ctx.x_shape).to(ctx.x_dtype)
+                gx = g2 @ _dequant(ctx.weight, absmax, cdt)
+                if ctx.same:  # xd is x: one gradient, the adapter's term added in the GEMM's epilogue
+                    gx = gx.addmm_(gh, a)
+                gx = gx.view(x_shape).to(x_dtype)
+            if need_xd and not ctx.same:
+                gxd = (gh @ a).view(xd_shape).to(xd_dtype)
             if need_a:
-                gA = (gh.t() @ x2).to(ctx.dtypes[0])
+                gA = (gh.t() @ xd2).to(ctx.dtypes[0])
             if need_b:
-                gB = ((g2.t() @ h).float() * (ctx.scale * ctx.s).view(-1, 1)).to(ctx.dtypes[1])
+                gB = (g2.t() @ h).float()
+                gB = (gB * (ctx.s if ctx.coef is None else ctx.coef.view(-1, 1))).to(ctx.dtypes[1])
             if need_m:
                 # dL/dm = (1/n) sum_t g * y/(m/n) = sum_t g*y / m  (y = (m/n) y0; rows with m == 0 get 0)
+                y, mag = dora
                 gy = (g2 * y).sum(0, dtype=torch.float32)
                 gm = torch.where(mag != 0, gy / mag.float(), torch.zeros_like(gy)).to(ctx.dtypes[2])
-            return gx, gA, gB, gm, None, None, None, None
+            return gx, gxd, gA, gB, gm, None, None, None, None
 
-    return Nf4Dora
+    return Nf4Lora
