@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("trl")
 
 from tunekit._exceptions import ConfigError  # noqa: E402
-from tunekit.backends.local import memory, speed  # noqa: E402
+from tunekit.backends.local import memory, nf4, speed  # noqa: E402
 from tunekit.backends.local.train import TrainCallbacks, train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
 
@@ -195,46 +195,72 @@ def test_dora_norm_matches_the_direct_norm_once_per_forward_pass():
                                                   (False, "bf16", 0.0), (True, "bf16", 0.0)])
 def test_fused_forward_equals_peft_forward_on_nf4(tiny_model, monkeypatch, dora, compute, dropout):
     """Linear4bit (bitsandbytes NF4 on CPU): the NF4 LoRA function (with dropout: the same masks), and with
-    DoRA (no dropout) m/n folded into the block scales, give PEFT's loss and adapter gradients (DoRA's
-    magnitude included). fp32 compute checks the algebra to rounding; bf16 compute under autocast (the GPU
-    recipe) checks the dtype handling, to bf16 rounding."""
+    DoRA (no dropout) m/n folded into the block scales with the norms of all layers batched per pass, give
+    PEFT's loss and adapter gradients (DoRA's magnitude included), also on a second pass after the adapter
+    moved. fp32 compute checks the algebra to rounding; bf16 compute under autocast (the GPU recipe) checks
+    the dtype handling, to bf16 rounding. (train() on CPU computes QLoRA in bf16 without autocast, which
+    this function leaves to the generic path.)"""
     pytest.importorskip("bitsandbytes")
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    cdt = torch.bfloat16 if compute == "bf16" else torch.float32
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=cdt)
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(2 if dora else 1))
     extra = {"use_dora": True} if dora else {}
-    applied = []
-    real = speed.nf4_lora_forward
-    monkeypatch.setattr(speed, "nf4_lora_forward", lambda *a: applied.append(real(*a)) or applied[-1])
-    res = []
-    for fast in (False, True):
+    applied, passes = [], []
+    real, real_pass = nf4.lora_forward, nf4._compute_pass
+    monkeypatch.setattr(nf4, "lora_forward", lambda *a: applied.append(real(*a)) or applied[-1])
+    monkeypatch.setattr(nf4, "_compute_pass", lambda layers, *a: passes.append(len(layers)) or real_pass(layers, *a))
+
+    def arm(fast: bool, compute: str):
+        cdt = torch.bfloat16 if compute == "bf16" else torch.float32
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=cdt)
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q)
         m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian",
                                          lora_dropout=dropout, **extra))
         if fast:
             assert speed.patch_lora(m, fuse_dora=dora) == 14
+            if dora:
+                speed.track_forward_passes(m)  # DoRA values of all 14 layers computed together, once per pass
         m.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "bf16"):
-            loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        res.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
-    assert len(applied) == 14 and all(o is not None for o in applied)  # the NF4 function ran in every layer
-    assert any("magnitude" in n for n in res[0][1]) == dora
+        for step in range(2):  # between the passes every adapter weight moves in place (as bnb's optimizer
+            if step:           # does, without version bumps): the second pass must not reuse the first's norms
+                with torch.no_grad():
+                    for p in m.parameters():
+                        if p.requires_grad:
+                            p.add_(0.005 * torch.sign(p.grad) + 0.001)
+                            p.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "bf16"):
+                loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone().float() for n, p in m.named_parameters() if p.requires_grad}
+
+    peft_loss, peft_grads = arm(False, compute)
+    fast_loss, fast_grads = arm(True, compute)
+    assert len(applied) == 2 * 14 and all(o is not None for o in applied)  # the NF4 function ran in every layer
+    assert passes == ([14, 14] if dora else [])  # one batched computation per forward pass
+    assert any("magnitude" in n for n in peft_grads) == dora and peft_grads.keys() == fast_grads.keys()
     if compute == "fp32":
-        torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-5, atol=1e-6)
-        for n, g in res[0][1].items():
-            torch.testing.assert_close(res[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(fast_loss, peft_loss, rtol=1e-5, atol=1e-6)
+        for n, g in peft_grads.items():
+            torch.testing.assert_close(fast_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
         return
-    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-2, atol=0)
-    for n, g in res[0][1].items():  # bf16 rounding of activations: compare whole gradients, not elements
-        rel = float((res[1][1][n].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12))
-        assert rel < 0.02, (n, rel)  # measured <= 0.003
+    # bf16: both round, at different points. Against the fp32-compute PEFT reference, tunekit's error must be
+    # of the size of PEFT's own bf16 error; a wrong term would be off by ~100%. Measured: LoRA 0.062 vs 0.062
+    # (mean), DoRA 0.033 vs 0.023 (its output is rounded to bf16 once, where PEFT's DoRA output stays fp32
+    # in this fp32-model test), worst single tensor 0.15.
+    ref_loss, ref_grads = arm(False, "fp32")
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-2, atol=0)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+    err_fast = [rel(fast_grads[n], ref) for n, ref in ref_grads.items()]
+    err_peft = [rel(peft_grads[n], ref) for n, ref in ref_grads.items()]
+    assert max(err_fast) < 0.3, max(err_fast)
+    assert sum(err_fast) < 2 * sum(err_peft) + 0.005 * len(err_fast), (sum(err_fast), sum(err_peft))
 
 
 def test_liger_kernels_patch_the_model_and_train_on_cuda(tiny_model):

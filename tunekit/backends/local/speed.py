@@ -15,10 +15,10 @@ each one against the path without it). What each optimisation does, and why it p
   fast_dora    DoRA's weight norm ||W + s*B@A|| (detached by design) from cached ||W||^2 plus two rank-r
                products, once per forward pass (the checkpoint recompute reuses it), instead of dequantizing W
                and materialising W + s*B@A in every forward and again in the recompute. Without dropout the
-               DoRA layer is (m/n) * (base + s*B A x): on an NF4 base the per-row factor m/n is folded into
-               the NF4 block scales and into B (one autograd function, no pass over the activations in the
-               forward; the backward adds one reduction for m's gradient); on a 16-bit base it is one GEMM
-               epilogue plus one addcmul, kept in the activations' dtype.
+               DoRA layer is (m/n) * (base + s*B A x): on a 4-bit base (nf4.py) m/n is folded into the block
+               scales and into B, with the norms of all layers computed together once per pass; on a 16-bit
+               base it is one GEMM epilogue plus one addcmul, kept in the activations' dtype. QLoRA layers
+               (LoRA or DoRA) run as one autograd function (nf4.py).
   checkpointing gradient checkpointing only on as many decoder layers as the memory budget needs (the rest
                keep their activations and skip the recompute); decided from memory.estimate.
   fp32_adapters not a speed-up but a numerics guard: TRL casts a quantized model's LoRA A/B to bf16, where
@@ -271,7 +271,9 @@ def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if lora_B.bias is not None or lora_A.bias is not None:
         return self._tk_forward(x, *args, **kwargs)
     if dora is not None or type(self).__name__ == "Linear4bit":
-        out = nf4_lora_forward(self, x, name, dora)
+        from . import nf4
+
+        out = nf4.lora_forward(self, x, name, dora)
         if out is not None:
             return out
     result = self.base_layer(x)
@@ -320,6 +322,7 @@ def track_forward_passes(model: Any) -> dict:
     Parameter version counters cannot key that cache: bitsandbytes' optimizers update weights in their own
     kernels, which do not bump them.
     """
+    import torch
     from peft.tuners.lora.dora import DoraLinearLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -333,6 +336,10 @@ def track_forward_passes(model: Any) -> dict:
     for m in model.modules():
         if type(m) is DoraLinearLayer:
             m._tk_gen = gen
+    # the LoRA layers whose DoRA values nf4.py computes together, once per pass
+    gen["nf4_dora"] = [(m, n) for m in model.modules() if isinstance(getattr(m, "lora_magnitude_vector", None),
+                                                                     torch.nn.ModuleDict)
+                       for n, mag in m.lora_magnitude_vector.items() if type(mag) is DoraLinearLayer]
     return gen
 
 
@@ -395,120 +402,3 @@ def _fast_dora_forward(self: Any, x: Any, *, lora_A: Any, lora_B: Any, scaling: 
     # (scale - 1) is formed in fp32 (it is small), then both factors go to the activations' dtype
     dt = base_result.dtype
     return (scale - 1).to(dt).view(1, -1) * base_result + (scale * scaling).to(dt).view(1, -1) * lora_result.to(dt)
-
-
-# ------------------------------------------------------------------------------------------------ QLoRA (+ DoRA)
-
-def nf4_lora_forward(layer: Any, x: Any, name: str, dora: Any = None) -> Any:
-    """LoRA (with ``dora``: DoRA) on a bitsandbytes 4-bit base as one autograd function; None where it does
-    not apply (the caller then takes the generic path).
-
-    One function instead of bitsandbytes' matmul + PEFT's lora_A/lora_B modules + the epilogue: the same
-    GEMMs (base, A, B epilogue; in the backward base, A, B and the two adapter gradients), with less
-    Python and no extra copies of the input. DoRA: (m/n) * (W x + s B A x) = (diag(m/n) W) x +
-    s (diag(m/n) B) A x, and diag(m/n) W is what the dequantization yields when each row's block scales
-    (absmax, fp32) are multiplied by m/n first, so no pass over the [tokens, out] activations rescales
-    them (PEFT's DoRA makes 3-4). Products are formed in fp32 before the single rounding to the compute
-    dtype, so m/n - 1 ~ 1e-4 is not lost the way it would be in a 16-bit factor.
-    """
-    import torch
-
-    base = layer.get_base_layer()
-    weight = getattr(base, "weight", None)
-    qs = getattr(weight, "quant_state", None)
-    if qs is None or qs.quant_type not in ("nf4", "fp4") or getattr(qs, "packing_format_for_cpu", False):
-        return None  # not 4-bit, or bitsandbytes' CPU inference layout (repacked weights, transposed scales)
-    if getattr(base, "bias", None) is not None or qs.shape[1] % qs.blocksize:
-        return None  # a block straddling two rows would get no per-row DoRA factor
-    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-    cdt = getattr(base, "compute_dtype", None) or x.dtype
-    if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == A.dtype == B.dtype == cdt):
-        return None  # mixed dtypes without autocast: PEFT's promotion rules apply
-    s = float(layer.scaling[name])
-    global _NF4_LORA
-    if _NF4_LORA is None:
-        _NF4_LORA = _make_nf4_lora()
-    if dora is None:
-        return _NF4_LORA.apply(x, layer.lora_dropout[name](x), A, B, None, None, weight, s, cdt)
-    # DoRA is fused only without (active) dropout: see _fusable_dora
-    return _NF4_LORA.apply(x, x, A, B, dora.weight, dora_weight_norm(dora, base, A, B, s), weight, s, cdt)
-
-
-_NF4_LORA = None  # the autograd.Function class, built on first use (torch is imported lazily)
-
-
-def _block_scales(qs: Any) -> Any:
-    """The fp32 absmax of every 4-bit block (double quantization undone)."""
-    if not qs.nested:
-        return qs.absmax.float()
-    from bitsandbytes.functional import dequantize_blockwise
-
-    return (dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
-
-
-def _dequant(weight: Any, absmax: Any, dtype: Any) -> Any:
-    import torch
-
-    qs = weight.quant_state
-    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, qs.blocksize, qs.quant_type, qs.shape,
-                                                          dtype)
-
-
-def _make_nf4_lora():
-    import torch
-
-    class Nf4Lora(torch.autograd.Function):
-        """y = x W^T + s (xd A^T) B^T, xd = dropout(x); DoRA: y = diag(m/n) (x W^T + s (x A^T) B^T), n detached.
-        W is 4-bit and frozen."""
-
-        @staticmethod
-        def forward(ctx, x, xd, A, B, mag, norm, weight, s, cdt):
-            out_f = weight.quant_state.shape[0]
-            absmax = _block_scales(weight.quant_state)
-            if mag is None:
-                coef = scale = None
-                bs = (B.float() * s).to(cdt)
-            else:
-                scale = mag.float() / norm  # fp32 [out]
-                absmax = (absmax.view(out_f, -1) * scale.view(-1, 1)).reshape(-1)
-                coef = scale * s
-                bs = (B.float() * coef.view(-1, 1)).to(cdt)  # diag(s m/n) B, formed in fp32
-            x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-            xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1]).to(cdt)
-            a = A.to(cdt)
-            h = xd2 @ a.t()
-            y = torch.addmm(x2 @ _dequant(weight, absmax, cdt).t(), h, bs.t())
-            ctx.save_for_backward(xd2, h, a, bs, absmax, *(() if mag is None else (y, mag)))
-            ctx.weight, ctx.s, ctx.coef, ctx.cdt, ctx.same = weight, s, coef, cdt, xd is x
-            ctx.shapes = (x.shape, x.dtype, xd.shape, xd.dtype)
-            ctx.dtypes = (A.dtype, B.dtype, None if mag is None else mag.dtype)
-            return y.view(*x.shape[:-1], out_f).to(x.dtype)
-
-        @staticmethod
-        def backward(ctx, g):
-            xd2, h, a, bs, absmax, *dora = ctx.saved_tensors
-            need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
-            (x_shape, x_dtype, xd_shape, xd_dtype), cdt = ctx.shapes, ctx.cdt
-            g2 = g.reshape(-1, g.shape[-1]).to(cdt)
-            gx = gxd = gA = gB = gm = None
-            gh = g2 @ bs if (need_xd or need_a) else None  # dL/dh, [tokens, r]
-            if need_x:
-                gx = g2 @ _dequant(ctx.weight, absmax, cdt)
-                if ctx.same:  # xd is x: one gradient, the adapter's term added in the GEMM's epilogue
-                    gx = gx.addmm_(gh, a)
-                gx = gx.view(x_shape).to(x_dtype)
-            if need_xd and not ctx.same:
-                gxd = (gh @ a).view(xd_shape).to(xd_dtype)
-            if need_a:
-                gA = (gh.t() @ xd2).to(ctx.dtypes[0])
-            if need_b:
-                gB = (g2.t() @ h).float()
-                gB = (gB * (ctx.s if ctx.coef is None else ctx.coef.view(-1, 1))).to(ctx.dtypes[1])
-            if need_m:
-                # dL/dm = (1/n) sum_t g * y/(m/n) = sum_t g*y / m  (y = (m/n) y0; rows with m == 0 get 0)
-                y, mag = dora
-                gy = (g2 * y).sum(0, dtype=torch.float32)
-                gm = torch.where(mag != 0, gy / mag.float(), torch.zeros_like(gy)).to(ctx.dtypes[2])
-            return gx, gxd, gA, gB, gm, None, None, None, None
-
-    return Nf4Lora

@@ -1,0 +1,204 @@
+"""LoRA and DoRA on a bitsandbytes 4-bit base: one autograd function per layer call (speed.py's fast path).
+
+One function instead of bitsandbytes' matmul + PEFT's lora_A/lora_B modules + the epilogue: the same GEMMs
+(forward: base, A, B in the base's epilogue; backward: base, A, and the two adapter gradients) with less
+Python per call and no extra copies of the input.
+
+DoRA: (m/n) * (W x + s B A x) = (diag(m/n) W) x + s (diag(m/n) B) A x, and diag(m/n) W is what the 4-bit
+dequantization yields when each row's block scales (absmax, fp32) are multiplied by m/n first, so no pass
+over the [tokens, out] activations rescales them (PEFT's DoRA makes 3-4). Products are formed in fp32
+before the single rounding to the compute dtype, so m/n - 1 ~ 1e-4 is not lost the way it would be in a
+16-bit factor. The norm n = ||W + s B A|| (detached, as in PEFT) and everything derived from it are computed
+once per forward pass for all DoRA layers together, batched over the layers of one shape (a step is bound by
+per-op overhead, not by these small products); the checkpoint recompute reuses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+def lora_forward(layer: Any, x: Any, name: str, dora: Any = None) -> Any:
+    """The layer's output through the 4-bit function, or None where it does not apply (generic path then).
+
+    ``dora``: the layer's DoraLinearLayer, only when PEFT's DoRA forward has no active dropout."""
+    import torch
+
+    base = layer.get_base_layer()
+    if not eligible(base):
+        return None
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    cdt = getattr(base, "compute_dtype", None) or x.dtype
+    if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == A.dtype == B.dtype == cdt):
+        return None  # mixed dtypes without autocast: PEFT's promotion rules apply
+    s = float(layer.scaling[name])
+    fn = _function()
+    if dora is None:
+        with torch.no_grad():
+            pre = Pre(a=A.to(cdt), absmax=block_scales(base.weight.quant_state), bs=(B.float() * s).to(cdt))
+        return fn.apply(x, layer.lora_dropout[name](x), A, B, None, base.weight, pre, s, cdt)
+    return fn.apply(x, x, A, B, dora.weight, base.weight, dora_pass(layer, name, dora, cdt), s, cdt)
+
+
+def eligible(base: Any) -> bool:
+    qs = getattr(getattr(base, "weight", None), "quant_state", None)
+    return (qs is not None and qs.quant_type in ("nf4", "fp4") and getattr(base, "bias", None) is None
+            # bitsandbytes' CPU inference layout (repacked weights, transposed scales) is not the GPU one
+            and not getattr(qs, "packing_format_for_cpu", False)
+            # a block straddling two rows could not take a per-row DoRA factor
+            and qs.shape[1] % qs.blocksize == 0)
+
+
+@dataclass
+class Pre:
+    """What one call needs besides the differentiable inputs (computed without autograd)."""
+
+    a: Any  # A in the compute dtype
+    absmax: Any  # fp32 block scales; DoRA: before the per-row factor (applied per call)
+    bs: Any  # s * B (DoRA: s * diag(m/n) B) in the compute dtype
+    scale: Any = None  # DoRA: m/n, fp32 [out]
+    coef: Any = None  # DoRA: s * m/n
+    inv_mag: Any = None  # DoRA: 1/m (0 where m == 0)
+    norm: Any = None  # DoRA: ||W + s B A|| per row, fp32
+    pass_id: int | None = None
+
+
+def block_scales(qs: Any) -> Any:
+    """The fp32 absmax of every 4-bit block (double quantization undone)."""
+    if not qs.nested:
+        return qs.absmax.float()
+    from bitsandbytes.functional import dequantize_blockwise
+
+    return (dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+
+
+def dequant(weight: Any, absmax: Any, dtype: Any) -> Any:
+    import torch
+
+    qs = weight.quant_state
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, qs.blocksize, qs.quant_type, qs.shape,
+                                                          dtype)
+
+
+# ------------------------------------------------------------------------------------------------ DoRA per pass
+
+def dora_pass(layer: Any, name: str, dora: Any, cdt: Any) -> Pre:
+    """This forward pass's DoRA values of ``layer`` (computed for every registered DoRA layer at once on the
+    first call of a pass; without a pass counter, for this layer alone on every call)."""
+    gen = dora.__dict__.get("_tk_gen")
+    pre = layer.__dict__.get("_tk_dora")
+    if gen is not None and pre is not None and pre.pass_id == gen["passes"]:
+        return pre
+    layers = [(m, n) for m, n in gen.get("nf4_dora", ()) if eligible(m.get_base_layer())] if gen else []
+    if (layer, name) not in layers:
+        layers = [(layer, name)]
+    _compute_pass(layers, cdt, None if gen is None else gen["passes"])
+    return layer.__dict__["_tk_dora"]
+
+
+def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, pass_id: int | None) -> None:
+    import torch
+
+    groups: dict[tuple, list[tuple[Any, str]]] = {}
+    for m, n in layers:
+        A, B = m.lora_A[n].weight, m.lora_B[n].weight
+        key = (tuple(m.get_base_layer().weight.quant_state.shape), A.shape[0], float(m.scaling[n]), A.dtype,
+               B.dtype, A.device)
+        groups.setdefault(key, []).append((m, n))
+    with torch.no_grad():
+        for (_, _, s, *_), members in groups.items():
+            absmax, wsq = zip(*(_frozen_stats(m.get_base_layer(), cdt) for m, _ in members))
+            A = torch.stack([m.lora_A[n].weight for m, n in members]).float()  # [L, r, in]
+            B = torch.stack([m.lora_B[n].weight for m, n in members]).float()  # [L, out, r]
+            mag = torch.stack([m.lora_magnitude_vector[n].weight for m, n in members]).float()  # [L, out]
+            a = A.to(cdt)
+            WA = torch.empty(B.shape, dtype=cdt, device=B.device)
+            for i, (m, _) in enumerate(members):  # W A^T: one pass over each dequantized W per forward pass
+                torch.mm(dequant(m.get_base_layer().weight, absmax[i], cdt), a[i].t(), out=WA[i])
+            # ||W + s B A||^2 per row = ||W||^2 + B_i . (2 s W A^T + s^2 B A A^T)_i
+            M = torch.baddbmm(WA.float(), B, torch.bmm(A, A.transpose(1, 2)), beta=2 * s, alpha=s * s)
+            norm = (torch.stack(wsq) + (M * B).sum(-1)).clamp_min_(0).sqrt_()
+            scale = mag / norm
+            coef = scale * s
+            inv_mag = torch.where(mag != 0, mag.reciprocal(), torch.zeros((), device=mag.device))
+            bs = (B * coef.unsqueeze(-1)).to(cdt)
+            for i, (m, _) in enumerate(members):
+                m._tk_dora = Pre(a=a[i], absmax=absmax[i], bs=bs[i], scale=scale[i], coef=coef[i],
+                                 inv_mag=inv_mag[i], norm=norm[i], pass_id=pass_id)
+
+
+def _frozen_stats(base: Any, cdt: Any) -> tuple[Any, Any]:
+    """(fp32 block scales, ||W_i||^2 per row) of a frozen 4-bit weight, computed once per weight."""
+    w = base.weight
+    key = (w.data_ptr(), cdt)
+    got = base.__dict__.get("_tk_frozen")
+    if got is None or got[0] != key:
+        absmax = block_scales(w.quant_state)
+        got = (key, absmax, dequant(w, absmax, cdt).float().pow(2).sum(1))
+        base._tk_frozen = got
+    return got[1], got[2]
+
+
+# ------------------------------------------------------------------------------------------------ the function
+
+_FN = None  # built on first use (torch is imported lazily)
+
+
+def _function():
+    global _FN
+    if _FN is None:
+        _FN = _make()
+    return _FN
+
+
+def _make():
+    import torch
+
+    class Nf4Lora(torch.autograd.Function):
+        """y = x W^T + (xd a^T) bs^T, xd = dropout(x), bs = s B; DoRA: W's block scales times m/n and
+        bs = s diag(m/n) B, so y = diag(m/n) (x W^T + s (x A^T) B^T). W is 4-bit and frozen."""
+
+        @staticmethod
+        def forward(ctx, x, xd, A, B, mag, weight, pre, s, cdt):
+            out_f = weight.quant_state.shape[0]
+            absmax = pre.absmax
+            if pre.scale is not None:
+                absmax = (absmax.view(out_f, -1) * pre.scale.view(-1, 1)).view(-1)
+            x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+            xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1]).to(cdt)
+            h = xd2 @ pre.a.t()
+            y = torch.addmm(x2 @ dequant(weight, absmax, cdt).t(), h, pre.bs.t())
+            ctx.save_for_backward(xd2, h, pre.a, pre.bs, absmax, *(() if mag is None else (y, pre.inv_mag)))
+            ctx.weight, ctx.s, ctx.coef, ctx.cdt, ctx.same = weight, s, pre.coef, cdt, xd is x
+            ctx.shapes = (x.shape, x.dtype, xd.shape, xd.dtype)
+            ctx.dtypes = (A.dtype, B.dtype, None if mag is None else mag.dtype)
+            return y.view(*x.shape[:-1], out_f).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            xd2, h, a, bs, absmax, *dora = ctx.saved_tensors
+            need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
+            (x_shape, x_dtype, xd_shape, xd_dtype), cdt = ctx.shapes, ctx.cdt
+            g2 = g.reshape(-1, g.shape[-1]).to(cdt)
+            gx = gxd = gA = gB = gm = None
+            gh = g2 @ bs if (need_xd or need_a) else None  # dL/dh, [tokens, r]
+            if need_x:
+                gx = g2 @ dequant(ctx.weight, absmax, cdt)
+                if ctx.same:  # xd is x: one gradient, the adapter's term added in the GEMM's epilogue
+                    gx = gx.addmm_(gh, a)
+                gx = gx.view(x_shape).to(x_dtype)
+            if need_xd and not ctx.same:
+                gxd = (gh @ a).view(xd_shape).to(xd_dtype)
+            if need_a:
+                gA = (gh.t() @ xd2).to(ctx.dtypes[0])
+            if need_b:
+                gB = (g2.t() @ h).float()
+                gB = (gB * (ctx.s if ctx.coef is None else ctx.coef.view(-1, 1))).to(ctx.dtypes[1])
+            if need_m:
+                # dL/dm = (1/n) sum_t g * y/(m/n) = sum_t g*y / m  (y = (m/n) y0; rows with m == 0 get 0)
+                y, inv_mag = dora
+                gm = ((g2 * y).sum(0, dtype=torch.float32) * inv_mag).to(ctx.dtypes[2])
+            return gx, gxd, gA, gB, gm, None, None, None, None
+
+    return Nf4Lora
