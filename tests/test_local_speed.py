@@ -323,6 +323,17 @@ def test_estimate_for_the_fast_path_drops_the_logits_and_the_fp32_upcast():
     assert fast.total_bytes < 20 * GiB
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_plan_says_when_dora_dropout_costs_a_second_base_matmul(tiny_model, dropout):
+    from tunekit.backends.local.resolve import resolve_run
+
+    spec = spec_for(tiny_model, quantization="none", adapter={"use_dora": True, "dropout": dropout})
+    sp = resolve_run(spec, device="cpu").speed
+    assert bool(sp.notes) == (dropout > 0)
+    if dropout:
+        assert "adapter.dropout=0" in sp.notes[0] and sp.notes[0] in sp.summary()
+
+
 def test_speedups_env_switch(monkeypatch):
     monkeypatch.setenv(speed.ENV, "off")
     assert speed.disabled() == set(speed.OPTIMISATIONS)

@@ -374,6 +374,7 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
                 "layers": f"{run.speed.checkpointed_layers}/{run.speed.num_layers}" if run.speed else None,
                 "reason": run.speed.reasons.get("checkpointing") if run.speed else None,
             },
+            **({"notes": run.speed.notes} if run.speed and run.speed.notes else {}),
         },
         "device": {"type": dev.type, "name": dev.name, "memory_bytes": dev.total_memory},
         "validation_data": spec.validation_data,

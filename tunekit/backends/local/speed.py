@@ -75,7 +75,8 @@ class SpeedPlan:
         on = [k for k, v in self.enabled.items() if v and k != "checkpointing"]
         ck = (f"checkpointing {self.checkpointed_layers}/{self.num_layers} layers" if self.checkpointed_layers
               else "no checkpointing")
-        return f"speed-ups: {', '.join(on) or 'none'}; {ck} ({self.reasons.get('checkpointing', '')})"
+        out = f"speed-ups: {', '.join(on) or 'none'}; {ck} ({self.reasons.get('checkpointing', '')})"
+        return "; ".join([out, *self.notes])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +140,11 @@ def plan(
     decide("fast_lora", True, "LoRA update as one addmm epilogue")
     decide("fast_dora", bool(spec.adapter.use_dora), "cached DoRA weight norm" if spec.adapter.use_dora
            else "no DoRA")
+    notes = []
+    if spec.adapter.use_dora and spec.adapter.dropout > 0:
+        notes.append(f"DoRA with adapter.dropout={spec.adapter.dropout}: PEFT's DoRA applies the dropout to the "
+                     "base term too, so every adapted layer runs its base matmul twice; adapter.dropout=0 takes the "
+                     "fused DoRA path")
     decide("fp32_adapters", quantized, "QLoRA: adapters kept fp32 like PEFT's default (TRL casts them to bf16)"
            if quantized else "not quantized (adapters already fp32)")
 
@@ -153,7 +159,7 @@ def plan(
     else:
         ckpt, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, estimate)
     en["checkpointing"] = ckpt > 0
-    return SpeedPlan(en, why, n, ckpt, est_bytes)
+    return SpeedPlan(en, why, n, ckpt, est_bytes, notes)
 
 
 def _checkpoint_layers(n: int, budget: int, estimate: Any) -> tuple[int, int, str]:
