@@ -135,6 +135,7 @@ def test_concurrent_requests_for_different_adapters_share_one_batch(client, serv
     stats = httpx.get(server.url + "/tunekit/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
     batch = next(b for b in reversed(stats["recent_batches"]) if set(b["request_ids"]) & ids)
     assert set(b for b in batch["request_ids"]) == ids  # all six in ONE batched decode
+    assert stats["adapters"]["shared_shrinks"] == slots.shared_shrinks >= shared  # the counter is served too
     assert batch["size"] == 6 and batch["models"] == ["__base__", "poem", "sql"]
     for i, (_, name, p) in enumerate(jobs):  # and each row still got its own adapter
         assert results[i].choices[0].text == reference[(name, p)], (name, p)

@@ -160,4 +160,5 @@ class AdapterPool:
                 "host_cached": list(self._packed),
                 "swap_ms_median": swaps[len(swaps) // 2] if swaps else None,
                 **{k: self.counters[k] for k in ("swaps", "hits", "evictions", "disk_loads", "layout_rebuilds")},
+                "shared_shrinks": self.slots.shared_shrinks,  # LoRA shrinks served by a sibling's bmm
             }
