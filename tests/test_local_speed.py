@@ -15,8 +15,9 @@ pytest.importorskip("trl")
 
 from tunekit._exceptions import ConfigError  # noqa: E402
 from tunekit.backends.local import memory, nf4, speed  # noqa: E402
-from tunekit.backends.local.train import TrainCallbacks, train  # noqa: E402
+from tunekit.backends.local.train import train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
+from tests.train_recorder import Recorder  # noqa: E402
 
 GiB = 2**30
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -38,21 +39,9 @@ def rows_file(tmp_path: Path, n: int = 16) -> Path:
     return p
 
 
-class Losses(TrainCallbacks):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.events: list[str] = []
-
-    def on_step(self, step, metrics):
-        self.losses.append(metrics["loss"])
-
-    def on_event(self, level, message):
-        self.events.append(message)
-
-
 def run(tmp_path: Path, name: str, spec: TrainingSpec, monkeypatch, speedups: str, **kw):
     monkeypatch.setenv(speed.ENV, speedups)
-    cb = Losses()
+    cb = Recorder()
     out = train(spec, rows_file(tmp_path), tmp_path / name, callbacks=cb, max_steps=6, **kw)
     return out, cb
 
@@ -67,8 +56,8 @@ def assert_same_training(a, b, *, rtol: float = 1e-4, atol: float = 1e-6) -> Non
     import torch
 
     (out_a, cb_a), (out_b, cb_b) = a, b
-    assert len(cb_a.losses) == len(cb_b.losses) == 6
-    assert cb_a.losses == pytest.approx(cb_b.losses, abs=2e-4)  # the trainer logs 4 decimals
+    assert len(cb_a.losses()) == len(cb_b.losses()) == 6
+    assert cb_a.losses() == pytest.approx(cb_b.losses(), abs=2e-4)  # the trainer logs 4 decimals
     ta, tb = adapter_tensors(out_a), adapter_tensors(out_b)
     assert ta.keys() == tb.keys() and ta
     for k in ta:

@@ -15,8 +15,9 @@ import pytest
 pytest.importorskip("trl")
 
 from tunekit._exceptions import ConfigError, ResourceError  # noqa: E402
-from tunekit.backends.local.train import TrainCallbacks, train  # noqa: E402
+from tunekit.backends.local.train import train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
+from tests.train_recorder import Recorder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,38 +58,6 @@ def make_spec(model: Path, **kw) -> TrainingSpec:
     hp = {"batch_size": 4, "learning_rate": 5e-3, "max_length": 128, "warmup_ratio": 0.0, **kw.pop("hp", {})}
     adapter = {"r": 8, "alpha": 16, **kw.pop("adapter", {})}
     return TrainingSpec(base_model=str(model), hyperparameters=hp, adapter=adapter, **kw)
-
-
-class Recorder(TrainCallbacks):
-    def __init__(self, stop_at: int | None = None) -> None:
-        self.total = None
-        self.steps: list[tuple[int, dict]] = []
-        self.evals: list[tuple[int, dict]] = []
-        self.checkpoints: list[tuple[int, str]] = []
-        self.events: list[tuple[str, str]] = []
-        self.stop_at = stop_at
-
-    def on_start(self, total_steps):
-        self.total = total_steps
-
-    def on_step(self, step, metrics):
-        self.steps.append((step, metrics))
-
-    def on_eval(self, step, metrics):
-        self.evals.append((step, metrics))
-
-    def on_checkpoint(self, step, path):
-        self.checkpoints.append((step, path))
-
-    def on_event(self, level, message):
-        self.events.append((level, message))
-
-    def should_stop(self):
-        # polled at the end of each step, before that step's metrics arrive: steps seen + 1 is the current step
-        return self.stop_at is not None and len(self.steps) + 1 >= self.stop_at
-
-    def losses(self) -> list[float]:
-        return [m["loss"] for _, m in self.steps]
 
 
 @pytest.fixture

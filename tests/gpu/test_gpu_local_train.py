@@ -33,8 +33,9 @@ if not torch.cuda.is_available() and os.environ.get("TUNEKIT_GPU_FORCE_CPU", "")
     pytest.skip("needs CUDA (TUNEKIT_GPU_FORCE_CPU=1 runs it on CPU)", allow_module_level=True)
 pytest.importorskip("trl")
 
-from tunekit.backends.local.train import TrainCallbacks, train  # noqa: E402
+from tunekit.backends.local.train import train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
+from tests.train_recorder import Recorder  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -64,34 +65,6 @@ ANSWERS = [
 
 def task_rows(n: int) -> list[dict]:
     return [{"prompt": f"Q{i % 4}: tell me fact number {i % 4}.", "response": " " + ANSWERS[i % 4]} for i in range(n)]
-
-
-class Recorder(TrainCallbacks):
-    def __init__(self, stop_at: int | None = None) -> None:
-        self.total = None
-        self.steps: list[tuple[int, dict]] = []
-        self.checkpoints: list[int] = []
-        self.events: list[tuple[str, str]] = []
-        self.stop_at = stop_at
-
-    def on_start(self, total_steps):
-        self.total = total_steps
-
-    def on_step(self, step, metrics):
-        self.steps.append((step, metrics))
-
-    def on_checkpoint(self, step, path):
-        self.checkpoints.append(step)
-
-    def on_event(self, level, message):
-        self.events.append((level, message))
-
-    def should_stop(self):
-        # polled at the end of each step, before that step's metrics arrive: steps seen + 1 is the current step
-        return self.stop_at is not None and len(self.steps) + 1 >= self.stop_at
-
-    def losses(self) -> list[float]:
-        return [m["loss"] for _, m in self.steps]
 
 
 def make_spec(model: Path, quantization: str, adapter: dict, lr: float) -> TrainingSpec:
