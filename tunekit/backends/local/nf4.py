@@ -60,7 +60,6 @@ class Pre:
     scale: Any = None  # DoRA: m/n, fp32 [out]
     coef: Any = None  # DoRA: s * m/n
     inv_mag: Any = None  # DoRA: 1/m (0 where m == 0)
-    norm: Any = None  # DoRA: ||W + s B A|| per row, fp32
     pass_id: int | None = None
 
 
@@ -100,6 +99,8 @@ def dora_pass(layer: Any, name: str, dora: Any, cdt: Any) -> Pre:
 def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, pass_id: int | None) -> None:
     import torch
 
+    from .speed import dora_norm
+
     groups: dict[tuple, list[tuple[Any, str]]] = {}
     for m, n in layers:
         A, B = m.lora_A[n].weight, m.lora_B[n].weight
@@ -116,16 +117,13 @@ def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, pass_id: int | None) 
             WA = torch.empty(B.shape, dtype=cdt, device=B.device)
             for i, (m, _) in enumerate(members):  # W A^T: one pass over each dequantized W per forward pass
                 torch.mm(dequant(m.get_base_layer().weight, absmax[i], cdt), a[i].t(), out=WA[i])
-            # ||W + s B A||^2 per row = ||W||^2 + B_i . (2 s W A^T + s^2 B A A^T)_i
-            M = torch.baddbmm(WA.float(), B, torch.bmm(A, A.transpose(1, 2)), beta=2 * s, alpha=s * s)
-            norm = (torch.stack(wsq) + (M * B).sum(-1)).clamp_min_(0).sqrt_()
-            scale = mag / norm
+            scale = mag / dora_norm(torch.stack(wsq), WA, A, B, s)
             coef = scale * s
             inv_mag = torch.where(mag != 0, mag.reciprocal(), torch.zeros((), device=mag.device))
             bs = (B * coef.unsqueeze(-1)).to(cdt)
             for i, (m, _) in enumerate(members):
                 m._tk_dora = Pre(a=a[i], absmax=absmax[i], bs=bs[i], scale=scale[i], coef=coef[i],
-                                 inv_mag=inv_mag[i], norm=norm[i], pass_id=pass_id)
+                                 inv_mag=inv_mag[i], pass_id=pass_id)
 
 
 def _frozen_stats(base: Any, cdt: Any) -> tuple[Any, Any]:

@@ -384,13 +384,20 @@ def dora_weight_norm(layer: Any, base_layer: Any, A: Any, B: Any, scaling: float
         if wsq is None or wsq[0] != wkey:
             wsq = (wkey, W.float().pow(2).sum(1))
             layer._tk_wsq = wsq
-        Af, Bf = A.float(), B.float()
-        WA = (W @ A.to(W.dtype).t()).float()  # out x r, one pass over W
-        cross = (WA * Bf).sum(1)
-        quad = ((Bf @ (Af @ Af.t())) * Bf).sum(1)
-        norm = (wsq[1] + (2 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
+        WA = W @ A.to(W.dtype).t()  # out x r, one pass over W
+        norm = dora_norm(wsq[1], WA, A, B, scaling)
     layer._tk_norm = (key, norm)
     return norm
+
+
+def dora_norm(wsq: Any, WA: Any, A: Any, B: Any, s: float) -> Any:
+    """||W_i + s (B A)_i|| in fp32 from ||W_i||^2 (``wsq``) and W A^T (``WA``): ||W_i||^2 + 2 s <W_i A^T, B_i>
+    + s^2 B_i (A A^T) B_i^T. Also batched: leading dimensions of all arguments are layers."""
+    import torch
+
+    A, B = A.float(), B.float()
+    M = torch.add(WA.float(), B @ (A @ A.transpose(-1, -2)), alpha=s / 2)  # W A^T + (s/2) B A A^T
+    return (wsq + (2 * s) * (M * B).sum(-1)).clamp_min_(0).sqrt_()
 
 
 def _fast_dora_forward(self: Any, x: Any, *, lora_A: Any, lora_B: Any, scaling: float, base_layer: Any,
