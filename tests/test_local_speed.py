@@ -332,3 +332,45 @@ def test_speedups_env_switch(monkeypatch):
     with pytest.raises(ConfigError) as e:
         speed.disabled()
     assert e.value.field == speed.ENV
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_nf4_forward_rounds_base_plus_update_once(tiny_model, monkeypatch, dora):
+    """The first LoRA updates are far below half a bf16 ulp of the base output (B ~ 1e-4 after one step). The
+    4-bit function rounds base + s B A x once, so the update survives on average; adding it to an already
+    rounded base output (a bf16 epilogue) kept ~25% of it, and the loss lagged the plain recipe's early on."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q)
+    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["down_proj"], lora_dropout=0.0,
+                                     use_dora=dora))
+    speed.patch_lora(m, fuse_dora=dora)
+    layer = m.base_model.model.model.layers[0].mlp.down_proj
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    # a bf16 residual stream, as train() runs QLoRA on a GPU (bf16_kbit)
+    x = torch.randn(4096, A.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
+    calls = []
+    monkeypatch.setattr(nf4, "lora_forward", lambda *a, real=nf4.lora_forward: calls.append(real(*a)) or calls[-1])
+
+    def out() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16 and calls[-1] is y  # through the 4-bit function
+        return y.double()
+
+    base = out()  # B = 0 at init: the base output alone (DoRA: m/n = 1)
+    with torch.no_grad():
+        B.copy_(torch.randn(B.shape, generator=torch.Generator().manual_seed(1)))
+        upd = 2.0 * (x.float() @ A.t()) @ B.t()  # s B A x in fp32, before the 1e-3 relative size is set
+        k = 1e-3 * base.float().pow(2).mean().sqrt() / upd.pow(2).mean().sqrt()
+        B.mul_(k)
+        upd = (upd * k).double()
+        if dora:  # m = ||W|| (its init) stays: the output is (m/n) (base + update), n = ||W + s B A||
+            layer.lora_magnitude_vector["default"].weight.copy_(speed.dora_weight_norm(
+                layer.lora_magnitude_vector["default"], layer.get_base_layer(), A, B, 2.0))
+    kept = float(((out() - base) * upd).sum() / upd.pow(2).sum())
+    assert 0.9 < kept < 1.1, kept
