@@ -156,14 +156,14 @@ def plain_run(p: dict) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    losses, times, tokens = [], [], []
+    losses, times, tokens, norms = [], [], [], []
     for ids, mask, labels in batches:
         ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
         t = time.perf_counter()
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         if p["check"]:  # train() clips at the spec's max_grad_norm (1.0)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
@@ -171,8 +171,8 @@ def plain_run(p: dict) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(float(out.loss.item()))
         tokens.append(int(mask.sum()))
-    res = {"load_s": round(load_s, 1), "losses": losses, "step_times": times, "step_tokens": tokens,
-           "trainable_params": sum(q.numel() for q in params)}
+    res = {"load_s": round(load_s, 1), "losses": losses, "grad_norms": norms, "step_times": times,
+           "step_tokens": tokens, "trainable_params": sum(q.numel() for q in params)}
     if cuda:
         res["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     return res
@@ -214,7 +214,7 @@ def tunekit_run(p: dict) -> dict:
 
     class Rec(TrainCallbacks):
         def __init__(self):
-            self.marks, self.losses, self.events = [], [], []
+            self.marks, self.losses, self.norms, self.lrs, self.events = [], [], [], [], []
 
         def on_start(self, total_steps):
             self.marks.append((time.perf_counter(), 0))
@@ -222,6 +222,8 @@ def tunekit_run(p: dict) -> dict:
         def on_step(self, step, m):
             self.marks.append((time.perf_counter(), m.get("tokens", 0)))
             self.losses.append(m.get("loss"))
+            self.norms.append(m.get("grad_norm"))
+            self.lrs.append(m.get("lr"))
             if p.get("profile") and step == p["warmup"]:  # profile the first timed step
                 from torch.profiler import ProfilerActivity, profile
 
@@ -247,7 +249,8 @@ def tunekit_run(p: dict) -> dict:
     # logging_first_step adds a log at step 1; marks[0] is the start, so marks[i] ends step i
     times = [b[0] - a[0] for a, b in zip(rec.marks, rec.marks[1:])]
     tokens = [b[1] - a[1] for a, b in zip(rec.marks, rec.marks[1:])]
-    res = {"losses": rec.losses, "step_times": times, "step_tokens": tokens, "events": rec.events,
+    res = {"losses": rec.losses, "grad_norms": rec.norms, "learning_rates": rec.lrs, "step_times": times,
+           "step_tokens": tokens, "events": rec.events,
            "quantization": out.quantization, "speed": out.extra.get("speed"),
            "memory_estimate_bytes": out.memory_estimate.get("total_bytes"), "optimizer": out.optimizer,
            "gradient_checkpointing": out.gradient_checkpointing}
@@ -369,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = {"variant": variant, "impl": impl, **(extra or {})}
         if a.check_loss:
             rec["losses"] = res.get("losses")
+            rec.update({k: res[k] for k in ("grad_norms", "learning_rates") if k in res})
             if "error" in res:
                 rec["error"] = res["error"]
         else:
@@ -461,10 +465,20 @@ def check_loss(a, base: dict, record, meta: dict) -> int:
                     abs(x - y) for x, y in zip(r["losses"][:n], plain["losses"][:n])), 5)}), flush=True)
         for i in range(n):
             print(f"  {v:9} step {i + 1:3}  plain {plain['losses'][i]:.4f}  tunekit {tk['losses'][i]:.4f}  "
-                  f"plain(seed+1) {noise['losses'][i]:.4f}"
+                  f"plain(seed+1) {noise['losses'][i]:.4f}" + _norms(i, plain, tk)
                   + "".join(f"  without {k} {ls[i]:.4f}" for k, ls in extra.items() if i < len(ls)))
     print(f"{meta['date']} commit {meta['commit']}: loss curves {'MATCH' if ok else 'DIFFER'}", flush=True)
     return 0 if ok else 1
+
+
+def _norms(i: int, plain: dict, tk: dict) -> str:
+    """Gradient norms before clipping (and tunekit's learning rate) of step i, where recorded."""
+    def at(r, k):
+        v = r.get(k) or []
+        return v[i] if i < len(v) and v[i] is not None else float("nan")
+
+    return (f"  |g| plain {at(plain, 'grad_norms'):.3g} tunekit {at(tk, 'grad_norms'):.3g}"
+            f"  lr {at(tk, 'learning_rates'):.3g}")
 
 
 def git_commit() -> str:

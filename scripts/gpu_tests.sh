@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU integration tests of the local backend (tests/gpu) and, with TUNEKIT_SERVE_BENCH=1, the serving benchmark
-# (benchmarks/serve_hotswap.py) on the same machine. Run it on the GPU machine from the repository root, with the
+# GPU integration tests of the local backend (tests/gpu, then the CUDA-only cases of tests/test_local_speed.py)
+# and, with TUNEKIT_SERVE_BENCH=1, the serving benchmark (benchmarks/serve_hotswap.py) on the same machine. Run it on the GPU machine from the repository root, with the
 # carried wheels in .whl/ (see /work/shared/gpu/README.md):
 #
 #   bash scripts/gpu_tests.sh                         # tests only
@@ -43,6 +43,9 @@ python3 -m tests.gpu.model 2>&1 | tee "$OUT/build.log" || exit 1
 timeout -k 10 "${TUNEKIT_GPU_TESTS_TIMEOUT:-270}" \
   python3 -m pytest tests/gpu -m gpu -s ${TUNEKIT_GPU_PYTEST_X--x} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
+# the CUDA-only cases of the CPU suite (Liger's kernels; the 4-bit function's rounding on cuBLAS)
+python3 -m pytest tests/test_local_speed.py -k cuda -q -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log"
+[ "${PIPESTATUS[0]}" = 0 ] || [ "$tests_rc" != 0 ] || tests_rc=1
 echo "pytest exit status $tests_rc after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/gpu_tests.log"
 
 if [ "${TUNEKIT_SERVE_BENCH:-0}" = 1 ]; then

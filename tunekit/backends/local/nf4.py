@@ -1,8 +1,8 @@
 """LoRA and DoRA on a bitsandbytes 4-bit base: one autograd function per layer call (speed.py's fast path).
 
 One function instead of bitsandbytes' matmul + PEFT's lora_A/lora_B modules + the epilogue: the same GEMMs
-(forward: A, B, then the base GEMM adding into B's output so base + update is rounded once; backward: base,
-A, and the two adapter gradients) with less Python per call and no extra copies of the input.
+(forward: A, then base and B as one GEMM so that base + update is rounded once; backward: base, A, and the
+two adapter gradients) with less Python per call and no fp32 copy of the input.
 
 DoRA: (m/n) * (W x + s B A x) = (diag(m/n) W) x + s (diag(m/n) B) A x, and diag(m/n) W is what the 4-bit
 dequantization yields when each row's block scales (absmax, fp32) are multiplied by m/n first, so no pass
@@ -140,6 +140,27 @@ def _frozen_stats(base: Any, cdt: Any) -> tuple[Any, Any]:
 
 # ------------------------------------------------------------------------------------------------ the function
 
+def _base_plus_update(x: Any, w: Any, h: Any, bs: Any) -> Any:
+    """x W^T + h bs^T rounded to the compute dtype once: one GEMM over [x | h] and [W | bs] (fp32 accumulation).
+
+    Not addmm(h bs^T, x, W^T): cuBLAS rounds the product to bf16 before adding C (measured on an H200: half of
+    a random update at 1e-3 of the base kept, as with a separate add), so the first steps' updates, below half
+    an ulp of the base output, were mostly lost and the loss lagged the plain recipe's, which adds them in
+    fp32. The forward value only: the gradients' adapter terms are not small next to what they are added to.
+    Costs a copy of x and of W per call; K is padded to a multiple of 8 (16-byte rows for the tensor cores).
+    """
+    import torch
+
+    k, r = x.shape[1], h.shape[1]
+    pad = -(k + r) % 8
+    xc = x.new_empty(x.shape[0], k + r + pad)
+    wc = w.new_empty(w.shape[0], k + r + pad)
+    xc[:, :k], xc[:, k:k + r], wc[:, :k], wc[:, k:k + r] = x, h, w, bs
+    if pad:
+        xc[:, k + r:], wc[:, k + r:] = 0, 0
+    return torch.mm(xc, wc.t())
+
+
 _FN = None  # built on first use (torch is imported lazily)
 
 
@@ -166,10 +187,7 @@ def _make():
             x2 = x.reshape(-1, x.shape[-1]).to(cdt)
             xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1]).to(cdt)
             h = xd2 @ pre.a.t()
-            # the small update first, then the base GEMM adds into it: base + s B A x is rounded to the compute
-            # dtype once. (Adding it to an already rounded base output, as a bf16 epilogue would, loses most of
-            # an update below half an ulp of the base, i.e. all the first steps' updates: the loss then lags.)
-            y = (h @ pre.bs.t()).addmm_(x2, dequant(weight, absmax, cdt).t())
+            y = _base_plus_update(x2, dequant(weight, absmax, cdt), h, pre.bs)
             ctx.save_for_backward(xd2, h, pre.a, pre.bs, absmax, *(() if mag is None else (y, pre.inv_mag)))
             ctx.weight, ctx.s, ctx.coef, ctx.cdt, ctx.same = weight, s, pre.coef, cdt, xd is x
             ctx.shapes = (x.shape, x.dtype, xd.shape, xd.dtype)
@@ -185,9 +203,9 @@ def _make():
             gx = gxd = gA = gB = gm = None
             gh = g2 @ bs if (need_xd or need_a) else None  # dL/dh, [tokens, r]
             if need_x:
-                w = dequant(ctx.weight, absmax, cdt)
-                # xd is x: one gradient, the base GEMM adding into the adapter's term (one rounding, as above)
-                gx = (gh @ a).addmm_(g2, w) if ctx.same else g2 @ w
+                gx = g2 @ dequant(ctx.weight, absmax, cdt)
+                if ctx.same:  # xd is x: one gradient, the adapter's term added in the GEMM's epilogue
+                    gx = gx.addmm_(gh, a)
                 gx = gx.view(x_shape).to(x_dtype)
             if need_xd and not ctx.same:
                 gxd = (gh @ a).view(xd_shape).to(xd_dtype)
