@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU integration tests of the local backend (tests/gpu, then the CUDA-only cases of tests/test_local_speed.py)
-# and, with TUNEKIT_SERVE_BENCH=1, the serving benchmark (benchmarks/serve_hotswap.py) on the same machine. Run it on the GPU machine from the repository root, with the
-# carried wheels in .whl/ (see /work/shared/gpu/README.md):
+# and, with TUNEKIT_SERVE_BENCH=1, the serving benchmark (benchmarks/serve_hotswap.py) on the same machine. Run
+# it on the GPU machine from the repository root, with the carried wheels in .whl/ (see /work/shared/gpu/README.md):
 #
 #   bash scripts/gpu_tests.sh                         # tests only
 #   TUNEKIT_SERVE_BENCH=1 bash scripts/gpu_tests.sh   # tests, then the serving benchmark on the same 8B weights

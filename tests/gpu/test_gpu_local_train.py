@@ -246,13 +246,16 @@ def test_recipe_trains_resumes_and_reloads(variant, gpu_env, gpu_model, tmp_path
         assert sorted(out2.extra["optimizer_lrs"]) == pytest.approx([lr, lr * 16])
 
     # Reloaded vs trained, relative to how far training moved the logits. Where the computation is the same
-    # (plain LoRA: tunekit's fused forward equals PEFT's bit for bit) the bound is tight. Two cases differ by
-    # bf16 rounding, amplified by 32 random-weight layers (measured on the H200 at fc39c29: 7.3% and 6.1%;
-    # on CPU in fp32 both are <= 0.05%, which tests/test_local_train.py and tests/test_local_speed.py hold):
+    # (16-bit LoRA: tunekit's fused forward equals PEFT's bit for bit) the bound is tight. Three cases differ by
+    # bf16 rounding, amplified by 32 random-weight layers (measured on the H200: PiSSA 7.3%, DoRA 6.1-6.8%,
+    # QLoRA 8.2% at a589fb1; on CPU in fp32 all are <= 0.05%, which tests/test_local_train.py and
+    # tests/test_local_speed.py hold):
     #  - PiSSA trains on the residual W - B0 A0 stored in bf16; the converted adapter goes on the original W;
-    #  - DoRA: tunekit's norm ||W + sBA|| is computed in fp32 from cached pieces, PEFT's from a bf16 W + sBA.
+    #  - DoRA: tunekit's norm ||W + sBA|| is computed in fp32 from cached pieces, PEFT's from a bf16 W + sBA;
+    #  - 4-bit bases (LoRA and DoRA): tunekit rounds base + s B A x once, PEFT's bf16 path rounds the base
+    #    output and then the sum (nf4.py: that second rounding loses the first steps' updates).
     # There the bound is looser, and the top-1 prediction must still agree everywhere.
-    bf16_rounding = reload["mutating"] or bool(adapter.get("use_dora"))
+    bf16_rounding = reload["mutating"] or bool(adapter.get("use_dora")) or quant == "nf4"
     bound = 0.15 if bf16_rounding else 0.05
     assert reload["argmax_agreement"] == 1.0, reload
     assert reload["rel_dist_to_trained"] < bound * reload["rel_dist_base_to_trained"], reload

@@ -11,7 +11,9 @@ each one against the path without it). What each optimisation does, and why it p
                around every matmul). bf16 autocast already does the matmuls in bf16.
   fast_lora    the LoRA update folded into one GEMM epilogue: addmm(base_out, A(x), B^T, alpha=scaling)
                instead of B(A(x)) -> * scaling -> + base_out (and QLoRA's defensive clone): 4-6 fewer passes over
-               every adapted layer's output, forward and backward.
+               every adapted layer's output, forward and backward. On a 4-bit base (nf4.py) base + update is one
+               GEMM over [x | A x] and [W | s B] instead: rounded once, so the first, tiny updates are kept (the
+               16-bit path rounds twice, as PEFT's bf16 LoRA does).
   fast_dora    DoRA's weight norm ||W + s*B@A|| (detached by design) from cached ||W||^2 plus two rank-r
                products, once per forward pass (the checkpoint recompute reuses it), instead of dequantizing W
                and materialising W + s*B@A in every forward and again in the recompute. Without dropout the
