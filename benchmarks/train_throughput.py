@@ -24,7 +24,8 @@ over the training steps. --attribution adds tunekit runs with TUNEKIT_SPEEDUPS=o
 
 --check-loss trains both sides for --loss-steps full-batch steps on one fixed batch of --batch rows of varied
 lengths (padding included), same seed, constant LR, and compares the loss curves against the plain recipe's
-own seed-to-seed spread (plain at --seed vs plain at --seed+1).
+own seed-to-seed spread (plain at --seed vs plain at --seed+1). There auto is compared with the plain recipe
+of the precision it resolved to (bf16 LoRA or QLoRA): a different base learns a different curve.
 """
 
 from __future__ import annotations
@@ -436,11 +437,14 @@ def table(results: list[dict], plain: dict, meta: dict) -> None:
 def check_loss(a, base: dict, record, meta: dict) -> int:
     ok = True
     for v in a.variant:
-        pv = "qlora" if v == "auto" else v
+        tk_res = child("tunekit", {**base, "variant": v})
+        # auto learns on the base it resolved to: compare it with the plain recipe of that precision
+        mode = (tk_res.get("quantization") or {}).get("mode")
+        pv = v if v != "auto" else ("qlora" if mode in ("nf4", "fp4", None) else "lora_bf16")
         plain = record(pv, "plain", child("plain", {**base, "variant": pv}))
         noise = (None if a.no_noise else
                  record(pv, "plain_seed+1", child("plain", {**base, "variant": pv, "seed": a.seed + 1})))
-        tk = record(v, "tunekit", child("tunekit", {**base, "variant": v}))
+        tk = record(v, "tunekit", tk_res, {"quantization": mode} if v == "auto" else None)
         if any("error" in r for r in (plain, noise or {}, tk)):
             ok = False
             continue
