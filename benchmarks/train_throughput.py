@@ -83,6 +83,13 @@ def build_model(p: dict) -> dict:
     return {"built": True, "seconds": round(time.time() - t, 1)}
 
 
+def check_rows(tok, batch: int, seq: int, seed: int) -> list[dict]:
+    """The one fixed batch of --check-loss: one row of --seq tokens, the others of varied lengths (padding)."""
+    rng = random.Random(seed)
+    lengths = [seq] + [rng.randint(max(PROMPT_TOKENS + 4, seq // 2), seq) for _ in range(batch - 1)]
+    return make_rows(tok, batch, lengths, seed)
+
+
 def make_rows(tok, n: int, lengths: list[int], seed: int) -> list[dict]:
     """prompt/response rows whose TRL tokenization (prompt + completion + EOS) has exactly the given lengths."""
     rng = random.Random(seed)
@@ -359,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = Path(tempfile.mkdtemp(prefix="tk-bench-data-")) / "train.jsonl"
     if a.check_loss:
-        rng = random.Random(a.seed)
-        lengths = [seq] + [rng.randint(max(PROMPT_TOKENS + 4, seq // 2), seq) for _ in range(a.batch - 1)]
-        rows = make_rows(tok, a.batch, lengths, a.seed)
+        rows = check_rows(tok, a.batch, seq, a.seed)
     else:
         rows = make_rows(tok, a.batch * (a.warmup + a.steps), [seq] * (a.batch * (a.warmup + a.steps)), a.seed)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -61,10 +60,8 @@ def first_step(device: str, seq: int, batch: int, lr: float) -> None:
          "device": device}
     tb.build_model(p)
     tok = AutoTokenizer.from_pretrained(p["model"])
-    rng = random.Random(42)  # the rows of the benchmark's --check-loss
-    lengths = [seq] + [rng.randint(max(tb.PROMPT_TOKENS + 4, seq // 2), seq) for _ in range(batch - 1)]
-    batch_t = [t.to(device) for t in tb.collate(tb.encode(tok, tb.make_rows(tok, batch, lengths, 42)),
-                                                 tok.pad_token_id)]
+    rows = tb.check_rows(tok, batch, seq, 42)  # the batch of the benchmark's --check-loss
+    batch_t = [t.to(device) for t in tb.collate(tb.encode(tok, rows), tok.pad_token_id)]
 
     def model(upcast: bool, fast: bool, cdt=torch.bfloat16):
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
