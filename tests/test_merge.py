@@ -257,3 +257,18 @@ def test_the_merge_command_in_the_dora_refusal_works(tiny_model, tmp_path, capsy
     code, out, err_text = _merge_cli(capsys, *argv[2:])
     assert code == 0, err_text
     assert (tmp_path / "merged" / "config.json").is_file() and "merge check" in out
+
+
+def test_merged_size_is_counted_without_loading_the_weights(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.backends.local.merge import _merged_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    params = sum(p.numel() for p in model.parameters())
+    assert _merged_bytes(str(tiny_model), torch.bfloat16, 0) == 2 * params
+    # an adapter tokenizer with 10 more tokens grows the untied embeddings and lm_head
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert not model.config.tie_word_embeddings
+    assert _merged_bytes(str(tiny_model), torch.float16, vocab + 10) == 2 * (params + 2 * 10 * hidden)

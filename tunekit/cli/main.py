@@ -61,9 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if isinstance(exc, DataValidationError) else 2
 
 
-def one_line(exc: "TunekitError") -> str:  # noqa: F821
+def one_line(exc: Exception) -> str:
     """``error: MESSAGE; hint: NEXT STEP`` on one line, whatever newlines the message carries."""
-    text = f"error: {exc}" + (f"; hint: {exc.hint}" if exc.hint else "")
+    hint = getattr(exc, "hint", None)
+    text = f"error: {exc}" + (f"; hint: {hint}" if hint else "")
     return " ".join(text.split())
 
 

@@ -206,7 +206,7 @@ def _merged_bytes(base: str, dtype: Any, vocab: int) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
     if vocab > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(vocab)
+        model.resize_token_embeddings(vocab, mean_resizing=False)  # the mean needs real values
     return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
@@ -232,12 +232,12 @@ def _write_merged(out: Path, merged: Any, tokenizer: Any, result: MergeResult) -
     absent: a merge that fails halfway (disk full, killed) never leaves a model that looks whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:8]}"
+    old = None
     try:
         tmp.mkdir()
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "tunekit_merge.json").write_text(json.dumps(result.to_dict(), indent=2))
-        old = None
         if out.exists():  # empty, or overwrite=True: swap, then drop the old one
             old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
