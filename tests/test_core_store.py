@@ -160,3 +160,15 @@ def test_processes_creating_the_store_at_once_all_open_it(tunekit_home):
         assert p.returncode == 0, err.decode()
     assert len(Store().list_jobs()) == 3
     assert sorted(p.name for p in tunekit_home.iterdir() if not p.name.startswith("state.db")) == []
+
+
+def test_a_store_cut_short_is_called_damaged(tunekit_home):
+    store = Store()
+    for _ in range(20):
+        store.create_job("fake", {"base_model": "m" * 2000}, {})
+    store.close()
+    db = tunekit_home / "state.db"
+    os.truncate(db, db.stat().st_size // 2)
+    with pytest.raises(StoreError, match="is damaged") as err:
+        Store()
+    assert f"mv {db} {db}.broken" in err.value.hint
