@@ -201,3 +201,15 @@ def test_closed_stdout_ends_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1
     assert err == "", err
+
+
+def test_a_multi_line_message_is_still_one_line(capsys, monkeypatch):
+    from tunekit import ConfigError
+
+    def fail(**kw):
+        raise ConfigError("/data/my  file.jsonl: first\nsecond", hint="do this\nthen that")
+
+    monkeypatch.setattr("tunekit.api.list_jobs", fail)
+    code, _, err = run_cli(capsys, "jobs", "list")
+    assert code == 2
+    assert err == "error: /data/my  file.jsonl: first second; hint: do this then that\n"

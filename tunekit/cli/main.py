@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -65,7 +66,7 @@ def one_line(exc: Exception) -> str:
     """``error: MESSAGE; hint: NEXT STEP`` on one line, whatever newlines the message carries."""
     hint = getattr(exc, "hint", None)
     text = f"error: {exc}" + (f"; hint: {hint}" if hint else "")
-    return " ".join(text.split())
+    return re.sub(r"\s*[\r\n]+\s*", " ", text.strip())  # only line breaks: a path keeps its spaces
 
 
 def _stdout_closed() -> int:
