@@ -105,3 +105,111 @@ def test_public_api_is_lazy_and_complete():
             "assert tunekit.__all__ == sorted(tunekit.__all__)\nprint('OK')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "OK", out.stderr
+
+
+# -- every known failure: exit 2, one stderr line with the next step, no traceback -------------------
+
+def assert_one_line(err: str, *needles: str) -> None:
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "; hint: " in lines[0], err
+    assert "Traceback" not in err and "Error:" not in err.split(";")[0], err  # no `error: SomeError:` line
+    for needle in needles:
+        assert needle in err, err
+
+
+def cli_subprocess(*argv, env=None, prelude="", **kw):
+    code = f"import sys\n{prelude}\nfrom tunekit.cli.main import main\nsys.exit(main({list(argv)!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_unknown_status_filter(capsys):
+    code, out, err = run_cli(capsys, "jobs", "list", "--status", "bogus")
+    assert code == 2 and out == ""
+    assert_one_line(err, "'bogus' is not a job status", "succeeded")
+
+
+@pytest.mark.parametrize("content,what", [(b"", "is empty (0 bytes)"), (b"not sqlite at all\n" * 8, "not a SQLite")])
+def test_truncated_or_foreign_store_is_refused_not_replaced(capsys, tunekit_home, content, what):
+    tunekit_home.mkdir()
+    db = tunekit_home / "state.db"
+    db.write_bytes(content)
+    code, _, err = run_cli(capsys, "jobs", "list")
+    assert code == 2
+    assert_one_line(err, str(db), what, f"mv {db} {db}.broken")
+    assert db.read_bytes() == content  # nothing was written over it
+
+
+def _drop_dac_override():
+    """As root, obey file permissions like any user would (drop CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone from the next exec's capabilities
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.parametrize("sub", ["", "not-yet-created"])
+def test_read_only_home(tmp_path, sub):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    home = ro / sub if sub else ro
+    kw = {"preexec_fn": _drop_dac_override} if os.geteuid() == 0 else {}
+    try:
+        res = cli_subprocess("jobs", "list", env={"TUNEKIT_HOME": str(home)}, **kw)
+    except subprocess.SubprocessError as exc:  # no CAP_SETPCAP to drop the override with
+        pytest.skip(f"cannot run without permission override here: {exc}")
+    finally:
+        ro.chmod(0o700)
+    assert res.returncode == 2, res.stderr
+    assert_one_line(res.stderr, f"cannot write to {home}", "must be a writable directory", "TUNEKIT_HOME")
+
+
+@pytest.mark.parametrize("extra", [[], ["--dry-run"], ["--dry-run", "--engine", "vllm"]])
+def test_serve_refuses_a_path_that_does_not_exist(capsys, tmp_path, extra):
+    missing = tmp_path / "no-such-model"
+    code, out, err = run_cli(capsys, "serve", str(missing), *extra)
+    assert code == 2 and "would serve" not in out
+    assert_one_line(err, f"{missing} does not exist")
+    # a hub id is not a local path: the dry run still plans it
+    code, out, _ = run_cli(capsys, "serve", "meta-llama/Llama-3.1-8B-Instruct", "--dry-run")
+    assert code == 0 and "would serve" in out
+
+
+def test_serve_without_the_serve_extra_gives_the_pip_line(tmp_path):
+    # fastapi made unimportable, as in an install without [serve]
+    res = cli_subprocess("serve", str(tmp_path), "--engine", "embedded", prelude="sys.modules['fastapi'] = None")
+    assert res.returncode == 2, res.stderr
+    assert_one_line(res.stderr, "fastapi", "pip install 'tunekit[local,serve]'")
+
+
+def test_closed_stdout_ends_quietly():
+    """`tunekit jobs events JOB | head -1`: no BrokenPipeError, no traceback."""
+    from tunekit.schemas.job import JobEvent
+    from tunekit.store import default_store
+
+    store = default_store()
+    job = store.create_job("local", {"base_model": "m"}, {})  # a backend the subprocess knows
+    for i in range(300):  # ~300 KB: more than a pipe buffer, so the writer meets the closed pipe
+        store.add_event(job.id, JobEvent(created_at=float(i), message="x" * 1000))
+    proc = subprocess.Popen([sys.executable, "-m", "tunekit.cli.main", "jobs", "events", job.id],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    assert proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert err == "", err
+
+
+def test_a_multi_line_message_is_still_one_line(capsys, monkeypatch):
+    from tunekit import ConfigError
+
+    def fail(**kw):
+        raise ConfigError("/data/my  file.jsonl: first\nsecond", hint="do this\nthen that")
+
+    monkeypatch.setattr("tunekit.api.list_jobs", fail)
+    code, _, err = run_cli(capsys, "jobs", "list")
+    assert code == 2
+    assert err == "error: /data/my  file.jsonl: first second; hint: do this then that\n"

@@ -125,3 +125,50 @@ def test_apply_rereads_instead_of_overwriting_a_concurrent_status(monkeypatch):
     monkeypatch.setattr(store, "get_job", racing_get)
     job.apply(RemoteState(status=JobStatus.FAILED, error="stale view"))
     assert real_get(rec.id).status == JobStatus.SUCCEEDED and job.status == JobStatus.SUCCEEDED
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 4096])
+def test_an_existing_file_that_is_no_database_is_refused(tunekit_home, content):
+    tunekit_home.mkdir()
+    db = tunekit_home / "state.db"
+    db.write_bytes(content)
+    with pytest.raises(StoreError, match="truncated or overwritten") as err:
+        Store()
+    assert str(db) in str(err.value) and f"mv {db}" in err.value.hint
+    assert db.read_bytes() == content
+
+
+def test_a_store_that_fails_while_being_created_leaves_nothing(tunekit_home, monkeypatch):
+    """So the next open starts a new store instead of finding an empty file it must refuse."""
+    def crash(self):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "_migrate", crash)
+        with pytest.raises(StoreError, match="disk I/O error"):
+            Store()
+    assert list(tunekit_home.iterdir()) == []
+    Store().create_job("fake", {}, {})
+
+
+def test_processes_creating_the_store_at_once_all_open_it(tunekit_home):
+    code = "from tunekit.store import Store; Store().create_job('fake', {}, {})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy(), stderr=subprocess.PIPE)
+             for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    assert len(Store().list_jobs()) == 3
+    assert sorted(p.name for p in tunekit_home.iterdir() if not p.name.startswith("state.db")) == []
+
+
+def test_a_store_cut_short_is_called_damaged(tunekit_home):
+    store = Store()
+    for _ in range(20):
+        store.create_job("fake", {"base_model": "m" * 2000}, {})
+    store.close()
+    db = tunekit_home / "state.db"
+    os.truncate(db, db.stat().st_size // 2)
+    with pytest.raises(StoreError, match="is damaged") as err:
+        Store()
+    assert f"mv {db} {db}.broken" in err.value.hint

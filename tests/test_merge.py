@@ -154,3 +154,121 @@ def test_registry_adapter_gets_its_merge_check_recorded(adapter, tmp_path):
     check = default_store().get_adapter(rec.id).merge_check
     assert check["top1_agreement"] == res.top1_agreement and check["out_dir"] == str(tmp_path / "m")
     assert check["flagged"] == res.flagged
+
+
+# -- the CLI: prompts from any training data, NaN flagged, disk space, nothing half-written -----------
+
+def _merge_cli(capsys, *argv):
+    from tunekit.cli.main import main
+
+    code = main(["merge", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_merge_of_a_dpo_job_checks_on_its_preference_rows(adapter, tiny_model, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import EXAMPLES
+    from tunekit.store import default_store
+
+    pref = EXAMPLES / "data" / "preference.jsonl"
+    row = json.loads(pref.read_text().splitlines()[0])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    # input messages + the preferred reply, the conversation the job was trained to prefer
+    expected = tok.apply_chat_template(row["input"]["messages"] + row["preferred_output"], tokenize=False)
+    assert sample_prompts(pref, n=2, tokenizer=tok)[0] == expected
+
+    store = default_store()
+    job = store.create_job("local", {"base_model": str(tiny_model), "method": "dpo"},
+                           {"train": {"path": str(pref)}})
+    store.add_adapter(backend="local", location=str(adapter), info={}, job_id=job.id)
+    code, out, err = _merge_cli(capsys, job.id, "--out", tmp_path / "m")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "m" / "tunekit_merge.json").read_text())
+    assert saved["prompts"][0] == expected and len(saved["prompts"]) == 8
+
+
+def test_a_nan_adapter_is_flagged_not_ok(adapter, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    nan = tmp_path / "nan-adapter"
+    nan.mkdir()
+    (nan / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    weights = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v.fill_(float("nan")) for k, v in weights.items()}, nan / "adapter_model.safetensors")
+    code, out, _ = _merge_cli(capsys, nan, "--out", tmp_path / "m", "--threshold", "0")
+    assert code == 1  # flagged even with a threshold any agreement passes
+    assert "max |logit diff| nan" in out and out.splitlines()[1].endswith(": FLAGGED")
+    assert "not finite" in out
+
+
+def test_not_enough_disk_space_is_refused_before_writing(adapter, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from tests.test_cli import assert_one_line
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 * 2**20))  # 10 MiB free
+    code, out, err = _merge_cli(capsys, adapter, "--out", tmp_path / "m")
+    assert code == 2
+    assert_one_line(err, "not enough disk space", "needs about", "0.01 GiB is free")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_no_model_that_looks_complete(adapter, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    from tests.test_cli import assert_one_line
+
+    def disk_full(self, save_directory, **kw):  # as on the H200: half the shards written, then ENOSPC
+        (Path(save_directory) / "config.json").write_text("{}")
+        (Path(save_directory) / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1024)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    code, _, err = _merge_cli(capsys, adapter, "--out", tmp_path / "m")
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
+    # the base was loaded (its progress bar is on stderr): the error is the last line
+    assert_one_line(err.splitlines()[-1], "disk filled up", f"{tmp_path / 'm'}: nothing was kept")
+    assert list(tmp_path.iterdir()) == []
+    # --overwrite of an earlier merge: the earlier one stays whole
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_text("earlier merge")
+    code, _, _ = _merge_cli(capsys, adapter, "--out", tmp_path / "m", "--overwrite")
+    assert code == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["model.safetensors"]
+
+
+def test_the_merge_command_in_the_dora_refusal_works(tiny_model, tmp_path, capsys):
+    import re
+    import shlex
+
+    from tunekit.serve.adapters import read_adapter, refuse_unservable
+
+    dora = make_adapter(tiny_model, tmp_path / "dora", r=4, b_std=0.01, use_dora=True)
+    with pytest.raises(ConfigError) as err:
+        refuse_unservable(read_adapter(dora), engine="vLLM")
+    command = re.search(r"`(tunekit merge [^`]+)`", err.value.hint).group(1)
+    argv = shlex.split(command.replace("OUT_DIR", str(tmp_path / "merged")))
+    code, out, err_text = _merge_cli(capsys, *argv[2:])
+    assert code == 0, err_text
+    assert (tmp_path / "merged" / "config.json").is_file() and "merge check" in out
+
+
+def test_merged_size_is_counted_without_loading_the_weights(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.backends.local.merge import _merged_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    params = sum(p.numel() for p in model.parameters())
+    assert _merged_bytes(str(tiny_model), torch.bfloat16, 0) == 2 * params
+    # an adapter tokenizer with 10 more tokens grows the untied embeddings and lm_head
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert not model.config.tie_word_embeddings
+    assert _merged_bytes(str(tiny_model), torch.float16, vocab + 10) == 2 * (params + 2 * 10 * hidden)

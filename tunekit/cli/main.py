@@ -1,12 +1,15 @@
 """Entry point: argparse tree, the error table, exit codes.
 
 Exit codes: 0 ok; 1 failed (invalid data, failed/cancelled job); 2 usage error or known tunekit error;
-124 ``jobs wait`` timed out; 130 interrupted. Tracebacks only with TUNEKIT_DEBUG=1.
+124 ``jobs wait`` timed out; 130 interrupted. A known error is one stderr line, ``error: ...; hint: ...``.
+Tracebacks only with TUNEKIT_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from typing import Sequence
 
@@ -39,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .._settings import debug_enabled
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
@@ -51,10 +58,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stderr.write(f"error: {type(exc).__name__}: {exc}\n(set TUNEKIT_DEBUG=1 for the traceback)\n")
                 return 1
             raise
-        sys.stderr.write(f"error: {exc}\n")
-        if exc.hint:
-            sys.stderr.write(f"hint: {exc.hint}\n")
+        sys.stderr.write(one_line(exc) + "\n")
         return 1 if isinstance(exc, DataValidationError) else 2
+
+
+def one_line(exc: Exception) -> str:
+    """``error: MESSAGE; hint: NEXT STEP`` on one line, whatever newlines the message carries."""
+    hint = getattr(exc, "hint", None)
+    text = f"error: {exc}" + (f"; hint: {hint}" if hint else "")
+    return re.sub(r"\s*[\r\n]+\s*", " ", text.strip())  # only line breaks: a path keeps its spaces
+
+
+def _stdout_closed() -> int:
+    """The reader went away (``tunekit jobs events JOB | head -1``): stop quietly.
+
+    As Python's docs advise (signal module, "Note on SIGPIPE"): point stdout at devnull so the final
+    flush at exit does not raise again, and exit 1.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""tunekit merge JOB|ADAPTER --out DIR [--dtype bf16|fp16]: fold an adapter into its base, then check it."""
+"""tunekit merge JOB|ADAPTER [OUT] [--out DIR] [--dtype bf16|fp16]: fold an adapter into its base, then check it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Exit 0 when the merged model agrees with base+adapter, 1 when the merge "
                                    "check is flagged (top-1 agreement below --threshold).")
     p.add_argument("adapter", help="a job id, a registry adapter id/name, or an adapter directory")
-    p.add_argument("--out", required=True, help="directory for the merged transformers checkpoint")
+    p.add_argument("out_dir", nargs="?", metavar="OUT", help="the same as --out")
+    p.add_argument("--out", help="directory for the merged transformers checkpoint")
     p.add_argument("--base-model", help="default: the base recorded in adapter_config.json")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--check-data", help="JSONL to take check prompts from (default: the job's training data)")
@@ -20,11 +21,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _out(args: argparse.Namespace) -> str:
+    from .._exceptions import ConfigError
+
+    if args.out and args.out_dir and args.out != args.out_dir:
+        raise ConfigError(f"two output directories: {args.out_dir} and --out {args.out}", field="--out",
+                          hint="give one: `tunekit merge ADAPTER OUT` or `tunekit merge ADAPTER --out OUT`")
+    if not (args.out or args.out_dir):
+        raise ConfigError("no output directory for the merged model", field="--out",
+                          hint=f"add one: `tunekit merge {args.adapter} --out DIR`")
+    return args.out or args.out_dir
+
+
 def run(args: argparse.Namespace) -> int:
     from ..backends.local.merge import merge_adapter
     from ._output import print_json
 
-    result = merge_adapter(args.adapter, args.out, base_model=args.base_model, dtype=args.dtype,
+    result = merge_adapter(args.adapter, _out(args), base_model=args.base_model, dtype=args.dtype,
                            check_data=args.check_data, agreement_threshold=args.threshold,
                            overwrite=args.overwrite)
     if args.json:

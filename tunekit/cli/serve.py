@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +75,41 @@ def _single_adapter(ref: str) -> tuple[str, dict[str, str]] | None:
     return entry.base_model, {entry.job_id or entry.id: entry.id}
 
 
+# A Hugging Face hub id: NAME or ORG/NAME (letters, digits, - _ .), not starting with '.' or '-'.
+_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+_TUNEKIT_ID = re.compile(r"(tk|ad)-[0-9a-f]{4,}")
+
+
+def _refuse_missing_base(ref: str) -> None:
+    """A base that is neither a local directory nor a hub id is a path that does not exist: say so now."""
+    from pathlib import Path
+
+    from .._exceptions import ConfigError
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        return
+    first = Path(ref).parts[0] if Path(ref).parts else ""
+    looks_local = not _HUB_ID.fullmatch(ref) or _TUNEKIT_ID.fullmatch(ref) or ("/" in ref and Path(first).is_dir())
+    if looks_local:
+        raise ConfigError(f"{ref} does not exist: no such directory, and no adapter in the registry has that id, "
+                          "name or job", field="base_model",
+                          hint="pass a base model directory or hub id, or an adapter from `tunekit adapters list` "
+                               "(a job's adapter is registered when the job succeeds)")
+
+
+def _require_embedded_extras() -> None:
+    """The embedded server needs the [serve] extra (FastAPI, uvicorn) and the [local] one (torch, transformers)."""
+    import importlib.util
+
+    from .._exceptions import MissingDependencyError
+
+    missing = [m for m in ("fastapi", "uvicorn", "torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"the embedded server needs {', '.join(missing)}, which is not installed",
+                                     hint="pip install 'tunekit[local,serve]'")
+
+
 def serve_run(args: argparse.Namespace) -> int:
     from ..serve import pick_engine
     from ._output import print_json
@@ -83,6 +119,7 @@ def serve_run(args: argparse.Namespace) -> int:
         single = _single_adapter(args.base_model)
         if single is not None:
             args.base_model, adapters = single
+    _refuse_missing_base(args.base_model)
     api_key = args.api_key or os.environ.get("TUNEKIT_SERVE_API_KEY") or None
     engine = pick_engine(args.engine)
     if engine == "vllm":
@@ -124,6 +161,7 @@ def serve_run(args: argparse.Namespace) -> int:
                 print(f"{name}: {c['path']} (r={c['r']}, base {c['base_model']})")
             print(f"would serve on {result['url']}")
         return 0
+    _require_embedded_extras()
     from ..serve.embedded.server import run
 
     run(args.base_model, adapters, host=args.host, port=args.port, api_key=api_key,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .._exceptions import JobNotFoundError, StaleWriteError, StoreError
+from .._exceptions import ConfigError, JobNotFoundError, StaleWriteError, StoreError
 from .._settings import state_db_path
 from ..schemas.job import JobEvent, JobResult, JobStatus
 from .migrations import MIGRATIONS
@@ -76,6 +76,14 @@ class AdapterRecord:
         return cls(**d)
 
 
+def _status(value: JobStatus | str) -> JobStatus:
+    try:
+        return JobStatus(value)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not a job status", field="status",
+                          hint="use one of: " + ", ".join(s.value for s in JobStatus)) from None
+
+
 def _dump(value: Any) -> str | None:
     if value is None:
         return None
@@ -92,23 +100,55 @@ class Store:
     """Thread-safe handle on the SQLite store. Cheap to create; one connection per instance."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else state_db_path()
         self._lock = threading.RLock()
+        self.path = Path(path) if path else _default_path()
+        home = self.path.parent
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.path.exists():
-                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            home.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                _refuse_unusable(self.path)
+            else:
+                self._create()
             os.chmod(self.path, 0o600)
-            self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn = self._connect(self.path)
             self._migrate()
+        except OSError as exc:  # read-only, not a directory, disk full...
+            raise _unwritable(home, exc.strerror) from exc
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the tunekit store at {self.path}: {exc}",
-                             hint="check TUNEKIT_HOME points to a writable directory") from exc
+            raise _open_failed(self.path, exc) from exc
+
+    def _create(self) -> None:
+        """A new store appears complete or not at all, so an existing empty file always means damage.
+
+        It is built (WAL mode, schema) under a temporary name and linked into place; when another
+        process links first, its store is kept and this one is dropped.
+        """
+        tmp = self.path.with_name(f".{self.path.name}.new-{uuid.uuid4().hex[:8]}")
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        try:
+            self._conn = self._connect(tmp)
+            self._migrate()
+            self._conn.close()  # checkpoints: everything is in the main file, no -wal left
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass
+            except OSError:  # a filesystem without hard links
+                if not self.path.exists():
+                    os.replace(tmp, self.path)
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+                leftover.unlink(missing_ok=True)
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
 
     # -- plumbing ---------------------------------------------------------------------------------
     @contextmanager
@@ -172,7 +212,7 @@ class Store:
             args.append(backend)
         if status:
             sql += " AND status = ?"
-            args.append(JobStatus(status).value)
+            args.append(_status(status).value)
         sql += " ORDER BY created_at DESC, rowid DESC"
         if limit:
             sql += f" LIMIT {int(limit)}"
@@ -314,13 +354,57 @@ class Store:
             c.execute("DELETE FROM adapters WHERE id = ?", (current.id,))
 
 
+# -- a store that cannot be opened: one line naming the file and the next step ------------------------
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _refuse_unusable(path: Path) -> None:
+    """An existing file must be a SQLite database: an empty one was truncated, not a new store."""
+    with open(path, "rb") as f:
+        header = f.read(len(_SQLITE_HEADER))
+    if header != _SQLITE_HEADER:
+        what = "is empty (0 bytes)" if not header else "is not a SQLite database"
+        raise StoreError(f"the tunekit store {path} {what}: it was truncated or overwritten, so its jobs "
+                         "cannot be read", hint=_move_aside(path))
+
+
+def _move_aside(path: Path) -> str:
+    return (f"move it aside (`mv {path} {path}.broken`) and tunekit starts a new, empty store there; "
+            "restore it from a backup if you have one")
+
+
+def _default_path() -> Path:
+    try:
+        return state_db_path()  # creates the tunekit home
+    except OSError as exc:
+        raise _unwritable(Path(exc.filename or os.environ.get("TUNEKIT_HOME") or "~/.tunekit"), exc.strerror) from exc
+
+
+def _unwritable(home: Path, reason: str | None) -> StoreError:
+    return StoreError(f"cannot write to {home} ({reason or 'read-only'}): the tunekit home, where the job store "
+                      "lives, must be a writable directory",
+                      hint="make it writable, or point TUNEKIT_HOME at a writable directory "
+                           "(e.g. `export TUNEKIT_HOME=$HOME/.tunekit`)")
+
+
+def _open_failed(path: Path, exc: sqlite3.Error) -> StoreError:
+    text = str(exc)
+    if "readonly" in text or "unable to open" in text:
+        return _unwritable(path.parent, text)
+    if "not a database" in text or "malformed" in text:
+        return StoreError(f"the tunekit store {path} is damaged ({text})", hint=_move_aside(path))
+    return StoreError(f"cannot open the tunekit store at {path}: {text}",
+                      hint="check TUNEKIT_HOME points to a writable directory")
+
+
 _default: dict[str, Store] = {}
 _default_lock = threading.Lock()
 
 
 def default_store() -> Store:
     """The store for the current ``TUNEKIT_HOME`` (one per process and path)."""
-    path = str(state_db_path())
+    path = str(_default_path())
     with _default_lock:
         if path not in _default:
             _default[path] = Store(path)

@@ -13,14 +13,17 @@ CPU matmul noise. On GPU it computes in the saved dtype. ``MergeResult.compute_d
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..._exceptions import ConfigError
+from ..._exceptions import ConfigError, ResourceError
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -53,32 +56,39 @@ class MergeResult:
 
 
 def sample_prompts(data_path: str | os.PathLike[str], n: int = 8, tokenizer: Any = None) -> list[str]:
-    """The first ``n`` rows of a JSONL training file as text (chat rows rendered with the chat template)."""
+    """The first ``n`` rows of a JSONL training file as text.
+
+    Chat rows are rendered with the chat template; a preference (DPO) row as its input messages plus
+    the preferred reply, the conversation it was trained to prefer; a prompt/completion row as the two
+    texts joined.
+    """
+    from ...data._checks import guess_kind
+    from ...data.convert import iter_rows, to_chat_row
+    from ...schemas.rows import RowKind
+
     prompts: list[str] = []
-    with open(data_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if len(prompts) >= n:
-                break
-            if not line.strip():
-                continue
+    for lineno, row in iter_rows(data_path):
+        kind = guess_kind(row)
+        if kind in (RowKind.CHAT, RowKind.PREFERENCE):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{data_path}:{lineno}: not JSON ({exc.msg})", field="check_data",
+                chat = to_chat_row(row, kind)
+                msgs = [{"role": m.get("role"), "content": m.get("content") or ""} for m in chat["messages"]]
+            except (KeyError, TypeError, AttributeError):
+                raise ConfigError(f"{data_path}:{lineno}: not a valid {kind.value} row", field="check_data",
                                   hint=f"run `tunekit validate {data_path}`") from None
-            if "messages" in row:
-                msgs = [{"role": m.get("role"), "content": m.get("content") or ""} for m in row["messages"]]
-                if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-                    prompts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
-                else:
-                    prompts.append("\n".join(f"{m['role']}: {m['content']}" for m in msgs))
-            elif "prompt" in row:
-                prompts.append(str(row["prompt"]) + str(row.get("completion", "")))
-            elif "text" in row:
-                prompts.append(str(row["text"]))
+            if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+                prompts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
             else:
-                raise ConfigError(f"{data_path}:{lineno}: row has none of messages/prompt/text",
-                                  field="check_data", hint=f"run `tunekit validate {data_path}`")
+                prompts.append("\n".join(f"{m['role']}: {m['content']}" for m in msgs))
+        elif "prompt" in row:
+            prompts.append(str(row["prompt"]) + str(row.get("completion", row.get("response", ""))))
+        elif "text" in row:
+            prompts.append(str(row["text"]))
+        else:
+            raise ConfigError(f"{data_path}:{lineno}: row is no chat, preference, prompt/completion or text row",
+                              field="check_data", hint=f"run `tunekit validate {data_path}`")
+        if len(prompts) >= n:
+            break
     if not prompts:
         raise ConfigError(f"{data_path} has no rows", field="check_data")
     return prompts
@@ -144,6 +154,8 @@ def merge_adapter(adapter_path: str | os.PathLike[str], out_dir: str | os.PathLi
     if not check_prompts and not check_data:
         notes.append("no check prompts or training data given: used tunekit's built-in prompts")
 
+    # Before loading anything big: will the merged weights fit where they go?
+    _check_free_space(out, _merged_bytes(base, save_dt, len(tokenizer)))
     # 16-bit base (never a quantized one), upcast for the check when computing in fp32 (exact).
     model = AutoModelForCausalLM.from_pretrained(base, dtype=save_dt)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -163,22 +175,89 @@ def merge_adapter(adapter_path: str | os.PathLike[str], out_dir: str | os.PathLi
     valid = batch["attention_mask"].bool()
     max_abs = float((ref - got).abs()[valid].max())
     agree = float((ref.argmax(-1) == got.argmax(-1))[valid].float().mean())
+    # NaN compares unequal to everything, and argmax of NaN logits can still "agree": never call it ok.
+    finite = bool(torch.isfinite(ref[valid]).all() and torch.isfinite(got[valid]).all())
+    if not finite:
+        notes.append("the logits are not finite (NaN or inf): the adapter or the merged weights hold non-finite "
+                     "values, so the merge is flagged whatever the top-1 agreement")
 
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
     result = MergeResult(out_dir=str(out), adapter_path=str(path), base_model=str(base), dtype=str(save_dt)[6:],
                          compute_dtype=str(check_dt)[6:], device=dev.type, max_abs_diff=max_abs,
-                         top1_agreement=agree, flagged=agree < agreement_threshold,
+                         top1_agreement=agree, flagged=agree < agreement_threshold or not finite,
                          agreement_threshold=agreement_threshold, prompts=prompts, positions=int(valid.sum()),
                          seconds=round(time.time() - t0, 2), notes=notes)
-    (out / "tunekit_merge.json").write_text(json.dumps(result.to_dict(), indent=2))
+    _write_merged(out, merged, tokenizer, result)
     if record is not None:
         from ...store import default_store
 
         check = {k: v for k, v in result.to_dict().items() if k != "prompts"}
         default_store().update_adapter(record.id, merge_check=check)
     return result
+
+
+_CONFIG_MARGIN = 64 * 2**20  # tokenizer, config and tunekit_merge.json beside the weights
+
+
+def _merged_bytes(base: str, dtype: Any, vocab: int) -> int:
+    """Size of the merged weights: the base's parameters (built on the meta device, no memory) in ``dtype``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    if vocab > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab, mean_resizing=False)  # the mean needs real values
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def _check_free_space(out: Path, weight_bytes: int) -> None:
+    """Refuse before writing when the disk that will hold ``out`` has less free space than the merged model."""
+    where = out.parent
+    while not where.exists():
+        where = where.parent
+    needed, free = weight_bytes + _CONFIG_MARGIN, shutil.disk_usage(where).free
+    if free < needed:
+        raise ResourceError(
+            f"not enough disk space for the merged model in {where}: it needs about {_gib(needed)}, "
+            f"{_gib(free)} is free", hint=f"free {_gib(needed - free)} there, or pick an --out on a disk with "
+                                          f"{_gib(needed)} free")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _write_merged(out: Path, merged: Any, tokenizer: Any, result: MergeResult) -> None:
+    """Write into a temporary directory beside ``out`` and rename it at the end, so ``out`` is complete or
+    absent: a merge that fails halfway (disk full, killed) never leaves a model that looks whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:8]}"
+    old = None
+    try:
+        tmp.mkdir()
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "tunekit_merge.json").write_text(json.dumps(result.to_dict(), indent=2))
+        if out.exists():  # empty, or overwrite=True: swap, then drop the old one
+            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if old is not None:
+                os.rename(old, out)
+            raise
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise ResourceError(f"the disk filled up while writing the merged model to {out}: nothing was kept",
+                                hint=f"free space under {out.parent}, or pick an --out on another disk") from exc
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _training_data(job_id: str) -> str | None:
