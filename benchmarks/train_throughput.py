@@ -8,7 +8,7 @@ The model is a random-weight model built from the real config (Llama-3.1-8B: voc
 intermediate 14336, 32 layers, 32/8 heads) with tunekit's code-made byte tokenizer, saved once under /tmp and
 loaded through from_pretrained: nothing is downloaded; speed and memory do not depend on the weight values.
 
-Plain recipe (/work/shared/anchors/plain_qlora_bench.py): transformers + PEFT (r, alpha=2r, dropout 0,
+Plain recipe (the reference script whose H200 figures docs/benchmarks.md gives under "Reference figures"): transformers + PEFT (r, alpha=2r, dropout 0,
 all-linear) + bitsandbytes NF4 double quant with bf16 compute, prepare_model_for_kbit_training, non-reentrant
 gradient checkpointing, paged 8-bit AdamW, a bare forward/backward/step loop; lora_bf16: bf16 base, fused
 AdamW. tunekit: `tunekit.backends.local.train.train()` on a JSONL file of prompt/response rows (a 16-token

@@ -1,31 +1,38 @@
 #!/usr/bin/env bash
 # GPU integration tests of the local backend (tests/gpu, then the CUDA-only cases of tests/test_local_speed.py)
 # and, with TUNEKIT_SERVE_BENCH=1, the serving benchmark (benchmarks/serve_hotswap.py) on the same machine. Run
-# it on the GPU machine from the repository root, with the carried wheels in .whl/ (see /work/shared/gpu/README.md):
+# it on the GPU machine from the repository root; the packages the machine's image lacks come as wheels in
+# WHEEL_DIR (default .whl), installed into TUNEKIT_GPU_SITE (default WHEEL_DIR/site) and put on PYTHONPATH:
 #
-#   bash scripts/gpu_tests.sh                         # tests only
-#   TUNEKIT_SERVE_BENCH=1 bash scripts/gpu_tests.sh   # tests, then the serving benchmark on the same 8B weights
+#   bash scripts/gpu_tests.sh [WHEEL_DIR]                         # tests only
+#   TUNEKIT_SERVE_BENCH=1 bash scripts/gpu_tests.sh [WHEEL_DIR]   # tests, then the serving benchmark on the same 8B weights
 #
-# Environment: OUT (where logs go; the device tool sets it), TUNEKIT_GPU_LAYERS (default 32),
+# Environment: OUT (where logs go; default $TMPDIR/tunekit-gpu-out), TUNEKIT_GPU_SITE, TUNEKIT_GPU_NO_INSTALL=1
+# (the wheels are installed already), TUNEKIT_GPU_LAYERS (default 32),
 # TUNEKIT_GPU_TESTS_TIMEOUT (seconds for pytest, default 270), TUNEKIT_GPU_PYTEST_X (default -x; "" runs every
 # test), TUNEKIT_GPU_DEADLINE (seconds for the whole script:
-# the benchmark gets what is left, default 460), TUNEKIT_SERVE_BENCH_ARGS (extra benchmark arguments).
+# the benchmark gets what is left, default 460), TUNEKIT_SERVE_BENCH_ARGS (extra benchmark arguments),
+# TUNEKIT_SERVE_BENCH_DIR (the benchmark's work directory, default $TMPDIR/tunekit-serve-bench).
 # Files under $OUT: env.txt, build.log, gpu_tests.log, gpu_report.jsonl (one JSON line of figures per test),
 # serve_hotswap.log (the benchmark's JSON lines). Exit status: pytest's.
 set -u -o pipefail
 T0=$(date +%s)
-OUT=${OUT:-/tmp/tunekit-gpu-out}
+TMP=${TMPDIR:-/tmp}
+OUT=${OUT:-$TMP/tunekit-gpu-out}
 mkdir -p "$OUT"
+WHEELS=${1:-.whl}
+SITE=${TUNEKIT_GPU_SITE:-$WHEELS/site}
 
-if [ ! -d /tmp/site/trl ] && [ "${TUNEKIT_GPU_NO_INSTALL:-0}" != 1 ]; then  # the device command may have done it
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+if [ ! -d "$SITE/trl" ] && [ "${TUNEKIT_GPU_NO_INSTALL:-0}" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+SITE=$(cd "$SITE" 2>/dev/null && pwd || echo "$SITE")
+export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TUNEKIT_GPU_SHAPE=${TUNEKIT_GPU_SHAPE:-llama-3.1-8b}
 if [ -z "${TUNEKIT_GPU_LAYERS:-}" ]; then  # the shape's own depth
   if [ "$TUNEKIT_GPU_SHAPE" = tiny ]; then export TUNEKIT_GPU_LAYERS=2; else export TUNEKIT_GPU_LAYERS=32; fi
 fi
-export TUNEKIT_GPU_MODEL_DIR=${TUNEKIT_GPU_MODEL_DIR:-/tmp/tunekit-gpu/$TUNEKIT_GPU_SHAPE-L$TUNEKIT_GPU_LAYERS}
+export TUNEKIT_GPU_MODEL_DIR=${TUNEKIT_GPU_MODEL_DIR:-$TMP/tunekit-gpu/$TUNEKIT_GPU_SHAPE-L$TUNEKIT_GPU_LAYERS}
 export TUNEKIT_GPU_REPORT=$OUT/gpu_report.jsonl
 
 {
@@ -49,7 +56,7 @@ python3 -m pytest tests/test_local_speed.py -k cuda -q -p no:cacheprovider 2>&1 
 echo "pytest exit status $tests_rc after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/gpu_tests.log"
 
 if [ "${TUNEKIT_SERVE_BENCH:-0}" = 1 ]; then
-  BENCH=/tmp/tunekit-serve-bench
+  BENCH=${TUNEKIT_SERVE_BENCH_DIR:-$TMP/tunekit-serve-bench}
   M=$TUNEKIT_GPU_MODEL_DIR
   # the benchmark builds the same Llama-3.1-8B config itself; when the full 32-layer model was just built, reuse
   # its weights (links) with the benchmark's own 128256-token tokenizer instead of building and saving 16 GB again

@@ -1,19 +1,18 @@
 """Every recorded Fireworks exchange checked against the fireworks-ai SDK (the only machine-readable
-contract Fireworks publishes) and against the SDK's endpoint inventory in ../shared/specs/fireworks/."""
+contract Fireworks publishes) and against the SDK's endpoint inventory vendored in tests/specs/fireworks/."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from tests.conftest_fireworks import check_body, check_exchange, check_response, recording_paths, route
+from tests.replay.spec_check import spec_path
 
 pytest.importorskip("fireworks")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # Values the SDK 1.2.30 literal lacks but a recording uses on purpose (see the recording's notes).
 ALLOWED_STATES = {"states.json": frozenset({"JOB_STATE_DELETED", "JOB_STATE_SOMETHING_NEW"})}
 
@@ -60,7 +59,7 @@ def test_checker_catches_wrong_bodies():
 
 
 def _api_md_routes() -> set[tuple[str, str]]:
-    text = (SHARED / "specs" / "fireworks" / "python-sdk.api.md").read_text()
+    text = spec_path("fireworks/python-sdk.api.md").read_text()
     return {(m.upper(), p) for m, p in re.findall(r'<code title="(\w+) (/v1/[^"]+)">', text)}
 
 
@@ -80,8 +79,6 @@ NEWER_THAN_API_MD = {
 
 
 def test_every_recorded_route_is_in_the_sdk_inventory():
-    if not (SHARED / "specs" / "fireworks" / "python-sdk.api.md").is_file():
-        pytest.skip(f"{SHARED}/specs/fireworks/python-sdk.api.md not found (CI keeps ../shared next to the repo)")
     known = _api_md_routes() | NEWER_THAN_API_MD
     used = {(ex["request"]["method"].upper(), _template(ex["request"]["path"]))
             for p in recording_paths() for ex in json.loads(p.read_text())["exchanges"]}

@@ -23,7 +23,7 @@ def allocated_gib(e):  # what torch.cuda.max_memory_allocated measures (no CUDA 
 
 @pytest.mark.parametrize(
     "quant,ckpt,measured",
-    [("nf4", True, 27.3), ("none", True, 31.3), ("none", False, 104.7)],  # /work/shared/gpu/README.md
+    [("nf4", True, 27.3), ("none", True, 31.3), ("none", False, 104.7)],  # docs/benchmarks.md, "Reference figures"
 )
 def test_calibrated_against_h200_measurements(quant, ckpt, measured):
     e = estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization=quant, r=16, gradient_checkpointing=ckpt,

@@ -17,6 +17,7 @@ pytest.importorskip("trl")
 from tunekit._exceptions import ConfigError, ResourceError  # noqa: E402
 from tunekit.backends.local.train import train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
+from tests.tolerance import assert_close, bound, rel_diff, rounding_eps, unit_roundoff  # noqa: E402
 from tests.train_recorder import Recorder  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -276,8 +277,10 @@ def test_pissa_adapter_is_converted_to_plain_lora_on_the_original_base(tiny_mode
     base = load_base(tiny_model)
     set_seed(42)
     trained = logits(PeftModel.from_pretrained(base, out.last_checkpoint), ids)
-    assert torch.allclose(converted, trained, atol=1e-4)
-    assert not torch.allclose(converted, base_logits, atol=1e-4)
+    # fp32 all through: the conversion (W - B0 A0 + B A = W + B' A') and the forward round in another order
+    eps = rounding_eps("float32", original.config.intermediate_size)
+    assert_close(converted, trained, eps, what="logits")
+    assert rel_diff(converted, base_logits) > bound(eps, 1.0)  # and the adapter does change the logits
 
 
 def test_loraplus_uses_distinct_learning_rates(tiny_model, tmp_path):
@@ -297,8 +300,9 @@ def test_dpo_uses_the_disabled_adapter_as_reference(tiny_model, tmp_path):
     out = train(make_spec(tiny_model, method="dpo"), write_jsonl(tmp_path / "p.jsonl", pref_rows()),
                 tmp_path / "run", callbacks=rec, max_steps=3)
     first = rec.steps[0][1]
-    # policy == reference at step 1 (LoRA B = 0), so the DPO loss is exactly log(2)
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # policy == reference at step 1 (LoRA B = 0), so the DPO loss is -log sigmoid(0) = log(2), up to the
+    # rounding of that fp32 result
+    assert_close(first["loss"], math.log(2), unit_roundoff("float32"), what="loss")
     assert "rewards/chosen" in first and all(math.isfinite(x) for x in rec.losses())
     assert rec.losses()[-1] < math.log(2)
     PeftModel.from_pretrained(load_base(tiny_model), out.adapter_path)
@@ -338,9 +342,10 @@ def test_stop_then_resume_sees_the_same_batches_as_an_uninterrupted_run(tiny_mod
     assert fingerprints(capture_batches) == full_batches  # same order, nothing repeated or skipped
     assert [s for s, _ in second.steps] == list(range(6, 13))
     full_losses = dict((s, m["loss"]) for s, m in full.steps)
-    for step, m in second.steps:
-        assert m["loss"] == pytest.approx(full_losses[step], abs=1e-4)
-    assert out2.metrics["train_loss"] == pytest.approx(full.steps[-1][1]["loss"], abs=1e-4)
+    eps = rounding_eps("float32", 4 * 128)  # fp32 steps; a weight gradient sums the batch's tokens
+    assert_close([m["loss"] for _, m in second.steps], [full_losses[s] for s, _ in second.steps], eps,
+                 what="losses")
+    assert_close(out2.metrics["train_loss"], full.steps[-1][1]["loss"], eps, what="train_loss")
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -1,4 +1,4 @@
-"""Every OpenAI recording, and the requests tunekit plans, against the OpenAPI spec (../shared/specs/openai).
+"""Every OpenAI recording, and the requests tunekit plans, against the OpenAPI spec vendored in tests/specs/openai/.
 
 The replay tests also check every request the SDK really sent (tests/conftest_openai.spec_problems)."""
 

@@ -1,4 +1,4 @@
-"""Every Together recording against the public OpenAPI spec (../shared/specs/together/openapi.yaml).
+"""Every Together recording against the public OpenAPI spec (vendored: tests/specs/together/openapi.yaml).
 
 Where the spec lags SDK 3.1.1 the problem must match a documented divergence (tests/conftest_together.py);
 every divergence must still occur, so a fixed spec or SDK retires its allowance.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ._exceptions import UnknownModelError
 
 # backend -> id. "local" is the Hugging Face id. Ids from the providers' model pages (see
-# ../shared/research/managed-apis.md); a provider may rename them: a native id always works too.
+# docs/backends/); a provider may rename them: a native id always works too.
 CATALOG: dict[str, dict[str, str]] = {
     "llama-3.1-8b-instruct": {
         "together": "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference",

@@ -7,7 +7,7 @@ Environment (read by the tests and by ``python3 -m tests.gpu.model``):
 
   TUNEKIT_GPU_SHAPE      llama-3.1-8b (default) | tiny (2 layers, 64 wide: the CPU smoke shape)
   TUNEKIT_GPU_LAYERS     decoder layers (default: the shape's; 32 for llama-3.1-8b)
-  TUNEKIT_GPU_MODEL_DIR  where the model is saved (default /tmp/tunekit-gpu/<shape>-L<layers>)
+  TUNEKIT_GPU_MODEL_DIR  where the model is saved (default <temp dir>/tunekit-gpu/<shape>-L<layers>)
   TUNEKIT_GPU_FORCE_CPU  1: run the tests on CPU (smoke test of the test code itself)
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def settings() -> dict:
     if shape not in SHAPES:
         raise SystemExit(f"TUNEKIT_GPU_SHAPE={shape!r}: expected one of {sorted(SHAPES)}")
     layers = int(os.environ.get("TUNEKIT_GPU_LAYERS") or SHAPES[shape]["num_hidden_layers"])
-    path = os.environ.get("TUNEKIT_GPU_MODEL_DIR") or f"/tmp/tunekit-gpu/{shape}-L{layers}"
+    path = os.environ.get("TUNEKIT_GPU_MODEL_DIR") or f"{tempfile.gettempdir()}/tunekit-gpu/{shape}-L{layers}"
     force_cpu = os.environ.get("TUNEKIT_GPU_FORCE_CPU", "") not in ("", "0")
     return {"shape": shape, "layers": layers, "path": Path(path), "force_cpu": force_cpu}
 

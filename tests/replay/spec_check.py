@@ -1,6 +1,6 @@
 """Check recorded HTTP exchanges against a provider's OpenAPI document (OpenAI JSON, Together YAML).
 
-    spec = load_provider_spec("openai")                     # pytest.skip()s with a reason when the specs are absent
+    spec = load_provider_spec("openai")                     # the copy vendored in tests/specs/ (see its README)
     spec.request_problems("POST", "/v1/fine_tuning/jobs", json=body)      -> list[str]   ([] = valid)
     spec.request_problems("POST", "/v1/files", multipart=req.multipart)   # field names + plain field values
     spec.response_problems("GET", "/v1/fine_tuning/jobs/ftjob-1", 200, json=payload)
@@ -19,7 +19,8 @@ How:
   schemas rarely forbid extra keys, and a made-up key in a recording must not pass;
 - each document is parsed and rewritten once per process (``functools.lru_cache``).
 
-Tests must not read /work/shared by absolute path: CI has the specs at ``<repo root>/../shared/specs``.
+The specs are vendored, unmodified, in ``tests/specs/`` so every clone checks them; a missing file is an
+error, not a skip (a contract check that quietly skips proves nothing).
 """
 
 from __future__ import annotations
@@ -33,20 +34,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SPECS_DIR = REPO_ROOT.parent / "shared" / "specs"
+SPECS_DIR = Path(__file__).resolve().parents[1] / "specs"
 PROVIDER_SPECS = {"openai": "openai/openapi.json", "together": "together/openapi.yaml"}
 _METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 
 def load_provider_spec(provider: str) -> "OpenAPISpec":
-    """The provider's spec from ``<repo>/../shared/specs``, or ``pytest.skip`` with the reason."""
-    path = SPECS_DIR / PROVIDER_SPECS[provider]
-    if not path.is_file():
-        import pytest
+    """The provider's spec vendored in ``tests/specs/``; FileNotFoundError (a failure) when it is missing."""
+    return load_spec(spec_path(PROVIDER_SPECS[provider]))
 
-        pytest.skip(f"{provider} OpenAPI spec not found at {path} (expected at <repo root>/../shared/specs)")
-    return load_spec(path)
+
+def spec_path(relative: str) -> Path:
+    """``tests/specs/<relative>``, which must exist: tests/specs/README.md says where each file comes from."""
+    path = SPECS_DIR / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the provider specs are vendored in tests/specs/ "
+                                "(tests/specs/README.md gives each file's source, commit and sha256)")
+    return path
 
 
 @functools.lru_cache(maxsize=None)

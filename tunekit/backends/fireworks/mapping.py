@@ -5,7 +5,7 @@ The request is written in Fireworks' wire form (camelCase, as the plan shows it)
 it into the SDK's keyword arguments. SFT jobs take a flat body (``POST .../supervisedFineTuningJobs``);
 DPO jobs (``POST .../dpoJobs``) nest the hyperparameters in ``trainingConfig`` and the loss in
 ``lossConfig``. Sources: fireworks-ai 1.2.30 (``types/*_create_params.py``) and
-../shared/research/managed-apis.md §3.
+docs/backends/fireworks.md.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ Pure arithmetic over the base model's config.json (no torch). The model of a ste
                QLoRA's fp32 embeddings/norms make the hidden stream fp32 (hence a larger factor).
   overhead     CUDA context + allocator fragmentation (not in torch's max_memory_allocated).
 
-Calibration against /work/shared/gpu/README.md (H200, Llama-3.1-8B shape, seq 2048 x micro-batch 4,
-r=16 all-linear); compared is weights+adapter+activations with torch.cuda.max_memory_allocated:
+Calibration against the plain recipe's H200 figures (docs/benchmarks.md, "Reference figures"; Llama-3.1-8B
+shape, seq 2048 x micro-batch 4, r=16 all-linear); compared is weights+adapter+activations with
+torch.cuda.max_memory_allocated:
   QLoRA + checkpointing        estimate 26.96 GiB   measured 27.3 GiB   (-1.2%)
   bf16 LoRA + checkpointing    estimate 31.70 GiB   measured 31.3 GiB   (+1.3%)
   bf16 LoRA, no checkpointing  estimate 103.3 GiB   measured 104.7 GiB  (-1.3%)

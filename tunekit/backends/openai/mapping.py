@@ -5,7 +5,7 @@ The request is the keyword arguments of ``client.fine_tuning.jobs.create`` (= th
 ``POST /v1/fine_tuning/jobs``). Hyperparameters go under ``method.<type>.hyperparameters`` (the top-level
 ``hyperparameters`` object is deprecated in the spec). Sources: openai 3.57.0
 (``types/fine_tuning/job_create_params.py``), the OpenAPI spec (``CreateFineTuningJobRequest``,
-``FineTuneSupervisedHyperparameters``, ``FineTuneDPOHyperparameters``) and ../shared/research/managed-apis.md §1.
+``FineTuneSupervisedHyperparameters``, ``FineTuneDPOHyperparameters``) and docs/backends/openai.md.
 
 OpenAI exposes no LoRA settings, no warmup, no scheduler and no absolute learning rate: it does not say
 how it fine-tunes. Each such field is refused with its own reason, never dropped silently.
