@@ -200,6 +200,45 @@ def test_unknown_key_suggests_the_close_name(tmp_path):
     assert "did you mean 'response'" in r.problems[0].message and r.problems[0].field == "respnse"
 
 
+def _validate_in_subprocess(path: Path, timeout: float = 60) -> dict:
+    """validate() in a fresh interpreter: its wall time, its peak RSS and what it reports."""
+    import subprocess
+    import sys
+
+    code = ("import json, resource, sys, time; from tunekit.data import validate; t = time.monotonic(); "
+            "r = validate(sys.argv[1]); print(json.dumps({'seconds': time.monotonic() - t, "
+            "'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+            "'lines': r.format_lines(), 'codes': [(p.line, p.code) for p in r.problems]}))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=timeout,
+                         check=True).stdout
+    return json.loads(out)
+
+
+def test_a_huge_unknown_key_costs_little_and_is_echoed_short(tmp_path):
+    key = "x" * (20 * 2**20)  # 20 MiB: the close-match search and the echo must not scale with it
+    path = write(tmp_path, [pr(), json.dumps({"prompt": "a", "response": "c", key: 1})])
+    r = _validate_in_subprocess(path)
+    assert r["codes"] == [[2, "unknown_key"]]
+    assert sum(len(line) for line in r["lines"]) < 1000 and "20,971,520 characters" in r["lines"][0]
+    # the file is 20 MiB; reading, parsing and holding the key take a few copies of it, not 1 GB
+    assert r["rss_mib"] < 400 and r["seconds"] < 10, r
+
+
+def test_many_unknown_keys_are_summarised(tmp_path):
+    row = {"prompt": "a", "response": "b", **{f"k{i}": i for i in range(1000)}}
+    r = run(tmp_path, [pr(), json.dumps(row)])
+    assert [p.code for p in r.problems] == ["unknown_key"] * 6 and "995 more unknown keys" in r.problems[-1].message
+
+
+def test_huge_values_are_echoed_short(tmp_path):
+    role = "r" * 10**6
+    r = run(tmp_path, [chat(("user", "q"), ("assistant", "ok")),
+                       chat(("user", "q"), ("assistant", "a", {"weight": [0] * 10**5})),
+                       chat(("user", "q"), (role, "a"))])
+    assert [p.code for p in r.problems] == ["invalid_weight", "invalid_role"]
+    assert all(len(p.message) < 200 for p in r.problems), [len(p.message) for p in r.problems]
+
+
 def test_unknown_row_kind(tmp_path):
     r = run(tmp_path, ['{"text": "hello"}', '{"conversations": []}'])
     assert codes(r)[:2] == [(1, "unknown_row_kind"), (2, "unknown_row_kind")]

@@ -46,8 +46,24 @@ def guess_kind(obj: dict) -> Optional[RowKind]:
     return None
 
 
+# What a message echoes of the data: a row may hold megabytes in one key or value
+CLIP = 40
+# Keys longer than this are not compared with the allowed names (none is close to them)
+COMPARE_CHARS = 64
+# Unknown keys listed per object; the rest are counted in one issue
+MAX_UNKNOWN_KEYS = 5
+
+
+def clip(value: Any) -> str:
+    """repr of a value from the data, cut to CLIP characters (with the full length) when longer."""
+    if type(value) is str and len(value) > CLIP:
+        return f"{value[:CLIP]!r}... ({len(value):,} characters)"
+    text = repr(value) if type(value) in (str, int, float, bool) or value is None else json_type(value)
+    return text if len(text) <= CLIP else text[:CLIP] + "..."
+
+
 def unknown_kind_issue(obj: dict) -> Issue:
-    keys = ", ".join(repr(k) for k in list(obj)[:8]) or "no keys"
+    keys = ", ".join(clip(k) for k in list(obj)[:8]) or "no keys"
     hint = "use one of: " + "; ".join(KIND_SHAPES.values())
     if "conversations" in obj:
         hint = "ShareGPT 'conversations' rows are not read: rename to 'messages' with {'role', 'content'} items"
@@ -57,11 +73,15 @@ def unknown_kind_issue(obj: dict) -> Issue:
 
 
 def _unknown_keys(obj: dict, allowed: tuple[str, ...], prefix: str, out: list[Issue]) -> None:
-    for key in obj:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
-            out.append((f"{prefix}{key}", "unknown_key", f"unknown key {key!r}: {hint}"))
+    unknown = [key for key in obj if key not in allowed]
+    for key in unknown[:MAX_UNKNOWN_KEYS]:
+        close = difflib.get_close_matches(key, allowed, n=1) if len(key) <= COMPARE_CHARS else []
+        hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+        name = key if len(key) <= CLIP else key[:CLIP] + "..."
+        out.append((f"{prefix}{name}", "unknown_key", f"unknown key {clip(key)}: {hint}"))
+    if len(unknown) > MAX_UNKNOWN_KEYS:
+        out.append((prefix.rstrip(".") or None, "unknown_key",
+                    f"and {len(unknown) - MAX_UNKNOWN_KEYS:,} more unknown keys; allowed keys: {', '.join(allowed)}"))
 
 
 def _text(value: Any, field: str, out: list[Issue]) -> bool:
@@ -112,7 +132,7 @@ def _check_message(msg: Any, f: str, out: list[Issue]) -> Optional[str]:
         out.append((f + ".role", "wrong_type", f"'role' must be a string, not {json_type(role)}"))
         role = None
     elif role not in ROLES:
-        out.append((f + ".role", "invalid_role", f"role {role!r} is not one of {', '.join(ROLES)}"))
+        out.append((f + ".role", "invalid_role", f"role {clip(role)} is not one of {', '.join(ROLES)}"))
         role = None
     tool_calls = msg.get("tool_calls")
     if "tool_calls" in msg:
@@ -131,7 +151,7 @@ def _check_message(msg: Any, f: str, out: list[Issue]) -> Optional[str]:
         if role != "assistant":
             out.append((f + ".weight", "misplaced_key", "'weight' is only allowed on assistant messages"))
         elif type(w) is not int or w not in (0, 1):
-            out.append((f + ".weight", "invalid_weight", f"'weight' must be 0 or 1, not {w!r}"))
+            out.append((f + ".weight", "invalid_weight", f"'weight' must be 0 or 1, not {clip(w)}"))
     if "tool_call_id" in msg:
         if role != "tool":
             out.append((f + ".tool_call_id", "misplaced_key", "'tool_call_id' is only allowed on tool messages"))
