@@ -189,6 +189,31 @@ def test_nan_is_not_json(tmp_path):
     assert codes(r) == [(2, "invalid_json")] and "NaN" in r.problems[0].message
 
 
+def test_lone_surrogate_escapes_are_refused_with_line_and_field(tmp_path, monkeypatch):
+    rows = [pr(), r'{"prompt": "a\ud800b", "response": "x"}',  # a lone high surrogate
+            r'{"prompt": "a", "response": "\uDC00"}',  # a lone low one, upper-case hex
+            chat(("user", "q"), ("assistant", "ok")).replace('"ok"', r'"ok \udfff"'),
+            r'{"prompt": "a", "response": "x", "\ud83d": 1}',  # in a key
+            r'{"prompt": "\ud83d\ude00 fine", "response": "x"}',  # a pair is one character: valid
+            r'{"prompt": "\\ud800 is text", "response": "x"}']  # an escaped backslash: valid text
+    for fast in (True, False):
+        monkeypatch.setattr(vmod, "FAST_PATH", fast)
+        r = run(tmp_path, rows)
+        assert codes(r)[:3] == [(2, "lone_surrogate"), (3, "lone_surrogate"), (4, "lone_surrogate")]
+        assert codes(r)[3] == (5, "lone_surrogate") and r.rows == 3
+        assert [p.field for p in r.problems[:4]] == ["prompt", "response", "messages[1].content", None]
+        assert "\\ud800) at character 2" in r.problems[0].message
+        assert "\\udc00" in r.problems[1].message and "a key" in r.problems[3].message
+
+
+def test_lone_surrogate_in_a_chat_file_past_the_first_row(tmp_path):
+    # the fast path takes over once the kind is known; it must not let the escape through
+    good = chat(("user", "q"), ("assistant", "ok"))
+    bad = good.replace('"q"', r'"q\ud800"')
+    r = run(tmp_path, [good, chat(("user", "q2"), ("assistant", "ok")), bad])
+    assert codes(r) == [(3, "lone_surrogate")] and r.problems[0].field == "messages[0].content"
+
+
 def test_not_an_object(tmp_path):
     r = run(tmp_path, [pr(), '["a", "b"]', '"text"', "3"])
     assert codes(r) == [(2, "not_object"), (3, "not_object"), (4, "not_object")]

@@ -8,6 +8,7 @@ an empty list means the row is valid. Messages say what to do next when that is 
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Optional
 
 from tunekit.schemas.rows import ROLES, RowKind
@@ -303,6 +304,46 @@ def text_chars(obj: dict, kind: RowKind) -> int:
     return _content_chars(obj["input"]["messages"]) + max(
         _content_chars(obj["preferred_output"]), _content_chars(obj["non_preferred_output"])
     )
+
+
+# -- lone surrogates ---------------------------------------------------------------------------------
+# JSON may spell UTF-16 surrogates as escapes ("\ud800"); Python decodes a lone one into a str that
+# cannot be encoded, which crashes a tokenizer later. Raw UTF-8 cannot hold one (strict decoding
+# refuses it), so only lines with such an escape need the exact check.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def lone_surrogate(obj: Any) -> Optional[Issue]:
+    """The first key or string of a parsed row holding a lone surrogate, as an issue (None when none)."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, v = stack.pop()
+        if type(v) is dict:
+            for k in reversed(list(v)):
+                sub = f"{path}.{k}" if path else str(k)
+                if _bad_position(k) is not None:
+                    return _surrogate_issue(path or None, k, "a key")
+                stack.append((sub, v[k]))
+        elif type(v) is list:
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(v))))
+        elif type(v) is str and _bad_position(v) is not None:
+            return _surrogate_issue(path, v, f"'{path}'")
+    return None
+
+
+def _bad_position(s: str) -> Optional[int]:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _surrogate_issue(field: Optional[str], s: str, what: str) -> Issue:
+    i = _bad_position(s) or 0
+    return (field, "lone_surrogate",
+            f"{what} holds a lone UTF-16 surrogate escape (\\u{ord(s[i]):04x}) at character {i + 1}: it is no "
+            "character; fix the escape (only a high + low pair such as \\ud83d\\ude00 makes one) or remove it")
 
 
 # -- fast checks ------------------------------------------------------------------------------------

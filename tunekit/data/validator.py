@@ -70,6 +70,7 @@ class _Scan:
         carry = b""
         lineno = 0
         seen, hist, scan, blake2b = self.seen, self.hist, _scan_once, hashlib.blake2b
+        surrogate = _checks.SURROGATE_ESCAPE.search
         fast = self.tokenizer is None and FAST_PATH
         fast_kind: Optional[RowKind] = None
         fast_other = None
@@ -110,6 +111,8 @@ class _Scan:
                                     n = len(p) + len(r)
                         else:
                             n = fast_other(obj)
+                    if n is not None and b"\\u" in raw and surrogate(raw):
+                        n = None  # the careful path checks the escape
                     if n is not None:
                         digest = blake2b(raw, digest_size=16).digest()
                         if digest in seen:
@@ -161,6 +164,11 @@ class _Scan:
             self.add(lineno, None, "not_object",
                      f"line is a JSON {_checks.json_type(obj)}, not an object: each line must be one row object")
             return
+        if b"\\u" in raw and _checks.SURROGATE_ESCAPE.search(raw):
+            issue = _checks.lone_surrogate(obj)
+            if issue is not None:
+                self.add(lineno, *issue)
+                return
         guess = _checks.guess_kind(obj)
         if guess is None:
             self.add(lineno, *_checks.unknown_kind_issue(obj))
