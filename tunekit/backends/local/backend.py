@@ -144,6 +144,7 @@ def _base_model(value: Any, ctx: PlanContext) -> str:
 class LocalBackend(Backend):
     name = "local"
     min_rows = 1
+    truncates_at_max_length = True
     provider_option_keys = frozenset(OPTIONS)
     field_map = {
         "base_model": Send("base_model", convert=_base_model, note="canonical names -> Hugging Face id; "
