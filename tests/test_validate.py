@@ -153,7 +153,7 @@ def test_preference_rows_without_dpo_say_to_set_the_method():
     sft, dpo = TrainingSpec(base_model="m"), TrainingSpec(base_model="m", method="dpo")
     r = validate(EXAMPLES / "preference.jsonl", rules=FakeBackend().data_rules(sft))
     assert codes(r) == [(1, "kind_not_accepted")]
-    assert "with this spec" in r.problems[0].message and "set it in the spec (CLI: --set method=dpo)" in r.problems[0].message
+    assert "with this spec" in r.problems[0].message and "set it in the spec (CLI: finetune --set method=dpo, validate --method dpo)" in r.problems[0].message
     r = validate(EXAMPLES / "chat.jsonl", rules=FakeBackend().data_rules(dpo))
     assert codes(r) == [(1, "kind_not_accepted")] and "--set method=sft" in r.problems[0].message
 

@@ -103,7 +103,7 @@ class Backend(ABC):
                 kinds = (kinds or frozenset({"prompt_response", "chat"})) - {"preference"}
                 if dpo:
                     hints["preference"] = ("preference rows train with method='dpo': set it in the spec "
-                                           "(CLI: --set method=dpo)")
+                                           "(CLI: finetune --set method=dpo, validate --method dpo)")
         max_tokens = spec.hyperparameters.max_length if spec is not None and self.truncates_at_max_length else None
         return DataRules(backend=self.name, min_rows=self.min_rows, kinds=set(kinds) if kinds else None,
                          max_bytes=self.max_file_bytes, kind_hints=hints, max_tokens=max_tokens)
