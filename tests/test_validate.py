@@ -226,6 +226,13 @@ def test_lone_surrogate_escapes_are_refused_with_line_and_field(tmp_path, monkey
         assert "\\udc00" in r.problems[1].message and "a key" in r.problems[3].message
 
 
+def test_lone_surrogate_under_a_huge_key_is_named_short(tmp_path):
+    key = "k" * 10**6
+    r = run(tmp_path, [pr(), '{"prompt": "a", "response": "b", "%s": {"x": "\\ud800"}}' % key])
+    assert codes(r) == [(2, "lone_surrogate")]
+    assert len(r.problems[0].field) < 100 and len(r.problems[0].message) < 400, r.problems[0]
+
+
 def test_lone_surrogate_in_a_chat_file_past_the_first_row(tmp_path):
     # the fast path takes over once the kind is known; it must not let the escape through
     good = chat(("user", "q"), ("assistant", "ok"))

@@ -320,15 +320,19 @@ def lone_surrogate(obj: Any) -> Optional[Issue]:
         path, v = stack.pop()
         if type(v) is dict:
             for k in reversed(list(v)):
-                sub = f"{path}.{k}" if path else str(k)
                 if _bad_position(k) is not None:
-                    return _surrogate_issue(path or None, k, "a key")
-                stack.append((sub, v[k]))
+                    return _surrogate_issue(_short_path(path) or None, k, "a key")
+                name = k if len(k) <= CLIP else k[:CLIP] + "..."
+                stack.append((f"{path}.{name}" if path else name, v[k]))
         elif type(v) is list:
             stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(v))))
         elif type(v) is str and _bad_position(v) is not None:
-            return _surrogate_issue(path, v, f"'{path}'")
+            return _surrogate_issue(_short_path(path), v, f"'{_short_path(path)}'")
     return None
+
+
+def _short_path(path: str) -> str:  # deep nesting makes long paths: keep the end, where the value is
+    return path if len(path) <= 4 * CLIP else "..." + path[-4 * CLIP:]
 
 
 def _bad_position(s: str) -> Optional[int]:
