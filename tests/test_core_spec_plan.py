@@ -79,3 +79,81 @@ def test_fake_backend_decides_every_leaf_field():
 def test_on_unsupported_value_checked():
     with pytest.raises(tunekit.ConfigError):
         FakeBackend().plan(TrainingSpec(base_model="m"), on_unsupported="drop")
+
+
+# -- every number is finite and bounded ---------------------------------------------------------------
+
+def _numeric_fields() -> list[str]:
+    from tunekit.schemas.spec import TrainingSpec as S
+
+    out = []
+    for path in spec_leaf_fields():
+        model, info = S, None
+        for part in path.split("."):
+            info = model.model_fields[part]
+            model = info.annotation
+        if any(t in str(info.annotation) for t in ("int", "float")) and "bool" not in str(info.annotation):
+            out.append(path)
+    return out
+
+
+def _spec_with(path: str, value) -> dict:
+    section, _, key = path.partition(".")
+    return {"base_model": "m", section: {key: value}} if key else {"base_model": "m", section: value}
+
+
+def test_every_numeric_field_has_a_lower_and_an_upper_bound():
+    from tunekit.schemas.spec import field_range
+
+    fields = _numeric_fields()
+    assert "adapter.alpha" in fields and "hyperparameters.max_length" in fields and len(fields) >= 12
+    for path in fields:
+        text = field_range(path) or ""
+        assert text.count("<") == 2, f"{path} is not bounded on both sides: {text!r}"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "Infinity", "nan"])
+def test_non_finite_numbers_are_refused_in_every_field(value):
+    for path in _numeric_fields():
+        with pytest.raises(tunekit.ConfigError) as exc:
+            tunekit.load_spec(_spec_with(path, value))
+        assert exc.value.field == path
+        assert "allowed:" in str(exc.value), str(exc.value)
+        if isinstance(value, float):  # a string that is no integer gets pydantic's 'valid integer' message
+            assert "finite number" in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("path, value, allowed", [
+    ("adapter.alpha", 1e300, "0 < value <= 16384"),
+    ("hyperparameters.weight_decay", 1e300, "0 <= value <= 10"),
+    ("hyperparameters.max_length", 10**12, "16 <= value <= 1048576"),
+    ("hyperparameters.max_grad_norm", 1e7, "0 < value <= 1000000"),
+    ("hyperparameters.gradient_accumulation_steps", 4096, "1 <= value <= 1024"),
+    ("adapter.loraplus_lr_ratio", 1e5, "0 < value <= 1024"),
+])
+def test_out_of_range_names_field_value_and_range(path, value, allowed):
+    with pytest.raises(tunekit.ConfigError) as exc:
+        tunekit.load_spec(_spec_with(path, value))
+    msg = str(exc.value)
+    assert exc.value.field == path and repr(value) in msg and f"(allowed: {allowed})" in msg
+
+
+def test_non_finite_provider_option_is_refused():
+    with pytest.raises(tunekit.ConfigError) as exc:
+        tunekit.load_spec({"base_model": "m", "provider_options": {"together": {"x": {"y": [float("inf")]}}}})
+    assert "provider_options.together.x" in str(exc.value) and "finite" in str(exc.value)
+    assert tunekit.load_spec({"base_model": "m", "provider_options": {"together": {"x": 1e300}}})
+
+
+@pytest.mark.parametrize("raw", ["Infinity", "1e309", "nan", "-Infinity", "NaN"])
+def test_cli_set_non_finite_is_a_one_line_usage_error(capsys, raw):
+    from pathlib import Path
+
+    from tunekit.cli.main import main
+
+    train = Path(__file__).resolve().parents[1] / "examples" / "data" / "train.jsonl"
+    code = main(["finetune", str(train), "--backend", "fake", "--base-model", "m", "--set", f"adapter.alpha={raw}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    first = err.splitlines()[0]
+    assert first.startswith("error: spec field 'adapter.alpha' = ") and "(allowed: 0 < value <= 16384)" in first

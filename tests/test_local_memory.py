@@ -115,3 +115,51 @@ def test_tiny_model_refused_on_a_tiny_budget(tiny_model):
     assert "micro-batch" in exc.value.hint or "max_length" in exc.value.hint
     ok = resolve_run(spec, device="cpu", memory_budget_bytes=8 * GiB, model_config=cfg).estimate
     assert ok.fits
+
+
+def _count_estimates(monkeypatch, limit: int = 200) -> list[int]:
+    """Count every estimate the planner computes; stop a runaway search at ``limit`` calls."""
+    import tunekit.backends.local.memory as mem
+
+    calls = [0]
+    real = mem._estimate
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        assert calls[0] <= limit, "the memory suggestions' search is unbounded"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mem, "_estimate", counted)
+    return calls
+
+
+@pytest.mark.parametrize("max_length", [2**11, 2**20, 10**12, 10**100])
+def test_suggestion_search_is_bounded_whatever_the_value(monkeypatch, max_length):
+    calls = _count_estimates(monkeypatch)
+    e = estimate(LLAMA_8B, micro_batch=1024, max_length=max_length, quantization="none",
+                 gradient_checkpointing=False, device_memory_bytes=1 * GiB)
+    assert e.fits is False and e.suggestions
+    # singles, then one combination; each search bisects the halvings: O(log log) of the value
+    assert calls[0] <= 40, calls[0]
+
+
+@pytest.mark.parametrize("budget_gib", [20, 24, 30, 40, 60, 90, 120])
+def test_bisected_suggestion_is_the_largest_halving_that_fits(budget_gib):
+    kw = dict(quantization="nf4", r=16, device_memory_bytes=budget_gib * GiB)
+    e = estimate(LLAMA_8B, micro_batch=8, max_length=2**17, **kw)
+    assert e.fits is False
+    text = next(s for s in e.suggestions if s.startswith("shorten"))
+    ml = int(text.split("max_length to ")[1].split()[0])
+    assert estimate(LLAMA_8B, micro_batch=8, max_length=ml, **kw).fits  # the suggestion fits...
+    assert ml == 2**17 // 2 or not estimate(LLAMA_8B, micro_batch=8, max_length=2 * ml, **kw).fits  # ...and is the largest
+
+
+def test_plan_with_the_longest_max_length_on_a_tiny_budget_is_quick(monkeypatch, tiny_model):
+    from tunekit.backends.local.backend import LocalBackend
+
+    calls = _count_estimates(monkeypatch)
+    spec = TrainingSpec(base_model=str(tiny_model), hyperparameters={"batch_size": 1024, "max_length": 2**20},
+                        provider_options={"local": {"device": "cpu", "memory_budget_gb": 0.01}})
+    plan = LocalBackend().plan(spec)
+    assert plan.request["memory_estimate"]["fits"] is False
+    assert any("suggestion" in n for n in plan.notes) and calls[0] <= 200

@@ -173,7 +173,8 @@ def test_option_typo_and_other_backends_options_are_refused(tiny_model):
 
 @pytest.mark.parametrize("key, value", [("checkpoint_steps", 0), ("max_steps", "ten"), ("device", "tpu"),
                                         ("eval_steps", 1.5), ("gradient_checkpointing", "yes"),
-                                        ("memory_budget_gb", -1)])
+                                        ("memory_budget_gb", -1), ("memory_budget_gb", 1e300),
+                                        ("max_steps", 10**12), ("eval_steps", 10**12)])
 def test_bad_option_values_name_the_option(tiny_model, key, value):
     with pytest.raises(ConfigError) as err:
         LocalBackend().plan(_spec(tiny_model, provider_options={"local": {key: value}}))

@@ -233,8 +233,9 @@ def test_convert_file_non_ascii_and_surrogates(tmp_path):
     dst = tmp_path / "dst.jsonl"
     assert convert_file(src, dst, "chat") == 2
     lines = dst.read_bytes().splitlines()
-    assert "café ☕".encode() in lines[0] and b"\\ud800" in lines[1]
-    assert validate(dst).valid
+    assert "café ☕".encode() in lines[0] and b"\\ud800" in lines[1]  # converted as is, not lost...
+    report = validate(dst)  # ...and still refused with its line: a lone surrogate is no text to train on
+    assert [(p.line, p.code) for p in report.problems] == [(2, "lone_surrogate")] and report.rows == 1
 
 
 def test_iter_rows(tmp_path):

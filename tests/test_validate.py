@@ -145,6 +145,26 @@ def test_kind_not_accepted(tmp_path):
     assert "convert_file" in r.problems[1].message
 
 
+def test_preference_rows_without_dpo_say_to_set_the_method():
+    from tunekit.backends.base import Backend
+    from tunekit.schemas.spec import TrainingSpec
+    from tests.fake_backend import FakeBackend
+
+    sft, dpo = TrainingSpec(base_model="m"), TrainingSpec(base_model="m", method="dpo")
+    r = validate(EXAMPLES / "preference.jsonl", rules=FakeBackend().data_rules(sft))
+    assert codes(r) == [(1, "kind_not_accepted")]
+    assert "with this spec" in r.problems[0].message and "set it in the spec (CLI: finetune --set method=dpo, validate --method dpo)" in r.problems[0].message
+    r = validate(EXAMPLES / "chat.jsonl", rules=FakeBackend().data_rules(dpo))
+    assert codes(r) == [(1, "kind_not_accepted")] and "--set method=sft" in r.problems[0].message
+
+    class NoPreference(FakeBackend):  # a backend that never trains on preference rows: no such advice
+        row_kinds = frozenset({"chat"})
+
+    assert issubclass(NoPreference, Backend)
+    r = validate(EXAMPLES / "preference.jsonl", rules=NoPreference().data_rules(sft))
+    assert codes(r) == [(1, "kind_not_accepted")] and "method" not in r.problems[0].message
+
+
 def test_kinds_accepted_as_strings(tmp_path):
     rules = DataRules(kinds={"chat", "prompt_response"})
     assert run(tmp_path, [pr()], rules=rules).valid
@@ -189,6 +209,38 @@ def test_nan_is_not_json(tmp_path):
     assert codes(r) == [(2, "invalid_json")] and "NaN" in r.problems[0].message
 
 
+def test_lone_surrogate_escapes_are_refused_with_line_and_field(tmp_path, monkeypatch):
+    rows = [pr(), r'{"prompt": "a\ud800b", "response": "x"}',  # a lone high surrogate
+            r'{"prompt": "a", "response": "\uDC00"}',  # a lone low one, upper-case hex
+            chat(("user", "q"), ("assistant", "ok")).replace('"ok"', r'"ok \udfff"'),
+            r'{"prompt": "a", "response": "x", "\ud83d": 1}',  # in a key
+            r'{"prompt": "\ud83d\ude00 fine", "response": "x"}',  # a pair is one character: valid
+            r'{"prompt": "\\ud800 is text", "response": "x"}']  # an escaped backslash: valid text
+    for fast in (True, False):
+        monkeypatch.setattr(vmod, "FAST_PATH", fast)
+        r = run(tmp_path, rows)
+        assert codes(r)[:3] == [(2, "lone_surrogate"), (3, "lone_surrogate"), (4, "lone_surrogate")]
+        assert codes(r)[3] == (5, "lone_surrogate") and r.rows == 3
+        assert [p.field for p in r.problems[:4]] == ["prompt", "response", "messages[1].content", None]
+        assert "\\ud800) at character 2" in r.problems[0].message
+        assert "\\udc00" in r.problems[1].message and "a key" in r.problems[3].message
+
+
+def test_lone_surrogate_under_a_huge_key_is_named_short(tmp_path):
+    key = "k" * 10**6
+    r = run(tmp_path, [pr(), '{"prompt": "a", "response": "b", "%s": {"x": "\\ud800"}}' % key])
+    assert codes(r) == [(2, "lone_surrogate")]
+    assert len(r.problems[0].field) < 100 and len(r.problems[0].message) < 400, r.problems[0]
+
+
+def test_lone_surrogate_in_a_chat_file_past_the_first_row(tmp_path):
+    # the fast path takes over once the kind is known; it must not let the escape through
+    good = chat(("user", "q"), ("assistant", "ok"))
+    bad = good.replace('"q"', r'"q\ud800"')
+    r = run(tmp_path, [good, chat(("user", "q2"), ("assistant", "ok")), bad])
+    assert codes(r) == [(3, "lone_surrogate")] and r.problems[0].field == "messages[0].content"
+
+
 def test_not_an_object(tmp_path):
     r = run(tmp_path, [pr(), '["a", "b"]', '"text"', "3"])
     assert codes(r) == [(2, "not_object"), (3, "not_object"), (4, "not_object")]
@@ -198,6 +250,47 @@ def test_unknown_key_suggests_the_close_name(tmp_path):
     r = run(tmp_path, [pr(), '{"prompt": "a", "respnse": "b"}'])
     assert codes(r) == [(2, "unknown_key"), (2, "missing_key")]
     assert "did you mean 'response'" in r.problems[0].message and r.problems[0].field == "respnse"
+
+
+def _validate_in_subprocess(path: Path, max_tokens: int | None = None, timeout: float = 60) -> dict:
+    """validate() in a fresh interpreter: its wall time, the peak of Python allocations (tracemalloc, so
+    the figure does not depend on the test process) and what it reports."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, time, tracemalloc; tracemalloc.start(); from tunekit.data import validate; "
+            "from tunekit.schemas.report import DataRules; t = time.monotonic(); "
+            f"r = validate(sys.argv[1], rules=DataRules(max_tokens={max_tokens!r})); "
+            "print(json.dumps({'seconds': time.monotonic() - t, 'peak_mib': tracemalloc.get_traced_memory()[1] / 2**20, "
+            "'lines': r.format_lines(), 'codes': [(p.line, p.code) for p in r.problems]}))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=timeout,
+                         check=True).stdout
+    return json.loads(out)
+
+
+def test_a_huge_unknown_key_costs_little_and_is_echoed_short(tmp_path):
+    key = "x" * (20 * 2**20)  # 20 MiB: the close-match search and the echo must not scale with it
+    path = write(tmp_path, [pr(), json.dumps({"prompt": "a", "response": "c", key: 1})])
+    r = _validate_in_subprocess(path)
+    assert r["codes"] == [[2, "unknown_key"]]
+    assert sum(len(line) for line in r["lines"]) < 1000 and "20,971,520 characters" in r["lines"][0]
+    # the file is 20 MiB; reading, parsing and holding the key take a few copies of it, not 1 GB
+    assert r["peak_mib"] < 10 * 20 and r["seconds"] < 10, r
+
+
+def test_many_unknown_keys_are_summarised(tmp_path):
+    row = {"prompt": "a", "response": "b", **{f"k{i}": i for i in range(1000)}}
+    r = run(tmp_path, [pr(), json.dumps(row)])
+    assert [p.code for p in r.problems] == ["unknown_key"] * 6 and "995 more unknown keys" in r.problems[-1].message
+
+
+def test_huge_values_are_echoed_short(tmp_path):
+    role = "r" * 10**6
+    r = run(tmp_path, [chat(("user", "q"), ("assistant", "ok")),
+                       chat(("user", "q"), ("assistant", "a", {"weight": [0] * 10**5})),
+                       chat(("user", "q"), (role, "a"))])
+    assert [p.code for p in r.problems] == ["invalid_weight", "invalid_role"]
+    assert all(len(p.message) < 200 for p in r.problems), [len(p.message) for p in r.problems]
 
 
 def test_unknown_row_kind(tmp_path):
@@ -371,6 +464,52 @@ def test_lines_across_block_boundaries(tmp_path, monkeypatch):
     for block in (1, 3, 17):
         monkeypatch.setattr(vmod, "BLOCK", block)
         assert validate(path).model_dump() == whole.model_dump()
+
+
+# -- rows far longer than max_length ----------------------------------------------------------------
+
+
+def test_rows_far_longer_than_max_length_are_refused_with_the_line(tmp_path, monkeypatch):
+    rules = DataRules(max_tokens=16)  # 16 tokens x 64 bytes: rows over 1,024 bytes
+    big = pr("p", "x" * 2000)
+    lines = [big, pr(), pr("q", "x" * 2000), pr("a", "b"), pr("x" * 900, "y"), pr("c", "d") + " " * 5000]
+    path = write(tmp_path, lines + [pr("z", "x" * 2000)])
+    path.write_bytes(path.read_bytes()[:-1])  # the last, overlong line has no newline
+    whole = validate(path, rules=rules)
+    assert codes(whole) == [(1, "row_too_long"), (3, "row_too_long"), (6, "row_too_long"), (7, "row_too_long")]
+    assert whole.rows == 3 and whole.lines == 7
+    msg = whole.problems[0].message
+    assert f"row is {len(big):,} bytes" in msg and "max_length=16 tokens" in msg and "1,024 bytes" in msg
+    for block in (1, 7, 100, 1500):  # an overlong line across reads is skipped, never held, and counted right
+        monkeypatch.setattr(vmod, "BLOCK", block)
+        assert validate(path, rules=rules).model_dump() == whole.model_dump()
+    assert validate(path).valid  # without the run's max_length nothing is refused
+
+
+def test_a_50mb_row_is_refused_without_holding_it(tmp_path):
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        f.write(pr() + '\n{"prompt": "p", "response": "')
+        for _ in range(50):
+            f.write("x" * 2**20)
+        f.write('"}\n' + pr("a", "b") + "\n")
+    r = _validate_in_subprocess(path, max_tokens=2048)
+    assert r["codes"] == [[2, "row_too_long"]]
+    assert r["peak_mib"] < 32, r  # the 50 MiB line is streamed past in 1 MiB reads, never held whole
+
+
+def test_local_runs_refuse_overlong_rows_before_training(tmp_path, tunekit_home):
+    import tunekit
+    from tunekit.backends.local.backend import LocalBackend
+    from tunekit.schemas.spec import TrainingSpec
+
+    spec = TrainingSpec(base_model="m", hyperparameters={"max_length": 64})
+    assert LocalBackend().data_rules(spec).max_tokens == 64
+    path = write(tmp_path, [pr(), pr("p", "x" * 5000)])
+    with pytest.raises(DataValidationError) as exc:
+        tunekit.finetune(path, spec, backend="local")
+    assert "line 2:" in str(exc.value) and "row_too_long" in exc.value.report.problem_counts
+    assert tunekit.list_jobs() == []  # refused before a job existed
 
 
 # -- tokens -----------------------------------------------------------------------------------------

@@ -54,6 +54,13 @@ def _build_spec(data: dict[str, Any]) -> TrainingSpec:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         msg = f"spec field {field!r}: {err['msg']}"
+        from .schemas.spec import field_range
+
+        allowed = field_range(field)
+        if allowed:  # numbers: the value given and the range allowed (one line, value shortened)
+            value = repr(err.get("input"))
+            msg = (f"spec field {field!r} = {value if len(value) <= 40 else value[:37] + '...'}: "
+                   f"{err['msg']} (allowed: {allowed})")
         if err["type"] == "extra_forbidden":
             import difflib
 

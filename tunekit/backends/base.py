@@ -76,6 +76,9 @@ class Backend(ABC):
     min_rows: ClassVar[int] = 1
     row_kinds: ClassVar[frozenset[str] | None] = None   # None = every row kind
     max_file_bytes: ClassVar[int | None] = None
+    # True when the backend trains each example cut at hyperparameters.max_length (the validator then
+    # refuses rows far longer than that, before any training)
+    truncates_at_max_length: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -89,11 +92,21 @@ class Backend(ABC):
         from ..schemas.report import DataRules
 
         kinds = self.row_kinds
+        hints: dict[str, str] = {}
         if spec is not None:
-            kinds = frozenset({"preference"}) if spec.method == "dpo" else (kinds or frozenset(
-                {"prompt_response", "chat"})) - {"preference"}
+            dpo = self.row_kinds is None or "preference" in self.row_kinds
+            if spec.method == "dpo":
+                kinds = frozenset({"preference"})
+                hints = dict.fromkeys(("chat", "prompt_response"), "method='dpo' trains on preference rows; "
+                                      "to train on these rows, set method='sft' (CLI: --set method=sft)")
+            else:
+                kinds = (kinds or frozenset({"prompt_response", "chat"})) - {"preference"}
+                if dpo:
+                    hints["preference"] = ("preference rows train with method='dpo': set it in the spec "
+                                           "(CLI: finetune --set method=dpo, validate --method dpo)")
+        max_tokens = spec.hyperparameters.max_length if spec is not None and self.truncates_at_max_length else None
         return DataRules(backend=self.name, min_rows=self.min_rows, kinds=set(kinds) if kinds else None,
-                         max_bytes=self.max_file_bytes)
+                         max_bytes=self.max_file_bytes, kind_hints=hints, max_tokens=max_tokens)
 
     # -- planning ----------------------------------------------------------------------------------
     def base_request(self, spec: TrainingSpec, ctx: PlanContext) -> dict[str, Any]:

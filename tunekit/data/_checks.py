@@ -8,6 +8,7 @@ an empty list means the row is valid. Messages say what to do next when that is 
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Optional
 
 from tunekit.schemas.rows import ROLES, RowKind
@@ -46,8 +47,24 @@ def guess_kind(obj: dict) -> Optional[RowKind]:
     return None
 
 
+# What a message echoes of the data: a row may hold megabytes in one key or value
+CLIP = 40
+# Keys longer than this are not compared with the allowed names (none is close to them)
+COMPARE_CHARS = 64
+# Unknown keys listed per object; the rest are counted in one issue
+MAX_UNKNOWN_KEYS = 5
+
+
+def clip(value: Any) -> str:
+    """repr of a value from the data, cut to CLIP characters (with the full length) when longer."""
+    if type(value) is str and len(value) > CLIP:
+        return f"{value[:CLIP]!r}... ({len(value):,} characters)"
+    text = repr(value) if type(value) in (str, int, float, bool) or value is None else json_type(value)
+    return text if len(text) <= CLIP else text[:CLIP] + "..."
+
+
 def unknown_kind_issue(obj: dict) -> Issue:
-    keys = ", ".join(repr(k) for k in list(obj)[:8]) or "no keys"
+    keys = ", ".join(clip(k) for k in list(obj)[:8]) or "no keys"
     hint = "use one of: " + "; ".join(KIND_SHAPES.values())
     if "conversations" in obj:
         hint = "ShareGPT 'conversations' rows are not read: rename to 'messages' with {'role', 'content'} items"
@@ -57,11 +74,15 @@ def unknown_kind_issue(obj: dict) -> Issue:
 
 
 def _unknown_keys(obj: dict, allowed: tuple[str, ...], prefix: str, out: list[Issue]) -> None:
-    for key in obj:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
-            out.append((f"{prefix}{key}", "unknown_key", f"unknown key {key!r}: {hint}"))
+    unknown = [key for key in obj if key not in allowed]
+    for key in unknown[:MAX_UNKNOWN_KEYS]:
+        close = difflib.get_close_matches(key, allowed, n=1) if len(key) <= COMPARE_CHARS else []
+        hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+        name = key if len(key) <= CLIP else key[:CLIP] + "..."
+        out.append((f"{prefix}{name}", "unknown_key", f"unknown key {clip(key)}: {hint}"))
+    if len(unknown) > MAX_UNKNOWN_KEYS:
+        out.append((prefix.rstrip(".") or None, "unknown_key",
+                    f"and {len(unknown) - MAX_UNKNOWN_KEYS:,} more unknown keys; allowed keys: {', '.join(allowed)}"))
 
 
 def _text(value: Any, field: str, out: list[Issue]) -> bool:
@@ -112,7 +133,7 @@ def _check_message(msg: Any, f: str, out: list[Issue]) -> Optional[str]:
         out.append((f + ".role", "wrong_type", f"'role' must be a string, not {json_type(role)}"))
         role = None
     elif role not in ROLES:
-        out.append((f + ".role", "invalid_role", f"role {role!r} is not one of {', '.join(ROLES)}"))
+        out.append((f + ".role", "invalid_role", f"role {clip(role)} is not one of {', '.join(ROLES)}"))
         role = None
     tool_calls = msg.get("tool_calls")
     if "tool_calls" in msg:
@@ -131,7 +152,7 @@ def _check_message(msg: Any, f: str, out: list[Issue]) -> Optional[str]:
         if role != "assistant":
             out.append((f + ".weight", "misplaced_key", "'weight' is only allowed on assistant messages"))
         elif type(w) is not int or w not in (0, 1):
-            out.append((f + ".weight", "invalid_weight", f"'weight' must be 0 or 1, not {w!r}"))
+            out.append((f + ".weight", "invalid_weight", f"'weight' must be 0 or 1, not {clip(w)}"))
     if "tool_call_id" in msg:
         if role != "tool":
             out.append((f + ".tool_call_id", "misplaced_key", "'tool_call_id' is only allowed on tool messages"))
@@ -283,6 +304,50 @@ def text_chars(obj: dict, kind: RowKind) -> int:
     return _content_chars(obj["input"]["messages"]) + max(
         _content_chars(obj["preferred_output"]), _content_chars(obj["non_preferred_output"])
     )
+
+
+# -- lone surrogates ---------------------------------------------------------------------------------
+# JSON may spell UTF-16 surrogates as escapes ("\ud800"); Python decodes a lone one into a str that
+# cannot be encoded, which crashes a tokenizer later. Raw UTF-8 cannot hold one (strict decoding
+# refuses it), so only lines with such an escape need the exact check.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def lone_surrogate(obj: Any) -> Optional[Issue]:
+    """The first key or string of a parsed row holding a lone surrogate, as an issue (None when none)."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, v = stack.pop()
+        if type(v) is dict:
+            for k in reversed(list(v)):
+                if _bad_position(k) is not None:
+                    return _surrogate_issue(_short_path(path) or None, k, "a key")
+                name = k if len(k) <= CLIP else k[:CLIP] + "..."
+                stack.append((f"{path}.{name}" if path else name, v[k]))
+        elif type(v) is list:
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(v))))
+        elif type(v) is str and _bad_position(v) is not None:
+            return _surrogate_issue(_short_path(path), v, f"'{_short_path(path)}'")
+    return None
+
+
+def _short_path(path: str) -> str:  # deep nesting makes long paths: keep the end, where the value is
+    return path if len(path) <= 4 * CLIP else "..." + path[-4 * CLIP:]
+
+
+def _bad_position(s: str) -> Optional[int]:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _surrogate_issue(field: Optional[str], s: str, what: str) -> Issue:
+    i = _bad_position(s) or 0
+    return (field, "lone_surrogate",
+            f"{what} holds a lone UTF-16 surrogate escape (\\u{ord(s[i]):04x}) at character {i + 1}: it is no "
+            "character; fix the escape (only a high + low pair such as \\ud83d\\ude00 makes one) or remove it")
 
 
 # -- fast checks ------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ from tunekit.schemas.report import DataRules, LengthStats, Problem, ValidationRe
 from tunekit.schemas.rows import RowKind
 
 BLOCK = 1 << 20
+# A row longer than this many bytes per token of the run's max_length cannot fit it by a wide margin:
+# English averages ~4 bytes per token, and even JSON-escaped CJK or emoji (\\uXXXX, 6-12 bytes per
+# token) and long whitespace tokens stay well under it. Such a row would be cut to a sliver of itself,
+# and tokenizing it whole costs the worker gigabytes, so it is refused before training.
+BYTES_PER_TOKEN = 64
 BOM = b"\xef\xbb\xbf"
 _PR = RowKind.PROMPT_RESPONSE
 FAST_PATH = True  # tests turn it off to check that the fast path agrees with the careful one
@@ -58,6 +63,7 @@ class _Scan:
         self.seen: set[bytes] = set()
         self.dup_digests: dict[int, bytes] = {}  # line -> digest, for listed duplicates only
         self.hist: dict[int, int] = {}
+        self.max_row = rules.max_tokens * BYTES_PER_TOKEN if rules.max_tokens else 0  # 0: no limit
 
     def add(self, line: Optional[int], field: Optional[str], code: str, message: str) -> None:
         self.counts[code] = self.counts.get(code, 0) + 1
@@ -69,7 +75,10 @@ class _Scan:
     def run(self, f, sha) -> None:
         carry = b""
         lineno = 0
+        limit = self.max_row
+        overlong = 0  # bytes so far of a line over the limit, skipped without being held
         seen, hist, scan, blake2b = self.seen, self.hist, _scan_once, hashlib.blake2b
+        surrogate = _checks.SURROGATE_ESCAPE.search
         fast = self.tokenizer is None and FAST_PATH
         fast_kind: Optional[RowKind] = None
         fast_other = None
@@ -78,15 +87,29 @@ class _Scan:
             if not block:
                 break
             sha.update(block)
+            if overlong:
+                nl = block.find(b"\n")
+                if nl < 0:
+                    overlong += len(block)
+                    continue
+                lineno += 1
+                self.too_long(lineno, overlong + nl)
+                overlong = 0
+                block = block[nl + 1:]
             if carry:
                 block = carry + block
             lines = block.split(b"\n")
             carry = lines.pop()
+            if limit and len(carry) > limit:
+                overlong, carry = len(carry), b""
             if lineno == 0 and lines and lines[0].startswith(BOM):
                 self.add(1, None, "bom", "file starts with a UTF-8 byte-order mark (BOM): save it as UTF-8 without BOM")
                 lines[0] = lines[0][3:]
             for raw in lines:
                 lineno += 1
+                if limit and len(raw) > limit:
+                    self.too_long(lineno, len(raw))
+                    continue
                 # Fast path once the kind is known: a well-formed row of the usual shape is valid with
                 # plain type checks; any other line takes the careful path, which explains it.
                 if fast_kind is not None:
@@ -110,6 +133,8 @@ class _Scan:
                                     n = len(p) + len(r)
                         else:
                             n = fast_other(obj)
+                    if n is not None and b"\\u" in raw and surrogate(raw):
+                        n = None  # the careful path checks the escape
                     if n is not None:
                         digest = blake2b(raw, digest_size=16).digest()
                         if digest in seen:
@@ -122,7 +147,10 @@ class _Scan:
                 self.line(lineno, raw, last=False)
                 if fast_kind is None and fast and self.kind is not None:
                     fast_kind, fast_other = self.kind, _checks.FAST_CHECKS.get(self.kind)
-        if carry:
+        if overlong:
+            lineno += 1
+            self.too_long(lineno, overlong)
+        elif carry:
             lineno += 1
             if lineno == 1 and carry.startswith(BOM):
                 self.add(1, None, "bom", "file starts with a UTF-8 byte-order mark (BOM): save it as UTF-8 without BOM")
@@ -161,6 +189,11 @@ class _Scan:
             self.add(lineno, None, "not_object",
                      f"line is a JSON {_checks.json_type(obj)}, not an object: each line must be one row object")
             return
+        if b"\\u" in raw and _checks.SURROGATE_ESCAPE.search(raw):
+            issue = _checks.lone_surrogate(obj)
+            if issue is not None:
+                self.add(lineno, *issue)
+                return
         guess = _checks.guess_kind(obj)
         if guess is None:
             self.add(lineno, *_checks.unknown_kind_issue(obj))
@@ -193,6 +226,13 @@ class _Scan:
         self.hist[n] = self.hist.get(n, 0) + 1
         self.rows += 1
 
+    def too_long(self, lineno: int, size: int) -> None:
+        tokens = self.rules.max_tokens
+        self.add(lineno, None, "row_too_long",
+                 f"row is {size:,} bytes, far more than max_length={tokens:,} tokens can hold (over "
+                 f"{BYTES_PER_TOKEN} bytes per token: {self.max_row:,} bytes): it would be cut to a small part "
+                 "of itself; split or shorten it, or raise hyperparameters.max_length")
+
     def duplicate(self, lineno: int, digest: bytes) -> None:
         if len(self.problems) < self.max_problems:
             self.dup_digests[lineno] = digest
@@ -211,11 +251,16 @@ class _Scan:
         note = f" ({rules.note})" if rules.note else ""
         if self.kind is not None and rules.kinds is not None and self.kind not in rules.kinds:
             accepted = ", ".join(sorted(k.value for k in rules.kinds))
-            convert = ""
-            if self.kind is not RowKind.CHAT and RowKind.CHAT in rules.kinds:
-                convert = "; convert with tunekit.data.convert_file(src, dst, 'chat')"
-            self.add(self.kind_line, None, "kind_not_accepted",
-                     f"{rules.backend or 'this backend'} does not accept {self.kind.value} rows (accepts: {accepted}){convert}{note}")
+            backend = rules.backend or "this backend"
+            if self.kind in rules.kind_hints:  # the backend takes these rows with another spec
+                message = (f"{backend} does not train on {self.kind.value} rows with this spec (accepts: {accepted}): "
+                           f"{rules.kind_hints[self.kind]}")
+            else:
+                convert = ""
+                if self.kind is not RowKind.CHAT and RowKind.CHAT in rules.kinds:
+                    convert = "; convert with tunekit.data.convert_file(src, dst, 'chat')"
+                message = f"{backend} does not accept {self.kind.value} rows (accepts: {accepted}){convert}"
+            self.add(self.kind_line, None, "kind_not_accepted", message + note)
         if self.lines and self.rows < rules.min_rows:
             self.add(None, None, "too_few_rows",
                      f"{self.rows} valid row(s); {who} needs at least {rules.min_rows}{note}")

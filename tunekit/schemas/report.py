@@ -19,6 +19,11 @@ class DataRules(BaseModel):
     kinds: Optional[set[RowKind]] = Field(None, description="Row kinds the backend accepts; None = all.")
     max_bytes: Optional[int] = Field(None, ge=1, description="Largest file the backend accepts, in bytes.")
     note: Optional[str] = Field(None, description="Shown with a rule's problem, e.g. 'OpenAI needs at least 10 examples'.")
+    max_tokens: Optional[int] = Field(
+        None, ge=1, description="Tokens per example the backend trains on (the spec's max_length); rows far "
+                                "longer (tunekit.data.validator.BYTES_PER_TOKEN bytes per token) are refused.")
+    kind_hints: dict[RowKind, str] = Field(
+        default_factory=dict, description="Next step shown when a file of this row kind is refused, e.g. set method='dpo'.")
 
 
 class Problem(BaseModel):

@@ -2,17 +2,26 @@
 
 Only the fields a user *set* count (pydantic's ``model_fields_set``, recursively): a backend maps,
 transforms or refuses each of them, and defaults are the backend's own business.
+
+Every number is finite and bounded (docs/spec.md lists the ranges): an infinite alpha or a huge
+weight decay trains on NaN gradients, and a huge max_length makes planning and training cost
+unbounded. ``field_range`` renders a field's bounds for error messages.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+import math
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Longest example a spec may ask for, in tokens (2**20: beyond the longest contexts models train at).
+MAX_LENGTH_LIMIT = 2**20
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Hyperparameters(_Strict):
@@ -21,17 +30,18 @@ class Hyperparameters(_Strict):
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Absolute peak learning rate.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(2048, ge=16, description="Tokens per example; longer ones are truncated and counted.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW's decoupled weight decay (usually 0-0.1).")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm (large = no clipping).")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    max_length: int = Field(2048, ge=16, le=MAX_LENGTH_LIMIT,
+                            description="Tokens per example; longer ones are truncated and counted.")
     seed: int = Field(42, ge=0, le=2**31 - 1)
     dpo_beta: float = Field(0.1, gt=0, le=2, description="DPO temperature (method='dpo' only).")
 
 
 class AdapterConfig(_Strict):
     r: int = Field(32, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(64, gt=0, description="LoRA scaling numerator (alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    alpha: float = Field(64, gt=0, le=16384, description="LoRA scaling numerator (alpha / r, or alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     use_dora: bool = False
@@ -39,7 +49,7 @@ class AdapterConfig(_Strict):
     init: Literal["default", "gaussian", "pissa", "pissa_fast", "olora"] = Field(
         "default", description="Adapter initialisation; 'pissa_fast' uses randomized SVD (PEFT pissa_niter_16)."
     )
-    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: learning-rate ratio of B to A (e.g. 16).")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, le=1024, description="LoRA+: learning-rate ratio of B to A (e.g. 16).")
 
 
 class TrainingSpec(_Strict):
@@ -63,6 +73,15 @@ class TrainingSpec(_Strict):
         if isinstance(self.adapter.target_modules, list) and not self.adapter.target_modules:
             raise ValueError("adapter.target_modules: give module names or 'all-linear'")
         return self
+
+    @field_validator("provider_options")
+    @classmethod
+    def _finite_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for backend, opts in value.items():
+            for key, v in (opts or {}).items():
+                if _non_finite(v):  # passed through to SDKs and the worker as is: refuse here
+                    raise ValueError(f"provider_options.{backend}.{key} holds {v!r}: give a finite number")
+        return value
 
     def set_fields(self) -> dict[str, Any]:
         """Dotted path -> value of every field the user set (nested models included)."""
@@ -95,3 +114,46 @@ def spec_leaf_fields() -> list[str]:
         elif name != "provider_options":
             paths.append(name)
     return sorted(paths)
+
+
+def _non_finite(value: Any) -> bool:
+    """True when a (possibly nested) JSON-like value holds an infinite or NaN float."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return True
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return False
+
+
+def field_range(path: str) -> Optional[str]:
+    """The bounds of a numeric spec field as text, e.g. '0 < value <= 16384' (None when unbounded)."""
+    model: Any = TrainingSpec
+    info = None
+    for part in path.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        info = fields[part]
+        model = info.annotation
+    if info is None:
+        return None
+    low = high = ""
+    for m in info.metadata:
+        if isinstance(m, Ge):
+            low = f"{_num(m.ge)} <= "
+        elif isinstance(m, Gt):
+            low = f"{_num(m.gt)} < "
+        elif isinstance(m, Le):
+            high = f" <= {_num(m.le)}"
+        elif isinstance(m, Lt):
+            high = f" < {_num(m.lt)}"
+    return f"{low}value{high}" if low or high else None
+
+
+def _num(x: Any) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

@@ -56,17 +56,21 @@ ACTIVE = (JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANC
 # ---------------------------------------------------------------------------------------------------
 # provider options: provider_options={"local": {...}}
 
+MAX_STEPS_LIMIT = 10**9  # step counts above this are typos (a billion optimizer steps)
+MAX_BUDGET_GB = 2.0**20  # 1 PiB
+
+
 def _positive_int(name: str):
     def check(value: Any, ctx: PlanContext) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"provider_options.local.{name} must be a positive integer, not {value!r}",
-                              field=f"provider_options.local.{name}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_STEPS_LIMIT:
+            raise ConfigError(f"provider_options.local.{name} must be an integer in 1..{MAX_STEPS_LIMIT}, "
+                              f"not {value!r}", field=f"provider_options.local.{name}")
         return value
     return check
 
 
 def _eval_steps(value: Any, ctx: PlanContext) -> int | float:
-    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+    ok = (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_STEPS_LIMIT) or (
         isinstance(value, float) and 0 < value < 1)
     if not ok:
         raise ConfigError(f"provider_options.local.eval_steps must be a step count >= 1 or a fraction of the run "
@@ -98,9 +102,9 @@ def _path(value: Any, ctx: PlanContext) -> str:
 
 
 def _budget(value: Any, ctx: PlanContext) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"provider_options.local.memory_budget_gb must be a positive number, not {value!r}",
-                          field="provider_options.local.memory_budget_gb")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BUDGET_GB:
+        raise ConfigError(f"provider_options.local.memory_budget_gb must be a number of GB in "
+                          f"(0, {MAX_BUDGET_GB:.0f}], not {value!r}", field="provider_options.local.memory_budget_gb")
     return float(value)
 
 
@@ -140,6 +144,7 @@ def _base_model(value: Any, ctx: PlanContext) -> str:
 class LocalBackend(Backend):
     name = "local"
     min_rows = 1
+    truncates_at_max_length = True
     provider_option_keys = frozenset(OPTIONS)
     field_map = {
         "base_model": Send("base_model", convert=_base_model, note="canonical names -> Hugging Face id; "

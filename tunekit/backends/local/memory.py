@@ -25,6 +25,7 @@ only approximated; the estimate errs on the high side on purpose.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,7 @@ def lora_params(cfg: dict[str, Any], r: int, target_modules: Any = "all-linear",
     return d["layers"] * per_layer
 
 
-def estimate(
+def _estimate(
     model_config: dict[str, Any],
     *,
     micro_batch: int,
@@ -148,7 +149,7 @@ def estimate(
     kbit_upcast: bool = True,
     fused_kernels: bool = False,
 ) -> MemoryEstimate:
-    """Estimated peak bytes of one training step. ``quantization`` is the resolved mode ('nf4'|'none').
+    """The estimate alone (no suggestions). ``quantization`` is the resolved mode ('nf4'|'none').
 
     ``fused_lm_head``: the loss is computed in vocabulary tiles (TRL's chunked LM head), so the logits are
     never whole. ``kbit_upcast``: QLoRA's non-quantized params are upcast to fp32 (speed.py's bf16_kbit
@@ -203,7 +204,7 @@ def estimate(
         "overhead": int(overhead),
     }
     fits = None if not device_memory_bytes else total <= HEADROOM * device_memory_bytes
-    est = MemoryEstimate(
+    return MemoryEstimate(
         total_bytes=total,
         breakdown=breakdown,
         fits=fits,
@@ -215,37 +216,52 @@ def estimate(
             "fused_kernels": fused_kernels,
         },
     )
-    if fits is False:
-        est.suggestions = _suggest(model_config, est, locals_=dict(
-            micro_batch=micro_batch, max_length=max_length, quantization=quantization, r=r,
-            target_modules=target_modules, use_dora=use_dora, gradient_checkpointing=gradient_checkpointing,
-            dtype=dtype, optimizer_state_bytes=optimizer_state_bytes, device_memory_bytes=device_memory_bytes,
-            n_params=n_params, method=method, device_type=device_type, fused_lm_head=fused_lm_head,
-            kbit_upcast=kbit_upcast, fused_kernels=fused_kernels))
+
+
+_ESTIMATE_SIGNATURE = inspect.signature(_estimate)
+
+
+def estimate(model_config: dict[str, Any], **kwargs: Any) -> MemoryEstimate:
+    """Estimated peak bytes of one training step (arguments: ``_estimate``'s), with suggestions when it
+    does not fit. The suggestions re-check ``_estimate`` a bounded number of times (O(log log) of the
+    batch and length), never this function, so the work does not grow with the values."""
+    est = _estimate(model_config, **kwargs)
+    if est.fits is False:
+        bound = _ESTIMATE_SIGNATURE.bind(model_config, **kwargs)
+        bound.apply_defaults()
+        est.suggestions = _suggest(model_config, {k: v for k, v in bound.arguments.items() if k != "model_config"})
     return est
 
 
-def _suggest(cfg: dict[str, Any], est: MemoryEstimate, locals_: dict[str, Any]) -> list[str]:
+def _largest_fitting(start: int, floor: int, fits: Any) -> int | None:
+    """The largest of start//2, start//4, ... (down to the first value <= floor) that fits, or None.
+    Peak memory grows with batch and length, so ``fits`` is monotone along the halvings: bisect them."""
+    halvings = []
+    v = start
+    while v > floor:
+        v //= 2
+        halvings.append(v)
+    lo, hi = 0, len(halvings)  # the first fitting index lies in [lo, hi); hi = none fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(halvings[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return halvings[lo] if lo < len(halvings) else None
+
+
+def _suggest(cfg: dict[str, Any], locals_: dict[str, Any]) -> list[str]:
     """Concrete changes that would fit, each checked by re-running the estimate (singles, then combined)."""
 
     def fits(**change: Any) -> bool:
-        return bool(estimate(cfg, **{**locals_, **change}).fits)
+        return bool(_estimate(cfg, **{**locals_, **change}).fits)
 
     def smallest_micro(**base: Any) -> int | None:
-        mb = locals_["micro_batch"]
-        while mb > 1:
-            mb //= 2
-            if fits(micro_batch=mb, **base):
-                return mb
-        return None
+        return _largest_fitting(locals_["micro_batch"], 1, lambda mb: fits(micro_batch=mb, **base))
 
     def shortest_len(**base: Any) -> int | None:
-        ml = locals_["max_length"]
-        while ml > 128:
-            ml //= 2
-            if fits(max_length=ml, **base):
-                return ml
-        return None
+        return _largest_fitting(locals_["max_length"], 128, lambda ml: fits(max_length=ml, **base))
 
     def micro_text(mb: int) -> str:
         return (f"lower the micro-batch to {mb} (raise hyperparameters.gradient_accumulation_steps so that "
