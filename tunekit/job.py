@@ -102,6 +102,8 @@ class FineTuneJob:
         """
         from .store.db import StaleWriteError
 
+        for event in state.events:
+            self._store.add_event(self.id, event)
         for _ in range(5):
             current = self._store.get_job(self.id)
             fields = self._changes(current, state)
@@ -178,8 +180,8 @@ class FineTuneJob:
         self._record = self._store.get_job(self.id)
         if self.status.terminal:
             return self
-        if self._record.remote_id is None and self.status == JobStatus.CREATED and not self._is_local():
-            return self  # never reached the provider (or a crash before the reply): see reconcile
+        if self._record.remote_id is None and not self._is_local():
+            return self  # never reached the provider, or its reply was lost (unknown): see reconcile
         self.apply(self.backend.refresh(self._record))
         self._sync_events()
         return self
