@@ -35,7 +35,7 @@ class FakeProvider:
     kind: str                       # "openai" | "together"
     lag: float                      # seconds before a new job shows in the list
     drop_creates: int = 0           # the first N creates make the job, then drop the connection
-    echo: str | None = None         # if set, every create fails 400 with this text in the error message
+    echo: str | None = None         # if set, every request fails 400 with this text in the error message
     now: float = 0.0
     jobs: list[dict[str, Any]] = field(default_factory=list)
     creates: int = 0
@@ -92,10 +92,10 @@ class FakeProvider:
         """(status, JSON) for a request, or None to drop the connection."""
         jobs_path = "/v1/fine_tuning/jobs" if self.kind == "openai" else "/v1/fine-tunes"
         with self._lock:
+            if self.echo is not None:
+                return 400, {"error": {"message": f"invalid request: {self.echo}", "type": "invalid_request_error",
+                                       "param": None, "code": None}}
             if method == "POST" and path == jobs_path:
-                if self.echo is not None:
-                    return 400, {"error": {"message": f"invalid request: {self.echo}", "type": "invalid_request_error",
-                                           "param": None, "code": None}}
                 self.creates += 1
                 tag = (body.get("metadata") or {}).get("tunekit_job_id") if self.kind == "openai" else body["suffix"]
                 job = self.add_job(tag)
