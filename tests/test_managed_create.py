@@ -107,3 +107,22 @@ def test_reconcile_reports_tagged_orphans_and_cancels_them_only_when_asked(fake,
     assert sorted(provider.cancelled) == sorted([duplicate["id"], stray["id"]])
     assert any(duplicate["id"] in e.message for _, e in store.events(owned.id) if e.type == "reconcile")
     assert mine["id"] in provider.live()
+
+
+def test_a_failed_duplicate_check_keeps_the_created_job_and_says_so(fake):
+    provider = fake("openai", lag=100.0, drop_creates=1)
+    backend = backend_for(provider, window=0.0)
+    lists: list = []
+
+    def list_tagged(client, job):
+        lists.append(1)
+        if len(lists) > 1:  # the check after the second create
+            raise tunekit.PermissionDeniedError("openai: list refused", provider="openai", status_code=403)
+        return []
+
+    backend._list_tagged = list_tagged
+    record = Store().create_job("openai", {"base_model": MODELS["openai"]}, {})
+    state = backend.create_once(record, create_kwargs("openai", record.id))
+    assert state.remote_id == provider.jobs[1]["body"]["id"]  # the submit does not fail: the job exists
+    (event,) = state.events
+    assert event.level == "warning" and "tunekit jobs reconcile" in event.message

@@ -227,9 +227,9 @@ def find_orphans(backend: str | None = None, *, cancel: bool = False, **backend_
             continue
         for job_id, state in b.tagged_remote():
             try:
-                owner = store.get_job(job_id).remote_id
+                owner: str | None = store.get_job(job_id).remote_id
             except JobNotFoundError:
-                reason = "no job with this id in the store"
+                owner, reason = None, "no job with this id in the store"
             else:
                 if owner is None or owner == state.remote_id:
                     continue  # its own job (or not attached yet: `reconcile` attaches it)
@@ -238,7 +238,7 @@ def find_orphans(backend: str | None = None, *, cancel: bool = False, **backend_
             if cancel and not state.status.terminal and state.remote_id:
                 orphan.status = b.cancel_remote(state.remote_id).status
                 orphan.cancelled = True
-                if reason.startswith("duplicate"):
+                if owner is not None:  # the row's history says what happened to its duplicate
                     store.add_event(job_id, _event(f"cancelled orphan remote job {state.remote_id} ({reason})"))
             out.append(orphan)
     return out

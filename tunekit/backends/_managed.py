@@ -111,6 +111,9 @@ class ManagedBackend(Backend):
                                       hint=f"set {self.api_key_env[0]} or pass api_key=...")
         return str.__str__(key)
 
+    def check_credentials(self) -> None:
+        self.api_key  # noqa: B018 - raises AuthenticationError naming the variable to set
+
     @property
     def base_url(self) -> str | None:
         return self._base_url
@@ -144,11 +147,7 @@ class ManagedBackend(Backend):
     def make_client(self, *, async_: bool) -> Any:
         """The official SDK client with its own retries off (max_retries=0): tunekit retries once, here."""
 
-
     # -- calling the SDK -------------------------------------------------------------------------------
-    def check_credentials(self) -> None:
-        self.api_key  # noqa: B018 - raises AuthenticationError naming the variable to set
-
     def _translate(self, exc: BaseException) -> BaseException:
         return translate_sdk_error(exc, self.name)
 
@@ -292,7 +291,12 @@ class ManagedBackend(Backend):
 
     def _cancel_duplicates(self, job: "JobRecord", created: RemoteState) -> RemoteState:
         """After a second create: keep the earliest tagged job, cancel every other one now."""
-        states = [self.to_state(raw) for raw in self.call(self._list_tagged, self.client, job)]
+        try:
+            states = [self.to_state(raw) for raw in self.call(self._list_tagged, self.client, job)]
+        except APIError as exc:  # the job exists: never fail the submit for want of this check
+            created.events.append(_event("warning", f"could not check for a duplicate job ({exc}); run "
+                                         "`tunekit jobs reconcile` to list tagged jobs no job owns"))
+            return created
         if created.remote_id not in {s.remote_id for s in states}:
             states.append(created)  # not listed yet: it is the newest
         keep, extras = states[0], states[1:]
