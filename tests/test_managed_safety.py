@@ -85,6 +85,21 @@ def test_status_of_a_job_whose_submit_outcome_is_unknown(capsys, monkeypatch):
     assert f"{record.id} [openai] unknown" in out and f"tunekit jobs reconcile {record.id}" in out
 
 
+def test_wait_on_a_job_whose_submit_outcome_is_unknown_says_to_reconcile(capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key-0000")
+    record = Store().create_job("openai", {"base_model": "gpt-4o-mini"}, {})
+    Store().update_job(record.id, status=JobStatus.UNKNOWN, error="submit outcome unknown")
+    with pytest.raises(tunekit.JobStateError) as err:  # not a poll loop that can never end
+        tunekit.get_job(record.id).wait(timeout=5, poll_interval=0.01, progress=False)
+    assert f"tunekit jobs reconcile {record.id}" in err.value.hint
+
+
+def test_orphans_skip_a_backend_without_credentials(caplog):
+    Store().create_job("openai", {"base_model": "gpt-4o-mini"}, {})
+    assert tunekit.find_orphans() == []
+    assert "orphans not looked for on openai" in caplog.text and "OPENAI_API_KEY" in caplog.text
+
+
 # -- canaries: one per path ------------------------------------------------------------------------------------
 def _canary() -> str:
     return f"sk-canary-{uuid.uuid4().hex}"

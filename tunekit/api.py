@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ._exceptions import (APIConnectionError, APIError, ConfigError, DataValidationError, JobNotFoundError,
-                          ServerError)
+                          ServerError, TunekitError)
 from .job import FineTuneJob
 from .schemas.job import JobStatus, Plan
 from .schemas.spec import TrainingSpec
@@ -18,6 +19,8 @@ from .store import Store, default_store
 
 if TYPE_CHECKING:
     from .schemas.report import ValidationReport
+
+log = logging.getLogger(__name__)
 
 
 def load_spec(source: str | Path | dict[str, Any] | TrainingSpec, **overrides: Any) -> TrainingSpec:
@@ -225,6 +228,12 @@ def find_orphans(backend: str | None = None, *, cancel: bool = False, **backend_
         b = get_backend(name, **backend_options)
         if not isinstance(b, ManagedBackend):
             continue
+        if backend is None:
+            try:
+                b.check_credentials()
+            except TunekitError as exc:  # other backends can still be checked
+                log.warning("orphans not looked for on %s: %s (%s)", name, exc, exc.hint)
+                continue
         for job_id, state in b.tagged_remote():
             try:
                 owner: str | None = store.get_job(job_id).remote_id

@@ -186,6 +186,12 @@ class FineTuneJob:
         self._sync_events()
         return self
 
+    def _check_waitable(self) -> None:
+        """A managed job whose submit outcome was lost has nothing to poll until reconcile finds it."""
+        if self.status == JobStatus.UNKNOWN and self._record.remote_id is None and not self._is_local():
+            raise JobStateError(f"job {self.id}: the submit outcome is unknown (no remote job attached)",
+                                hint=f"run `tunekit jobs reconcile {self.id}` to find the remote job")
+
     def _is_local(self) -> bool:
         return self._record.backend == "local"
 
@@ -198,6 +204,7 @@ class FineTuneJob:
         show = sys.stderr.isatty() if progress is None else progress
         while True:
             self.refresh()
+            self._check_waitable()
             if show:
                 sys.stderr.write("\r\x1b[2K" + progress_line(self._record))
                 sys.stderr.flush()
@@ -227,6 +234,7 @@ class FineTuneJob:
             await self.refresh_async()
             if self.status.terminal:
                 return self
+            self._check_waitable()
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeout(f"job {self.id} still {self.status.value} after {timeout:g}s")
             await asyncio.sleep(delay)
