@@ -24,7 +24,8 @@ PREFERENCE = EXAMPLES / "data" / "preference.jsonl"
 def fast_policy():
     from tunekit._retry import RetryPolicy
 
-    return RetryPolicy(initial=0.01, max_wait=0.05)
+    # lookup_window=0: the recordings' lists show a new job at once (one look); tests of a lagging list set it.
+    return RetryPolicy(initial=0.01, max_wait=0.05, lookup_window=0)
 
 
 def options(srv: Any, **extra: Any) -> dict[str, Any]:

@@ -75,6 +75,7 @@ def together_env(monkeypatch, replay_server):  # noqa: F811
         key = f"sk-canary-{uuid.uuid4().hex}"
         monkeypatch.setenv("TOGETHER_API_KEY", key)
         monkeypatch.setenv("TOGETHER_BASE_URL", server.url)
+        monkeypatch.setenv("TUNEKIT_CREATE_LOOKUP_S", "0")  # the recordings' lists show a new job at once
         server.api_key = key
         return server
     return start

@@ -200,9 +200,12 @@ def test_500_then_success_on_create_and_retrieve(replay_server, pin_job_id):
     pin_job_id("tk-openai-retry")
     job = finetune(srv, CHAT)
     assert job.remote_id == "ftjob-Retry0001"
-    # create -> 500 (ambiguous) -> looked for the tagged job (none) -> created once more
-    assert [(r.method, r.path) for r in srv.requests[1:]] == [("POST", JOBS), ("GET", JOBS), ("POST", JOBS)]
-    assert srv.requests[2].query == {"metadata[tunekit_job_id]": "tk-openai-retry", "limit": "10"}
+    # create -> 500 (ambiguous) -> looked for the tagged job (none) -> created once more -> listed the tagged
+    # jobs again (a late-listed first job would be cancelled as a duplicate; there is none)
+    assert [(r.method, r.path) for r in srv.requests[1:]] == [("POST", JOBS), ("GET", JOBS), ("POST", JOBS),
+                                                             ("GET", JOBS)]
+    assert srv.requests[2].query == srv.requests[4].query == {"metadata[tunekit_job_id]": "tk-openai-retry",
+                                                              "limit": "10"}
     assert job.backend.refresh(job.record).status is JobStatus.RUNNING  # 500 then 200
     srv.assert_done()
     assert spec_problems(srv) == []

@@ -201,7 +201,9 @@ def test_500_on_create_looks_before_creating_again(together_env, pinned_job_id):
     job = tunekit.finetune(TRAIN, base_model="llama-3.1-8b-instruct", backend="together")
     srv.assert_done()
     order = [(r.method, r.path) for r in srv.requests if r.path in ("/v1/fine-tunes",)]
-    assert order == [("POST", "/v1/fine-tunes"), ("GET", "/v1/fine-tunes"), ("POST", "/v1/fine-tunes")]
+    # the last GET: after a second create, any other tagged job would be cancelled as a duplicate
+    assert order == [("POST", "/v1/fine-tunes"), ("GET", "/v1/fine-tunes"), ("POST", "/v1/fine-tunes"),
+                     ("GET", "/v1/fine-tunes")]
     assert job.remote_id == FT and job.status is JobStatus.QUEUED
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from ._exceptions import APIConnectionError, APIError, ConfigError, DataValidationError, ServerError
+from ._exceptions import (APIConnectionError, APIError, ConfigError, DataValidationError, JobNotFoundError,
+                          ServerError, TunekitError)
 from .job import FineTuneJob
 from .schemas.job import JobStatus, Plan
 from .schemas.spec import TrainingSpec
@@ -16,6 +19,8 @@ from .store import Store, default_store
 
 if TYPE_CHECKING:
     from .schemas.report import ValidationReport
+
+log = logging.getLogger(__name__)
 
 
 def load_spec(source: str | Path | dict[str, Any] | TrainingSpec, **overrides: Any) -> TrainingSpec:
@@ -150,6 +155,7 @@ def finetune(
     ctx = PlanContext(spec=spec_obj, rows=report.rows, row_kind=report.kind.value if report.kind else None)
     the_plan = b.plan(spec_obj, on_unsupported=on_unsupported, context=ctx)  # type: ignore[arg-type]
 
+    b.check_credentials()  # a missing key fails here, before a job row exists
     store = store or default_store()
     # The row exists before any remote call, so a crash can always be reconciled.
     record = store.create_job(b.name, spec_obj.model_dump(mode="json", exclude_unset=True), entries,
@@ -198,6 +204,59 @@ def reconcile(job_id: str | None = None, **backend_options: Any) -> list[FineTun
             job.apply(state)
             store.add_event(record.id, _event(f"re-attached to remote job {state.remote_id}"))
         out.append(job)
+    return out
+
+
+@dataclass
+class Orphan:
+    """A remote job carrying tunekit's tag that no store row owns."""
+
+    backend: str
+    job_id: str            # the tunekit id in its tag
+    remote_id: str | None
+    status: JobStatus
+    reason: str
+    cancelled: bool = False
+
+
+def find_orphans(backend: str | None = None, *, cancel: bool = False, **backend_options: Any) -> list[Orphan]:
+    """Remote jobs tagged by tunekit that the store does not own: a tag whose job id has no row, or a
+    second job with the tag of a row attached to another (a duplicate). ``cancel`` cancels the live ones.
+
+    Looks at ``backend``, else at every managed backend the store has jobs on.
+    """
+    from .backends import get_backend
+    from .backends._managed import ManagedBackend
+
+    store = default_store()
+    names = [backend] if backend else sorted({r.backend for r in store.list_jobs(limit=None)} - {"local"})
+    out = []
+    for name in names:
+        b = get_backend(name, **backend_options)
+        if not isinstance(b, ManagedBackend):
+            continue
+        if backend is None:
+            try:
+                b.check_credentials()
+            except TunekitError as exc:  # other backends can still be checked
+                log.warning("orphans not looked for on %s: %s (%s)", name, exc, exc.hint)
+                continue
+        for job_id, state in b.tagged_remote():
+            try:
+                owner: str | None = store.get_job(job_id).remote_id
+            except JobNotFoundError:
+                owner, reason = None, "no job with this id in the store"
+            else:
+                if owner is None or owner == state.remote_id:
+                    continue  # its own job (or not attached yet: `reconcile` attaches it)
+                reason = f"duplicate of {owner}, which job {job_id} owns"
+            orphan = Orphan(name, job_id, state.remote_id, state.status, reason)
+            if cancel and not state.status.terminal and state.remote_id:
+                orphan.status = b.cancel_remote(state.remote_id).status
+                orphan.cancelled = True
+                if owner is not None:  # the row's history says what happened to its duplicate
+                    store.add_event(job_id, _event(f"cancelled orphan remote job {state.remote_id} ({reason})"))
+            out.append(orphan)
     return out
 
 

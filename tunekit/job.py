@@ -102,6 +102,8 @@ class FineTuneJob:
         """
         from .store.db import StaleWriteError
 
+        for event in state.events:
+            self._store.add_event(self.id, event)
         for _ in range(5):
             current = self._store.get_job(self.id)
             fields = self._changes(current, state)
@@ -178,11 +180,17 @@ class FineTuneJob:
         self._record = self._store.get_job(self.id)
         if self.status.terminal:
             return self
-        if self._record.remote_id is None and self.status == JobStatus.CREATED and not self._is_local():
-            return self  # never reached the provider (or a crash before the reply): see reconcile
+        if self._record.remote_id is None and not self._is_local():
+            return self  # never reached the provider, or its reply was lost (unknown): see reconcile
         self.apply(self.backend.refresh(self._record))
         self._sync_events()
         return self
+
+    def _check_waitable(self) -> None:
+        """A managed job whose submit outcome was lost has nothing to poll until reconcile finds it."""
+        if self.status == JobStatus.UNKNOWN and self._record.remote_id is None and not self._is_local():
+            raise JobStateError(f"job {self.id}: the submit outcome is unknown (no remote job attached)",
+                                hint=f"run `tunekit jobs reconcile {self.id}` to find the remote job")
 
     def _is_local(self) -> bool:
         return self._record.backend == "local"
@@ -196,6 +204,7 @@ class FineTuneJob:
         show = sys.stderr.isatty() if progress is None else progress
         while True:
             self.refresh()
+            self._check_waitable()
             if show:
                 sys.stderr.write("\r\x1b[2K" + progress_line(self._record))
                 sys.stderr.flush()
@@ -225,6 +234,7 @@ class FineTuneJob:
             await self.refresh_async()
             if self.status.terminal:
                 return self
+            self._check_waitable()
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeout(f"job {self.id} still {self.status.value} after {timeout:g}s")
             await asyncio.sleep(delay)

@@ -181,6 +181,9 @@ class Backend(ABC):
         """New provider events (the store de-duplicates by ``remote_id``)."""
         return []
 
+    def check_credentials(self) -> None:
+        """Raise when a credential the backend needs is missing (checked before a job row is written)."""
+
     def find_remote(self, job: "JobRecord") -> RemoteState | None:
         """Look for a remote job tagged with ``job.id`` (reconcile after a crash); None if none."""
         return None

@@ -51,8 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=jobs_metrics)
 
-    p = verbs.add_parser("reconcile", help="re-attach jobs whose process died before the provider's reply was stored")
+    p = verbs.add_parser("reconcile", help="re-attach jobs whose submit outcome was lost; without JOB, also list "
+                                           "remote jobs tagged by tunekit that no job owns (orphans)")
     p.add_argument("job_id", nargs="?")
+    p.add_argument("--backend", help="look for orphans on this backend only (default: those the store uses)")
+    p.add_argument("--cancel-orphans", action="store_true", help="cancel the orphans that are still live")
     p.set_defaults(func=jobs_reconcile)
 
     jobs.set_defaults(func=lambda args: (jobs.print_help(), 2)[1])
@@ -190,9 +193,17 @@ def _num(v):
 
 
 def jobs_reconcile(args: argparse.Namespace) -> int:
-    from ..api import reconcile
+    from ..api import find_orphans, reconcile
 
     for job in reconcile(args.job_id):
         state = f"attached to {job.remote_id}" if job.remote_id else "no remote job found"
         print(f"{job.id}: {job.status.value}: {state}")
+    if args.job_id:
+        return 0
+    orphans = find_orphans(args.backend, cancel=args.cancel_orphans)
+    for o in orphans:
+        done = "cancelled" if o.cancelled else o.status.value
+        print(f"orphan: {o.backend} {o.remote_id} (tag {o.job_id}, {done}): {o.reason}")
+    if any(not o.cancelled and not o.status.terminal for o in orphans):
+        print("live orphans are billed: cancel them with `tunekit jobs reconcile --cancel-orphans`")
     return 0

@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the one table that turns known errors into one line + next step
         from .._exceptions import DataValidationError, TunekitError
+        from .._secrets import mask_exception
+
+        mask_exception(exc)  # what is printed below, traceback included, shows no credential
 
         if debug_enabled() or not isinstance(exc, TunekitError):
             if not isinstance(exc, TunekitError) and not debug_enabled():

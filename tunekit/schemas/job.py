@@ -65,6 +65,8 @@ class RemoteState(BaseModel):
     error: str | None = None
     result: JobResult | None = None
     progress: dict[str, Any] = Field(default_factory=dict, description="step, total_steps, loss, eta_s ...")
+    events: list[JobEvent] = Field(default_factory=list, description="What the backend did on the job's behalf "
+                                   "(e.g. cancelled a duplicate), stored with the job.")
 
 
 Disposition = Literal["mapped", "transformed", "unsupported"]

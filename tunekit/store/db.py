@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .._exceptions import ConfigError, JobNotFoundError, StaleWriteError, StoreError
+from .._secrets import mask, mask_data
 from .._settings import state_db_path
 from ..schemas.job import JobEvent, JobResult, JobStatus
 from .migrations import MIGRATIONS
@@ -235,6 +236,8 @@ class Store:
         for key, value in fields.items():
             if key == "status":
                 value = JobStatus(value).value
+            elif key == "error":
+                value = mask(value)  # a provider may echo a credential in its error
             elif key in _JSON_COLUMNS:
                 value = _dump(value)
             cols.append(f"{key} = ?")
@@ -253,7 +256,7 @@ class Store:
             new_status = fields.get("status")
             if new_status is not None and JobStatus(new_status).value != old_status:
                 new = JobStatus(new_status)
-                error = fields.get("error")
+                error = mask(fields.get("error"))
                 msg = f"status {old_status} -> {new.value}" + (f": {error}" if new == JobStatus.FAILED and error else "")
                 data = {"status": new.value, "raw_status": fields.get("raw_status")}
                 c.execute("INSERT INTO events (job_id, created_at, level, type, message, data) VALUES (?, ?, ?, ?, ?, ?)",
@@ -271,8 +274,8 @@ class Store:
             cur = c.execute(
                 "INSERT OR IGNORE INTO events (job_id, created_at, level, type, message, data, remote_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, event.created_at, event.level, event.type, event.message, _dump(event.data),
-                 event.remote_id),
+                (job_id, event.created_at, event.level, event.type, mask(event.message),
+                 _dump(mask_data(event.data)), event.remote_id),
             )
             return cur.rowcount == 1
 

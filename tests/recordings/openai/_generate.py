@@ -202,13 +202,14 @@ def errors() -> dict:
         ex("GET", f"{JOBS}/{jid}", ok(job(jid, "running", tk))),
     ]}
     out["server_error_500"] = {"provider": "openai", "notes": COMMON_NOTES + [
-        "500 on create: ambiguous, so tunekit looks for the tagged job (none), waits, creates again; then 500 "
-        "on retrieve, retried."], "exchanges": [
+        "500 on create: ambiguous, so tunekit looks for the tagged job (none), waits, creates again, lists the "
+        "tagged jobs once more (a duplicate would be cancelled; there is none); then 500 on retrieve, retried."], "exchanges": [
         upload("file-train01", "tunekit-tk-openai-retry-train.jsonl"),
         ex("POST", JOBS, error(500, "The server had an error while processing your request. Sorry about that!",
                                "server_error")),
         ex("GET", JOBS, ok(page([])), query={"metadata[tunekit_job_id]": tk, "limit": "10"}),
         ex("POST", JOBS, ok(job(jid, "queued", tk)), json_={"metadata": {"tunekit_job_id": tk}}),
+        ex("GET", JOBS, ok(page([job(jid, "queued", tk)])), query={"metadata[tunekit_job_id]": tk, "limit": "10"}),
         ex("GET", f"{JOBS}/{jid}", error(500, "The server had an error while processing your request. Sorry about "
                                               "that!", "server_error")),
         ex("GET", f"{JOBS}/{jid}", ok(job(jid, "running", tk))),

@@ -84,6 +84,8 @@ class FireworksBackend(ManagedBackend):
     status_map = m.STATUS_MAP
     min_rows = 3
     api_key_env = ("FIREWORKS_API_KEY",)
+    sdk_module = "fireworks"
+    client_chosen_ids = True
     base_url_env = ("FIREWORKS_BASE_URL",)
     account_env: ClassVar[tuple[str, ...]] = ("FIREWORKS_ACCOUNT_ID",)
 
@@ -207,13 +209,19 @@ class FireworksBackend(ManagedBackend):
         account, method, job_id = parse_name(remote_id)
         return _resource(client, method).cancel(job_id, account_id=account, body={})
 
-    def _find_tagged(self, client: Any, job: "JobRecord") -> Any | None:
+    def _list_tagged(self, client: Any, job: "JobRecord") -> list[Any]:
+        """The job created with the id derived from ``job.id``: Fireworks refuses a second (409), so there is
+        never more than one and nothing to cancel."""
         import fireworks
 
         try:
-            return _resource(client, _method(job)).get(m.job_id_for(job.id), account_id=self.account_id)
+            return [_resource(client, _method(job)).get(m.job_id_for(job.id), account_id=self.account_id)]
         except fireworks.NotFoundError:
-            return None
+            return []
+
+    def check_credentials(self) -> None:
+        super().check_credentials()
+        self.account_id  # noqa: B018 - raises ConfigError naming FIREWORKS_ACCOUNT_ID
 
     def to_state(self, raw: Any) -> RemoteState:
         state = raw.state

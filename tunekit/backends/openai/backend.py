@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from ..._exceptions import APIError, ConfigError
+from ..._secrets import mask_exception
 from ...schemas.job import JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
 from ...schemas.spec import TrainingSpec
 from .._managed import ManagedBackend
@@ -98,6 +99,7 @@ class OpenAIBackend(ManagedBackend):
     min_rows = 10                          # OpenAI rejects training files with fewer than 10 examples
     max_file_bytes = 8 * 1024**3           # an Upload accepts at most 8 GB
     api_key_env = ("OPENAI_API_KEY",)      # what the openai SDK itself reads
+    sdk_module = "openai"
     base_url_env = ("OPENAI_BASE_URL",)
 
     files_api_max_bytes: ClassVar[int] = 512 * 1024**2   # POST /files limit; above it the Uploads API is used
@@ -129,8 +131,9 @@ class OpenAIBackend(ManagedBackend):
 
     def _translate(self, exc: BaseException) -> BaseException:
         err = super()._translate(exc)
-        if isinstance(err, APIError) and err.args:
-            err.args = (_KEYLIKE.sub("sk-***", str(err.args[0])), *err.args[1:])
+        if isinstance(err, APIError):  # the SDK's error is chained to ours: a traceback shows both
+            mask_exception(err, _KEYLIKE)
+            mask_exception(exc, _KEYLIKE)
         return err
 
     # -- the 2027-01-06 shutdown ---------------------------------------------------------------------------
@@ -284,12 +287,17 @@ class OpenAIBackend(ManagedBackend):
     def _list_checkpoints(client: Any, remote_id: str) -> Any:
         return client.fine_tuning.jobs.checkpoints.list(remote_id, limit=100)
 
-    def _find_tagged(self, client: Any, job: "JobRecord") -> Any | None:
+    def _list_tagged(self, client: Any, job: "JobRecord") -> list[Any]:
         page = client.fine_tuning.jobs.list(metadata={m.TAG_KEY: job.id}, limit=10)
-        for remote in page.data:  # check the tag too: never adopt a job the filter let through
-            if (remote.metadata or {}).get(m.TAG_KEY) == job.id:
-                return remote
-        return None
+        # Check the tag too: never adopt a job the filter let through. The list is newest first.
+        tagged = [r for r in page.data if (r.metadata or {}).get(m.TAG_KEY) == job.id]
+        return sorted(tagged, key=lambda r: r.created_at)
+
+    def tagged_remote(self, *, limit: int = 100) -> list[tuple[str, RemoteState]]:
+        """Jobs among the account's ``limit`` most recent that carry a tunekit tag."""
+        page = self.call(lambda client: client.fine_tuning.jobs.list(limit=limit), self.client)
+        return [((r.metadata or {})[m.TAG_KEY], self.to_state(r)) for r in page.data
+                if (r.metadata or {}).get(m.TAG_KEY)]
 
     def list_remote(self, *, limit: int = 50) -> list[RemoteState]:
         """The account's most recent jobs (newest first), made by tunekit or not; one page of ``limit``."""

@@ -17,7 +17,6 @@ Lifecycle, all through SDK calls (the SDK is imported on first use, never at mod
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import tempfile
 from datetime import datetime
@@ -49,6 +48,7 @@ _EVENT_DATA = ("step", "total_steps", "checkpoint_path", "model_path", "wandb_ur
 class TogetherBackend(ManagedBackend):
     name: ClassVar[str] = "together"
     api_key_env = ("TOGETHER_API_KEY",)
+    sdk_module = "together"
     base_url_env = ("TOGETHER_BASE_URL",)
     field_map = mapping.FIELD_MAP
     provider_option_keys = mapping.PROVIDER_OPTION_KEYS
@@ -161,14 +161,18 @@ class TogetherBackend(ManagedBackend):
     def _list(client: Any) -> Any:
         return client.fine_tuning.list()
 
-    def _find_tagged(self, client: Any, job: "JobRecord") -> Any | None:
-        listed = client.fine_tuning.list()
-        if inspect.isawaitable(listed):
-            async def pick() -> Any | None:
-                return pick_tagged(await listed, job.id)
+    def _list_tagged(self, client: Any, job: "JobRecord") -> list[Any]:
+        return tagged_items(client.fine_tuning.list(), job.id)
 
-            return pick()
-        return pick_tagged(listed, job.id)
+    def tagged_remote(self) -> list[tuple[str, RemoteState]]:
+        """Every job of the account whose suffix ends with a tunekit job id."""
+        items = as_dict(self.call(self._list, self.client)).get("data") or []
+        out = []
+        for item in items:
+            tag = mapping.tag_of(as_dict(item))
+            if tag:
+                out.append((tag, self.to_state(item)))
+        return out
 
     # -- lifecycle additions ---------------------------------------------------------------------------------
     def refresh(self, job: "JobRecord") -> RemoteState:
@@ -294,14 +298,14 @@ def to_checkpoints(raw: Any) -> list[dict[str, Any]]:
     return [dict(c) for c in as_dict(raw).get("data") or [] if isinstance(c, dict)]
 
 
-def pick_tagged(listed: Any, job_id: str) -> Any | None:
-    """The listed job tagged with ``job_id``; the earliest if a duplicate ever slipped through."""
+def tagged_items(listed: Any, job_id: str) -> list[dict[str, Any]]:
+    """The listed jobs tagged with ``job_id``, earliest first."""
     items = [as_dict(item) for item in as_dict(listed).get("data") or []]
     tagged = [item for item in items if mapping.carries_tag(item, job_id)]
-    if not tagged:
-        return None
-    tagged.sort(key=lambda item: timestamp(item.get("created_at")) or 0.0)
-    if len(tagged) > 1:
-        log.warning("together: %d jobs carry tunekit id %s (%s); using the first", len(tagged), job_id,
-                    ", ".join(str(t.get("id")) for t in tagged))
-    return tagged[0]
+    return sorted(tagged, key=lambda item: timestamp(item.get("created_at")) or 0.0)
+
+
+def pick_tagged(listed: Any, job_id: str) -> dict[str, Any] | None:
+    """The earliest listed job tagged with ``job_id`` (create_once cancels any later duplicate)."""
+    tagged = tagged_items(listed, job_id)
+    return tagged[0] if tagged else None

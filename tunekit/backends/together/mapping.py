@@ -8,6 +8,7 @@ adds its own defaults for what is not given (1 epoch, lr 1e-5, cosine, batch "ma
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ...catalog import resolve_model
@@ -35,6 +36,15 @@ def tagged_suffix(user_suffix: str | None, job_id: str) -> str:
         raise ConfigError(f"Together suffix {suffix!r} is {len(suffix)} characters; Together takes {SUFFIX_MAX}",
                           field="suffix", hint=f"use a suffix of at most {USER_SUFFIX_MAX} characters")
     return suffix
+
+
+_TAG = re.compile(r"(tk-[0-9a-f]{12})$")
+
+
+def tag_of(item: dict[str, Any]) -> str | None:
+    """The tunekit job id a listed Together job carries at the end of its suffix, if any."""
+    found = _TAG.search(str(item.get("suffix") or "").lower())
+    return found.group(1) if found else None
 
 
 def carries_tag(item: dict[str, Any], job_id: str) -> bool:
