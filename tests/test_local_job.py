@@ -213,6 +213,16 @@ def test_worker_failure_surfaces_as_failed_with_the_reason(tiny_model, data):
         job.resume()
 
 
+@pytest.mark.slow
+def test_a_nan_loss_fails_the_job_and_registers_nothing(nan_model, data):
+    train, _ = data
+    job = tunekit.finetune(train, **_kw(nan_model)).wait(timeout=120)
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("TrainingError: loss became nan at step 1 (lower hyperparameters.learning_rate")
+    assert job.result.checkpoints == [] and job.result.registry_id is None
+    assert default_store().list_adapters() == []
+
+
 # --------------------------------------------------------------------------------------- no training
 
 def test_memory_refusal_happens_before_anything_is_spawned(data, tmp_path):

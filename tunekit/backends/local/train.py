@@ -11,12 +11,13 @@ store rows; nothing here knows about the store. Output layout under ``output_dir
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..._exceptions import ConfigError
+from ..._exceptions import ConfigError, TrainingError
 from . import memory as _memory
 from . import provenance as _provenance
 from . import speed as _speed
@@ -136,6 +137,7 @@ def _make_bridge(cb: TrainCallbacks, dev: DeviceInfo, ckpt_dir: Path):
             logs = logs or {}
             if "loss" not in logs:  # eval logs and the final summary are reported elsewhere
                 return
+            check_finite_step(int(state.global_step), logs)  # before this step can be checkpointed
             now = time.perf_counter()
             tokens = state.num_input_tokens_seen
             dt = max(now - (self._t or now), 1e-9)
@@ -154,6 +156,34 @@ def _make_bridge(cb: TrainCallbacks, dev: DeviceInfo, ckpt_dir: Path):
             cb.on_checkpoint(int(state.global_step), str(ckpt_dir / f"checkpoint-{state.global_step}"))
 
     return _Bridge()
+
+
+NON_FINITE_HINT = ("lower hyperparameters.learning_rate or adapter.alpha (or set hyperparameters.max_grad_norm), "
+                   "and check that the base model's weights are finite")
+
+
+def check_finite_step(step: int, logs: dict[str, Any]) -> None:
+    """Stop the run at the first non-finite loss or gradient norm: nothing after it is worth keeping."""
+    for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+        value = logs.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise TrainingError(f"{name} became {value} at step {step}", hint=NON_FINITE_HINT)
+
+
+def check_finite_adapter(adapter_dir: str | Path) -> None:
+    """Refuse an adapter whose saved weights hold NaN or inf (it must never reach the registry)."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    bad: list[str] = []
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                bad.append(key)
+    if bad:
+        raise TrainingError(f"the trained adapter has non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]} "
+                            f"({path})", hint=NON_FINITE_HINT)
 
 
 def _resolve_resume(resume: str | bool | None, ckpt_dir: Path, cb: TrainCallbacks) -> str | None:
@@ -322,6 +352,7 @@ def train(
         adapter_path = str(adapter_dir)
         save_kw = {"path_initial_model_for_weight_conversion": str(init_dir)} if mutating else {}
         trainer.model.save_pretrained(str(adapter_dir), **save_kw)
+        check_finite_adapter(adapter_dir)
         tokenizer.save_pretrained(str(adapter_dir))
         cb.on_event("info", f"adapter saved to {adapter_dir}")
 
@@ -445,6 +476,7 @@ def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData
         optim=optim_name.split("+")[-1],
         logging_steps=logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a non-finite loss must be seen (check_finite_step), not averaged away
         save_strategy="steps" if checkpoint_steps else "no",
         save_steps=checkpoint_steps or 500,
         eval_strategy="steps" if val is not None else "no",
