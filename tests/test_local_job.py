@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 import tunekit
-from tunekit._exceptions import JobStateError, ResourceError
+from tunekit._exceptions import ConfigError, JobStateError, ResourceError
 from tunekit.backends.local.process import job_dir, worker_alive
 from tunekit.backends.local.plot import plot_metrics, terminal_plot
+from tunekit.backends.local.worker import data_snapshot
 from tunekit.schemas.job import JobStatus
 from tunekit.store import default_store
 
@@ -270,6 +271,35 @@ def test_cancel_of_a_job_whose_worker_is_gone_marks_it_cancelled(tiny_model, dat
     store.update_job(rec.id, status=JobStatus.QUEUED, pid=dead.pid)
     job = tunekit.get_job(rec.id).cancel()
     assert job.status == JobStatus.CANCELLED
+
+
+def test_a_data_file_changed_after_finetune_fails_the_job_untrained(tiny_model, data):
+    train, _ = data
+    job = tunekit.finetune(train, **_kw(tiny_model))
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:12]))  # 3 steps, not 16
+    job.wait(timeout=60)
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith(f"ConfigError: the training file {train} changed after it was validated")
+    assert "nothing was trained" in job.error and "tunekit finetune" in job.error
+    assert job.metrics() == [] and job.result.checkpoints == []
+
+
+def test_the_worker_trains_its_own_copy_of_the_validated_data(data):
+    train, val = data
+    original = train.read_bytes()
+    store = default_store()
+    rec = store.create_job("local", {"base_model": "x"}, {
+        "train": {"path": str(train), "sha256": _sha256(train)},
+        "validation": {"path": str(val), "sha256": _sha256(val)}})
+    snap = data_snapshot(rec, "train")
+    assert snap.parent == job_dir(rec.id) / "data" and snap.read_bytes() == original
+    assert data_snapshot(rec, "validation").read_bytes() == val.read_bytes()
+    train.write_text("edited after the first start\n")
+    assert data_snapshot(rec, "train").read_bytes() == original  # a resume trains what was validated
+    snap.write_bytes(original[:-10])
+    with pytest.raises(ConfigError, match="changed after it was validated") as err:
+        data_snapshot(rec, "train")
+    assert err.value.field == "data"
 
 
 def test_terminal_plot_and_png_from_rows(tmp_path):

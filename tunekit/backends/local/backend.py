@@ -5,6 +5,7 @@ spawns ``python -m tunekit.backends.local.worker JOB_ID`` in its own session (so
 the worker writes heartbeats, progress, metrics and events, and every other call reads the store.
 
     $TUNEKIT_HOME/jobs/<id>/worker.log        the worker's stdout/stderr (tracebacks land here)
+    $TUNEKIT_HOME/jobs/<id>/data/             the job's copy of its data, checked against the validated sha256
     $TUNEKIT_HOME/jobs/<id>/output/           checkpoints/checkpoint-<step>/, adapter/ (see train.py)
 
 Status changes that two processes may race on (cancel against the worker finishing, a refresh that

@@ -11,18 +11,22 @@ after a checkpoint. Any exception fails the job with a one-line reason; the trac
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import signal
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
-from ..._exceptions import JobNotFoundError
+from ..._exceptions import ConfigError, JobNotFoundError
 from ...schemas.job import JobEvent, JobResult, JobStatus
 from ...schemas.spec import TrainingSpec
 from ...store import Store, default_store
 from .process import checkpoints, job_dir, output_dir, transition
+from .provenance import file_sha256
 from .train import TrainCallbacks, TrainOutcome
 
 HEARTBEAT_S = 2.0
@@ -177,14 +181,56 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     # the worker trains exactly what was planned: the resolved base model id
     spec = spec.model_copy(update={"base_model": request.get("base_model") or spec.base_model})
     budget = opts.get("memory_budget_gb")
-    validation = (record.data or {}).get("validation", {}).get("path")
+    validation = data_snapshot(record, "validation") if (record.data or {}).get("validation") else None
     return train(
-        spec, record.data["train"]["path"], output_dir(record),
+        spec, data_snapshot(record, "train"), output_dir(record),
         validation_path=validation, callbacks=cb, resume_from_checkpoint=resume_from,
         checkpoint_steps=opts.get("checkpoint_steps"), max_steps=opts.get("max_steps"), device=opts.get("device"),
         eval_steps=opts.get("eval_steps"), gradient_checkpointing=opts.get("gradient_checkpointing"),
         memory_budget_bytes=int(budget * 1024**3) if budget else None, logging_steps=opts.get("logging_steps") or 1,
     )
+
+
+_DATA_FIELD = {"train": ("training file", "data"), "validation": ("validation file", "validation_data")}
+
+
+def data_snapshot(record, split: str) -> Path:
+    """The job's own copy of a data file, proven to be the bytes validated at submit: what it trains from.
+
+    Made on the first start (copy and hash in one read, so no later edit can slip in between) and
+    checked again on every resume; a file changed after ``finetune`` returned fails the job here.
+    """
+    entry = record.data[split]
+    what, field = _DATA_FIELD[split]
+    dest = job_dir(record.id) / "data" / f"{split}.jsonl"
+    expected = entry.get("sha256")
+    if dest.is_file():
+        source, digest = dest, file_sha256(dest)
+    else:
+        source = Path(entry["path"])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        h = hashlib.sha256()
+        try:
+            with open(source, "rb") as src, open(part, "wb") as out:
+                while block := src.read(1 << 20):
+                    h.update(block)
+                    out.write(block)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"the {what} {source} is gone; nothing was trained", field=field,
+                              hint="start a new job with `tunekit finetune` on the file's new location") from exc
+        digest = h.hexdigest()
+        if digest == expected or expected is None:
+            os.replace(part, dest)
+        else:
+            part.unlink()
+    if expected is not None and digest != expected:
+        raise ConfigError(
+            f"the {what} {source} changed after it was validated (sha256 {digest[:12]}, validated "
+            f"{expected[:12]}); nothing was trained", field=field,
+            hint="a job trains exactly the data that was validated: start a new job with `tunekit finetune` "
+                 "to validate and train the new content")
+    return dest
 
 
 def _finish(store: Store, record, cb: StoreCallbacks, outcome: TrainOutcome) -> int:
