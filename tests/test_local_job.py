@@ -6,10 +6,12 @@ process only talks to the job through the store (and signals, for the crash test
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ import pytest
 
 import tunekit
 from tunekit._exceptions import ConfigError, JobStateError, ResourceError
-from tunekit.backends.local.process import job_dir, worker_alive
+from tunekit.backends.local.process import checkpoints, job_dir, last_checkpoint, worker_alive
 from tunekit.backends.local.plot import plot_metrics, terminal_plot
 from tunekit.backends.local.worker import data_snapshot
 from tunekit.schemas.job import JobStatus
@@ -58,6 +60,21 @@ def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+class _FullDisk:
+    """The store's connection on a full disk: reads work, every commit fails as SQLite reports it."""
+
+    def __init__(self, conn):
+        self._real, self.full = conn, True
+
+    def execute(self, sql, *args):
+        if self.full and sql.strip().upper() == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._real.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
 # --------------------------------------------------------------------------------------- training
 
 # The uninterrupted run's losses and adapter, kept for the crash/resume test (which reruns it if absent).
@@ -92,7 +109,10 @@ def test_finetune_runs_detached_and_registers_the_adapter(tiny_model, data, tmp_
     assert res.model == res.adapter_path and (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
     assert res.metrics["steps"] == 16 and res.metrics["eval_loss"] > 0
-    assert [c["step"] for c in res.checkpoints] == [4, 8, 12, 16]
+    # saved every 4 steps; the newest 3 are kept (provider_options.local.keep_checkpoints defaults to 3)
+    assert [c["step"] for c in res.checkpoints] == [8, 12, 16]
+    assert sorted(p.name for p in Path(res.checkpoints[0]["path"]).parent.glob("checkpoint-*")) == [
+        "checkpoint-12", "checkpoint-16", "checkpoint-8"]
 
     # progress, heartbeats and metrics were written by the worker
     p = job.progress
@@ -222,6 +242,105 @@ def test_a_nan_loss_fails_the_job_and_registers_nothing(nan_model, data):
     assert job.error.startswith("TrainingError: loss became nan at step 1 (lower hyperparameters.learning_rate")
     assert job.result.checkpoints == [] and job.result.registry_id is None
     assert default_store().list_adapters() == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_job_with_its_cause_and_resume_continues(tiny_model, data):
+    import shutil
+
+    from transformers import Trainer
+
+    from tunekit.backends.local import worker
+    from tunekit.backends.local.backend import LocalBackend
+    from tunekit.schemas.job import RemoteState
+
+    train, _ = data
+    store = default_store()
+    disk = _FullDisk(store._conn)
+    disk.full = False
+    save = Trainer._save_checkpoint
+
+    def save_until_full(self, model, trial):
+        if self.state.global_step < 8:
+            return save(self, model, trial)
+        # the disk fills while step 8 is saved: trainer_state.json (written last) is cut short
+        ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "trainer_state.json").write_text('{"global_step": 8, "log_hist')
+        disk.full = True
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rmtree = shutil.rmtree
+
+    def rmtree_frees_space(path, *a, **kw):
+        rmtree(path, *a, **kw)
+        disk.full = False
+
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as mp:  # the worker runs in this process, so the disk can fill under it
+        mp.setattr(LocalBackend, "_spawn", lambda self, job, resume_from: RemoteState(status=JobStatus.QUEUED))
+        job = tunekit.finetune(train, **_kw(tiny_model))
+        mp.setattr(store, "_conn", disk)
+        mp.setattr(Trainer, "_save_checkpoint", save_until_full)
+        mp.setattr(shutil, "rmtree", rmtree_frees_space)
+        try:
+            assert worker.run(job.id) == 1
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    job.refresh()
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("OSError: [Errno 28] No space left on device (free disk space under ")
+    assert f"then `tunekit jobs resume {job.id}` continues from step 4" in job.error
+    ckpt_root = job_dir(job.id) / "output" / "checkpoints"
+    assert [c["step"] for c in job.result.checkpoints] == [4] and not (ckpt_root / "checkpoint-8").exists()
+    [error] = [e for _, e in store.events(job.id) if e.type == "error"]
+    assert error.data["removed"] == [str(ckpt_root / "checkpoint-8")]
+
+    # space is back: a real worker resumes from step 4 and finishes
+    job.resume().wait(timeout=120)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.result.metrics["steps"] == 16
+
+
+def test_a_torn_newest_checkpoint_falls_back_to_the_newest_intact_one(tiny_model, data):
+    train, _ = data
+    store = default_store()
+    rec = store.create_job("local", {"base_model": str(tiny_model)}, {"train": {"path": str(train)}})
+    root = job_dir(rec.id) / "output" / "checkpoints"
+    for step in (4, 8, 12):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        (root / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (root / "checkpoint-12" / "trainer_state.json").write_text('{"global_step": 12, "log_hi')  # truncated
+    (root / "checkpoint-16").mkdir()  # its save never reached trainer_state.json
+    assert [c["step"] for c in checkpoints(rec)] == [4, 8]
+    assert last_checkpoint(rec) == str(root / "checkpoint-8")
+
+
+def test_status_answers_when_the_store_cannot_be_written(tiny_model, data, monkeypatch, capsys):
+    from tunekit.cli.main import main
+
+    train, _ = data
+    store = default_store()
+    rec = store.create_job("local", {"base_model": str(tiny_model)}, {"train": {"path": str(train)}})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update_job(rec.id, status=JobStatus.RUNNING, pid=dead.pid, heartbeat_at=time.time() - 30)
+    job_dir(rec.id).mkdir(parents=True)
+    (job_dir(rec.id) / "worker.log").write_text(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in save\n"
+        "OSError: [Errno 28] No space left on device\n")
+    disk = _FullDisk(store._conn)
+    monkeypatch.setattr(store, "_conn", disk)
+    assert main(["jobs", "status", rec.id]) == 0
+    out = capsys.readouterr().out
+    assert f"{rec.id} [local] failed" in out
+    assert f"worker process {dead.pid} vanished (last heartbeat 30s ago); its last error: OSError: [Errno 28] " \
+           "No space left on device" in out
+    assert "note: not recorded in the store" in out and "database or disk is full" in out
+    assert store.get_job(rec.id).status == JobStatus.RUNNING  # nothing was written
+    disk.full = False  # space is back: the same read records it
+    job = tunekit.get_job(rec.id).refresh()
+    assert job.status == JobStatus.FAILED and "No space left on device" in job.error and job.unsaved is None
 
 
 # --------------------------------------------------------------------------------------- no training

@@ -6,11 +6,12 @@ sees the same job. Credentials are never part of a job: backends read them at ca
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ._exceptions import JobStateError, TunekitError
+from ._exceptions import JobStateError, StoreError, TunekitError
 from .schemas.job import JobEvent, JobResult, JobStatus, RemoteState
 from .schemas.spec import TrainingSpec
 from .store import JobRecord, Store, default_store
@@ -28,6 +29,8 @@ class FineTuneJob:
         self._record = record
         self._store = store or default_store()
         self._backend = backend
+        # set when the last refresh learned something the store could not take (see apply)
+        self.unsaved: str | None = None
 
     # -- lookup -------------------------------------------------------------------------------------
     @classmethod
@@ -102,6 +105,7 @@ class FineTuneJob:
         """
         from .store.db import StaleWriteError
 
+        self.unsaved = None
         for _ in range(5):
             current = self._store.get_job(self.id)
             fields = self._changes(current, state)
@@ -112,6 +116,10 @@ class FineTuneJob:
                 self._record = self._store.update_job(self.id, expect_status=current.status, **fields)
             except StaleWriteError:
                 continue
+            except StoreError as exc:  # a read must still answer when the store cannot be written (disk full)
+                self._record = dataclasses.replace(current, **fields)
+                self.unsaved = f"not recorded in the store: {exc}"
+                return self
             if self._record.status == JobStatus.SUCCEEDED and current.status != JobStatus.SUCCEEDED:
                 self._register_result()
             return self

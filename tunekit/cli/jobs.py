@@ -98,6 +98,8 @@ def jobs_status(args: argparse.Namespace) -> int:
         print(f"remote id: {job.remote_id}")
     if job.error:
         print(f"error: {job.error}")
+    if job.unsaved:
+        print(f"note: {job.unsaved}")
     if job.result:
         res = job.result
         print(f"result: {res.model}")

@@ -5,6 +5,7 @@ Shared by the backend (caller side) and the worker. Light: no torch, no transfor
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -115,21 +116,54 @@ def find_worker_pid(job_id: str) -> int | None:
     return None
 
 
-def checkpoints(rec: "JobRecord") -> list[dict[str, Any]]:
-    """The job's checkpoints on disk, oldest first: [{"step": n, "path": ...}]."""
+def _checkpoint_dirs(rec: "JobRecord") -> list[tuple[int, Path]]:
     root = output_dir(rec) / "checkpoints"
     found = []
     if root.is_dir():
         for p in root.iterdir():
             m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-            if m and (p / "trainer_state.json").is_file():
-                found.append({"step": int(m.group(1)), "path": str(p)})
-    return sorted(found, key=lambda c: c["step"])
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def intact(checkpoint: Path, step: int) -> bool:
+    """A checkpoint written to the end: its trainer_state.json (saved after the weights) parses and
+    names its step. A save cut short (disk full, kill) leaves it missing or truncated."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step") == step
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def checkpoints(rec: "JobRecord") -> list[dict[str, Any]]:
+    """The job's intact checkpoints on disk, oldest first: [{"step": n, "path": ...}]."""
+    return [{"step": step, "path": str(p)} for step, p in _checkpoint_dirs(rec) if intact(p, step)]
+
+
+def torn_checkpoints(rec: "JobRecord") -> list[Path]:
+    """Checkpoint directories whose save did not finish (see ``intact``)."""
+    return [p for step, p in _checkpoint_dirs(rec) if not intact(p, step)]
 
 
 def last_checkpoint(rec: "JobRecord") -> str | None:
     found = checkpoints(rec)
     return found[-1]["path"] if found else None
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*)?(?:Error|Exception)\b.*: .+")
+
+
+def last_error(log: Path, tail_bytes: int = 16384) -> str | None:
+    """The last exception line a worker wrote to its log (the cause, when it could not reach the store)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    found = next((ln.strip() for ln in reversed(lines) if _ERROR_LINE.match(ln.strip())), None)
+    return found[:300] if found else None
 
 
 def _partial_result(rec: "JobRecord") -> JobResult:

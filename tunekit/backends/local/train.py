@@ -212,6 +212,7 @@ def train(
     callbacks: TrainCallbacks | None = None,
     resume_from_checkpoint: str | bool | None = None,
     checkpoint_steps: int | None = None,
+    keep_checkpoints: int | None = None,
     max_steps: int | None = None,
     device: str | None = None,
     eval_steps: int | float | None = None,
@@ -223,6 +224,7 @@ def train(
 
     ``memory_budget_bytes`` caps the memory the fit check assumes (default: the device's). ``eval_steps``
     defaults to checkpoint_steps, else 10% of the run; validation loss is also computed at the end.
+    ``keep_checkpoints`` keeps only that many newest checkpoints on disk (None: all).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -321,7 +323,8 @@ def train(
     trainer = _build_trainer(
         spec, model, tokenizer, data, val, ckpt_dir=ckpt_dir, micro=micro, accum=accum, on_gpu=on_gpu,
         optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # speed.apply set it per layer
-        checkpoint_steps=checkpoint_steps, max_steps=max_steps, eval_steps=eval_steps, logging_steps=logging_steps,
+        checkpoint_steps=checkpoint_steps, keep_checkpoints=keep_checkpoints, max_steps=max_steps,
+        eval_steps=eval_steps, logging_steps=logging_steps,
     )
     speed_applied["fp32_adapter_params"] = _speed.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
@@ -453,7 +456,8 @@ def _adapted_base_class(model: Any) -> str | None:
 
 def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData | None, *, ckpt_dir: Path,
                    micro: int, accum: int, on_gpu: bool, optim_name: str, optimizers, gradient_checkpointing: bool,
-                   checkpoint_steps: int | None, max_steps: int | None, eval_steps, logging_steps: int):
+                   checkpoint_steps: int | None, keep_checkpoints: int | None, max_steps: int | None, eval_steps,
+                   logging_steps: int):
     from datasets import Dataset
 
     hp = spec.hyperparameters
@@ -479,6 +483,7 @@ def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData
         logging_nan_inf_filter=False,  # a non-finite loss must be seen (check_finite_step), not averaged away
         save_strategy="steps" if checkpoint_steps else "no",
         save_steps=checkpoint_steps or 500,
+        save_total_limit=keep_checkpoints,  # older ones are deleted only after a newer one is fully written
         eval_strategy="steps" if val is not None else "no",
         eval_steps=(eval_steps or checkpoint_steps or 0.1) if val is not None else None,
         report_to="none",
