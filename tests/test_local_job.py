@@ -343,6 +343,63 @@ def test_status_answers_when_the_store_cannot_be_written(tiny_model, data, monke
     assert job.status == JobStatus.FAILED and "No space left on device" in job.error and job.unsaved is None
 
 
+@pytest.mark.slow
+def test_a_stopped_worker_is_shown_stalled_and_cancel_ends_it(tiny_model, data, monkeypatch):
+    from tunekit.job import progress_line
+
+    train, _ = data
+    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.4")
+    job = tunekit.finetune(train, **_kw(tiny_model))
+    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")
+    _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5)
+    os.kill(job.record.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.5)  # let a write that was under way land; then ten minutes of silence pass
+        default_store().update_job(job.id, heartbeat_at=time.time() - 600)
+        job.refresh()
+        line = progress_line(job.record)
+        assert job.status == JobStatus.RUNNING and "stalled: no heartbeat for 10m00s" in line and "ETA" not in line
+        with pytest.raises(JobStateError, match=r"worker \(pid \d+\) is stalled \(no heartbeat for 10m"):
+            job.resume()
+        job.cancel()  # SIGTERM wakes it: it stops at the next step after a checkpoint
+    finally:
+        if worker_alive(job.record):
+            os.kill(job.record.pid, signal.SIGCONT)
+    job.wait(timeout=60)
+    assert job.status == JobStatus.CANCELLED and not worker_alive(job.record)
+    stopped_at = job.result.checkpoints[-1]["step"]
+    assert 5 <= stopped_at < 16
+    job.resume().wait(timeout=120)
+    assert job.status == JobStatus.SUCCEEDED and job.result.metrics["steps"] == 16
+
+
+def test_cancel_kills_a_hung_worker_that_ignores_sigterm(tiny_model, data, monkeypatch):
+    from tunekit.backends.local import process
+    from tunekit.job import progress_line
+
+    monkeypatch.setattr(process, "KILL_GRACE_S", 1.0)
+    train, _ = data
+    store = default_store()
+    rec = store.create_job("local", {"base_model": str(tiny_model)}, {"train": {"path": str(train)}})
+    hung = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                             "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)",
+                             "tunekit.backends.local.worker", rec.id], stdout=subprocess.PIPE, text=True)
+    assert hung.stdout.readline() == "ready\n"
+    try:
+        rec = store.update_job(rec.id, status=JobStatus.RUNNING, pid=hung.pid, heartbeat_at=time.time() - 200,
+                               progress={"step": 3, "total_steps": 16, "eta_s": 30})
+        assert worker_alive(rec) and "stalled: no heartbeat for 3m20s" in progress_line(rec)
+        job = tunekit.get_job(rec.id).cancel()
+        assert job.status == JobStatus.CANCELLED and hung.poll() == -signal.SIGKILL
+        assert f"worker process {hung.pid} was stalled (no heartbeat for 3m2" in job.error
+        assert job.error.endswith("ended with SIGKILL")
+        with pytest.raises(JobStateError, match="no checkpoint"):  # gone: resume is no longer refused for it
+            job.resume()
+    finally:
+        hung.kill()
+        hung.wait()
+
+
 # --------------------------------------------------------------------------------------- no training
 
 def test_memory_refusal_happens_before_anything_is_spawned(data, tmp_path):

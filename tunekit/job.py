@@ -351,9 +351,20 @@ def progress_line(record: JobRecord) -> str:
         parts.append(f"loss {p['loss']:.4f}")
     if p.get("tokens_per_s"):
         parts.append(f"{p['tokens_per_s']:.0f} tok/s")
-    if p.get("eta_s") is not None and not record.status.terminal:
+    stalled = _stalled_for(record)
+    if stalled is not None:  # an ETA from the last step it took would be a lie
+        parts.append(f"stalled: no heartbeat for {format_seconds(stalled)}")
+    elif p.get("eta_s") is not None and not record.status.terminal:
         parts.append(f"ETA {format_seconds(p['eta_s'])}")
     return "  ".join(parts)
+
+
+def _stalled_for(record: JobRecord) -> float | None:
+    if record.backend != "local":  # only local workers write heartbeats
+        return None
+    from .backends.local.process import stalled_for
+
+    return stalled_for(record)
 
 
 def format_seconds(seconds: float) -> str:

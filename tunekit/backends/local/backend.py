@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._exceptions import ConfigError, JobStateError, StoreError
 from ..._settings import tunekit_home
+from ...job import format_seconds
 from ...schemas.job import JobStatus, Plan, RemoteState
 from ...schemas.spec import TrainingSpec
 from ..base import Backend, PlanContext, Refuse, Rule, Send
@@ -39,6 +40,8 @@ from .process import (
     job_lock,
     last_checkpoint,
     last_error,
+    stalled_for,
+    terminate,
     transition,
     worker_alive,
 )
@@ -258,10 +261,17 @@ class LocalBackend(Backend):
         rec = store.get_job(job.id)
         if rec.status.terminal:
             raise JobStateError(f"job {rec.id} is already {rec.status.value}")
-        if worker_alive(rec):
+        stalled = stalled_for(rec)
+        if worker_alive(rec) and stalled is None:
             # The worker polls for this at every step, saves a checkpoint there and marks itself cancelled.
             rec = transition(store, rec.id, JobStatus.CANCELLING, (JobStatus.QUEUED, JobStatus.RUNNING,
                                                                  JobStatus.UNKNOWN, JobStatus.CREATED)) or rec
+        elif worker_alive(rec):  # stalled: it cannot see the request, so it is ended (it may still save)
+            transition(store, rec.id, JobStatus.CANCELLING, ACTIVE)
+            how = terminate(rec)
+            rec = transition(store, rec.id, JobStatus.CANCELLED, ACTIVE, result=_partial_result(rec),
+                             error=f"worker process {rec.pid} was stalled (no heartbeat for "
+                                   f"{format_seconds(stalled)}); ended with {how}") or rec
         else:
             rec = transition(store, rec.id, JobStatus.CANCELLED, ACTIVE, result=_partial_result(rec)) or rec
         return RemoteState(remote_id=rec.remote_id, status=store.get_job(job.id).status)
@@ -271,8 +281,12 @@ class LocalBackend(Backend):
         rec = store.get_job(job.id)
         if rec.status not in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.UNKNOWN):
             if worker_alive(rec):
-                raise JobStateError(f"job {rec.id} is {rec.status.value}: its worker (pid {rec.pid}) is running",
-                                    hint=f"cancel it first with `tunekit jobs cancel {rec.id}`")
+                stalled = stalled_for(rec)
+                state = (f"is stalled (no heartbeat for {format_seconds(stalled)})" if stalled is not None
+                         else "is running")
+                raise JobStateError(f"job {rec.id} is {rec.status.value}: its worker (pid {rec.pid}) {state}",
+                                    hint=f"cancel it first with `tunekit jobs cancel {rec.id}` (a stalled worker "
+                                         f"is ended), then resume")
             if rec.status != JobStatus.UNKNOWN:
                 rec = self._settle_dead_worker(store, rec)
             if rec.status not in (JobStatus.FAILED, JobStatus.CANCELLED):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -22,8 +23,11 @@ if TYPE_CHECKING:
     from ...store import JobRecord, Store
 
 WORKER_MODULE = "tunekit.backends.local.worker"
-# A worker on another host (shared TUNEKIT_HOME) cannot be checked by pid: its heartbeat must be this fresh.
+# A worker beats every few seconds from a thread, whatever training is doing. One silent this long is
+# stalled (stopped, hung in native code); one on another host (shared TUNEKIT_HOME) counts as gone.
 STALE_HEARTBEAT_S = 120.0
+# how long a stalled worker gets to exit after SIGTERM before SIGKILL
+KILL_GRACE_S = 10.0
 # pid -> Popen of workers this process started: poll() tells a live child from a zombie and reaps it.
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
@@ -97,6 +101,35 @@ def worker_alive(rec: "JobRecord") -> bool:
         except (OSError, IndexError):
             return False
     return True
+
+
+def stalled_for(rec: "JobRecord", now: float | None = None) -> float | None:
+    """Seconds since the last heartbeat of a job still in progress, once that is stale; else None."""
+    if rec.status.terminal or rec.heartbeat_at is None:
+        return None
+    age = (now or time.time()) - rec.heartbeat_at
+    return age if age > STALE_HEARTBEAT_S else None
+
+
+def terminate(rec: "JobRecord") -> str:
+    """End a worker that does not answer: SIGTERM (with SIGCONT, so a stopped one receives it), then
+    SIGKILL after KILL_GRACE_S. Returns the signal that ended it."""
+    def wait_gone(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while worker_alive(rec) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return not worker_alive(rec)
+
+    try:
+        os.kill(rec.pid, signal.SIGTERM)
+        os.kill(rec.pid, signal.SIGCONT)
+        if wait_gone(KILL_GRACE_S):
+            return "SIGTERM"
+        os.kill(rec.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "SIGTERM"
+    wait_gone(KILL_GRACE_S)
+    return "SIGKILL"
 
 
 def find_worker_pid(job_id: str) -> int | None:
