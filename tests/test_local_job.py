@@ -326,9 +326,11 @@ def test_status_answers_when_the_store_cannot_be_written(tiny_model, data, monke
     dead.wait()
     store.update_job(rec.id, status=JobStatus.RUNNING, pid=dead.pid, heartbeat_at=time.time() - 30)
     job_dir(rec.id).mkdir(parents=True)
-    (job_dir(rec.id) / "worker.log").write_text(
+    (job_dir(rec.id) / "worker.log").write_text(  # an earlier session's error, then this one's
+        "=== 2026-12-03 09:00:00 python -m tunekit.backends.local.worker\nValueError: an earlier session\n"
+        "=== 2026-12-03 10:00:00 python -m tunekit.backends.local.worker --resume x\n"
         "Traceback (most recent call last):\n  File \"x.py\", line 1, in save\n"
-        "OSError: [Errno 28] No space left on device\n")
+        "OSError: [Errno 28] No space left on device\n  (printed after the traceback)\n")
     disk = _FullDisk(store._conn)
     monkeypatch.setattr(store, "_conn", disk)
     assert main(["jobs", "status", rec.id]) == 0
@@ -476,6 +478,9 @@ def test_the_worker_trains_its_own_copy_of_the_validated_data(data):
     with pytest.raises(ConfigError, match="changed after it was validated") as err:
         data_snapshot(rec, "train")
     assert err.value.field == "data"
+    unvalidated = store.create_job("local", {"base_model": "x"}, {"train": {"path": str(train)}})
+    with pytest.raises(ConfigError, match="no validated sha256"):
+        data_snapshot(unvalidated, "train")
 
 
 def test_terminal_plot_and_png_from_rows(tmp_path):

@@ -195,6 +195,8 @@ def last_error(log: Path, tail_bytes: int = 16384) -> str | None:
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return None
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("=== ")]  # each start writes one (backend._spawn)
+    lines = lines[starts[-1]:] if starts else lines  # an earlier session's error is not this one's cause
     found = next((ln.strip() for ln in reversed(lines) if _ERROR_LINE.match(ln.strip())), None)
     return found[:300] if found else None
 

@@ -232,7 +232,8 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     return train(
         spec, data_snapshot(record, "train"), output_dir(record),
         validation_path=validation, callbacks=cb, resume_from_checkpoint=resume_from,
-        checkpoint_steps=opts.get("checkpoint_steps"), keep_checkpoints=opts.get("keep_checkpoints"), max_steps=opts.get("max_steps"), device=opts.get("device"),
+        checkpoint_steps=opts.get("checkpoint_steps"), keep_checkpoints=opts.get("keep_checkpoints"),
+        max_steps=opts.get("max_steps"), device=opts.get("device"),
         eval_steps=opts.get("eval_steps"), gradient_checkpointing=opts.get("gradient_checkpointing"),
         memory_budget_bytes=int(budget * 1024**3) if budget else None, logging_steps=opts.get("logging_steps") or 1,
     )
@@ -251,6 +252,9 @@ def data_snapshot(record, split: str) -> Path:
     what, field = _DATA_FIELD[split]
     dest = job_dir(record.id) / "data" / f"{split}.jsonl"
     expected = entry.get("sha256")
+    if not expected:
+        raise ConfigError(f"the job records no validated sha256 for its {what} {entry.get('path')}; nothing was "
+                          f"trained", field=field, hint="start it with `tunekit finetune`, which validates the data")
     if dest.is_file():
         source, digest = dest, file_sha256(dest)
     else:
@@ -267,11 +271,11 @@ def data_snapshot(record, split: str) -> Path:
             raise ConfigError(f"the {what} {source} is gone; nothing was trained", field=field,
                               hint="start a new job with `tunekit finetune` on the file's new location") from exc
         digest = h.hexdigest()
-        if digest == expected or expected is None:
+        if digest == expected:
             os.replace(part, dest)
         else:
             part.unlink()
-    if expected is not None and digest != expected:
+    if digest != expected:
         raise ConfigError(
             f"the {what} {source} changed after it was validated (sha256 {digest[:12]}, validated "
             f"{expected[:12]}); nothing was trained", field=field,
