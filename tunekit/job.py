@@ -86,6 +86,11 @@ class FineTuneJob:
         return self._record.progress
 
     @property
+    def stalled_for(self) -> float | None:
+        """Seconds a local worker has been silent, once its heartbeat is stale (it is shown as stalled)."""
+        return _stalled_for(self._record)
+
+    @property
     def spec(self) -> TrainingSpec:
         return TrainingSpec.model_validate(self._record.spec)
 

@@ -91,7 +91,7 @@ def jobs_status(args: argparse.Namespace) -> int:
 
     job = get_job(args.job_id).refresh()
     if args.json:
-        print_json(_record_json(job))
+        print_json({**_record_json(job), "stalled_s": job.stalled_for, "unsaved": job.unsaved})
         return 0
     print(progress_line(job.record))
     if job.remote_id:
