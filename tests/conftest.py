@@ -29,3 +29,19 @@ def tiny_model(tmp_path_factory) -> Path:
     from tunekit.testing import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def nan_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny Llama with one NaN weight: every forward pass, hence the first loss, is NaN."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("models") / "nan-llama"
+    shutil.copytree(tiny_model, path)
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path

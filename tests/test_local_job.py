@@ -6,10 +6,13 @@ process only talks to the job through the store (and signals, for the crash test
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,9 +21,10 @@ from pathlib import Path
 import pytest
 
 import tunekit
-from tunekit._exceptions import JobStateError, ResourceError
-from tunekit.backends.local.process import job_dir, worker_alive
+from tunekit._exceptions import ConfigError, JobStateError, ResourceError
+from tunekit.backends.local.process import checkpoints, job_dir, last_checkpoint, worker_alive
 from tunekit.backends.local.plot import plot_metrics, terminal_plot
+from tunekit.backends.local.worker import data_snapshot
 from tunekit.schemas.job import JobStatus
 from tunekit.schemas.spec import TrainingSpec
 from tunekit.store import default_store
@@ -59,6 +63,21 @@ def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+class _FullDisk:
+    """The store's connection on a full disk: reads work, every commit fails as SQLite reports it."""
+
+    def __init__(self, conn):
+        self._real, self.full = conn, True
+
+    def execute(self, sql, *args):
+        if self.full and sql.strip().upper() == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._real.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
 # --------------------------------------------------------------------------------------- training
 
 # The uninterrupted run's losses and adapter, kept for the crash/resume test (which reruns it if absent).
@@ -93,7 +112,10 @@ def test_finetune_runs_detached_and_registers_the_adapter(tiny_model, data, tmp_
     assert res.model == res.adapter_path and (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
     assert res.metrics["steps"] == 16 and res.metrics["eval_loss"] > 0
-    assert [c["step"] for c in res.checkpoints] == [4, 8, 12, 16]
+    # saved every 4 steps; the newest 3 are kept (provider_options.local.keep_checkpoints defaults to 3)
+    assert [c["step"] for c in res.checkpoints] == [8, 12, 16]
+    assert sorted(p.name for p in Path(res.checkpoints[0]["path"]).parent.glob("checkpoint-*")) == [
+        "checkpoint-12", "checkpoint-16", "checkpoint-8"]
 
     # progress, heartbeats and metrics were written by the worker
     p = job.progress
@@ -217,6 +239,181 @@ def test_worker_failure_surfaces_as_failed_with_the_reason(tiny_model, data):
         job.resume()
 
 
+@pytest.mark.slow
+def test_a_nan_loss_fails_the_job_and_registers_nothing(nan_model, data):
+    train, _ = data
+    job = tunekit.finetune(train, **_kw(nan_model)).wait(timeout=120)
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("TrainingError: loss became nan at step 1 (lower hyperparameters.learning_rate")
+    assert job.result.checkpoints == [] and job.result.registry_id is None
+    assert default_store().list_adapters() == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_job_with_its_cause_and_resume_continues(tiny_model, data):
+    import shutil
+
+    from transformers import Trainer
+
+    from tunekit.backends.local import worker
+    from tunekit.backends.local.backend import LocalBackend
+    from tunekit.schemas.job import RemoteState
+
+    train, _ = data
+    store = default_store()
+    disk = _FullDisk(store._conn)
+    disk.full = False
+    save = Trainer._save_checkpoint
+
+    def save_until_full(self, model, trial):
+        if self.state.global_step < 8:
+            return save(self, model, trial)
+        # the disk fills while step 8 is saved: trainer_state.json (written last) is cut short
+        ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "trainer_state.json").write_text('{"global_step": 8, "log_hist')
+        disk.full = True
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rmtree = shutil.rmtree
+
+    def rmtree_frees_space(path, *a, **kw):
+        rmtree(path, *a, **kw)
+        disk.full = False
+
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as mp:  # the worker runs in this process, so the disk can fill under it
+        mp.setattr(LocalBackend, "_spawn", lambda self, job, resume_from: RemoteState(status=JobStatus.QUEUED))
+        job = tunekit.finetune(train, **_kw(tiny_model))
+        mp.setattr(store, "_conn", disk)
+        mp.setattr(Trainer, "_save_checkpoint", save_until_full)
+        mp.setattr(shutil, "rmtree", rmtree_frees_space)
+        try:
+            assert worker.run(job.id) == 1
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    job.refresh()
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("OSError: [Errno 28] No space left on device (free disk space under ")
+    assert f"then `tunekit jobs resume {job.id}` continues from step 4" in job.error
+    ckpt_root = job_dir(job.id) / "output" / "checkpoints"
+    assert [c["step"] for c in job.result.checkpoints] == [4] and not (ckpt_root / "checkpoint-8").exists()
+    [error] = [e for _, e in store.events(job.id) if e.type == "error"]
+    assert error.data["removed"] == [str(ckpt_root / "checkpoint-8")]
+
+    # space is back: a real worker resumes from step 4 and finishes
+    job.resume().wait(timeout=120)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.result.metrics["steps"] == 16
+
+
+def test_a_torn_newest_checkpoint_falls_back_to_the_newest_intact_one(tiny_model, data):
+    train, _ = data
+    store = default_store()
+    rec = store.create_job("local", {"base_model": str(tiny_model)}, {"train": {"path": str(train)}})
+    root = job_dir(rec.id) / "output" / "checkpoints"
+    for step in (4, 8, 12):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        (root / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (root / "checkpoint-12" / "trainer_state.json").write_text('{"global_step": 12, "log_hi')  # truncated
+    (root / "checkpoint-16").mkdir()  # its save never reached trainer_state.json
+    assert [c["step"] for c in checkpoints(rec)] == [4, 8]
+    assert last_checkpoint(rec) == str(root / "checkpoint-8")
+
+
+def test_status_answers_when_the_store_cannot_be_written(tiny_model, data, monkeypatch, capsys):
+    from tunekit.cli.main import main
+
+    train, _ = data
+    store = default_store()
+    rec = store.create_job("local", {"base_model": str(tiny_model)}, {"train": {"path": str(train)}})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update_job(rec.id, status=JobStatus.RUNNING, pid=dead.pid, heartbeat_at=time.time() - 30)
+    job_dir(rec.id).mkdir(parents=True)
+    (job_dir(rec.id) / "worker.log").write_text(  # an earlier session's error, then this one's
+        "=== 2026-12-03 09:00:00 python -m tunekit.backends.local.worker\nValueError: an earlier session\n"
+        "=== 2026-12-03 10:00:00 python -m tunekit.backends.local.worker --resume x\n"
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in save\n"
+        "OSError: [Errno 28] No space left on device\n  (printed after the traceback)\n")
+    disk = _FullDisk(store._conn)
+    monkeypatch.setattr(store, "_conn", disk)
+    assert main(["jobs", "status", rec.id]) == 0
+    out = capsys.readouterr().out
+    assert f"{rec.id} [local] failed" in out
+    assert re.search(rf"worker process {dead.pid} vanished \(last heartbeat 3\ds ago\); its last error: "
+                     r"OSError: \[Errno 28\] No space left on device; resume with", out)
+    assert "note: not recorded in the store" in out and "database or disk is full" in out
+    assert store.get_job(rec.id).status == JobStatus.RUNNING  # nothing was written
+    assert main(["jobs", "status", rec.id, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["status"] == "failed" and "database or disk is full" in shown["unsaved"]
+    disk.full = False  # space is back: the same read records it
+    job = tunekit.get_job(rec.id).refresh()
+    assert job.status == JobStatus.FAILED and "No space left on device" in job.error and job.unsaved is None
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_is_shown_stalled_and_cancel_ends_it(tiny_model, data, monkeypatch):
+    from tunekit.job import progress_line
+
+    train, _ = data
+    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.4")
+    job = tunekit.finetune(train, **_kw(tiny_model))
+    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")
+    _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5)
+    os.kill(job.record.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.5)  # let a write that was under way land; then ten minutes of silence pass
+        default_store().update_job(job.id, heartbeat_at=time.time() - 600)
+        job.refresh()
+        line = progress_line(job.record)
+        assert job.status == JobStatus.RUNNING and "stalled: no heartbeat for 10m00s" in line and "ETA" not in line
+        with pytest.raises(JobStateError, match=r"worker \(pid \d+\) is stalled \(no heartbeat for 10m"):
+            job.resume()
+        job.cancel()  # SIGTERM wakes it: it stops at the next step after a checkpoint
+    finally:
+        if worker_alive(job.record):
+            os.kill(job.record.pid, signal.SIGCONT)
+    job.wait(timeout=60)
+    assert job.status == JobStatus.CANCELLED and not worker_alive(job.record)
+    stopped_at = job.result.checkpoints[-1]["step"]
+    assert 5 <= stopped_at < 16
+    job.resume().wait(timeout=120)
+    assert job.status == JobStatus.SUCCEEDED and job.result.metrics["steps"] == 16
+
+
+def test_cancel_kills_a_hung_worker_that_ignores_sigterm(tiny_model, data, monkeypatch, capsys):
+    from tunekit.backends.local import process
+    from tunekit.cli.main import main
+    from tunekit.job import progress_line
+
+    monkeypatch.setattr(process, "KILL_GRACE_S", 1.0)
+    train, _ = data
+    store = default_store()
+    rec = store.create_job("local", {"base_model": str(tiny_model)}, {"train": {"path": str(train)}})
+    hung = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                             "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)",
+                             "tunekit.backends.local.worker", rec.id], stdout=subprocess.PIPE, text=True)
+    assert hung.stdout.readline() == "ready\n"
+    try:
+        rec = store.update_job(rec.id, status=JobStatus.RUNNING, pid=hung.pid, heartbeat_at=time.time() - 200,
+                               progress={"step": 3, "total_steps": 16, "eta_s": 30})
+        assert worker_alive(rec) and "stalled: no heartbeat for 3m20s" in progress_line(rec)
+        assert main(["jobs", "status", rec.id, "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["status"] == "running" and 200 <= shown["stalled_s"] < 260
+        job = tunekit.get_job(rec.id).cancel()
+        assert job.status == JobStatus.CANCELLED and hung.poll() == -signal.SIGKILL
+        assert f"worker process {hung.pid} was stalled (no heartbeat for 3m2" in job.error
+        assert job.error.endswith("ended with SIGKILL")
+        with pytest.raises(JobStateError, match="no checkpoint"):  # gone: resume is no longer refused for it
+            job.resume()
+    finally:
+        hung.kill()
+        hung.wait()
+
+
 # --------------------------------------------------------------------------------------- no training
 
 def test_memory_refusal_happens_before_anything_is_spawned(data, tmp_path):
@@ -264,6 +461,38 @@ def test_cancel_of_a_job_whose_worker_is_gone_marks_it_cancelled(tiny_model, dat
     store.update_job(rec.id, status=JobStatus.QUEUED, pid=dead.pid)
     job = tunekit.get_job(rec.id).cancel()
     assert job.status == JobStatus.CANCELLED
+
+
+def test_a_data_file_changed_after_finetune_fails_the_job_untrained(tiny_model, data):
+    train, _ = data
+    job = tunekit.finetune(train, **_kw(tiny_model))
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:12]))  # 3 steps, not 16
+    job.wait(timeout=60)
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith(f"ConfigError: the training file {train} changed after it was validated")
+    assert "nothing was trained" in job.error and "tunekit finetune" in job.error
+    assert job.metrics() == [] and job.result.checkpoints == []
+
+
+def test_the_worker_trains_its_own_copy_of_the_validated_data(data):
+    train, val = data
+    original = train.read_bytes()
+    store = default_store()
+    rec = store.create_job("local", {"base_model": "x"}, {
+        "train": {"path": str(train), "sha256": _sha256(train)},
+        "validation": {"path": str(val), "sha256": _sha256(val)}})
+    snap = data_snapshot(rec, "train")
+    assert snap.parent == job_dir(rec.id) / "data" and snap.read_bytes() == original
+    assert data_snapshot(rec, "validation").read_bytes() == val.read_bytes()
+    train.write_text("edited after the first start\n")
+    assert data_snapshot(rec, "train").read_bytes() == original  # a resume trains what was validated
+    snap.write_bytes(original[:-10])
+    with pytest.raises(ConfigError, match="changed after it was validated") as err:
+        data_snapshot(rec, "train")
+    assert err.value.field == "data"
+    unvalidated = store.create_job("local", {"base_model": "x"}, {"train": {"path": str(train)}})
+    with pytest.raises(ConfigError, match="no validated sha256"):
+        data_snapshot(unvalidated, "train")
 
 
 def test_terminal_plot_and_png_from_rows(tmp_path):

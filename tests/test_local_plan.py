@@ -32,7 +32,7 @@ EVERY_FIELD = {
     "suffix": "my-run",
     "provider_options": {"local": {"checkpoint_steps": 5, "max_steps": 20, "eval_steps": 5, "device": "cpu",
                                    "gradient_checkpointing": True, "memory_budget_gb": 8, "logging_steps": 2,
-                                   "output_dir": "out"}},
+                                   "output_dir": "out", "keep_checkpoints": 5}},
 }
 
 
@@ -81,6 +81,7 @@ def test_every_set_field_is_mapped_where_it_says(tiny_model, tmp_path, monkeypat
     assert r["training"]["optimizer"] == "loraplus+adamw_torch"
     assert r["options"]["output_dir"] == str(tmp_path / "out")  # resolved to an absolute path
     assert r["options"]["checkpoint_steps"] == 5 and r["options"]["max_steps"] == 20
+    assert r["options"]["keep_checkpoints"] == 5
     assert r["output"]["name"] == "my-run"
     assert r["device"]["type"] == "cpu"
     with pytest.raises(UnsupportedFieldError, match="dpo_beta"):
@@ -100,6 +101,7 @@ def test_defaults_are_resolved_without_any_set_field(tiny_model):
     assert [d.field for d in plan.fields] == ["base_model"]
     assert r["training"]["micro_batch_size"] == 8 and r["training"]["estimated_total_steps"] == 13
     assert r["options"]["checkpoint_steps"] == 2  # ~10 checkpoints per run by default
+    assert r["options"]["keep_checkpoints"] == 3  # of which the newest 3 stay on disk
     assert r["lora"]["r"] == 32 and r["lora"]["init_lora_weights"] is True
     assert any(n.startswith("memory: ~") and "fits" in n for n in plan.notes)
 
@@ -174,7 +176,7 @@ def test_option_typo_and_other_backends_options_are_refused(tiny_model):
 @pytest.mark.parametrize("key, value", [("checkpoint_steps", 0), ("max_steps", "ten"), ("device", "tpu"),
                                         ("eval_steps", 1.5), ("gradient_checkpointing", "yes"),
                                         ("memory_budget_gb", -1), ("memory_budget_gb", 1e300),
-                                        ("max_steps", 10**12), ("eval_steps", 10**12)])
+                                        ("max_steps", 10**12), ("eval_steps", 10**12), ("keep_checkpoints", 0)])
 def test_bad_option_values_name_the_option(tiny_model, key, value):
     with pytest.raises(ConfigError) as err:
         LocalBackend().plan(_spec(tiny_model, provider_options={"local": {key: value}}))

@@ -6,6 +6,7 @@ from that plan's request; every resolved value the plan states must equal what t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -49,7 +50,9 @@ def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, variant, extra
     req = plan.request
     assert req["training"]["optimizer"] == optimizer, variant
 
-    record = SimpleNamespace(request=req, spec=spec.model_dump(), data={"train": {"path": str(data)}})
+    sha256 = hashlib.sha256(data.read_bytes()).hexdigest()
+    record = SimpleNamespace(id="tk-resolve", request=req, spec=spec.model_dump(),
+                             data={"train": {"path": str(data), "sha256": sha256}})
     out = _train(record, TrainCallbacks(), None)
 
     assert out.quantization == {"mode": req["quantization"]["mode"], "reason": req["quantization"]["reason"]}

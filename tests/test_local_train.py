@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("trl")
 
-from tunekit._exceptions import ConfigError, ResourceError  # noqa: E402
-from tunekit.backends.local.train import train  # noqa: E402
+from tunekit._exceptions import ConfigError, ResourceError, TrainingError  # noqa: E402
+from tunekit.backends.local.train import check_finite_adapter, check_finite_step, train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
 from tests.tolerance import assert_close, bound, rel_diff, rounding_eps, unit_roundoff  # noqa: E402
 from tests.train_recorder import Recorder  # noqa: E402
@@ -346,6 +346,51 @@ def test_stop_then_resume_sees_the_same_batches_as_an_uninterrupted_run(tiny_mod
     assert_close([m["loss"] for _, m in second.steps], [full_losses[s] for s, _ in second.steps], eps,
                  what="losses")
     assert_close(out2.metrics["train_loss"], full.steps[-1][1]["loss"], eps, what="train_loss")
+
+
+# ----------------------------------------------------------------------------- non-finite numbers
+
+
+def test_a_nan_loss_stops_the_run_at_that_step_before_any_checkpoint(nan_model, tmp_path):
+    rec = Recorder()
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"^loss became nan at step 1$") as e:
+        train(make_spec(nan_model), write_jsonl(tmp_path / "t.jsonl", pr_rows(16)), run, callbacks=rec,
+              max_steps=4, checkpoint_steps=1)
+    assert "learning_rate" in e.value.hint
+    assert rec.steps == [] and not (run / "adapter").exists() and not list(run.glob("checkpoints/checkpoint-*"))
+
+
+def test_a_non_finite_gradient_norm_stops_the_run(tiny_model, tmp_path):
+    # LoRA B starts at zero, so the first forward (and loss) is finite; alpha 1e38 overflows its gradient
+    spec = make_spec(tiny_model)
+    spec = spec.model_copy(update={"adapter": spec.adapter.model_copy(update={"alpha": 1e38})})
+    with pytest.raises(TrainingError, match=r"^gradient norm became (inf|nan) at step 1$"):
+        train(spec, write_jsonl(tmp_path / "t.jsonl", pr_rows(8)), tmp_path / "run", max_steps=2)
+    check_finite_step(3, {"loss": 1.25, "grad_norm": 0.5})
+
+
+def test_an_adapter_with_non_finite_weights_is_refused(tiny_model, tmp_path, monkeypatch):
+    import torch
+
+    # the step's loss and gradient are finite; the update then poisons one adapter tensor
+    step = torch.optim.AdamW.step
+
+    def poisoning_step(self, *a, **kw):
+        out = step(self, *a, **kw)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    f = write_jsonl(tmp_path / "t.jsonl", pr_rows(8))
+    ok = train(make_spec(tiny_model), f, tmp_path / "ok", max_steps=1).adapter_path
+    check_finite_adapter(ok)  # a normal adapter passes
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    rec = Recorder()
+    with pytest.raises(TrainingError, match="the trained adapter has non-finite weights in 1 tensor") as e:
+        train(make_spec(tiny_model), f, tmp_path / "run", callbacks=rec, max_steps=1)
+    assert [s for s, _ in rec.steps] == [1] and math.isfinite(rec.steps[0][1]["loss"])
+    assert e.value.hint
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -20,7 +20,7 @@ _EXPORTS: dict[str, str] = {
         "APIConnectionError", "APIError", "AuthenticationError", "BackendNotFoundError", "BadRequestError",
         "ConfigError", "ConflictError", "DataValidationError", "JobNotFoundError", "JobStateError",
         "MissingDependencyError", "NotFoundError", "PermissionDeniedError", "RateLimitError", "ResourceError",
-        "ServerError", "StoreError", "TunekitError", "UnknownModelError", "UnsupportedFieldError")},
+        "ServerError", "StoreError", "TrainingError", "TunekitError", "UnknownModelError", "UnsupportedFieldError")},
     **{name: "tunekit.api" for name in ("find_orphans", "finetune", "get_job", "list_jobs", "load_spec", "plan",
                                          "reconcile", "validate")},
     "FineTuneJob": "tunekit.job",

@@ -10,6 +10,7 @@
     ├── JobNotFoundError            no job with that id in the store
     ├── JobStateError               the operation does not fit the job's state (e.g. resume a running job)
     ├── ResourceError               the plan cannot fit the device (memory estimate, suggestions)
+    ├── TrainingError               a run went numerically wrong (non-finite loss, gradient or adapter)
     ├── StoreError                  the SQLite store is unusable
     │   └── StaleWriteError         a compare-and-set update lost to another process (read again)
     └── APIError                    a provider call failed (status, provider, request id; never a key)
@@ -102,6 +103,10 @@ class JobStateError(TunekitError):
 
 
 class ResourceError(TunekitError):
+    pass
+
+
+class TrainingError(TunekitError):
     pass
 
 

@@ -6,11 +6,12 @@ sees the same job. Credentials are never part of a job: backends read them at ca
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ._exceptions import JobStateError, TunekitError
+from ._exceptions import JobStateError, StoreError, TunekitError
 from .schemas.job import JobEvent, JobResult, JobStatus, RemoteState
 from .schemas.spec import TrainingSpec
 from .store import JobRecord, Store, default_store
@@ -28,6 +29,8 @@ class FineTuneJob:
         self._record = record
         self._store = store or default_store()
         self._backend = backend
+        # set when the last refresh learned something the store could not take (see apply)
+        self.unsaved: str | None = None
 
     # -- lookup -------------------------------------------------------------------------------------
     @classmethod
@@ -83,6 +86,11 @@ class FineTuneJob:
         return self._record.progress
 
     @property
+    def stalled_for(self) -> float | None:
+        """Seconds a local worker has been silent, once its heartbeat is stale (it is shown as stalled)."""
+        return _stalled_for(self._record)
+
+    @property
     def spec(self) -> TrainingSpec:
         return TrainingSpec.model_validate(self._record.spec)
 
@@ -102,8 +110,12 @@ class FineTuneJob:
         """
         from .store.db import StaleWriteError
 
-        for event in state.events:
-            self._store.add_event(self.id, event)
+        self.unsaved = None
+        try:
+            for event in state.events:
+                self._store.add_event(self.id, event)
+        except StoreError as exc:  # keep answering; the status below is still shown (and not recorded)
+            self.unsaved = f"not recorded in the store: {exc}"
         for _ in range(5):
             current = self._store.get_job(self.id)
             fields = self._changes(current, state)
@@ -114,6 +126,10 @@ class FineTuneJob:
                 self._record = self._store.update_job(self.id, expect_status=current.status, **fields)
             except StaleWriteError:
                 continue
+            except StoreError as exc:  # a read must still answer when the store cannot be written (disk full)
+                self._record = dataclasses.replace(current, **fields)
+                self.unsaved = f"not recorded in the store: {exc}"
+                return self
             if self._record.status == JobStatus.SUCCEEDED and current.status != JobStatus.SUCCEEDED:
                 self._register_result()
             return self
@@ -353,9 +369,20 @@ def progress_line(record: JobRecord) -> str:
         parts.append(f"loss {p['loss']:.4f}")
     if p.get("tokens_per_s"):
         parts.append(f"{p['tokens_per_s']:.0f} tok/s")
-    if p.get("eta_s") is not None and not record.status.terminal:
+    stalled = _stalled_for(record)
+    if stalled is not None:  # an ETA from the last step it took would be a lie
+        parts.append(f"stalled: no heartbeat for {format_seconds(stalled)}")
+    elif p.get("eta_s") is not None and not record.status.terminal:
         parts.append(f"ETA {format_seconds(p['eta_s'])}")
     return "  ".join(parts)
+
+
+def _stalled_for(record: JobRecord) -> float | None:
+    if record.backend != "local":  # only local workers write heartbeats
+        return None
+    from .backends.local.process import stalled_for
+
+    return stalled_for(record)
 
 
 def format_seconds(seconds: float) -> str:

@@ -94,13 +94,15 @@ def jobs_status(args: argparse.Namespace) -> int:
 
     job = get_job(args.job_id).refresh()
     if args.json:
-        print_json(_record_json(job))
+        print_json({**_record_json(job), "stalled_s": job.stalled_for, "unsaved": job.unsaved})
         return 0
     print(progress_line(job.record))
     if job.remote_id:
         print(f"remote id: {job.remote_id}")
     if job.error:
         print(f"error: {job.error}")
+    if job.unsaved:
+        print(f"note: {job.unsaved}")
     if job.result:
         res = job.result
         print(f"result: {res.model}")

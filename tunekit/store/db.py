@@ -154,17 +154,30 @@ class Store:
     # -- plumbing ---------------------------------------------------------------------------------
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; SQLite's failures (disk full, locked too long) become StoreError here."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
-                self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+                else:
+                    self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.rollback()
+                full = "full" in str(exc)
+                raise StoreError(f"cannot write the tunekit store at {self.path}: {exc}",
+                                 hint="free disk space there, then retry" if full else
+                                 "retry; if it persists, check the file system under TUNEKIT_HOME") from exc
 
     def _migrate(self) -> None:
+        # reading the version needs no write: a store on a full or read-only disk still opens for reading
+        if self._conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+            return
         with self._write() as c:
             version = c.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):

@@ -5,6 +5,7 @@ spawns ``python -m tunekit.backends.local.worker JOB_ID`` in its own session (so
 the worker writes heartbeats, progress, metrics and events, and every other call reads the store.
 
     $TUNEKIT_HOME/jobs/<id>/worker.log        the worker's stdout/stderr (tracebacks land here)
+    $TUNEKIT_HOME/jobs/<id>/data/             the job's copy of its data, checked against the validated sha256
     $TUNEKIT_HOME/jobs/<id>/output/           checkpoints/checkpoint-<step>/, adapter/ (see train.py)
 
 Status changes that two processes may race on (cancel against the worker finishing, a refresh that
@@ -23,8 +24,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..._exceptions import ConfigError, JobStateError
+from ..._exceptions import ConfigError, JobStateError, StoreError
 from ..._settings import tunekit_home
+from ...job import format_seconds
 from ...schemas.job import JobStatus, Plan, RemoteState
 from ...schemas.spec import TrainingSpec
 from ..base import Backend, PlanContext, Refuse, Rule, Send
@@ -37,6 +39,9 @@ from .process import (
     job_dir,
     job_lock,
     last_checkpoint,
+    last_error,
+    stalled_for,
+    terminate,
     transition,
     worker_alive,
 )
@@ -47,6 +52,8 @@ if TYPE_CHECKING:
 GiB = 1024**3
 # A row still 'created' with no worker this long after creation never got one (the caller died first).
 NEVER_STARTED_S = 60.0
+# checkpoints kept on disk by default: the newest, and older ones to fall back to if it is torn
+KEEP_CHECKPOINTS = 3
 # resume waits this long for the previous worker to exit after it wrote its final status
 EXIT_WAIT_S = 15.0
 ACTIVE = (JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.UNKNOWN)
@@ -111,6 +118,7 @@ def _budget(value: Any, ctx: PlanContext) -> float:
 OPTIONS: dict[str, Any] = {
     "output_dir": _path,                     # default $TUNEKIT_HOME/jobs/<id>/output
     "checkpoint_steps": _positive_int("checkpoint_steps"),  # default ~10 checkpoints per run
+    "keep_checkpoints": _positive_int("keep_checkpoints"),  # newest checkpoints kept on disk (default 3)
     "max_steps": _positive_int("max_steps"),  # stop after this many optimizer steps (overrides epochs)
     "eval_steps": _eval_steps,               # validation every N steps (default: checkpoint_steps)
     "device": _device,                       # default: cuda when visible, else cpu
@@ -220,37 +228,55 @@ class LocalBackend(Backend):
         store = _store()
         rec = store.get_job(job.id)
         if not rec.status.terminal and not worker_alive(rec):
-            rec = self._settle_dead_worker(store, rec)
+            try:
+                rec = self._settle_dead_worker(store, rec)
+            except StoreError:  # cannot be recorded now (disk full): still say what happened
+                status, error = self._dead_worker_verdict(rec)
+                return RemoteState(remote_id=rec.remote_id, status=status, error=error)
         # Echo only the status: progress, result and error are already in the store (written by the
         # worker), and echoing them back would race with its next write.
         return RemoteState(remote_id=rec.remote_id, status=store.get_job(job.id).status)
 
-    def _settle_dead_worker(self, store: "Store", rec: "JobRecord") -> "JobRecord":
+    def _dead_worker_verdict(self, rec: "JobRecord") -> tuple[JobStatus, str | None]:
+        """What a job whose worker is gone has become, and why (None: it is still being submitted)."""
         now = time.time()
         if rec.pid is None:
             if rec.status == JobStatus.CREATED and now - rec.created_at < NEVER_STARTED_S:
-                return rec  # being submitted right now
-            reason = "the worker was never started (the submitting process stopped first)"
-            return transition(store, rec.id, JobStatus.FAILED, ACTIVE, error=reason) or rec
+                return rec.status, None
+            return JobStatus.FAILED, "the worker was never started (the submitting process stopped first)"
         ago = f"{now - rec.heartbeat_at:.0f}s ago" if rec.heartbeat_at else "never"
         if rec.status == JobStatus.CANCELLING:
-            return transition(store, rec.id, JobStatus.CANCELLED, ACTIVE,
-                              error=f"worker process {rec.pid} exited before confirming the cancel "
-                                    f"(last heartbeat {ago})") or rec
-        reason = (f"worker process {rec.pid} vanished (last heartbeat {ago}); "
-                  f"resume with `tunekit jobs resume {rec.id}`")
-        return transition(store, rec.id, JobStatus.FAILED, ACTIVE, error=reason,
-                          result=_partial_result(rec)) or rec
+            return JobStatus.CANCELLED, (f"worker process {rec.pid} exited before confirming the cancel "
+                                         f"(last heartbeat {ago})")
+        cause = last_error(job_dir(rec.id) / "worker.log")
+        return JobStatus.FAILED, (f"worker process {rec.pid} vanished (last heartbeat {ago})"
+                                  + (f"; its last error: {cause}" if cause else "")
+                                  + f"; resume with `tunekit jobs resume {rec.id}`")
+
+    def _settle_dead_worker(self, store: "Store", rec: "JobRecord") -> "JobRecord":
+        status, reason = self._dead_worker_verdict(rec)
+        if reason is None:
+            return rec
+        result = _partial_result(rec) if status == JobStatus.FAILED and rec.pid is not None else None
+        return transition(store, rec.id, status, ACTIVE, error=reason,
+                          **({"result": result} if result else {})) or rec
 
     def cancel(self, job: "JobRecord") -> RemoteState:
         store = _store()
         rec = store.get_job(job.id)
         if rec.status.terminal:
             raise JobStateError(f"job {rec.id} is already {rec.status.value}")
-        if worker_alive(rec):
+        stalled = stalled_for(rec)
+        if worker_alive(rec) and stalled is None:
             # The worker polls for this at every step, saves a checkpoint there and marks itself cancelled.
             rec = transition(store, rec.id, JobStatus.CANCELLING, (JobStatus.QUEUED, JobStatus.RUNNING,
                                                                  JobStatus.UNKNOWN, JobStatus.CREATED)) or rec
+        elif worker_alive(rec):  # stalled: it cannot see the request, so it is ended (it may still save)
+            transition(store, rec.id, JobStatus.CANCELLING, ACTIVE)
+            how = terminate(rec)
+            rec = transition(store, rec.id, JobStatus.CANCELLED, ACTIVE, result=_partial_result(rec),
+                             error=f"worker process {rec.pid} was stalled (no heartbeat for "
+                                   f"{format_seconds(stalled)}); ended with {how}") or rec
         else:
             rec = transition(store, rec.id, JobStatus.CANCELLED, ACTIVE, result=_partial_result(rec)) or rec
         return RemoteState(remote_id=rec.remote_id, status=store.get_job(job.id).status)
@@ -260,8 +286,12 @@ class LocalBackend(Backend):
         rec = store.get_job(job.id)
         if rec.status not in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.UNKNOWN):
             if worker_alive(rec):
-                raise JobStateError(f"job {rec.id} is {rec.status.value}: its worker (pid {rec.pid}) is running",
-                                    hint=f"cancel it first with `tunekit jobs cancel {rec.id}`")
+                stalled = stalled_for(rec)
+                state = (f"is stalled (no heartbeat for {format_seconds(stalled)})" if stalled is not None
+                         else "is running")
+                raise JobStateError(f"job {rec.id} is {rec.status.value}: its worker (pid {rec.pid}) {state}",
+                                    hint=f"cancel it first with `tunekit jobs cancel {rec.id}` (a stalled worker "
+                                         f"is ended), then resume")
             if rec.status != JobStatus.UNKNOWN:
                 rec = self._settle_dead_worker(store, rec)
             if rec.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
@@ -361,7 +391,8 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
     ckpt = opts.get("checkpoint_steps") or (max(1, math.ceil(total / 10)) if total else 50)
     # gradient_checkpointing: the user's request (None = auto), so the worker's train() makes the same
     # per-layer choice this plan shows under training.checkpointing (resolve_run is deterministic)
-    options = {"output_dir": opts.get("output_dir"), "checkpoint_steps": ckpt, "max_steps": opts.get("max_steps"),
+    options = {"output_dir": opts.get("output_dir"), "checkpoint_steps": ckpt,
+               "keep_checkpoints": opts.get("keep_checkpoints", KEEP_CHECKPOINTS), "max_steps": opts.get("max_steps"),
                "eval_steps": opts.get("eval_steps") or (ckpt if spec.validation_data else None),
                "device": opts.get("device"), "gradient_checkpointing": opts.get("gradient_checkpointing"),
                "memory_budget_gb": budget_gb, "logging_steps": opts.get("logging_steps", 1)}

@@ -5,8 +5,10 @@ Shared by the backend (caller side) and the worker. Light: no torch, no transfor
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -21,8 +23,11 @@ if TYPE_CHECKING:
     from ...store import JobRecord, Store
 
 WORKER_MODULE = "tunekit.backends.local.worker"
-# A worker on another host (shared TUNEKIT_HOME) cannot be checked by pid: its heartbeat must be this fresh.
+# A worker beats every few seconds from a thread, whatever training is doing. One silent this long is
+# stalled (stopped, hung in native code); one on another host (shared TUNEKIT_HOME) counts as gone.
 STALE_HEARTBEAT_S = 120.0
+# how long a stalled worker gets to exit after SIGTERM before SIGKILL
+KILL_GRACE_S = 10.0
 # pid -> Popen of workers this process started: poll() tells a live child from a zombie and reaps it.
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
@@ -98,6 +103,35 @@ def worker_alive(rec: "JobRecord") -> bool:
     return True
 
 
+def stalled_for(rec: "JobRecord", now: float | None = None) -> float | None:
+    """Seconds since the last heartbeat of a job still in progress, once that is stale; else None."""
+    if rec.status.terminal or rec.heartbeat_at is None:
+        return None
+    age = (now or time.time()) - rec.heartbeat_at
+    return age if age > STALE_HEARTBEAT_S else None
+
+
+def terminate(rec: "JobRecord") -> str:
+    """End a worker that does not answer: SIGTERM (with SIGCONT, so a stopped one receives it), then
+    SIGKILL after KILL_GRACE_S. Returns the signal that ended it."""
+    def wait_gone(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while worker_alive(rec) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return not worker_alive(rec)
+
+    try:
+        os.kill(rec.pid, signal.SIGTERM)
+        os.kill(rec.pid, signal.SIGCONT)
+        if wait_gone(KILL_GRACE_S):
+            return "SIGTERM"
+        os.kill(rec.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "SIGTERM"
+    wait_gone(KILL_GRACE_S)
+    return "SIGKILL"
+
+
 def find_worker_pid(job_id: str) -> int | None:
     """The pid of a running worker for ``job_id`` on this host (Linux /proc), if any."""
     proc = Path("/proc")
@@ -115,21 +149,56 @@ def find_worker_pid(job_id: str) -> int | None:
     return None
 
 
-def checkpoints(rec: "JobRecord") -> list[dict[str, Any]]:
-    """The job's checkpoints on disk, oldest first: [{"step": n, "path": ...}]."""
+def _checkpoint_dirs(rec: "JobRecord") -> list[tuple[int, Path]]:
     root = output_dir(rec) / "checkpoints"
     found = []
     if root.is_dir():
         for p in root.iterdir():
             m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-            if m and (p / "trainer_state.json").is_file():
-                found.append({"step": int(m.group(1)), "path": str(p)})
-    return sorted(found, key=lambda c: c["step"])
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def intact(checkpoint: Path, step: int) -> bool:
+    """A checkpoint written to the end: its trainer_state.json (saved after the weights) parses and
+    names its step. A save cut short (disk full, kill) leaves it missing or truncated."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step") == step
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def checkpoints(rec: "JobRecord") -> list[dict[str, Any]]:
+    """The job's intact checkpoints on disk, oldest first: [{"step": n, "path": ...}]."""
+    return [{"step": step, "path": str(p)} for step, p in _checkpoint_dirs(rec) if intact(p, step)]
+
+
+def torn_checkpoints(rec: "JobRecord") -> list[Path]:
+    """Checkpoint directories whose save did not finish (see ``intact``)."""
+    return [p for step, p in _checkpoint_dirs(rec) if not intact(p, step)]
 
 
 def last_checkpoint(rec: "JobRecord") -> str | None:
     found = checkpoints(rec)
     return found[-1]["path"] if found else None
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*)?(?:Error|Exception)\b.*: .+")
+
+
+def last_error(log: Path, tail_bytes: int = 16384) -> str | None:
+    """The last exception line a worker wrote to its log (the cause, when it could not reach the store)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("=== ")]  # each start writes one (backend._spawn)
+    lines = lines[starts[-1]:] if starts else lines  # an earlier session's error is not this one's cause
+    found = next((ln.strip() for ln in reversed(lines) if _ERROR_LINE.match(ln.strip())), None)
+    return found[:300] if found else None
 
 
 def _partial_result(rec: "JobRecord") -> JobResult:

@@ -11,12 +11,13 @@ store rows; nothing here knows about the store. Output layout under ``output_dir
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..._exceptions import ConfigError
+from ..._exceptions import ConfigError, TrainingError
 from . import memory as _memory
 from . import provenance as _provenance
 from . import speed as _speed
@@ -136,6 +137,7 @@ def _make_bridge(cb: TrainCallbacks, dev: DeviceInfo, ckpt_dir: Path):
             logs = logs or {}
             if "loss" not in logs:  # eval logs and the final summary are reported elsewhere
                 return
+            check_finite_step(int(state.global_step), logs)  # before this step can be checkpointed
             now = time.perf_counter()
             tokens = state.num_input_tokens_seen
             dt = max(now - (self._t or now), 1e-9)
@@ -154,6 +156,34 @@ def _make_bridge(cb: TrainCallbacks, dev: DeviceInfo, ckpt_dir: Path):
             cb.on_checkpoint(int(state.global_step), str(ckpt_dir / f"checkpoint-{state.global_step}"))
 
     return _Bridge()
+
+
+NON_FINITE_HINT = ("lower hyperparameters.learning_rate or adapter.alpha (or set hyperparameters.max_grad_norm), "
+                   "and check that the base model's weights are finite")
+
+
+def check_finite_step(step: int, logs: dict[str, Any]) -> None:
+    """Stop the run at the first non-finite loss or gradient norm: nothing after it is worth keeping."""
+    for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+        value = logs.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise TrainingError(f"{name} became {value} at step {step}", hint=NON_FINITE_HINT)
+
+
+def check_finite_adapter(adapter_dir: str | Path) -> None:
+    """Refuse an adapter whose saved weights hold NaN or inf (it must never reach the registry)."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    bad: list[str] = []
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                bad.append(key)
+    if bad:
+        raise TrainingError(f"the trained adapter has non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]} "
+                            f"({path})", hint=NON_FINITE_HINT)
 
 
 def _resolve_resume(resume: str | bool | None, ckpt_dir: Path, cb: TrainCallbacks) -> str | None:
@@ -182,6 +212,7 @@ def train(
     callbacks: TrainCallbacks | None = None,
     resume_from_checkpoint: str | bool | None = None,
     checkpoint_steps: int | None = None,
+    keep_checkpoints: int | None = None,
     max_steps: int | None = None,
     device: str | None = None,
     eval_steps: int | float | None = None,
@@ -193,6 +224,7 @@ def train(
 
     ``memory_budget_bytes`` caps the memory the fit check assumes (default: the device's). ``eval_steps``
     defaults to checkpoint_steps, else 10% of the run; validation loss is also computed at the end.
+    ``keep_checkpoints`` keeps only that many newest checkpoints on disk (None: all).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -291,7 +323,8 @@ def train(
     trainer = _build_trainer(
         spec, model, tokenizer, data, val, ckpt_dir=ckpt_dir, micro=micro, accum=accum, on_gpu=on_gpu,
         optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # speed.apply set it per layer
-        checkpoint_steps=checkpoint_steps, max_steps=max_steps, eval_steps=eval_steps, logging_steps=logging_steps,
+        checkpoint_steps=checkpoint_steps, keep_checkpoints=keep_checkpoints, max_steps=max_steps,
+        eval_steps=eval_steps, logging_steps=logging_steps,
     )
     speed_applied["fp32_adapter_params"] = _speed.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
@@ -322,6 +355,7 @@ def train(
         adapter_path = str(adapter_dir)
         save_kw = {"path_initial_model_for_weight_conversion": str(init_dir)} if mutating else {}
         trainer.model.save_pretrained(str(adapter_dir), **save_kw)
+        check_finite_adapter(adapter_dir)
         tokenizer.save_pretrained(str(adapter_dir))
         cb.on_event("info", f"adapter saved to {adapter_dir}")
 
@@ -422,7 +456,8 @@ def _adapted_base_class(model: Any) -> str | None:
 
 def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData | None, *, ckpt_dir: Path,
                    micro: int, accum: int, on_gpu: bool, optim_name: str, optimizers, gradient_checkpointing: bool,
-                   checkpoint_steps: int | None, max_steps: int | None, eval_steps, logging_steps: int):
+                   checkpoint_steps: int | None, keep_checkpoints: int | None, max_steps: int | None, eval_steps,
+                   logging_steps: int):
     from datasets import Dataset
 
     hp = spec.hyperparameters
@@ -445,8 +480,10 @@ def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData
         optim=optim_name.split("+")[-1],
         logging_steps=logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a non-finite loss must be seen (check_finite_step), not averaged away
         save_strategy="steps" if checkpoint_steps else "no",
         save_steps=checkpoint_steps or 500,
+        save_total_limit=keep_checkpoints,  # older ones are deleted only after a newer one is fully written
         eval_strategy="steps" if val is not None else "no",
         eval_steps=(eval_steps or checkpoint_steps or 0.1) if val is not None else None,
         report_to="none",

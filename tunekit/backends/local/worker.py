@@ -11,18 +11,23 @@ after a checkpoint. Any exception fails the job with a one-line reason; the trac
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
+import os
 import signal
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
-from ..._exceptions import JobNotFoundError
+from ..._exceptions import ConfigError, JobNotFoundError, StoreError
 from ...schemas.job import JobEvent, JobResult, JobStatus
 from ...schemas.spec import TrainingSpec
 from ...store import Store, default_store
-from .process import checkpoints, job_dir, output_dir, transition
+from .process import checkpoints, job_dir, output_dir, torn_checkpoints, transition
+from .provenance import file_sha256
 from .train import TrainCallbacks, TrainOutcome
 
 HEARTBEAT_S = 2.0
@@ -149,42 +154,134 @@ def run(job_id: str, *, resume_from: str | None = None, store: Store | None = No
     beat = cb.start_heartbeat()
     try:
         outcome = _train(record, cb, resume_from)
+        return _finish(store, store.get_job(job_id), cb, outcome)
     except CancelledBeforeStart:
         transition(store, job_id, JobStatus.CANCELLED, LIVE, error="cancelled before the first step",
                    result=JobResult(checkpoints=checkpoints(store.get_job(job_id))))
         return 1
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the store
-        trace = traceback.format_exc()
-        print(trace, file=sys.stderr, flush=True)
-        reason = one_line(exc)
-        hint = getattr(exc, "hint", None)
-        cb.event("error", f"training failed: {reason}", type="error", traceback=trace[-8000:],
-                 **({"hint": hint} if hint else {}))
-        transition(store, job_id, JobStatus.FAILED, LIVE, error=reason + (f" ({hint})" if hint else ""),
-                   result=JobResult(checkpoints=checkpoints(store.get_job(job_id))))
+        _record_failure(store, job_id, cb, exc)
         return 1
     finally:
         beat.set()
-    return _finish(store, store.get_job(job_id), cb, outcome)
+
+
+_DISK_FULL = ("No space left on device", "StorageFull", "database or disk is full")
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC, however the library that hit it words it (torch and safetensors wrap the OSError)."""
+    while exc is not None:
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(m in str(exc) for m in _DISK_FULL):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _record_failure(store: Store, job_id: str, cb: StoreCallbacks, exc: BaseException) -> None:
+    """Fail the job with its cause. A save cut short by a full disk is removed first: its space is
+    what lets the failure be written (if even that fails, the traceback in worker.log is the record
+    ``refresh`` reads when it finds this worker gone)."""
+    trace = traceback.format_exc()
+    try:
+        print(trace, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+    torn = discard_torn_checkpoints(store.get_job(job_id))
+    record = store.get_job(job_id)
+    reason = one_line(exc)
+    hint = getattr(exc, "hint", None)
+    if _disk_full(exc):
+        ckpts = checkpoints(record)
+        hint = f"free disk space under {output_dir(record)} (or lower provider_options.local.keep_checkpoints), " + (
+            f"then `tunekit jobs resume {job_id}` continues from step {ckpts[-1]['step']}" if ckpts
+            else "then start it again with `tunekit finetune`")
+    try:
+        cb.event("error", f"training failed: {reason}", type="error", traceback=trace[-8000:], removed=torn,
+                 **({"hint": hint} if hint else {}))
+    except StoreError:  # the status below is what must get through
+        pass
+    transition(store, job_id, JobStatus.FAILED, LIVE, error=reason + (f" ({hint})" if hint else ""),
+               result=JobResult(checkpoints=checkpoints(record)))
+
+
+def discard_torn_checkpoints(record) -> list[str]:
+    """Delete checkpoints whose save was cut short: they cannot be resumed from, and on a full disk
+    their space is what lets the failure be recorded."""
+    import shutil
+
+    gone = []
+    for path in torn_checkpoints(record):
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(str(path))
+    return gone
 
 
 def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     from .train import train
 
+    for path in discard_torn_checkpoints(record):  # a resume must neither use nor rotate around them
+        cb.event("warning", f"removed torn checkpoint {path} (its save did not finish)")
     request = record.request or {}
     opts = dict(request.get("options") or {})
     spec = TrainingSpec.model_validate(record.spec)
     # the worker trains exactly what was planned: the resolved base model id
     spec = spec.model_copy(update={"base_model": request.get("base_model") or spec.base_model})
     budget = opts.get("memory_budget_gb")
-    validation = (record.data or {}).get("validation", {}).get("path")
+    validation = data_snapshot(record, "validation") if (record.data or {}).get("validation") else None
     return train(
-        spec, record.data["train"]["path"], output_dir(record),
+        spec, data_snapshot(record, "train"), output_dir(record),
         validation_path=validation, callbacks=cb, resume_from_checkpoint=resume_from,
-        checkpoint_steps=opts.get("checkpoint_steps"), max_steps=opts.get("max_steps"), device=opts.get("device"),
+        checkpoint_steps=opts.get("checkpoint_steps"), keep_checkpoints=opts.get("keep_checkpoints"),
+        max_steps=opts.get("max_steps"), device=opts.get("device"),
         eval_steps=opts.get("eval_steps"), gradient_checkpointing=opts.get("gradient_checkpointing"),
         memory_budget_bytes=int(budget * 1024**3) if budget else None, logging_steps=opts.get("logging_steps") or 1,
     )
+
+
+_DATA_FIELD = {"train": ("training file", "data"), "validation": ("validation file", "validation_data")}
+
+
+def data_snapshot(record, split: str) -> Path:
+    """The job's own copy of a data file, proven to be the bytes validated at submit: what it trains from.
+
+    Made on the first start (copy and hash in one read, so no later edit can slip in between) and
+    checked again on every resume; a file changed after ``finetune`` returned fails the job here.
+    """
+    entry = record.data[split]
+    what, field = _DATA_FIELD[split]
+    dest = job_dir(record.id) / "data" / f"{split}.jsonl"
+    expected = entry.get("sha256")
+    if not expected:
+        raise ConfigError(f"the job records no validated sha256 for its {what} {entry.get('path')}; nothing was "
+                          f"trained", field=field, hint="start it with `tunekit finetune`, which validates the data")
+    if dest.is_file():
+        source, digest = dest, file_sha256(dest)
+    else:
+        source = Path(entry["path"])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        h = hashlib.sha256()
+        try:
+            with open(source, "rb") as src, open(part, "wb") as out:
+                while block := src.read(1 << 20):
+                    h.update(block)
+                    out.write(block)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"the {what} {source} is gone; nothing was trained", field=field,
+                              hint="start a new job with `tunekit finetune` on the file's new location") from exc
+        digest = h.hexdigest()
+        if digest == expected:
+            os.replace(part, dest)
+        else:
+            part.unlink()
+    if digest != expected:
+        raise ConfigError(
+            f"the {what} {source} changed after it was validated (sha256 {digest[:12]}, validated "
+            f"{expected[:12]}); nothing was trained", field=field,
+            hint="a job trains exactly the data that was validated: start a new job with `tunekit finetune` "
+                 "to validate and train the new content")
+    return dest
 
 
 def _finish(store: Store, record, cb: StoreCallbacks, outcome: TrainOutcome) -> int:
