@@ -363,3 +363,161 @@ def test_group_members_given_different_inputs_compute_their_own_shrink(tiny_mode
     del x
     gc.collect()
     assert ref() is None
+
+
+# -- isolation: one request never fails another ----------------------------------------------------------------
+
+def _post(server, path: str, body: dict, timeout: float = 60):
+    return httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=timeout)
+
+
+def test_hostile_sampling_params_get_a_400_and_their_batch_is_served(server, tiny_model, reference):
+    engine = server.engine
+    valid = [("sql", PROMPTS[0]), ("poem", PROMPTS[1]), (None, PROMPTS[0])]
+    hostile = [({"temperature": 1e-40}, "temperature"), ({"temperature": 1.0, "seed": 1180591620717411303424}, "seed")]
+    results: dict[int, object] = {}
+
+    def call(i: int, body: dict) -> None:
+        results[i] = _post(server, "/v1/completions", {"max_tokens": 8, "temperature": 0, **body})
+
+    bodies = [{"model": m or str(tiny_model), "prompt": p} for m, p in valid]
+    bodies += [{"model": "sql", "prompt": PROMPTS[0], **extra} for extra, _ in hostile]
+    with engine.paused():  # everything that reaches the engine goes into one batch
+        threads = [threading.Thread(target=call, args=(i, b)) for i, b in enumerate(bodies)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while not (engine.pending() == len(bodies)
+                   or (engine.pending() == len(valid) and all(i in results for i in (3, 4)))):
+            assert time.monotonic() < deadline, "requests did not arrive"
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    for i, (name, p) in enumerate(valid):
+        assert results[i].status_code == 200, results[i].text
+        assert results[i].json()["choices"][0]["text"] == reference[(name, p)]
+    for i, (_, param) in enumerate(hostile, start=len(valid)):
+        err = results[i].json()["error"]
+        assert results[i].status_code == 400 and err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_a_row_whose_sampling_fails_in_the_engine_fails_alone(server, reference):
+    """Past the HTTP checks (Engine API), a row that cannot be sampled gets an error; its batch goes on."""
+    from tunekit.serve.embedded.engine import GenRequest, SamplingParams
+
+    engine = server.engine
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    done = threading.Semaphore(0)
+
+    def sink(i: int, kind: str, payload) -> None:
+        events[i].append((kind, payload))
+        if kind != "delta":
+            done.release()
+
+    ids = engine.encode(PROMPTS[0])
+    params = [SamplingParams(max_tokens=8, temperature=0), SamplingParams(max_tokens=8, temperature=1e-40),
+              SamplingParams(max_tokens=8, temperature=1.0, seed=2**70)]
+    failed_batches = engine.stats().get("failed_batches", 0)
+    with engine.paused():
+        for i, p in enumerate(params):
+            engine.submit(GenRequest(ids, "sql", p, sink, index=i))
+    for _ in params:
+        assert done.acquire(timeout=60)
+    assert "".join(x for k, x in events[0] if k == "delta") == reference[("sql", PROMPTS[0])]
+    assert events[0][-1] == ("done", ("length", 8))
+    assert events[1][-1][0] == "error" and "sampling failed (temperature=1e-40" in events[1][-1][1]
+    assert events[2][-1][0] == "error" and "invalid seed" in events[2][-1][1]
+    assert engine.stats().get("failed_batches", 0) == failed_batches
+
+
+def test_huge_prompt_is_refused_before_tokenizing_and_tokenizing_is_off_the_event_loop(server, monkeypatch):
+    engine = server.engine
+    seen: list[tuple[int, str]] = []
+    encode = engine.encode
+
+    def spy(text: str) -> list[int]:
+        seen.append((len(text), threading.current_thread().name))
+        return encode(text)
+
+    monkeypatch.setattr(engine, "encode", spy)
+    huge = "a" * 10_000_000
+    result: dict[str, object] = {}
+    sender = threading.Thread(target=lambda: result.setdefault("r", _post(server, "/v1/completions",
+                                                                          {"model": "sql", "prompt": huge})))
+    sender.start()
+    slowest = 0.0
+    while sender.is_alive():  # /health keeps answering while the 10 MB request is handled
+        t0 = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+        slowest = max(slowest, time.monotonic() - t0)
+    r = result["r"]
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded" and r.json()["error"]["param"] == "prompt"
+    assert len(huge) > engine.max_prompt_chars and all(n < len(huge) for n, _ in seen)  # never tokenized
+    assert slowest < 5.0  # generous on a loaded CI machine: the regression was the whole tokenization (seconds)
+    r = _post(server, "/v1/completions", {"model": "sql", "prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 200 and seen[-1][0] == len("hello")
+    assert seen[-1][1] != "tunekit-embedded-http"  # tokenized on a worker thread, not on the event loop
+    r = _post(server, "/v1/chat/completions", {"model": "sql", "messages": [{"role": "user", "content": huge}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_prompt_lists_count_toward_the_row_limit(server, client):
+    with pytest.raises(openai.BadRequestError) as err:  # 4 prompts x n=5 = 20 completions > 16
+        client.completions.create(model="sql", prompt=["a", "b", "c", "d"], n=5, max_tokens=2)
+    assert err.value.body["param"] == "prompt" and "20 completions" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="sql", prompt=[[1, 70]] * 17, max_tokens=2)
+    ok = client.completions.create(model="sql", prompt=["a", "b", "c", "d"], n=4, max_tokens=2, temperature=0)
+    assert len(ok.choices) == 16
+
+
+def test_a_non_streaming_client_that_disconnects_cancels_its_rows(server, client, reference):
+    engine = server.engine
+    cancelled = engine.stats().get("cancelled_rows", 0)
+    body = {"model": "poem", "prompt": PROMPTS[0], "n": 4, "max_tokens": 900, "temperature": 1.0}
+    outcome: list[object] = []
+
+    def give_up() -> None:
+        try:
+            outcome.append(_post(server, "/v1/completions", body, timeout=1.0))
+        except httpx.ReadTimeout as exc:
+            outcome.append(exc)
+
+    with engine.paused():
+        gone = threading.Thread(target=give_up)
+        gone.start()
+        deadline = time.monotonic() + 30
+        while engine.pending() < 4:
+            assert time.monotonic() < deadline, "the request did not reach the engine"
+            time.sleep(0.01)
+        gone.join(30)
+        assert isinstance(outcome[0], httpx.ReadTimeout)  # the client gave up and closed its connection
+        time.sleep(0.5)  # (the server checks every 0.1 s)
+    deadline = time.monotonic() + 30
+    while engine.stats().get("cancelled_rows", 0) < cancelled + 4:  # dropped, not decoded for 900 tokens
+        assert time.monotonic() < deadline, "the disconnected client's rows were not cancelled"
+        time.sleep(0.05)
+    assert _complete(client, "sql", PROMPTS[0]).choices[0].text == reference[("sql", PROMPTS[0])]
+
+
+def test_an_adapter_with_non_finite_weights_is_refused_at_load(server, tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tunekit.serve.embedded.pool import AdapterPool
+
+    bad = make_adapter(tiny_model, tmp_path / "nan", seed=3)
+    state = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in state if "lora_B" in k)
+    state[key][0, 0] = float("nan")
+    save_file(state, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(ConfigError, match=r"lora_B holds NaN or infinite values") as err:
+        server.engine.add_adapter("nan", bad)
+    assert "nan" not in server.engine.adapters() and "diverged" in err.value.hint
+    # finite on disk but B x alpha/r overflows fp16: refused too, in that dtype only
+    big = make_adapter(tiny_model, tmp_path / "big", seed=4, b_std=1e5)
+    model = server.engine.model
+    AdapterPool(model, max_loras=1, device=torch.device("cpu"), dtype=torch.float32).register("big", big)
+    with pytest.raises(ConfigError, match="overflow torch.float16"):
+        AdapterPool(model, max_loras=1, device=torch.device("cpu"), dtype=torch.float16).register("big", big)

@@ -86,6 +86,12 @@ def read_adapter_weights(name: str, info: AdapterInfo, model: nn.Module) -> Adap
             raise ConfigError(f"adapter {name!r} ({path}): {module} lacks lora_A or lora_B", field="adapter",
                               hint="the adapter file is incomplete; re-save it")
         a, b = ab["A"], ab["B"]
+        for which, t in (("lora_A", a), ("lora_B", b)):
+            if not torch.isfinite(t).all():  # would turn every row decoded with it into NaN logits
+                raise ConfigError(
+                    f"adapter {name!r} ({path}): {module}.{which} holds NaN or infinite values", field="adapter",
+                    hint="the training run diverged; serve an earlier checkpoint, or retrain with a lower "
+                         "learning rate")
         r = a.shape[0]
         if a.shape != (r, target.in_features) or b.shape != (target.out_features, r):
             raise ConfigError(
