@@ -521,3 +521,42 @@ def test_an_adapter_with_non_finite_weights_is_refused_at_load(server, tiny_mode
     AdapterPool(model, max_loras=1, device=torch.device("cpu"), dtype=torch.float32).register("big", big)
     with pytest.raises(ConfigError, match="overflow torch.float16"):
         AdapterPool(model, max_loras=1, device=torch.device("cpu"), dtype=torch.float16).register("big", big)
+
+
+def test_the_bearer_token_never_shows_in_logs_errors_or_events(tiny_model, tmp_path, caplog, capsys, monkeypatch):
+    """Canary: a key that appears anywhere the server or the launcher writes fails the test."""
+    import logging
+
+    from tests.test_serve_vllm import _fake_vllm
+    from tunekit import ServerError
+    from tunekit.cli.main import main
+    from tunekit.serve.embedded import start_in_thread
+    from tunekit.serve.vllm import launch, plan_vllm
+
+    canary = "canary-Zq81sk3K7wP"
+    seen: list[str] = []
+    caplog.set_level(logging.DEBUG)
+    with start_in_thread(str(tiny_model), {}, api_key=canary, batch_window_ms=0) as srv:
+        base, good = str(tiny_model), {"Authorization": f"Bearer {canary}"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": canary}, good):
+            seen.append(httpx.get(srv.url + "/v1/models", headers=headers).text)
+        for body in ({"model": base, "prompt": "x", "temperature": 1e-40}, {"model": "nope", "prompt": "x"},
+                     {"model": base, "prompt": "x", "max_tokens": 3, "stream": True}):
+            seen.append(httpx.post(srv.url + "/v1/completions", json=body, headers=good).text)  # SSE events too
+        seen.append(httpx.post(srv.url + "/v1/completions", content=b"{", headers=good).text)
+        monkeypatch.setattr(srv.engine, "stats", lambda: 1 / 0)  # a 500 and its logged traceback
+        seen.append(httpx.get(srv.url + "/tunekit/stats", headers=good).text)
+        seen.append(repr(srv))
+    plan = plan_vllm("base-model", {}, api_key=canary, port=8123,
+                     executable=str(_fake_vllm(tmp_path, "import os, sys\nprint('config: api_key=' + os.environ['VLLM_API_KEY'])\nsys.exit(1)\n")))
+    seen += [repr(plan), str(plan.to_dict()), plan.command_line()]
+    with pytest.raises(ServerError) as err:  # vLLM's log tail goes into the error: the key is masked there
+        launch(plan, timeout=30, poll_interval=0.1, log_path=tmp_path / "vllm.log")
+    assert canary in (tmp_path / "vllm.log").read_text()  # (the canary really was in what the error quotes)
+    seen += [str(err.value), str(err.value.hint)]
+    for extra in ([], ["--json"]):
+        assert main(["serve", "base-model", "--engine", "vllm", "--api-key", canary, "--dry-run", *extra]) == 0
+    seen.append(capsys.readouterr().out)
+    assert "invalid_api_key" in seen[0] + seen[1] and '"data"' in seen[3] and "data: [DONE]" in seen[6]  # the calls did run
+    leaks = [s for s in seen + [caplog.text] if canary in s]
+    assert not leaks, leaks

@@ -194,11 +194,13 @@ class VllmServer:
         self.stop()
 
 
-def _log_tail(path: Path, lines: int = 20) -> str:
+def _log_tail(path: Path, secret: str | None, lines: int = 20) -> str:
+    """The log's last lines, with ``secret`` (the API key) masked: they go into an error message."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        tail = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+    return tail.replace(secret, "***") if secret else tail
 
 
 def launch(plan: VllmPlan, *, timeout: float = 900.0, log_path: str | os.PathLike[str] | None = None,
@@ -227,7 +229,7 @@ def launch(plan: VllmPlan, *, timeout: float = 900.0, log_path: str | os.PathLik
         code = process.poll()
         if code is not None:
             raise ServerError(f"vLLM exited with code {code} before it was ready. Last log lines:\n"
-                              f"{_log_tail(log_path)}", provider="vllm",
+                              f"{_log_tail(log_path, plan.env.get('VLLM_API_KEY'))}", provider="vllm",
                               hint=f"read {log_path}; common causes: GPU memory (lower --gpu-memory-utilization "
                                    "or --max-model-len via extra_args), an unservable adapter, a busy port")
         try:
