@@ -261,9 +261,9 @@ def test_lru_with_one_slot_still_serves_every_adapter_correctly(tiny_model, adap
 def test_unservable_adapters_are_refused(tiny_model, adapters, tmp_path, server):
     from tunekit.serve.embedded import create_app
 
-    dora = make_adapter(tiny_model, tmp_path / "dora", use_dora=True)
-    with pytest.raises(ConfigError, match="DoRA") as err:
-        create_app(str(tiny_model), {"d": str(dora)})
+    mts = make_adapter(tiny_model, tmp_path / "mts", modules_to_save=["lm_head"])
+    with pytest.raises(ConfigError, match="modules_to_save") as err:
+        create_app(str(tiny_model), {"d": str(mts)})
     assert "tunekit merge" in err.value.hint
     with pytest.raises(ConfigError, match="not a PEFT adapter directory"):
         create_app(str(tiny_model), {"x": str(tmp_path)})
@@ -561,3 +561,79 @@ def test_the_bearer_token_never_shows_in_logs_errors_or_events(tiny_model, tmp_p
     assert "invalid_api_key" in seen[0] + seen[1] and '"data"' in seen[3] and "data: [DONE]" in seen[6]
     leaks = [s for s in seen + [caplog.text] if canary in s]
     assert not leaks, leaks
+
+
+# -- DoRA served unmerged --------------------------------------------------------------------------------------
+
+def _dora_adapter(tiny_model, out: Path, seed: int) -> Path:
+    """A DoRA adapter on every linear layer, with magnitudes moved off their initial value (||W||)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = make_adapter(tiny_model, out, use_dora=True, target_modules="all-linear", seed=seed)
+    state = load_file(str(path / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for key in [k for k in state if "lora_magnitude_vector" in k]:
+        state[key] = state[key] * (1 + 0.3 * torch.randn(state[key].shape, generator=gen))
+    save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_dora_rows_in_a_mixed_batch_equal_peft_dora_forward(tiny_model, adapters, tmp_path):
+    """fp32 on CPU: the served forward (LoRA + per-channel gain) against PEFT's DoRA layer, row by row."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.serve.embedded.pool import AdapterPool
+
+    dora = _dora_adapter(tiny_model, tmp_path / "dora", seed=11)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    pool = AdapterPool(model, max_loras=3, device=torch.device("cpu"), dtype=torch.float32)
+    for name, path in (("dora", dora), ("sql", adapters["sql"])):
+        pool.register(name, path)
+    rows = ["dora", "sql", None, "dora"]
+    ids = torch.randint(10, 200, (len(rows), 7), generator=torch.Generator().manual_seed(2))
+    pool.slots.set_rows(pool.acquire(rows))
+    with torch.inference_mode():
+        served = model(input_ids=ids).logits
+    refs = {}
+    for name, path in (("dora", dora), ("sql", adapters["sql"]), (None, None)):
+        ref = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        ref = PeftModel.from_pretrained(ref, path) if path else ref
+        with torch.inference_mode():
+            refs[name] = ref(input_ids=ids).logits
+    for i, name in enumerate(rows):
+        # fp32 (eps 1.2e-7) through a few layers of width <= 256: errors stay near 1e-6 of logits of size ~1
+        torch.testing.assert_close(served[i], refs[name][i], rtol=1e-4, atol=1e-5)
+    assert (refs["dora"] - refs["sql"]).abs().max() > 1e-2  # DoRA really differs from the LoRA row
+    pool.slots._dora_slots.clear()  # the same rows without the DoRA gains: the LoRA part alone is far off
+    pool.slots.set_rows(pool.acquire(rows))
+    with torch.inference_mode():
+        assert (model(input_ids=ids).logits[0] - refs["dora"][0]).abs().max() > 1e-2
+
+
+def test_dora_adapter_served_next_to_lora_through_the_http_server(client, server, tiny_model, tmp_path, reference):
+    engine = server.engine
+    dora = _dora_adapter(tiny_model, tmp_path / "dora-http", seed=12)
+    engine.add_adapter("dora", dora)
+    try:
+        expected = peft_greedy(tiny_model, dora, PROMPTS[0], 8)
+        results: dict[str, object] = {}
+        with engine.paused():  # DoRA, LoRA and base rows in one batch
+            ts = [threading.Thread(target=lambda m=m: results.__setitem__(m, _complete(client, m, PROMPTS[0])))
+                  for m in ("dora", "sql", str(tiny_model))]
+            for t in ts:
+                t.start()
+            while engine.pending() < 3:
+                time.sleep(0.01)
+        for t in ts:
+            t.join(60)
+        assert results["dora"].choices[0].text == expected
+        assert results["sql"].choices[0].text == reference[("sql", PROMPTS[0])]
+        assert results[str(tiny_model)].choices[0].text == reference[(None, PROMPTS[0])]
+        batch = engine.stats()["recent_batches"][-1]
+        assert batch["models"] == ["__base__", "dora", "sql"]
+        assert _complete(client, "dora", PROMPTS[1]).choices[0].text == peft_greedy(tiny_model, dora, PROMPTS[1], 8)
+    finally:
+        engine.remove_adapter("dora")

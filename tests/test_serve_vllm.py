@@ -130,6 +130,8 @@ def test_unservable_adapters_are_refused_with_next_step(tmp_path, config, match,
     assert err.value.field == field and err.value.hint
     hint = err.value.hint
     assert ("path_initial_model_for_weight_conversion" in hint) if "init" in field else ("tunekit merge" in hint)
+    if "dora" in field:  # and the engine that does serve it
+        assert "--engine embedded" in hint
 
 
 def test_converted_pissa_adapter_is_servable(tmp_path):

@@ -53,7 +53,7 @@ class AdapterPool:
     def register(self, name: str, path: str | Path) -> AdapterInfo:
         """Validate and cache an adapter under ``name`` (reads it from disk now, so errors surface here)."""
         info = read_adapter(path)
-        refuse_unservable(info, engine=ENGINE_LABEL, name=name)
+        refuse_unservable(info, engine=ENGINE_LABEL, name=name, serves_dora=True)
         if self.max_lora_rank is not None and info.max_rank > self.max_lora_rank:
             raise ConfigError(f"adapter {name!r} has rank {info.max_rank} > max_lora_rank {self.max_lora_rank}",
                               field="max_lora_rank", hint=f"restart the server with max_lora_rank >= {info.max_rank}")
@@ -139,7 +139,7 @@ class AdapterPool:
             self.counters["disk_loads"] += 1
         self._packed.move_to_end(name)
         t0 = time.perf_counter()
-        self.slots.write(slot, packed[1])
+        self.slots.write(slot, packed[1], dora=self._entries[name].info.use_dora)
         self.swap_ms.append((time.perf_counter() - t0) * 1000)
         self.counters["swaps"] += 1
 
