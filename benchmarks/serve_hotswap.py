@@ -15,6 +15,9 @@ r=16 all-linear adapters under --work, then measures and prints one JSON line pe
 The 16 requests are lined up before the scheduler takes them (engine.paused()), so both runs decode
 one 16-row batch: the figure is batched-decode throughput, not arrival jitter.
 
+With --dora the adapters are DoRA (magnitudes moved off their initial value), served unmerged: the
+same figures give DoRA's hot-swap time and its 16-adapter throughput against the base.
+
     python benchmarks/serve_hotswap.py --tiny                  # CPU smoke test
     python3 benchmarks/serve_hotswap.py --work /tmp/tk-bench   # GPU, 8B shape
 """
@@ -98,12 +101,12 @@ def build_base(work: Path, tiny: bool) -> Path:
     return path
 
 
-def build_adapters(base: Path, work: Path, n: int, rank: int, device: str) -> list[Path]:
+def build_adapters(base: Path, work: Path, n: int, rank: int, device: str, dora: bool = False) -> list[Path]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    dirs = [work / f"adapter-r{rank}-{i:02d}" for i in range(n)]
+    dirs = [work / f"{'dora' if dora else 'adapter'}-r{rank}-{i:02d}" for i in range(n)]
     if all((d / "adapter_config.json").exists() for d in dirs):
         return dirs
     t = time.time()
@@ -112,20 +115,22 @@ def build_adapters(base: Path, work: Path, n: int, rank: int, device: str) -> li
                                                                        else {}))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                                  task_type="CAUSAL_LM"))
+                                                  task_type="CAUSAL_LM", use_dora=dora))
     gen = torch.Generator(device="cpu")
     for i, d in enumerate(dirs):
         gen.manual_seed(i)
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
-                if "lora_" in name:
+                if "lora_magnitude_vector" in name:  # off its initial ||W||: the gains are not all 1
+                    p.mul_(1 + 0.05 * torch.randn(p.shape, generator=gen).to(p))
+                elif "lora_" in name:
                     p.copy_(torch.randn(p.shape, generator=gen).to(p) * (0.02 if "lora_B" in name else 0.05))
         peft_model.save_pretrained(d)
     del peft_model, model
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    emit({"step": "build_adapters", "count": n, "rank": rank, "seconds": round(time.time() - t, 1)})
+    emit({"step": "build_adapters", "count": n, "rank": rank, "dora": dora, "seconds": round(time.time() - t, 1)})
     return dirs
 
 
@@ -247,6 +252,7 @@ def main() -> int:
     ap.add_argument("--peft-loads", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each kind, alternated")
+    ap.add_argument("--dora", action="store_true", help="DoRA adapters (served unmerged) instead of LoRA")
     args = ap.parse_args()
 
     import peft
@@ -259,7 +265,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base = build_base(work, args.tiny)
-    adapters = build_adapters(base, work, args.adapters, args.rank, device)
+    adapters = build_adapters(base, work, args.adapters, args.rank, device, dora=args.dora)
 
     peft_ms = peft_load_adapter_ms(base, adapters, device, args.peft_loads)
     emit({"figure": "peft_load_adapter_ms", "median": round(statistics.median(peft_ms), 2),
@@ -277,7 +283,7 @@ def main() -> int:
         engine.eos_ids = set()  # every request generates exactly max_tokens: equal work in both runs
         copy_ms, acquire_ms = swap_figures(engine, names, device, args.swaps)
         slot_mb = engine.pool.slots.storage[1].numel() * engine.pool.slots.storage.element_size() / 2**20
-        emit({"figure": "swap_ms", "median": round(statistics.median(copy_ms), 3), "p90":
+        emit({"figure": "swap_ms", "dora": args.dora, "median": round(statistics.median(copy_ms), 3), "p90":
               round(sorted(copy_ms)[int(0.9 * len(copy_ms))], 3), "n": len(copy_ms), "rank": args.rank,
               "slot_mb": round(slot_mb, 1), "pinned_host_source": device == "cuda", "target_ms": 10,
               "meets_target": statistics.median(copy_ms) <= 10})
@@ -294,7 +300,7 @@ def main() -> int:
                           args.repeats)
         base_fig, mixed_fig = figs["base"], figs["adapters"]
         emit({"figure": "tokens_per_s_base", **base_fig})
-        emit({"figure": "tokens_per_s_distinct_adapters", **mixed_fig})
+        emit({"figure": "tokens_per_s_distinct_adapters", "dora": args.dora, **mixed_fig})
         ratio = mixed_fig["tokens_per_s"] / base_fig["tokens_per_s"]
         # runs i of both kinds ran back to back: the median of their ratios is less exposed to drift
         paired = [m / b for m, b in zip(mixed_fig["runs"], base_fig["runs"])]

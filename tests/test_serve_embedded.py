@@ -262,9 +262,9 @@ def test_lru_with_one_slot_still_serves_every_adapter_correctly(tiny_model, adap
 def test_unservable_adapters_are_refused(tiny_model, adapters, tmp_path, server):
     from tunekit.serve.embedded import create_app
 
-    dora = make_adapter(tiny_model, tmp_path / "dora", use_dora=True)
-    with pytest.raises(ConfigError, match="DoRA") as err:
-        create_app(str(tiny_model), {"d": str(dora)})
+    mts = make_adapter(tiny_model, tmp_path / "mts", modules_to_save=["lm_head"])
+    with pytest.raises(ConfigError, match="modules_to_save") as err:
+        create_app(str(tiny_model), {"d": str(mts)})
     assert "tunekit merge" in err.value.hint
     with pytest.raises(ConfigError, match="not a PEFT adapter directory"):
         create_app(str(tiny_model), {"x": str(tmp_path)})
@@ -367,3 +367,277 @@ def test_group_members_given_different_inputs_compute_their_own_shrink(tiny_mode
     del x
     gc.collect()
     assert ref() is None
+
+
+# -- isolation: one request never fails another ----------------------------------------------------------------
+
+def _post(server, path: str, body: dict, timeout: float = 60):
+    return httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=timeout)
+
+
+def test_hostile_sampling_params_get_a_400_and_their_batch_is_served(server, tiny_model, reference):
+    engine = server.engine
+    valid = [("sql", PROMPTS[0]), ("poem", PROMPTS[1]), (None, PROMPTS[0])]
+    hostile = [({"temperature": 1e-40}, "temperature"), ({"temperature": 1.0, "seed": 1180591620717411303424}, "seed")]
+    results: dict[int, object] = {}
+
+    def call(i: int, body: dict) -> None:
+        results[i] = _post(server, "/v1/completions", {"max_tokens": 8, "temperature": 0, **body})
+
+    bodies = [{"model": m or str(tiny_model), "prompt": p} for m, p in valid]
+    bodies += [{"model": "sql", "prompt": PROMPTS[0], **extra} for extra, _ in hostile]
+    with engine.paused():  # everything that reaches the engine goes into one batch
+        threads = [threading.Thread(target=call, args=(i, b)) for i, b in enumerate(bodies)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while not (engine.pending() == len(bodies)
+                   or (engine.pending() == len(valid) and all(i in results for i in (3, 4)))):
+            assert time.monotonic() < deadline, "requests did not arrive"
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    for i, (name, p) in enumerate(valid):
+        assert results[i].status_code == 200, results[i].text
+        assert results[i].json()["choices"][0]["text"] == reference[(name, p)]
+    for i, (_, param) in enumerate(hostile, start=len(valid)):
+        err = results[i].json()["error"]
+        assert results[i].status_code == 400 and err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_a_row_whose_sampling_fails_in_the_engine_fails_alone(server, reference):
+    """Past the HTTP checks (Engine API), a row that cannot be sampled gets an error; its batch goes on."""
+    from tunekit.serve.embedded.engine import GenRequest, SamplingParams
+
+    engine = server.engine
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    done = threading.Semaphore(0)
+
+    def sink(i: int, kind: str, payload) -> None:
+        events[i].append((kind, payload))
+        if kind != "delta":
+            done.release()
+
+    ids = engine.encode(PROMPTS[0])
+    params = [SamplingParams(max_tokens=8, temperature=0), SamplingParams(max_tokens=8, temperature=1e-40),
+              SamplingParams(max_tokens=8, temperature=1.0, seed=2**70)]
+    failed_batches = engine.stats().get("failed_batches", 0)
+    with engine.paused():
+        for i, p in enumerate(params):
+            engine.submit(GenRequest(ids, "sql", p, sink, index=i))
+    for _ in params:
+        assert done.acquire(timeout=60)
+    assert "".join(x for k, x in events[0] if k == "delta") == reference[("sql", PROMPTS[0])]
+    assert events[0][-1] == ("done", ("length", 8))
+    assert events[1][-1][0] == "error" and "sampling failed (temperature=1e-40" in events[1][-1][1]
+    assert events[2][-1][0] == "error" and "invalid seed" in events[2][-1][1]
+    assert engine.stats().get("failed_batches", 0) == failed_batches
+
+
+def test_huge_prompt_is_refused_before_tokenizing_and_tokenizing_is_off_the_event_loop(server, monkeypatch):
+    engine = server.engine
+    seen: list[tuple[int, str]] = []
+    encode = engine.encode
+
+    def spy(text: str) -> list[int]:
+        seen.append((len(text), threading.current_thread().name))
+        return encode(text)
+
+    monkeypatch.setattr(engine, "encode", spy)
+    huge = "a" * 10_000_000
+    result: dict[str, object] = {}
+    sender = threading.Thread(target=lambda: result.setdefault("r", _post(server, "/v1/completions",
+                                                                          {"model": "sql", "prompt": huge})))
+    sender.start()
+    slowest = 0.0
+    while sender.is_alive():  # /health keeps answering while the 10 MB request is handled
+        t0 = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+        slowest = max(slowest, time.monotonic() - t0)
+    r = result["r"]
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded" and r.json()["error"]["param"] == "prompt"
+    assert len(huge) > engine.max_prompt_chars and all(n < len(huge) for n, _ in seen)  # never tokenized
+    assert slowest < 5.0  # generous on a loaded CI machine: the regression was the whole tokenization (seconds)
+    r = _post(server, "/v1/completions", {"model": "sql", "prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 200 and seen[-1][0] == len("hello")
+    assert seen[-1][1] != "tunekit-embedded-http"  # tokenized on a worker thread, not on the event loop
+    r = _post(server, "/v1/chat/completions", {"model": "sql", "messages": [{"role": "user", "content": huge}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_prompt_lists_count_toward_the_row_limit(server, client):
+    with pytest.raises(openai.BadRequestError) as err:  # 4 prompts x n=5 = 20 completions > 16
+        client.completions.create(model="sql", prompt=["a", "b", "c", "d"], n=5, max_tokens=2)
+    assert err.value.body["param"] == "prompt" and "20 completions" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="sql", prompt=[[1, 70]] * 17, max_tokens=2)
+    ok = client.completions.create(model="sql", prompt=["a", "b", "c", "d"], n=4, max_tokens=2, temperature=0)
+    assert len(ok.choices) == 16
+
+
+def test_a_non_streaming_client_that_disconnects_cancels_its_rows(server, client, reference):
+    engine = server.engine
+    cancelled = engine.stats().get("cancelled_rows", 0)
+    body = {"model": "poem", "prompt": PROMPTS[0], "n": 4, "max_tokens": 900, "temperature": 1.0}
+    outcome: list[object] = []
+
+    def give_up() -> None:
+        try:
+            outcome.append(_post(server, "/v1/completions", body, timeout=1.0))
+        except httpx.ReadTimeout as exc:
+            outcome.append(exc)
+
+    with engine.paused():
+        gone = threading.Thread(target=give_up)
+        gone.start()
+        deadline = time.monotonic() + 30
+        while engine.pending() < 4:
+            assert time.monotonic() < deadline, "the request did not reach the engine"
+            time.sleep(0.01)
+        gone.join(30)
+        assert isinstance(outcome[0], httpx.ReadTimeout)  # the client gave up and closed its connection
+        time.sleep(0.5)  # (the server checks every 0.1 s)
+    deadline = time.monotonic() + 30
+    while engine.stats().get("cancelled_rows", 0) < cancelled + 4:  # dropped, not decoded for 900 tokens
+        assert time.monotonic() < deadline, "the disconnected client's rows were not cancelled"
+        time.sleep(0.05)
+    assert _complete(client, "sql", PROMPTS[0]).choices[0].text == reference[("sql", PROMPTS[0])]
+
+
+def test_an_adapter_with_non_finite_weights_is_refused_at_load(server, tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tunekit.serve.embedded.pool import AdapterPool
+
+    bad = make_adapter(tiny_model, tmp_path / "nan", seed=3)
+    state = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in state if "lora_B" in k)
+    state[key][0, 0] = float("nan")
+    save_file(state, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(ConfigError, match=r"lora_B holds NaN or infinite values") as err:
+        server.engine.add_adapter("nan", bad)
+    assert "nan" not in server.engine.adapters() and "diverged" in err.value.hint
+    # finite on disk but B x alpha/r overflows fp16: refused too, in that dtype only
+    big = make_adapter(tiny_model, tmp_path / "big", seed=4, b_std=1e5)
+    model = server.engine.model
+    AdapterPool(model, max_loras=1, device=torch.device("cpu"), dtype=torch.float32).register("big", big)
+    with pytest.raises(ConfigError, match="overflow torch.float16"):
+        AdapterPool(model, max_loras=1, device=torch.device("cpu"), dtype=torch.float16).register("big", big)
+
+
+def test_the_bearer_token_never_shows_in_logs_errors_or_events(tiny_model, tmp_path, caplog, capsys, monkeypatch):
+    """Canary: a key that appears anywhere the server or the launcher writes fails the test."""
+    import logging
+
+    from tests.test_serve_vllm import _fake_vllm
+    from tunekit import ServerError
+    from tunekit.cli.main import main
+    from tunekit.serve.embedded import start_in_thread
+    from tunekit.serve.vllm import launch, plan_vllm
+
+    canary = "canary-Zq81sk3K7wP"
+    seen: list[str] = []
+    caplog.set_level(logging.DEBUG)
+    with start_in_thread(str(tiny_model), {}, api_key=canary, batch_window_ms=0) as srv:
+        base, good = str(tiny_model), {"Authorization": f"Bearer {canary}"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": canary}, good):
+            seen.append(httpx.get(srv.url + "/v1/models", headers=headers).text)
+        for body in ({"model": base, "prompt": "x", "temperature": 1e-40}, {"model": "nope", "prompt": "x"},
+                     {"model": base, "prompt": "x", "max_tokens": 3, "stream": True}):
+            seen.append(httpx.post(srv.url + "/v1/completions", json=body, headers=good).text)  # SSE events too
+        seen.append(httpx.post(srv.url + "/v1/completions", content=b"{", headers=good).text)
+        monkeypatch.setattr(srv.engine, "stats", lambda: 1 / 0)  # a 500 and its logged traceback
+        seen.append(httpx.get(srv.url + "/tunekit/stats", headers=good).text)
+        seen.append(repr(srv))
+    talkative = "import os, sys\nprint('config: api_key=' + os.environ['VLLM_API_KEY'])\nsys.exit(1)\n"
+    plan = plan_vllm("base-model", {}, api_key=canary, port=8123, executable=str(_fake_vllm(tmp_path, talkative)))
+    seen += [repr(plan), str(plan.to_dict()), plan.command_line()]
+    with pytest.raises(ServerError) as err:  # vLLM's log tail goes into the error: the key is masked there
+        launch(plan, timeout=30, poll_interval=0.1, log_path=tmp_path / "vllm.log")
+    assert canary in (tmp_path / "vllm.log").read_text()  # (the canary really was in what the error quotes)
+    seen += [str(err.value), str(err.value.hint)]
+    for extra in ([], ["--json"]):
+        assert main(["serve", "base-model", "--engine", "vllm", "--api-key", canary, "--dry-run", *extra]) == 0
+    seen.append(capsys.readouterr().out)
+    # the calls did run: refused, listed, streamed
+    assert "invalid_api_key" in seen[0] + seen[1] and '"data"' in seen[3] and "data: [DONE]" in seen[6]
+    leaks = [s for s in seen + [caplog.text] if canary in s]
+    assert not leaks, leaks
+
+
+# -- DoRA served unmerged --------------------------------------------------------------------------------------
+
+def _dora_adapter(tiny_model, out: Path, seed: int) -> Path:
+    """A DoRA adapter on every linear layer, with magnitudes moved off their initial value (||W||)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = make_adapter(tiny_model, out, use_dora=True, target_modules="all-linear", seed=seed)
+    state = load_file(str(path / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for key in [k for k in state if "lora_magnitude_vector" in k]:
+        state[key] = state[key] * (1 + 0.3 * torch.randn(state[key].shape, generator=gen))
+    save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_dora_rows_in_a_mixed_batch_equal_peft_dora_forward(tiny_model, adapters, tmp_path):
+    """fp32 on CPU: the served forward (LoRA + per-channel gain) against PEFT's DoRA layer, row by row."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.serve.embedded.pool import AdapterPool
+
+    dora = _dora_adapter(tiny_model, tmp_path / "dora", seed=11)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    pool = AdapterPool(model, max_loras=3, device=torch.device("cpu"), dtype=torch.float32)
+    for name, path in (("dora", dora), ("sql", adapters["sql"])):
+        pool.register(name, path)
+    rows = ["dora", "sql", None, "dora"]
+    ids = torch.randint(10, 200, (len(rows), 7), generator=torch.Generator().manual_seed(2))
+    pool.slots.set_rows(pool.acquire(rows))
+    with torch.inference_mode():
+        served = model(input_ids=ids).logits
+    refs = {}
+    for name, path in (("dora", dora), ("sql", adapters["sql"]), (None, None)):
+        ref = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        ref = PeftModel.from_pretrained(ref, path) if path else ref
+        with torch.inference_mode():
+            refs[name] = ref(input_ids=ids).logits
+    for i, name in enumerate(rows):
+        # fp32 (eps 1.2e-7) through a few layers of width <= 256: errors stay near 1e-6 of logits of size ~1
+        torch.testing.assert_close(served[i], refs[name][i], rtol=1e-4, atol=1e-5)
+    assert (refs["dora"] - refs["sql"]).abs().max() > 1e-2  # DoRA really differs from the LoRA row
+    pool.slots._dora_slots.clear()  # the same rows without the DoRA gains: the LoRA part alone is far off
+    pool.slots.set_rows(pool.acquire(rows))
+    with torch.inference_mode():
+        assert (model(input_ids=ids).logits[0] - refs["dora"][0]).abs().max() > 1e-2
+
+
+def test_dora_adapter_served_next_to_lora_through_the_http_server(client, server, tiny_model, tmp_path, reference):
+    engine = server.engine
+    dora = _dora_adapter(tiny_model, tmp_path / "dora-http", seed=12)
+    engine.add_adapter("dora", dora)
+    try:
+        expected = peft_greedy(tiny_model, dora, PROMPTS[0], 8)
+        results: dict[str, object] = {}
+        with engine.paused():  # DoRA, LoRA and base rows in one batch
+            ts = [threading.Thread(target=lambda m=m: results.__setitem__(m, _complete(client, m, PROMPTS[0])))
+                  for m in ("dora", "sql", str(tiny_model))]
+            for t in ts:
+                t.start()
+            while engine.pending() < 3:
+                time.sleep(0.01)
+        for t in ts:
+            t.join(60)
+        assert results["dora"].choices[0].text == expected
+        assert results["sql"].choices[0].text == reference[("sql", PROMPTS[0])]
+        assert results[str(tiny_model)].choices[0].text == reference[(None, PROMPTS[0])]
+        batch = engine.stats()["recent_batches"][-1]
+        assert batch["models"] == ["__base__", "dora", "sql"]
+        assert _complete(client, "dora", PROMPTS[1]).choices[0].text == peft_greedy(tiny_model, dora, PROMPTS[1], 8)
+    finally:
+        engine.remove_adapter("dora")

@@ -60,6 +60,40 @@ def test_plan_builds_the_exact_command(tmp_path):
     assert plan.command_line().startswith("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve ")
 
 
+def vllm_lora_modules(items: list[str]) -> list[tuple[str, str]]:
+    """What vLLM's ``LoRAParserAction`` (vllm/entrypoints/openai/cli_args.py) makes of --lora-modules items.
+
+    vLLM cannot be installed here (it replaces the CPU torch), so this is its rule, step for step:
+    ``name=path`` only for an item with "=" and no ",", split on EVERY "=" (a second one is an error);
+    anything else is JSON for ``LoRAModulePath(name, path, base_model_name=None)``.
+    """
+    out = []
+    for item in items:
+        if item in (None, ""):
+            continue
+        if "=" in item and "," not in item:
+            name, path = item.split("=")  # ValueError on a second "=", as in vLLM
+            out.append((name, path))
+        else:
+            d = json.loads(item)  # vLLM: parser.error("Invalid JSON format for --lora-modules")
+            assert set(d) <= {"name", "path", "base_model_name"} and {"name", "path"} <= set(d)
+            out.append((d["name"], d["path"]))
+    return out
+
+
+def test_lora_modules_survive_vllms_parser_whatever_the_path(tmp_path):
+    import shlex
+
+    dirs = {"plain": adapter_dir(tmp_path, "plain"), "comma": adapter_dir(tmp_path, "run,lr=1e-4"),
+            "eq": adapter_dir(tmp_path, "lr=1e-4"), "space": adapter_dir(tmp_path, "my run {1}")}
+    plan = plan_vllm(BASE, dirs, extra_args=["--max-model-len", "4096"])
+    start = plan.argv.index("--lora-modules") + 1
+    items = plan.argv[start:plan.argv.index("--max-model-len")]
+    assert vllm_lora_modules(items) == [(n, str(p.resolve())) for n, p in dirs.items()]
+    assert items[0] == f"plain={dirs['plain'].resolve()}"  # the short form where vLLM reads it right
+    assert shlex.split(plan.command_line())[1:] == plan.argv  # the shell line carries the JSON items intact
+
+
 @pytest.mark.parametrize("rank,expected", [(1, 1), (4, 8), (8, 8), (9, 16), (17, 32), (256, 256), (300, 320),
                                            (512, 512)])
 def test_smallest_allowed_rank(rank, expected):
@@ -96,6 +130,8 @@ def test_unservable_adapters_are_refused_with_next_step(tmp_path, config, match,
     assert err.value.field == field and err.value.hint
     hint = err.value.hint
     assert ("path_initial_model_for_weight_conversion" in hint) if "init" in field else ("tunekit merge" in hint)
+    if "dora" in field:  # and the engine that does serve it
+        assert "--engine embedded" in hint
 
 
 def test_converted_pissa_adapter_is_servable(tmp_path):

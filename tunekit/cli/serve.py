@@ -150,7 +150,7 @@ def serve_run(args: argparse.Namespace) -> int:
         checked = {}
         for name, ref in adapters.items():
             info = read_adapter(resolve_adapter(ref)[0])
-            refuse_unservable(info, engine="the embedded server", name=name)
+            refuse_unservable(info, engine="the embedded server", name=name, serves_dora=True)
             checked[name] = {"path": str(info.path), "r": info.max_rank, "base_model": info.base_model}
         result = {"engine": "embedded", "base_model": args.base_model, "adapters": checked,
                   "url": f"http://{args.host}:{args.port}/v1"}

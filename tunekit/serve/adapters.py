@@ -134,15 +134,16 @@ def same_base(a: str | None, b: str | None) -> bool:
 
 # -- servability -------------------------------------------------------------------------------------
 
-def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None) -> None:
+def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None, serves_dora: bool = False) -> None:
     """Raise a ConfigError for an adapter ``engine`` cannot serve as LoRA (checks shared by both engines)."""
     label = f"adapter {name!r} ({info.path})" if name else f"adapter {info.path}"
-    if info.use_dora:
+    if info.use_dora and not serves_dora:
         raise ConfigError(
             f"{label} uses DoRA, which {engine} cannot serve as a LoRA adapter",
             field="adapter.use_dora",
-            hint=f"merge it into the base (`tunekit merge {info.path} OUT_DIR`) and serve OUT_DIR as a plain model, "
-                 "or retrain with use_dora=False")
+            hint="serve it with the embedded engine (`tunekit serve ... --engine embedded`), which serves DoRA "
+                 f"unmerged, or merge it into the base (`tunekit merge {info.path} OUT_DIR`) and serve OUT_DIR as a "
+                 "plain model")
     if info.modules_to_save:
         raise ConfigError(
             f"{label} also trains whole modules (modules_to_save={list(info.modules_to_save)}), "

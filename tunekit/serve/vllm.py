@@ -9,6 +9,7 @@ Runtime load/unload needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; the plan se
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -67,6 +68,18 @@ def smallest_vllm_rank(rank: int) -> int:
     raise ConfigError(f"LoRA rank {rank} is above vLLM's maximum {VLLM_LORA_RANKS[-1]}", field="adapter.r",
                       hint="merge the adapter (`tunekit merge ADAPTER OUT_DIR`) and serve the merged model, "
                            f"or retrain with r <= {VLLM_LORA_RANKS[-1]}")
+
+
+def lora_module_arg(name: str, path: str) -> str:
+    """One ``--lora-modules`` item as vLLM's parser (``LoRAParserAction``) reads it back as (name, path).
+
+    It takes ``name=path`` only when the item has no comma, and then splits on every ``=``; any other
+    item is parsed as JSON. So a path with a comma or an ``=`` (both legal in file names) goes as JSON.
+    """
+    item = f"{name}={path}"
+    if item.count("=") == 1 and "," not in item:
+        return item
+    return json.dumps({"name": name, "path": path})
 
 
 def plan_vllm(base_model: str, adapters: dict[str, str | os.PathLike[str]] | None = None, *,
@@ -134,7 +147,7 @@ def plan_vllm(base_model: str, adapters: dict[str, str | os.PathLike[str]] | Non
     argv = [executable, "serve", str(base_model), "--host", host, "--port", str(port), "--enable-lora",
             "--max-loras", str(loras), "--max-lora-rank", str(rank)]
     if resolved:
-        argv += ["--lora-modules", *(f"{n}={p}" for n, p in resolved.items())]
+        argv += ["--lora-modules", *(lora_module_arg(n, p) for n, p in resolved.items())]
     argv += extra
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     reasons["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "enables /v1/load_lora_adapter and /v1/unload_lora_adapter"
@@ -181,11 +194,13 @@ class VllmServer:
         self.stop()
 
 
-def _log_tail(path: Path, lines: int = 20) -> str:
+def _log_tail(path: Path, secret: str | None, lines: int = 20) -> str:
+    """The log's last lines, with ``secret`` (the API key) masked: they go into an error message."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        tail = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+    return tail.replace(secret, "***") if secret else tail
 
 
 def launch(plan: VllmPlan, *, timeout: float = 900.0, log_path: str | os.PathLike[str] | None = None,
@@ -214,7 +229,7 @@ def launch(plan: VllmPlan, *, timeout: float = 900.0, log_path: str | os.PathLik
         code = process.poll()
         if code is not None:
             raise ServerError(f"vLLM exited with code {code} before it was ready. Last log lines:\n"
-                              f"{_log_tail(log_path)}", provider="vllm",
+                              f"{_log_tail(log_path, plan.env.get('VLLM_API_KEY'))}", provider="vllm",
                               hint=f"read {log_path}; common causes: GPU memory (lower --gpu-memory-utilization "
                                    "or --max-model-len via extra_args), an unservable adapter, a busy port")
         try:

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from starlette.requests import Request  # module level: FastAPI resolves route annotations from here
+
 from ..._exceptions import ConfigError, TunekitError
 from ..adapters import resolve_adapter
 from .engine import Engine, GenRequest, SamplingParams
@@ -64,6 +66,31 @@ class _Access:
             type="permission_error", param="lora_path", code="adapter_path_not_allowed")
 
 
+class _BearerAuth:
+    """Every route but /health needs ``Authorization: Bearer <key>``.
+
+    Plain ASGI, not ``@app.middleware("http")``: that wrapper hides the client's disconnect from the
+    routes, and a non-streaming route watches for it to cancel its rows.
+    """
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                from starlette.responses import JSONResponse
+
+                body = APIErrorResponse(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key").body()
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _registry_location(key: str) -> Path | None:
     try:
         from ...store import default_store
@@ -86,9 +113,13 @@ def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.
                max_loras: int = 4, api_key: str | None = None, device: str | None = None, dtype: str | None = None,
                served_model_name: str | None = None, allowed_adapter_dirs: tuple[str, ...] = (),
                max_cpu_loras: int | None = None, max_lora_rank: int | None = None, max_batch_size: int = 32,
-               batch_window_ms: float = 2.0):
-    """Build the app and load the base once. ``adapters`` maps served names to directories or registry keys."""
-    from fastapi import FastAPI, Request
+               batch_window_ms: float = 2.0, max_request_rows: int = 16):
+    """Build the app and load the base once. ``adapters`` maps served names to directories or registry keys.
+
+    ``max_request_rows`` caps the sequences one request may ask for (prompts x n), so no single
+    client can fill the batch for everyone else.
+    """
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
@@ -133,16 +164,8 @@ def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.
         return JSONResponse(APIErrorResponse(500, f"internal error: {type(exc).__name__}: {exc}").body(),
                             status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return JSONResponse(APIErrorResponse(
-                    401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
 
     def resolve_model(model: str) -> str | None:
         if model == base_name:
@@ -195,15 +218,36 @@ def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.
                                    param="lora_name", code="model_not_found") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    def check_rows(n_prompts: int, n: int) -> None:
+        if n_prompts * n > max_request_rows:
+            raise APIErrorResponse(
+                400, f"this request asks for {n_prompts} prompt(s) x n={n} = {n_prompts * n} completions; at most "
+                     f"{max_request_rows} per request: split it into several requests",
+                param="prompt" if n_prompts > 1 else "n")
+
+    def check_chars(chars: int, param: str) -> None:
+        # Refused before tokenizing: a huge text would hold a worker and memory only to be refused after.
+        if chars > engine.max_prompt_chars:
+            raise APIErrorResponse(
+                400, f"This model's maximum context length is {engine.max_model_len} tokens; the {param} has "
+                     f"{chars} characters, more than any text of {engine.max_model_len} tokens can have.",
+                param=param, code="context_length_exceeded")
+
+    def encode_all(raw: list[str | list[int]]) -> list[list[int]]:
+        return [engine.encode(p) if isinstance(p, str) else list(p) for p in raw]
+
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         req.check_fields()
         adapter = resolve_model(req.model)
-        prompts = [engine.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
+        raw = req.prompts()
+        check_rows(len(raw), req.n)
+        check_chars(max((len(p) for p in raw if isinstance(p, str)), default=0), "prompt")
+        prompts = await run_in_threadpool(encode_all, raw)  # CPU work off the event loop
+        params = _params(req, req.max_tokens or 16, prompts, engine.max_model_len)
         vocab = engine.model.config.vocab_size
         if any(not 0 <= t < vocab for p in prompts for t in p):  # would fail the whole batch, not just this one
             raise APIErrorResponse(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        params = _params(req, req.max_tokens or 16, prompts, engine.max_model_len)
         rid = new_id("cmpl")
         run = _Run(engine, rid, adapter, prompts, params, req.n, req.seed)
         n_prompt = sum(len(p) for p in prompts)
@@ -218,27 +262,31 @@ def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.
                 if req.include_usage:
                     yield completion_body(rid, req.model, [], usage(n_prompt, run.completion_tokens), chunk=True)
             return StreamingResponse(_sse(chunks(), run), media_type="text/event-stream")
-        await run.wait()
+        await run.wait(request)
         choices = [{"index": i, "text": run.text[i], "logprobs": None, "finish_reason": run.finish[i]}
                    for i in range(run.rows)]
         return completion_body(rid, req.model, choices, usage(n_prompt, run.completion_tokens))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         req.check_fields()
         adapter = resolve_model(req.model)
         tok = engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise APIErrorResponse(400, "the base model's tokenizer has no chat template; use /v1/completions",
                                    param="messages")
-        try:
-            text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
-                                           tokenize=False, add_generation_prompt=True)
-        except APIErrorResponse:
-            raise
-        except Exception as exc:  # the template itself rejects the conversation (e.g. role order)
-            raise APIErrorResponse(400, f"chat template error: {exc}", param="messages") from None
-        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        check_rows(1, req.n)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        check_chars(sum(len(m["content"]) for m in messages), "messages")
+
+        def render() -> list[int]:
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # the template itself rejects the conversation (e.g. role order)
+                raise APIErrorResponse(400, f"chat template error: {exc}", param="messages") from None
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        prompt = await run_in_threadpool(render)  # CPU work off the event loop
         limit = req.max_completion_tokens or req.max_tokens or max(1, engine.max_model_len - len(prompt))
         params = _params(req, limit, [prompt], engine.max_model_len)
         rid = new_id("chatcmpl")
@@ -257,7 +305,7 @@ def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.
                 if req.include_usage:
                     yield chat_body(rid, req.model, [], usage(len(prompt), run.completion_tokens), chunk=True)
             return StreamingResponse(_sse(chunks(), run), media_type="text/event-stream")
-        await run.wait()
+        await run.wait(request)
         choices = [{"index": i, "message": {"role": "assistant", "content": run.text[i]}, "logprobs": None,
                     "finish_reason": run.finish[i]} for i in range(run.rows)]
         return chat_body(rid, req.model, choices, usage(len(prompt), run.completion_tokens))
@@ -276,6 +324,9 @@ def _params(req: Any, max_tokens: int, prompts: list[list[int]], max_len: int) -
             param="max_tokens", code="context_length_exceeded")
     return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                           top_p=1.0 if req.top_p is None else req.top_p, stop=req.stop_list(), seed=req.seed)
+
+
+_DISCONNECT_POLL_S = 0.1  # how soon a disconnected non-streaming client frees its batch rows
 
 
 class _Run:
@@ -326,11 +377,21 @@ class _Run:
                 remaining -= 1
                 yield i, "done", reason
 
-    async def wait(self) -> None:
-        try:
+    async def wait(self, request: Any) -> None:
+        """Collect every row; if the client disconnects first, cancel the rows (nobody will read them)."""
+        async def drain() -> None:
             async for _ in self.events():
                 pass
+
+        task = asyncio.ensure_future(drain())
+        try:
+            while not (await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    log.info("client disconnected: cancelled %d row(s) of %s", self.rows, self._reqs[0].request_id)
+                    raise APIErrorResponse(499, "client closed the request", code="client_closed_request")
+            task.result()
         finally:
+            task.cancel()
             self.cancel()
 
     def cancel(self) -> None:

@@ -75,6 +75,17 @@ def _default_device_dtype(device: str | None, dtype: str | None):
     return dev, dt
 
 
+def prompt_char_bound(tokenizer: Any, max_model_len: int) -> int:
+    """Characters beyond which a text cannot fit in ``max_model_len`` tokens, known without tokenizing it.
+
+    No token stands for more characters than its vocabulary string has (byte-level and SentencePiece
+    pieces are at least as long as the text they decode to), so a fitting text has at most
+    ``max_model_len * longest`` characters; x4 leaves room for normalizers that compose characters.
+    """
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max_model_len * max(longest, 1) * 4
+
+
 class Engine:
     def __init__(self, base_model: str | Path, adapters: dict[str, str | Path] | None = None, *,
                  max_loras: int = 4, max_cpu_loras: int | None = None, max_lora_rank: int | None = None,
@@ -95,6 +106,7 @@ class Engine:
         # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        self.max_prompt_chars = prompt_char_bound(self.tokenizer, self.max_model_len)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -220,7 +232,8 @@ class Engine:
         keep: collections.deque[GenRequest] = collections.deque()
         while self._pending:
             req = self._pending.popleft()
-            if req.cancelled:
+            if req.cancelled:  # its client went away while it waited
+                self._stats["cancelled_rows"] += 1
                 continue
             if len(batch) >= self.max_batch_size or (
                     req.adapter is not None and req.adapter not in chosen and len(chosen) >= self.pool.max_loras):
@@ -247,9 +260,10 @@ class Engine:
             self._stats["mixed_batches"] += len(models) > 1
             self._batches.append({"size": len(rows), "models": models,
                                   "request_ids": sorted({r.request_id for r in rows})})
-        for r in rows:
-            if r.params.seed is not None:
-                r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
+        rows = [r for r in rows if self._seed(r)]
+        if not rows:
+            self.pool.slots.set_rows([0])
+            return
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -268,7 +282,8 @@ class Engine:
                 self._stats["forward_passes"] += 1
                 cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
                 tokens = self._sample(out.logits[:, -1, :].float(), [rows[i] for i in active])
-                keep = [j for j, i in enumerate(active) if not self._advance(rows[i], tokens[j])]
+                keep = [j for j, i in enumerate(active)
+                        if tokens[j] is not None and not self._advance(rows[i], tokens[j])]
                 if not keep:
                     break
                 if len(keep) < len(active):
@@ -282,25 +297,48 @@ class Engine:
                 pos = pos[:, -1:] + 1
         self.pool.slots.set_rows([0])
 
-    def _sample(self, logits, rows: list[GenRequest]) -> list[int]:
+    def _seed(self, r: GenRequest) -> bool:
+        """Give a seeded row its generator; a seed torch refuses fails that row only (False)."""
+        if r.params.seed is None:
+            return True
+        try:
+            r.generator = self._torch.Generator(device=self.device).manual_seed(r.params.seed)
+            return True
+        except (ValueError, RuntimeError, OverflowError) as exc:
+            self._fail_row(r, f"invalid seed {r.params.seed}: {exc}")
+            return False
+
+    def _fail_row(self, r: GenRequest, message: str) -> None:
+        with self._cv:
+            self._stats["failed_rows"] += 1
+        r.sink(r.index, "error", message)
+
+    def _sample(self, logits, rows: list[GenRequest]) -> list[int | None]:
+        """Next token per row; None for a row whose sampling failed (it gets an error, the others go on)."""
         torch = self._torch
-        out = logits.argmax(-1).tolist()
+        out: list[int | None] = logits.argmax(-1).tolist()
         for j, r in enumerate(rows):
             p = r.params
             if p.temperature <= 0:
                 continue
-            probs = torch.softmax(logits[j] / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                cut = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest set with mass >= top_p
-                sorted_p[cut] = 0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-            out[j] = int(torch.multinomial(probs, 1, generator=r.generator).item())
+            try:
+                probs = torch.softmax(logits[j] / p.temperature, dim=-1)
+                if p.top_p < 1.0:
+                    sorted_p, order = probs.sort(descending=True)
+                    cut = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest set with mass >= top_p
+                    sorted_p[cut] = 0
+                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+                out[j] = int(torch.multinomial(probs, 1, generator=r.generator).item())
+            except RuntimeError as exc:  # e.g. logits / temperature overflowed: NaN probabilities
+                self._fail_row(r, f"sampling failed (temperature={p.temperature}, top_p={p.top_p}): {exc}")
+                out[j] = None
         return out
 
     def _advance(self, r: GenRequest, token: int) -> bool:
         """Append ``token`` to row ``r``, emit new text; True when the row is finished."""
-        if r.cancelled:
+        if r.cancelled:  # its client went away: stop decoding it
+            with self._cv:
+                self._stats["cancelled_rows"] += 1
             return True
         p = r.params
         reason = None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +35,24 @@ from torch import nn
 from ..._exceptions import ConfigError
 from ..adapters import AdapterInfo
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weight"
+                  r"|(?P<m>magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$")
 
 
 @dataclass
 class AdapterWeights:
-    """One adapter on the host: per module (A [r, in], B·scale transposed [r, out]) until it is packed."""
+    """One adapter on the host: per module (A [r, in], B·scale transposed [r, out]) until it is packed.
+
+    For DoRA, ``gains`` holds per module ``g - 1`` with ``g = magnitude / ||W + B·scale·A||`` (per output
+    row, fp32): the DoRA output is ``bias + g * (x W^T + x A^T (B·scale)^T)``, i.e. LoRA then a per-channel
+    gain. Kept as ``g - 1`` so zero means "no DoRA" and the small deviation keeps its precision in 16 bits.
+    """
 
     name: str
     path: Path
     rank: int
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    gains: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def read_adapter_weights(name: str, info: AdapterInfo, model: nn.Module) -> AdapterWeights:
@@ -65,11 +72,12 @@ def read_adapter_weights(name: str, info: AdapterInfo, model: nn.Module) -> Adap
             raise ConfigError(
                 f"adapter {name!r} ({path}) holds tensor {key!r}, which is not a plain LoRA weight",
                 field="adapter", hint=f"merge it (`tunekit merge {path} OUT_DIR`) and serve the merged model")
-        parts.setdefault(m["module"], {})[m["ab"]] = tensor
+        parts.setdefault(m["module"], {})[m["ab"] or "M"] = tensor
     named = dict(model.named_modules())
     raw = info.raw
     alpha_pattern = raw.get("alpha_pattern") or {}
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    gains: dict[str, torch.Tensor] = {}
     rank = 0
     for module, ab in sorted(parts.items()):
         target = named.get(module)
@@ -82,10 +90,17 @@ def read_adapter_weights(name: str, info: AdapterInfo, model: nn.Module) -> Adap
                 field="adapter.target_modules",
                 hint="serve the adapter on the base it was trained on (adapter_config.json base_model_name_or_path); "
                      "only LoRA on linear layers is served by the embedded engine")
-        if set(ab) != {"A", "B"}:
-            raise ConfigError(f"adapter {name!r} ({path}): {module} lacks lora_A or lora_B", field="adapter",
-                              hint="the adapter file is incomplete; re-save it")
+        if set(ab) != ({"A", "B", "M"} if info.use_dora else {"A", "B"}):
+            what = "lora_A, lora_B or lora_magnitude_vector" if info.use_dora else "lora_A or lora_B"
+            raise ConfigError(f"adapter {name!r} ({path}): {module} lacks {what} (or has a magnitude without "
+                              "use_dora)", field="adapter", hint="the adapter file is incomplete; re-save it")
         a, b = ab["A"], ab["B"]
+        for which, t in (("lora_A", a), ("lora_B", b), ("lora_magnitude_vector", ab.get("M", a))):
+            if not torch.isfinite(t).all():  # would turn every row decoded with it into NaN logits
+                raise ConfigError(
+                    f"adapter {name!r} ({path}): {module}.{which} holds NaN or infinite values", field="adapter",
+                    hint="the training run diverged; serve an earlier checkpoint, or retrain with a lower "
+                         "learning rate")
         r = a.shape[0]
         if a.shape != (r, target.in_features) or b.shape != (target.out_features, r):
             raise ConfigError(
@@ -96,11 +111,24 @@ def read_adapter_weights(name: str, info: AdapterInfo, model: nn.Module) -> Adap
         scale = alpha / (math.sqrt(r) if info.use_rslora else r)
         # Scale in fp32, round once when packing; B·scale is kept as a transposed view (pack copies it).
         modules[module] = (a, (b.float() * scale).t())
+        if "M" in ab:
+            gains[module] = _dora_gain(target.weight, a, b.float() * scale, ab["M"])
         rank = max(rank, r)
     if not modules:
         raise ConfigError(f"adapter {name!r} ({path}) has no LoRA weights", field="adapter",
                           hint="re-save the adapter")
-    return AdapterWeights(name=name, path=path, rank=rank, modules=modules)
+    return AdapterWeights(name=name, path=path, rank=rank, modules=modules, gains=gains)
+
+
+def _dora_gain(weight: torch.Tensor, a: torch.Tensor, b_scaled: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-output-row ``magnitude / ||W + scale·B·A|| - 1`` (PEFT's weight norm), in fp32, on the host."""
+    w = weight.detach().float()
+    norm = torch.linalg.norm(w + (b_scaled.to(w.device) @ a.float().to(w.device)), dim=1)
+    gain = magnitude.float().to(w.device) / norm - 1
+    if not torch.isfinite(gain).all():  # a zero row norm: the direction is undefined
+        raise ConfigError("DoRA weight norm is zero for some output row", field="adapter",
+                          hint="the adapter does not fit this base model")
+    return gain.cpu()
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str:
@@ -117,6 +145,7 @@ class SlotLayout:
 
     rank: int
     modules: tuple[tuple[str, int, int], ...]  # (name, in_features, out_features), sorted
+    dora: bool = False  # each module also has an ``out``-long DoRA gain (g - 1), after every A and B
 
     @property
     def offsets(self) -> dict[str, tuple[int, int]]:
@@ -127,12 +156,20 @@ class SlotLayout:
         return out
 
     @property
+    def gain_offsets(self) -> dict[str, int]:
+        off, out = sum(self.rank * (fin + fout) for _, fin, fout in self.modules), {}
+        for name, _, fout in self.modules:
+            out[name] = off
+            off += fout
+        return out if self.dora else {}
+
+    @property
     def numel(self) -> int:
-        return sum(self.rank * (fin + fout) for _, fin, fout in self.modules)
+        return sum(self.rank * (fin + fout) + (fout if self.dora else 0) for _, fin, fout in self.modules)
 
     def covers(self, weights: AdapterWeights) -> bool:
         names = {m for m, _, _ in self.modules}
-        return weights.rank <= self.rank and set(weights.modules) <= names
+        return weights.rank <= self.rank and set(weights.modules) <= names and (self.dora or not weights.gains)
 
     def grown(self, weights: AdapterWeights, *, rank_cap: int | None = None) -> "SlotLayout":
         """The smallest layout covering this one and ``weights``."""
@@ -142,7 +179,8 @@ class SlotLayout:
         rank = max(self.rank, weights.rank)
         if rank_cap is not None:
             rank = max(rank, rank_cap)
-        return SlotLayout(rank=rank, modules=tuple(sorted((m, fi, fo) for m, (fi, fo) in mods.items())))
+        return SlotLayout(rank=rank, modules=tuple(sorted((m, fi, fo) for m, (fi, fo) in mods.items())),
+                          dora=self.dora or bool(weights.gains))
 
 
 EMPTY_LAYOUT = SlotLayout(rank=0, modules=())
@@ -160,6 +198,9 @@ def pack(weights: AdapterWeights, layout: SlotLayout, *, dtype: torch.dtype, pin
         a_off, b_off = offsets[name]
         flat[a_off:a_off + layout.rank * fin].view(layout.rank, fin)[:r].copy_(a)
         flat[b_off:b_off + layout.rank * fout].view(layout.rank, fout)[:r].copy_(bt)
+    for name, off in layout.gain_offsets.items():
+        if name in weights.gains:
+            flat[off:off + weights.gains[name].numel()].copy_(weights.gains[name])
     return flat.pin_memory() if pin else flat
 
 
@@ -170,6 +211,7 @@ class _RowState:
         self.mode = "base"  # "base" | "single" | "mixed"
         self.slot = 0
         self.rows: torch.Tensor | None = None
+        self.dora = False  # some row of the batch uses a DoRA adapter: apply the gains
         self.version = 0  # bumped whenever the rows change: invalidates the per-group gathers
         self.shared_shrinks = 0  # mixed-mode shrinks served from a sibling's bmm (no bmm of their own)
 
@@ -193,7 +235,7 @@ class _ShrinkGroup:
     The input is dropped once every member has used it: nothing outlives the round (the step).
     """
 
-    __slots__ = ("members", "version", "rank", "At", "parts", "BT", "x", "hs", "used", "full")
+    __slots__ = ("members", "version", "rank", "At", "parts", "BT", "G", "x", "hs", "used", "full")
 
     def __init__(self, members: list["SlotLinear"]) -> None:
         self.members = members
@@ -202,7 +244,7 @@ class _ShrinkGroup:
 
     def clear(self) -> None:
         self.version = self.rank = -1
-        self.At = self.parts = self.BT = self.x = self.hs = None
+        self.At = self.parts = self.BT = self.G = self.x = self.hs = None
         self.used = 0
 
     def gather(self, st: _RowState) -> None:
@@ -212,6 +254,7 @@ class _ShrinkGroup:
         self.At = (torch.cat(a, dim=1) if len(a) > 1 else a[0]).transpose(1, 2)  # [batch, in, r*k]
         self.parts = self.At.split(self.rank, dim=2)  # each member's [batch, in, r] view
         self.BT = [m.BT.index_select(0, rows) for m in self.members]
+        self.G = [m.G.index_select(0, rows) if st.dora else None for m in self.members]  # [batch, 1, out]
         self.x = self.hs = None
         self.used = 0
         self.version = st.version
@@ -249,6 +292,7 @@ class SlotLinear(nn.Module):
         self._state = state
         self.A: torch.Tensor | None = None  # [slots+1, r, in] view
         self.BT: torch.Tensor | None = None  # [slots+1, r, out] view
+        self.G: torch.Tensor | None = None  # [slots+1, 1, out] view of DoRA's g - 1 (layouts with DoRA only)
         self._group = _ShrinkGroup([self])  # replaced by LoraSlots when the module has siblings
         self._gidx = 0
 
@@ -281,7 +325,10 @@ class SlotLinear(nn.Module):
             a, bt = self.A[st.slot], self.BT[st.slot]
             h = (x @ a.t()).reshape(-1, a.shape[0])
             y2 = y.reshape(-1, y.shape[-1])
-            return (y2.addmm_(h, bt) if inplace else torch.addmm(y2, h, bt)).reshape(y.shape)
+            y2 = y2.addmm_(h, bt) if inplace else torch.addmm(y2, h, bt)
+            if st.dora:
+                y2 = self._dora(y2, self.G[st.slot], inplace)
+            return y2.reshape(y.shape)
         g = self._group
         if g.version != st.version:
             g.gather(st)
@@ -289,10 +336,18 @@ class SlotLinear(nn.Module):
         b = bt.shape[0]
         if x.dim() == 3 and x.shape[0] == b:  # [batch, tokens, features]: no reshapes needed
             h = g.shrink(self._gidx, x, x, st)
-            return y.baddbmm_(h, bt) if inplace else torch.baddbmm(y, h, bt)
+            y = y.baddbmm_(h, bt) if inplace else torch.baddbmm(y, h, bt)
+            return self._dora(y, g.G[self._gidx], inplace) if st.dora else y
         h = g.shrink(self._gidx, x, x.reshape(b, -1, x.shape[-1]), st)
         y3 = y.reshape(b, -1, y.shape[-1])
-        return (y3.baddbmm_(h, bt) if inplace else torch.baddbmm(y3, h, bt)).reshape(y.shape)
+        y3 = y3.baddbmm_(h, bt) if inplace else torch.baddbmm(y3, h, bt)
+        return (self._dora(y3, g.G[self._gidx], inplace) if st.dora else y3).reshape(y.shape)
+
+    def _dora(self, y: torch.Tensor, gm1: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """DoRA: ``bias + g * (y - bias)`` as ``y + (g - 1) * (y - bias)`` (exact for LoRA rows: g - 1 = 0)."""
+        bias = self.base_layer.bias
+        pre = y if bias is None else y - bias
+        return y.addcmul_(pre, gm1) if inplace else torch.addcmul(y, pre, gm1)
 
 
 class LoraSlots:
@@ -307,12 +362,14 @@ class LoraSlots:
         self.storage = torch.zeros(num_slots + 1, 0, device=device, dtype=dtype)
         self._state = _RowState()
         self._wrapped: dict[str, SlotLinear] = {}
+        self._dora_slots: set[int] = set()
 
     def apply_layout(self, layout: SlotLayout) -> None:
         """Re-allocate the storage for ``layout`` (all slots emptied) and wrap any new target modules."""
         self.storage = torch.zeros(self.num_slots + 1, layout.numel, device=self.device, dtype=self.dtype)
+        self._dora_slots.clear()
         named = dict(self.model.named_modules())
-        offsets = layout.offsets
+        offsets, gain_offsets = layout.offsets, layout.gain_offsets
         for name, fin, fout in layout.modules:
             wrapper = self._wrapped.get(name)
             if wrapper is None:
@@ -323,6 +380,8 @@ class LoraSlots:
             a_off, b_off = offsets[name]
             wrapper.A = self.storage[:, a_off:a_off + layout.rank * fin].view(-1, layout.rank, fin)
             wrapper.BT = self.storage[:, b_off:b_off + layout.rank * fout].view(-1, layout.rank, fout)
+            g_off = gain_offsets.get(name)
+            wrapper.G = None if g_off is None else self.storage[:, g_off:g_off + fout].view(-1, 1, fout)
         self._group_siblings(named)
         self.layout = layout
 
@@ -341,11 +400,12 @@ class LoraSlots:
             for i, w in enumerate(members):
                 w._group, w._gidx = group, i
 
-    def write(self, slot: int, packed: torch.Tensor) -> None:
+    def write(self, slot: int, packed: torch.Tensor, *, dora: bool = False) -> None:
         """Copy a packed adapter into ``slot`` (one host-to-device copy; asynchronous from pinned memory)."""
         if not 1 <= slot <= self.num_slots:
             raise IndexError(f"slot {slot} out of range 1..{self.num_slots}")
         self.storage[slot].copy_(packed, non_blocking=True)
+        (self._dora_slots.add if dora else self._dora_slots.discard)(slot)
 
     def set_rows(self, slots: list[int]) -> None:
         """Route batch row i through slot ``slots[i]`` for the following forwards."""
@@ -354,6 +414,7 @@ class LoraSlots:
         for w in self._wrapped.values():  # drop the previous batch's gathers now, not at the next forward
             w._group.clear()
         distinct = set(slots)
+        st.dora = not distinct.isdisjoint(self._dora_slots)
         if distinct == {0} or not self._wrapped:
             st.mode, st.rows = "base", None
         elif len(distinct) == 1:

@@ -53,7 +53,7 @@ class AdapterPool:
     def register(self, name: str, path: str | Path) -> AdapterInfo:
         """Validate and cache an adapter under ``name`` (reads it from disk now, so errors surface here)."""
         info = read_adapter(path)
-        refuse_unservable(info, engine=ENGINE_LABEL, name=name)
+        refuse_unservable(info, engine=ENGINE_LABEL, name=name, serves_dora=True)
         if self.max_lora_rank is not None and info.max_rank > self.max_lora_rank:
             raise ConfigError(f"adapter {name!r} has rank {info.max_rank} > max_lora_rank {self.max_lora_rank}",
                               field="max_lora_rank", hint=f"restart the server with max_lora_rank >= {info.max_rank}")
@@ -64,9 +64,10 @@ class AdapterPool:
                                   hint="unload it first, or pick another name")
             if not self._target.covers(weights):
                 self._target = self._target.grown(weights, rank_cap=self.max_lora_rank)
+            packed = self._pack(weights)
             self._entries[name] = _Entry(info, weights.rank,
                                          tuple((m, a.shape[1], bt.shape[1]) for m, (a, bt) in weights.modules.items()))
-            self._store_packed(name, weights)
+            self._store_packed(name, packed)
         return info
 
     def unregister(self, name: str) -> None:
@@ -133,18 +134,26 @@ class AdapterPool:
         if packed is None or packed[0] != self.slots.layout:
             # Host cache miss (evicted, or packed for an older layout): read from disk again.
             weights = read_adapter_weights(name, self._entries[name].info, self._model)
-            self._store_packed(name, weights)
+            self._store_packed(name, self._pack(weights))
             packed = self._packed[name]
             self.counters["disk_loads"] += 1
         self._packed.move_to_end(name)
         t0 = time.perf_counter()
-        self.slots.write(slot, packed[1])
+        self.slots.write(slot, packed[1], dora=self._entries[name].info.use_dora)
         self.swap_ms.append((time.perf_counter() - t0) * 1000)
         self.counters["swaps"] += 1
 
-    def _store_packed(self, name: str, weights: AdapterWeights) -> None:
+    def _pack(self, weights: AdapterWeights) -> tuple[SlotLayout, torch.Tensor]:
         layout = self._target
-        self._packed[name] = (layout, pack(weights, layout, dtype=self.slots.dtype, pin=self._pin))
+        packed = pack(weights, layout, dtype=self.slots.dtype, pin=self._pin)
+        if not torch.isfinite(packed).all():  # finite on disk, but B x scale overflows the serving dtype
+            raise ConfigError(
+                f"adapter {weights.name!r} ({weights.path}) has weights that overflow {self.slots.dtype} once scaled "
+                "by lora_alpha/r", field="adapter", hint="serve it in a wider dtype (dtype='fp32' or 'bf16')")
+        return layout, packed
+
+    def _store_packed(self, name: str, packed: tuple[SlotLayout, torch.Tensor]) -> None:
+        self._packed[name] = packed
         self._packed.move_to_end(name)
         while len(self._packed) > self.max_cpu_loras:
             self._packed.popitem(last=False)

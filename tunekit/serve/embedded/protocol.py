@@ -10,11 +10,17 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Accepted and without effect on generation.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
                             "safety_identifier"})
+# Below this (but above 0) logits / temperature overflow or leave one token with all the mass; 0 is greedy.
+# vLLM clamps to the same floor; refusing it says so instead of sampling something else than was asked.
+MIN_TEMPERATURE = 0.01
+# torch.Generator seeds are 64-bit: anything wider cannot seed a row (seed + i is used for choice i).
+_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
+
 # Known OpenAI fields the engine does not implement: refused unless left at their neutral value.
 _UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
@@ -53,7 +59,14 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, t: float | None) -> float | None:
+        if t is not None and 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}; got {t}")
+        return t
 
     def check_fields(self) -> None:
         for key, value in (self.model_extra or {}).items():
