@@ -76,6 +76,10 @@ class Backend(ABC):
     min_rows: ClassVar[int] = 1
     row_kinds: ClassVar[frozenset[str] | None] = None   # None = every row kind
     max_file_bytes: ClassVar[int | None] = None
+    # USD limit for this submission (finetune's max_cost); a backend whose provider estimates the price
+    # before creating the job checks it there, and leaves its figure in provider_estimate.
+    max_cost: float | None = None
+    provider_estimate: dict[str, Any] | None = None
 
     def __init__(self, **options: Any) -> None:
         self.options = options
