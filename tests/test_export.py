@@ -243,3 +243,89 @@ def test_cli_export_and_one_line_refusal(adapter, tmp_path, capsys):
     assert err.startswith(f"error: {out} exists") and "--overwrite" in err and "Traceback" not in err
     assert main(["export", str(adapter), "--out", str(out), "--overwrite", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["outtype"] == "f16"
+
+
+def _save(model, tok, path: Path) -> Path:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_qwen2_keeps_row_order_and_biases_and_ties_the_head(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tunekit.testing import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    base = _save(Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)), tok, tmp_path / "qwen")
+    ad = make_adapter(base, tmp_path / "qad", target_modules=("q_proj", "k_proj"), b_std=0.01)
+    export_model(ad, tmp_path / "a.gguf", outtype="f16")
+    fields, tensors = read(tmp_path / "a.gguf")
+    peft = load_file(str(ad / "adapter_model.safetensors"))
+    assert fields["general.architecture"] == "qwen2" and len(tensors) == 2 * 2 * 2
+    # Qwen2's rotary layout is llama.cpp's already: lora_b rows are not reordered
+    b = peft["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].float().numpy()
+    assert_close(values(tensors["blk.1.attn_q.weight.lora_b"]), b, "f16")
+
+    export_model(ad, tmp_path / "m.gguf", merge=True, outtype="bf16")
+    fields, tensors = read(tmp_path / "m.gguf")
+    weights = load_file(str(base / "model.safetensors"))
+    assert "output.weight" not in tensors and "token_embd.weight" in tensors  # tied: llama.cpp reuses token_embd
+    assert fields["tokenizer.ggml.pre"] == "qwen2" and fields["qwen2.attention.head_count_kv"] == 2
+    bias = tensors["blk.0.attn_k.bias"]
+    assert bias.tensor_type.name == "F32"  # merged checkpoint in bf16: one rounding of the bias
+    ref = weights["model.layers.0.self_attn.k_proj.bias"].float().numpy()
+    assert_close(values(bias), ref, "bf16", earlier=UNIT_ROUNDOFF["bf16"] * abs(ref))
+
+
+def test_llama31_rope_scaling_writes_rope_factors(tmp_path):
+    import math
+
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunekit.testing import build_tokenizer
+
+    tok = build_tokenizer()
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    torch.manual_seed(0)
+    base = _save(LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=rope)),
+        tok, tmp_path / "l31")
+    ad = make_adapter(base, tmp_path / "ad")
+    export_model(ad, tmp_path / "o", format="ollama")
+    fields, tensors = read(tmp_path / "o" / "base.gguf")
+    assert fields["llama.rope.freq_base"] == 500000.0 and fields["llama.context_length"] == 131072
+    # Llama 3.1: wavelengths shorter than 8192/4 keep factor 1, longer than 8192/1 take 8, smooth in between
+    want = []
+    for i in range(0, 16, 2):
+        wavelen = 2 * math.pi * 500000.0 ** (i / 16)
+        smooth = (8192 / wavelen - 1) / (4 - 1)
+        want.append(1.0 if wavelen < 2048 else 8.0 if wavelen > 8192 else 1 / ((1 - smooth) / 8 + smooth))
+    got = values(tensors["rope_freqs.weight"])
+    assert tensors["rope_freqs.weight"].tensor_type.name == "F32"
+    np.testing.assert_allclose(got, want, rtol=1e-5)  # float32 frequencies vs this float64 formula
+    assert 1.0 < got[4] < 8.0  # the smooth band is exercised
+
+
+def test_export_by_job_id_and_managed_adapters_are_refused(adapter, tmp_path):
+    from tunekit.store import default_store
+
+    store = default_store()
+    job = store.create_job("local", {"base_model": "tiny"}, {})
+    store.add_adapter(backend="local", location=str(adapter), info={}, job_id=job.id)
+    res = export_model(job.id, tmp_path / "j.gguf")
+    assert read(tmp_path / "j.gguf")[0]["general.type"] == "adapter" and res.files["adapter"].endswith("j.gguf")
+
+    store.add_adapter(backend="together", location="acme/Meta-Llama-3.1-8B-Instruct-Reference-x", info={},
+                      name="remote")
+    with pytest.raises(ConfigError, match="not on this machine"):
+        export_model("remote", tmp_path / "r.gguf")

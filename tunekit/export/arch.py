@@ -83,9 +83,12 @@ def llama3_rope_factors(config: dict[str, Any], head_dim: int) -> list[float]:
     low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
     old_ctx = float(s.get("original_max_position_embeddings", 8192))
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    import torch  # float32 frequencies, as the model computes them (and llama.cpp's converter)
+
+    freqs = 1.0 / (rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     factors = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * rope_theta(config) ** (i / head_dim)
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
         if wavelen < high_wavelen:
             factors.append(1.0)
         elif wavelen > low_wavelen:

@@ -48,6 +48,7 @@ def _open(out: Path, arch: _arch.Arch, name: str, outtype: str, kind: str):
     writer.add_type(kind)
     writer.add_name(name)
     writer.add_file_type(_qtypes()[outtype][1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return writer
 
 
@@ -88,8 +89,12 @@ def write_model(out: Path, model_dir: Path, *, arch: _arch.Arch, config: dict[st
     writer.add_head_count_kv(n_kv)
     writer.add_rope_freq_base(_arch.rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_vocab_size(int(config["vocab_size"]))
+    if config.get("head_dim"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch.gguf_name == "llama":  # what llama.cpp's Llama converter adds
+        writer.add_vocab_size(int(config["vocab_size"]))
+        writer.add_rope_dimension_count(head_dim)
     _add_vocab(writer, model_dir, arch, int(config["vocab_size"]))
     types = {n: add_tensor(writer, n, t, outtype) for n, t in tensors}
     if _arch.check_rope(config) == "llama3":
@@ -137,7 +142,8 @@ def _add_vocab(writer: Any, model_dir: Path, arch: _arch.Arch, n_vocab: int) -> 
     if vocab.tokenizer_model == "gpt2":
         writer.add_tokenizer_pre(arch.bpe_pre)
     writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
+    if vocab.tokenizer_model != "gpt2":  # byte-level BPE has no scores (llama.cpp's converter writes none)
+        writer.add_token_scores(scores)
     writer.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(
         writer, quiet=True)
