@@ -206,6 +206,9 @@ def test_ollama_with_an_existing_base_gguf_or_merged(adapter, tmp_path):
     lines = (tmp_path / "o2" / "Modelfile").read_text().splitlines()
     assert "FROM ./model.gguf" in lines and not any(line.startswith("ADAPTER") for line in lines)
     assert set(res.files) == {"model", "modelfile"} and not list((tmp_path / "o2").glob(".tunekit-merge-*"))
+    with pytest.raises(ConfigError, match="without merge") as err:  # would be ignored: refused instead
+        export_model(adapter, tmp_path / "o3", format="ollama", merge=True, base_gguf=base)
+    assert err.value.field == "base_gguf" and not (tmp_path / "o3").exists()
 
 
 @pytest.mark.parametrize("kwargs,field", [({"use_dora": True}, "adapter.use_dora"),

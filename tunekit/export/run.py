@@ -52,6 +52,9 @@ def export_model(adapter: str | os.PathLike[str], out: str | os.PathLike[str], *
     if outtype not in OUTTYPES:
         raise ConfigError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}", field="outtype",
                           hint="f16 keeps the most precision, q8_0 is the smallest")
+    if base_gguf is not None and (format != "ollama" or merge):
+        raise ConfigError("base_gguf names the base for an Ollama ADAPTER; it applies to format='ollama' without merge",
+                          field="base_gguf", hint="drop --base-gguf, or use --format ollama without --merge")
     _require_gguf()
     path, _record = resolve_adapter(adapter)
     info = read_adapter(path)
