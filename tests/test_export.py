@@ -332,3 +332,16 @@ def test_export_by_job_id_and_managed_adapters_are_refused(adapter, tmp_path):
                       name="remote")
     with pytest.raises(ConfigError, match="not on this machine"):
         export_model("remote", tmp_path / "r.gguf")
+
+
+def test_tokens_added_in_training_need_the_merge(tiny_model, tmp_path):
+    from tunekit.testing import build_tokenizer
+
+    ad = make_adapter(tiny_model, tmp_path / "ad")
+    tok = build_tokenizer()
+    tok.add_tokens(["<|tool|>"], special_tokens=True)  # the adapter's tokenizer outgrows the base embeddings
+    tok.save_pretrained(ad)
+    with pytest.raises(ConfigError, match="263 tokens but the model's embeddings only 262") as err:
+        export_model(ad, tmp_path / "o", format="ollama")
+    assert err.value.field == "tokenizer" and "--merge" in err.value.hint
+    assert not list((tmp_path / "o").glob("*.gguf"))

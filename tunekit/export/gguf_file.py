@@ -134,6 +134,10 @@ def _add_vocab(writer: Any, model_dir: Path, arch: _arch.Arch, n_vocab: int) -> 
     for tok in added:
         if tok["id"] < len(types):
             types[tok["id"]] = gguf.TokenType.CONTROL if tok.get("special") else gguf.TokenType.USER_DEFINED
+    if len(tokens) > n_vocab:
+        raise ConfigError(f"{model_dir}: the tokenizer has {len(tokens)} tokens but the model's embeddings only "
+                          f"{n_vocab} (tokens were added while training)", field="tokenizer",
+                          hint="export the merged model instead: add --merge (the merge resizes the embeddings)")
     for i in range(len(tokens), n_vocab):  # the embedding matrix may be larger than the tokenizer
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)

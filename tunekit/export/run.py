@@ -64,6 +64,8 @@ def export_model(adapter: str | os.PathLike[str], out: str | os.PathLike[str], *
     config = json.loads((base_dir / "config.json").read_text())
     arch = _arch.arch_of(config)
     _arch.check_rope(config)
+    if not merge:
+        _refuse_unmerged(info)
     name = path.name
     result = ExportResult(format=format, outtype=outtype, architecture=arch.gguf_name, files={}, tensor_types={})
     if format == "ollama":
@@ -73,6 +75,7 @@ def export_model(adapter: str | os.PathLike[str], out: str | os.PathLike[str], *
         from ..backends.local.merge import merge_adapter
 
         target = out / "model.gguf" if format == "ollama" else out
+        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".tunekit-merge-", dir=target.parent) as tmp:
             merged = merge_adapter(adapter, tmp, base_model=str(base_dir),
                                    dtype="fp16" if outtype == "f16" else "bf16", overwrite=True)
@@ -84,16 +87,8 @@ def export_model(adapter: str | os.PathLike[str], out: str | os.PathLike[str], *
         result.merge_check = {k: v for k, v in merged.to_dict().items() if k not in ("prompts", "out_dir")}
         result.notes += merged.notes
     else:
-        _refuse_unmerged(info)
-        target = out / "adapter.gguf" if format == "ollama" else out
         alpha, rank, tensors = _adapter_tensors(info, config, arch)
-        result.tensor_types["adapter"] = _atomic(target, lambda p: write_adapter(
-            p, arch=arch, name=name, alpha=alpha, rank=rank, tensors=tensors, outtype=outtype))
-        result.files["adapter"] = str(target)
-        if info.use_rslora:
-            result.notes.append(f"rsLoRA: adapter.lora.alpha={alpha:g} (lora_alpha*sqrt(r)), so llama.cpp's "
-                                "alpha/r scale equals PEFT's lora_alpha/sqrt(r)")
-        if format == "ollama":
+        if format == "ollama":  # the base first: a base that cannot be converted leaves no adapter behind
             if base_gguf is not None:
                 result.files["base"] = str(Path(base_gguf).expanduser().resolve())
             else:  # the base in the same GGUF conventions, with the adapter's tokenizer and chat template
@@ -103,6 +98,13 @@ def export_model(adapter: str | os.PathLike[str], out: str | os.PathLike[str], *
                     p, tok_dir, arch=arch, config=config, name=base_dir.name, outtype=outtype,
                     tensors=_model_tensors(base_dir, config, arch)))
                 result.files["base"] = str(base_out)
+        target = out / "adapter.gguf" if format == "ollama" else out
+        result.tensor_types["adapter"] = _atomic(target, lambda p: write_adapter(
+            p, arch=arch, name=name, alpha=alpha, rank=rank, tensors=tensors, outtype=outtype))
+        result.files["adapter"] = str(target)
+        if info.use_rslora:
+            result.notes.append(f"rsLoRA: adapter.lora.alpha={alpha:g} (lora_alpha*sqrt(r)), so llama.cpp's "
+                                "alpha/r scale equals PEFT's lora_alpha/sqrt(r)")
     if format == "ollama":
         from .ollama import write_modelfile
 
