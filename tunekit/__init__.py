@@ -21,8 +21,8 @@ _EXPORTS: dict[str, str] = {
         "ConfigError", "ConflictError", "DataValidationError", "JobNotFoundError", "JobStateError",
         "MissingDependencyError", "NotFoundError", "PermissionDeniedError", "RateLimitError", "ResourceError",
         "ServerError", "StoreError", "TrainingError", "TunekitError", "UnknownModelError", "UnsupportedFieldError")},
-    **{name: "tunekit.api" for name in ("find_orphans", "finetune", "get_job", "list_jobs", "load_spec", "plan",
-                                         "reconcile", "validate")},
+    **{name: "tunekit.api" for name in ("estimate_cost", "find_orphans", "finetune", "get_job", "list_jobs",
+                                         "load_spec", "plan", "reconcile", "validate")},
     "FineTuneJob": "tunekit.job",
     "WaitTimeout": "tunekit.job",
     **{name: "tunekit.schemas.job" for name in ("JobEvent", "JobResult", "JobStatus", "Plan")},
@@ -53,7 +53,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from ._exceptions import *  # noqa: F401,F403
-    from .api import find_orphans, finetune, get_job, list_jobs, load_spec, plan, reconcile, validate  # noqa: F401
+    from .api import estimate_cost, find_orphans, finetune, get_job, list_jobs, load_spec, plan, reconcile, validate  # noqa: F401
     from .job import FineTuneJob, WaitTimeout  # noqa: F401
     from .schemas.job import JobEvent, JobResult, JobStatus, Plan  # noqa: F401
     from .schemas.report import ValidationReport  # noqa: F401

@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import ValidationError
 
@@ -18,6 +18,7 @@ from .schemas.spec import TrainingSpec
 from .store import Store, default_store
 
 if TYPE_CHECKING:
+    from .cost import CostEstimate
     from .schemas.report import ValidationReport
 
 log = logging.getLogger(__name__)
@@ -117,12 +118,17 @@ def finetune(
     base_url: str | None = None,
     backend_options: dict[str, Any] | None = None,
     store: Store | None = None,
+    max_cost: float | None = None,
+    on_cost: Callable[["CostEstimate"], None] | None = None,
     **spec_fields: Any,
 ) -> FineTuneJob:
-    """Validate the data, plan the spec on the backend, record the job, then submit it.
+    """Validate the data, plan the spec on the backend, estimate the cost, record the job, then submit it.
 
     ``spec_fields`` are TrainingSpec fields (``hyperparameters={...}``, ``adapter={...}``, ``method=``...).
     ``api_key``/``base_url`` go to the backend for this call only and are never stored.
+    ``on_cost`` receives the cost estimate before anything is uploaded; above ``max_cost`` (USD) the job is
+    refused then (ConfigError, no job recorded). A provider's own estimate, where it makes one before its
+    create (Together), is checked against ``max_cost`` too and recorded as a job event.
     """
     from .backends import get_backend
     from .backends.base import PlanContext
@@ -154,12 +160,20 @@ def finetune(
 
     ctx = PlanContext(spec=spec_obj, rows=report.rows, row_kind=report.kind.value if report.kind else None)
     the_plan = b.plan(spec_obj, on_unsupported=on_unsupported, context=ctx)  # type: ignore[arg-type]
+    from . import cost
+
+    estimate = cost.estimate(b.name, spec_obj, the_plan, report)
+    if on_cost is not None:
+        on_cost(estimate)
+    cost.check_limit(estimate, max_cost)
+    b.max_cost = max_cost
 
     b.check_credentials()  # a missing key fails here, before a job row exists
     store = store or default_store()
     # The row exists before any remote call, so a crash can always be reconciled.
     record = store.create_job(b.name, spec_obj.model_dump(mode="json", exclude_unset=True), entries,
                               request=the_plan.request)
+    store.add_event(record.id, _event(estimate.line(), type="cost_estimate", data=estimate.to_dict()))
     job = FineTuneJob(record, store=store, backend=b)
     try:
         state = b.submit(record, spec_obj, the_plan)
@@ -174,6 +188,12 @@ def finetune(
     except Exception as exc:
         store.update_job(record.id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        if b.provider_estimate:  # the provider's own figure, next to tunekit's
+            usd = b.provider_estimate.get("estimated_total_price")
+            figure = cost.usd(usd) if isinstance(usd, (int, float)) else "no price given"
+            store.add_event(record.id, _event(f"{b.name}'s estimate: {figure}", type="cost_estimate",
+                                              data={"provider": b.provider_estimate}))
     return job.apply(state)
 
 
@@ -260,9 +280,27 @@ def find_orphans(backend: str | None = None, *, cancel: bool = False, **backend_
     return out
 
 
-def _event(message: str):
+def _event(message: str, *, type: str = "reconcile", data: dict[str, Any] | None = None):
     import time
 
     from .schemas.job import JobEvent
 
-    return JobEvent(created_at=time.time(), type="reconcile", message=message)
+    return JobEvent(created_at=time.time(), type=type, message=message, data=data or {})
+
+
+def estimate_cost(data: str | Path, spec: TrainingSpec | dict[str, Any] | str | Path | None = None, *,
+                  backend: str, base_model: str | None = None, **backend_options: Any) -> "CostEstimate":
+    """The cost estimate ``finetune`` would show, without recording or uploading anything."""
+    from . import cost
+    from .backends import get_backend
+    from .backends.base import PlanContext
+    from .data import validate as _validate
+
+    b = get_backend(backend, **backend_options)
+    spec_obj = load_spec(spec if spec is not None else {}, base_model=base_model)
+    report = _validate(data, rules=b.data_rules(spec_obj))
+    if not report.valid:
+        raise DataValidationError(report)
+    ctx = PlanContext(spec=spec_obj, rows=report.rows, row_kind=report.kind.value if report.kind else None)
+    the_plan = b.plan(spec_obj, on_unsupported="ignore", context=ctx)  # type: ignore[arg-type]
+    return cost.estimate(b.name, spec_obj, the_plan, report)

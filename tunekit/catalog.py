@@ -47,6 +47,44 @@ CATALOG: dict[str, dict[str, str]] = {
 }
 
 
+# Training prices, USD per 1M trained tokens (LoRA SFT; tokens x epochs), for cost estimates before launch.
+# Dated and sourced: re-check the page before trusting a figure; a provider's own estimate (Together's
+# estimate-price) wins where its API has one. By model id (OpenAI) or by model size in billions (the
+# smallest "up to" row that fits).
+TRAINING_PRICES: dict[str, dict] = {
+    "openai": {"as_of": "2025-06", "source": "https://openai.com/api/pricing/ (fine-tuning, training)",
+               "models": {"gpt-4o-mini-2024-07-18": 3.00, "gpt-4o-2024-08-06": 25.00, "gpt-4.1-2025-04-14": 25.00,
+                          "gpt-4.1-mini-2025-04-14": 5.00, "gpt-4.1-nano-2025-04-14": 1.50}},
+    "together": {"as_of": "2025-06", "source": "https://www.together.ai/pricing (fine-tuning, LoRA)",
+                 "sizes": [(16, 0.48), (69, 1.50), (100, 2.90)]},
+    "fireworks": {"as_of": "2025-06", "source": "https://fireworks.ai/pricing (fine-tuning, SFT)",
+                  "sizes": [(16, 0.50), (80, 3.00), (300, 6.00)]},
+}
+
+
+def training_price(backend: str, model_id: str) -> tuple[float, str] | None:
+    """(USD per 1M trained tokens, "source, as of date") for ``model_id`` on ``backend``, or None if unknown."""
+    table = TRAINING_PRICES.get(backend)
+    if table is None:
+        return None
+    where = f"{table['source']}, as of {table['as_of']}"
+    if "models" in table:
+        price = table["models"].get(model_id) or table["models"].get(resolve_model(model_id, backend))
+        return (price, where) if price is not None else None
+    billions = size_in_name(model_id)
+    if billions is None:
+        return None
+    return next(((usd, where) for upto, usd in table["sizes"] if billions <= upto), None)
+
+
+def size_in_name(model_id: str) -> float | None:
+    """Billions of parameters a model id states ("...-3.1-8B-Instruct" -> 8, "qwen2p5-7b" -> 7), or None."""
+    import re
+
+    sizes = re.findall(r"(\d+(?:[.p]\d+)?)b(?![a-z])", model_id.lower())
+    return float(sizes[-1].replace("p", ".")) if sizes else None
+
+
 def resolve_model(name: str, backend: str) -> str:
     """The id ``backend`` knows ``name`` by; native ids pass through."""
     entry = CATALOG.get(name.lower())

@@ -79,6 +79,10 @@ class Backend(ABC):
     # True when the backend trains each example cut at hyperparameters.max_length (the validator then
     # refuses rows far longer than that, before any training)
     truncates_at_max_length: ClassVar[bool] = False
+    # USD limit for this submission (finetune's max_cost); a backend whose provider estimates the price
+    # before creating the job checks it there, and leaves its figure in provider_estimate.
+    max_cost: float | None = None
+    provider_estimate: dict[str, Any] | None = None
 
     def __init__(self, **options: Any) -> None:
         self.options = options

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="set a spec field, e.g. --set hyperparameters.epochs=2 (repeatable)")
     p.add_argument("--on-unsupported", choices=["raise", "warn", "ignore"], default="raise")
+    p.add_argument("--max-cost", type=float, metavar="USD",
+                   help="refuse the job when its estimated cost is above USD (before anything is uploaded)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end (exit code as `jobs wait`)")
     p.set_defaults(func=run)
 
@@ -39,6 +41,14 @@ def _apply_sets(spec: dict, assignments: list[str]) -> dict:
     return spec
 
 
+def _show_cost(estimate) -> None:
+    import sys
+
+    sys.stderr.write(estimate.line() + "\n")
+    for note in estimate.notes:
+        sys.stderr.write(f"note: {note}\n")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..api import finetune, load_spec
 
@@ -47,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.base_model:
         spec["base_model"] = args.base_model
     job = finetune(args.data, spec, backend=args.backend, validation_data=args.validation_data,
-                   on_unsupported=args.on_unsupported)
+                   on_unsupported=args.on_unsupported, max_cost=args.max_cost, on_cost=_show_cost)
     print(job.id)
     if args.wait:
         from .jobs import jobs_wait

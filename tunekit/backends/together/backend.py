@@ -132,13 +132,36 @@ class TogetherBackend(ManagedBackend):
     def _model_limits(client: Any, model: str) -> Any:
         return client.fine_tuning.model_limits(model_name=model)
 
-    @staticmethod
-    def _create(client: Any, kwargs: dict[str, Any]) -> Any:
+    def _create(self, client: Any, kwargs: dict[str, Any]) -> Any:
+        ft = client.fine_tuning
+        sdk_estimate = ft.estimate_price
+
+        def estimate_price(**params: Any) -> Any:
+            """The SDK posts estimate-price before its create: keep Together's figure, stop above max_cost."""
+            answer = sdk_estimate(**params)
+            if getattr(answer, "estimation_available", None) is not False:  # as the SDK reads it
+                self.provider_estimate = answer.model_dump(exclude_none=True)
+                self._check_estimate(answer)
+            return answer
+
+        ft.estimate_price = estimate_price  # this client object only; removed below
         try:
-            return client.fine_tuning.create(**kwargs)
+            return ft.create(**kwargs)
         except ValueError as exc:  # the SDK's own parameter checks, before any request is sent
             raise ConfigError(f"together SDK refused the job parameters: {exc}",
                               hint="change the field named in the message, then submit again") from exc
+        finally:
+            del ft.estimate_price
+
+    def _check_estimate(self, answer: Any) -> None:
+        from ...cost import CostEstimate, check_limit
+
+        price = getattr(answer, "estimated_total_price", None)
+        if price is None:
+            return
+        est = CostEstimate(backend=self.name, tokens=int(getattr(answer, "estimated_train_token_count", 0) or 0),
+                           usd=float(price), basis="Together's estimate-price")
+        check_limit(est, self.max_cost, what="Together's estimate")
 
     # -- the other SDK calls (hooks: each returns what the SDK returns, sync or awaitable) ------------------
     @staticmethod
