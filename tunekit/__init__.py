@@ -21,8 +21,8 @@ _EXPORTS: dict[str, str] = {
         "ConfigError", "ConflictError", "DataValidationError", "JobNotFoundError", "JobStateError",
         "MissingDependencyError", "NotFoundError", "PermissionDeniedError", "RateLimitError", "ResourceError",
         "ServerError", "StoreError", "TunekitError", "UnknownModelError", "UnsupportedFieldError")},
-    **{name: "tunekit.api" for name in ("finetune", "get_job", "list_jobs", "load_spec", "plan", "reconcile",
-                                         "validate")},
+    **{name: "tunekit.api" for name in ("finetune", "finetune_from", "get_job", "import_openai",
+                                         "list_jobs", "load_spec", "plan", "reconcile", "validate")},
     "FineTuneJob": "tunekit.job",
     "WaitTimeout": "tunekit.job",
     **{name: "tunekit.schemas.job" for name in ("JobEvent", "JobResult", "JobStatus", "Plan")},
@@ -53,7 +53,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from ._exceptions import *  # noqa: F401,F403
-    from .api import finetune, get_job, list_jobs, load_spec, plan, reconcile, validate  # noqa: F401
+    from .api import (finetune, finetune_from, get_job, import_openai, list_jobs, load_spec, plan,  # noqa: F401
+                      reconcile, validate)
     from .job import FineTuneJob, WaitTimeout  # noqa: F401
     from .schemas.job import JobEvent, JobResult, JobStatus, Plan  # noqa: F401
     from .schemas.report import ValidationReport  # noqa: F401

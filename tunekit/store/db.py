@@ -164,6 +164,13 @@ class Store:
             raise JobNotFoundError(f"no job {job_id!r} in {self.path}", hint="list jobs with `tunekit jobs list`")
         return JobRecord._from_row(row)
 
+    def find_job(self, backend: str, remote_id: str) -> JobRecord | None:
+        """The job recorded for ``backend``'s job ``remote_id`` (oldest first if several), else None."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM jobs WHERE backend = ? AND remote_id = ?"
+                                     " ORDER BY created_at, rowid LIMIT 1", (backend, remote_id)).fetchone()
+        return JobRecord._from_row(row) if row is not None else None
+
     def list_jobs(self, *, backend: str | None = None, status: JobStatus | str | None = None,
                   limit: int | None = 50) -> list[JobRecord]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
