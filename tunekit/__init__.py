@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
         "ServerError", "StoreError", "TunekitError", "UnknownModelError", "UnsupportedFieldError")},
     **{name: "tunekit.api" for name in ("finetune", "finetune_from", "get_job", "import_openai",
                                          "list_jobs", "load_spec", "plan", "reconcile", "validate")},
+    "distill": "tunekit.data.distill",
     "FineTuneJob": "tunekit.job",
     "WaitTimeout": "tunekit.job",
     **{name: "tunekit.schemas.job" for name in ("JobEvent", "JobResult", "JobStatus", "Plan")},
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from ._exceptions import *  # noqa: F401,F403
     from .api import (finetune, finetune_from, get_job, import_openai, list_jobs, load_spec, plan,  # noqa: F401
                       reconcile, validate)
+    from .data.distill import distill  # noqa: F401
     from .job import FineTuneJob, WaitTimeout  # noqa: F401
     from .schemas.job import JobEvent, JobResult, JobStatus, Plan  # noqa: F401
     from .schemas.report import ValidationReport  # noqa: F401

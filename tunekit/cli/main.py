@@ -10,9 +10,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import adapters, backends, finetune, importer, jobs, merge, plan, serve, validate
+from . import adapters, backends, distill, finetune, importer, jobs, merge, plan, serve, validate
 
-NOUNS = (validate, plan, finetune, jobs, backends, adapters, merge, serve, importer)
+NOUNS = (validate, plan, finetune, jobs, backends, adapters, merge, serve, importer, distill)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -351,9 +351,38 @@ def reimport() -> dict:
         ]}
 
 
+def completion(cid: str, model: str, answer: str, finish: str = "stop") -> dict:
+    return {"id": cid, "object": "chat.completion", "created": T0, "model": model,
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                         "message": {"role": "assistant", "content": answer, "refusal": None}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}
+
+
+def distill_chat() -> dict:
+    model = f"ft:{MODEL}:org-tunekit:sqlbot:AbC123xy"
+    rows = [json.loads(line) for line in (EXAMPLES / "train.jsonl").read_text().splitlines()[:3]]
+    chat = "/v1/chat/completions"
+
+    def ask(row: dict) -> dict:
+        return {"model": model, "messages": [{"role": "user", "content": row["prompt"]}]}
+
+    return {"provider": "openai", "notes": COMMON_NOTES + [
+        "tunekit distill, one request at a time, over the first 3 rows of examples/data/train.jsonl: a 500 on the "
+        "first prompt is retried under the one retry policy; the third answer is cut at max_tokens "
+        "(finish_reason=length) and is rejected, not written."],
+        "exchanges": [
+            ex("POST", chat, error(500, "The server had an error while processing your request. Sorry about that!",
+                                   "server_error"), json_=ask(rows[0])),
+            ex("POST", chat, ok(completion("chatcmpl-d1", model, "box star dog (distilled)")), json_=ask(rows[0])),
+            ex("POST", chat, ok(completion("chatcmpl-d2", model, "Madrid (distilled)")), json_=ask(rows[1])),
+            ex("POST", chat, ok(completion("chatcmpl-d3", model, "dog tree", finish="length")), json_=ask(rows[2])),
+        ]}
+
+
 def main() -> None:
     recordings = {"lifecycle": lifecycle(), "dpo_create": dpo(), "cancel": cancel(), "failed": failed(),
                   "large_upload": large_upload(), "import_all": imports(), "import_again": reimport(),
+                  "distill_chat": distill_chat(),
                   **errors()}
     for name, data in recordings.items():
         (HERE / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
