@@ -202,13 +202,20 @@ def source_of(job_id: str, *, store: Store | None = None) -> tuple[Path, dict[st
     return path, dict(record.spec)
 
 
+def merge_spec(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied field by field (``{"hyperparameters": {"epochs": 2}}`` keeps the rest)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge_spec(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def finetune_from(job_id: str, *, backend: str, base_model: str | None = None, on_unsupported: str = "raise",
                   store: Store | None = None, **kwargs: Any) -> FineTuneJob:
     """Re-run a recorded job's data and spec on another backend, through the normal plan (fields the new
     backend cannot take, e.g. OpenAI's learning-rate multiplier, are refused unless ``on_unsupported`` says)."""
     path, spec = source_of(job_id, store=store)
-    overrides = kwargs.pop("spec", None) or {}
-    spec.update(overrides)
+    spec = merge_spec(spec, kwargs.pop("spec", None) or {})
     if base_model is not None:
         spec["base_model"] = base_model
     return finetune(path, spec, backend=backend, on_unsupported=on_unsupported, store=store, **kwargs)
