@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def import_openai(args: argparse.Namespace) -> int:
     from ..api import import_openai
-    from ._output import print_json, short, table
+    from ._output import print_json, table
     from .jobs import _record_json
 
     jobs = import_openai(args.jobs, all_jobs=args.all_jobs)
@@ -29,7 +29,7 @@ def import_openai(args: argparse.Namespace) -> int:
     for job in jobs:
         train = (job.record.data or {}).get("train") or {}
         data = "missing" if train.get("missing") else f"{train.get('rows')} rows" if train else "none"
-        rows.append([job.id, job.remote_id, job.status.value, short(job.result.model if job.result else "", 50), data])
+        rows.append([job.id, job.remote_id, job.status.value, job.result.model if job.result else "", data])
     print(table(["JOB", "OPENAI JOB", "STATUS", "MODEL", "TRAINING DATA"], rows))
     for job in jobs:
         for note in (job.record.data or {}).get("import_notes", []):
