@@ -83,10 +83,13 @@ def test_import_again_updates_never_duplicates(replay_server):
     srv = replay_server(RECORDINGS / "import_again.json")
     (first,) = _import(srv, "ftjob-Again0001")
     assert first.status is JobStatus.RUNNING and default_store().list_adapters() == []
+    assert first.record.spec["hyperparameters"] == {"seed": 42}  # OpenAI's 'auto' is not a value
     (second,) = _import(srv, "ftjob-Again0001")
     srv.assert_done()  # the second import downloaded nothing
     assert _spec_problems(srv) == []
     assert second.id == first.id and second.status is JobStatus.SUCCEEDED
+    assert second.record.spec["hyperparameters"] == {"epochs": 3, "batch_size": 1, "seed": 42}
+    assert second.record.spec["provider_options"] == {"openai": {"learning_rate_multiplier": 1.8}}
     store = default_store()
     assert [j.id for j in store.list_jobs(limit=None)] == [first.id]
     assert [e.remote_id for _, e in store.events(first.id) if e.remote_id] == ["ftevent-g1", "ftevent-g2"]

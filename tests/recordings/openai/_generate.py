@@ -334,13 +334,16 @@ def reimport() -> dict:
     a = "ftjob-Again0001"
     running = job(a, "running", "", train="file-again-train", metadata=None, estimated_finish=T0 + 900)
     done = succeeded(running, suffix="again")
-    done.update(estimated_finish=None, result_files=[])
+    resolved = {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8}  # 'auto' resolved by OpenAI
+    done.update(estimated_finish=None, result_files=[], hyperparameters=resolved,
+                method={"type": "supervised", "supervised": {"hyperparameters": resolved}})
     ev1 = [event("ftevent-g1", 10, "Fine-tuning job started")]
     ev2 = [event("ftevent-g2", 900, "The job has successfully completed"), *ev1]
     ckpts = {"object": "list", "data": [], "has_more": False}
     return {"provider": "openai", "notes": COMMON_NOTES + [IMPORT_NOTE,
-        "The same job imported twice: first while running, then after it succeeded. The second import fetches "
-        "no file (the data is already kept) and adds only the new event."],
+        "The same job imported twice: first while running (hyperparameters 'auto'), then after it succeeded "
+        "(the values OpenAI chose). The second import fetches no file (the data is already kept) and adds only "
+        "the new event."],
         "exchanges": [
             ex("GET", f"{JOBS}/{a}", ok(running)),
             content("file-again-train", _rows(0, 10)),

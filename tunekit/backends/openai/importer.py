@@ -62,14 +62,17 @@ def import_job(backend: "OpenAIBackend", raw: Any, store: "Store") -> "FineTuneJ
     record = store.find_job(backend.name, raw.id)
     if record is None:
         data = download_data(backend, raw)
-        record = store.create_job(backend.name, spec_of(raw, data), data, request=request_of(raw))
-        record = store.update_job(record.id, remote_id=raw.id)
+        record = store.create_job(backend.name, spec_of(raw, data), data, request=request_of(raw), remote_id=raw.id)
         store.add_event(record.id, JobEvent(created_at=time.time(), type="import",
                                             message=f"imported from OpenAI job {raw.id}",
                                             data={"remote_id": raw.id, "created_at": raw.created_at}))
         for note in data.get("import_notes", []):
             store.add_event(record.id, JobEvent(created_at=time.time(), level="warning", type="import",
                                                 message=note))
+    else:
+        spec = spec_of(raw, record.data)  # OpenAI resolves 'auto' settings once the job runs
+        if spec != record.spec:
+            record = store.update_job(record.id, spec=spec, request=request_of(raw))
     job = FineTuneJob(record, store=store, backend=backend)
     state = backend.to_state(raw)
     if state.result is not None:
