@@ -143,9 +143,11 @@ def test_recorded_exchange_retry_estimate_and_rejects(replay_server, tmp_path):
     assert requests_before == 0 and "3 requests" in text and "at $0.3/$1.2 per 1M" in text
     assert report.written == 2 and report.validation.valid and report.validation.rows == 2
     assert [r["messages"] for r in _rows(tmp_path / "out.jsonl")] == [
-        [{"role": "user", "content": "reverse: dog star box"}, {"role": "assistant", "content": "box star dog (distilled)"}],
+        [{"role": "user", "content": "reverse: dog star box"},
+         {"role": "assistant", "content": "box star dog (distilled)"}],
         [{"role": "user", "content": "capital of Spain?"}, {"role": "assistant", "content": "Madrid (distilled)"}]]
-    assert report.rejected == [{"line": 3, "reason": "answer cut at max_tokens (finish_reason=length): raise --max-tokens"}]
+    assert report.rejected == [
+        {"line": 3, "reason": "answer cut at max_tokens (finish_reason=length): raise --max-tokens"}]
     assert _rows(tmp_path / "out.jsonl.rejected.jsonl") == report.rejected
 
 

@@ -189,8 +189,8 @@ def source_of(job_id: str, *, store: Store | None = None) -> tuple[Path, dict[st
                           "backend offers", field="from")
     train = (record.data or {}).get("train") or {}
     if train.get("missing") or not train.get("path"):
-        raise ConfigError(f"job {record.id} has no training data on this machine (its file {train.get('provider_file')} "
-                          "was deleted at the provider)", field="from",
+        raise ConfigError(f"job {record.id} has no training data on this machine (its file "
+                          f"{train.get('provider_file')} was deleted at the provider)", field="from",
                           hint="build one from the model's answers with `tunekit distill`, then run "
                                "`tunekit finetune DATA --backend B --base-model M`")
     path = Path(train["path"])

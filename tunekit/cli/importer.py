@@ -6,7 +6,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="record a provider's fine-tuning jobs (data, spec, events, model) as tunekit jobs")
+    p = sub.add_parser("import", help="record a provider's fine-tuning jobs (data, spec, events, model) "
+                                      "as tunekit jobs")
     providers = p.add_subparsers(dest="provider", metavar="PROVIDER")
     o = providers.add_parser("openai", help="OpenAI fine-tuning jobs (OPENAI_API_KEY); importing again updates them")
     o.add_argument("jobs", nargs="*", metavar="FTJOB", help="OpenAI job ids (ftjob-...)")

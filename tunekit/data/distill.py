@@ -286,7 +286,8 @@ def _run(report: DistillReport, pending: list[_Prompt], model: str, client: Any,
                 f.write(json.dumps(item) + "\n")
     if failure is not None:
         if isinstance(failure, APIError):
-            resume = f"{report.written} answers were kept in {report.out}; the same command resumes without asking them again"
+            resume = (f"{report.written} answers were kept in {report.out}; the same command resumes without "
+                      "asking them again")
             failure.hint = "; ".join(h for h in (failure.hint, resume) if h)
         raise failure
 

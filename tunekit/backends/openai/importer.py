@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..._exceptions import ConfigError, NotFoundError
-from ..._settings import tunekit_home
 from ...schemas.job import JobEvent
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ def import_job(backend: "OpenAIBackend", raw: Any, store: "Store") -> "FineTuneJ
 
     record = store.find_job(backend.name, raw.id)
     if record is None:
-        data = download_data(backend, raw)
+        data = download_data(backend, raw, Path(store.path).parent / "imports" / "openai" / raw.id)
         record = store.create_job(backend.name, spec_of(raw, data), data, request=request_of(raw), remote_id=raw.id)
         store.add_event(record.id, JobEvent(created_at=time.time(), type="import",
                                             message=f"imported from OpenAI job {raw.id}",
@@ -87,12 +86,9 @@ def import_job(backend: "OpenAIBackend", raw: Any, store: "Store") -> "FineTuneJ
 
 # -- data --------------------------------------------------------------------------------------------------
 
-def import_dir(remote_id: str) -> Path:
-    return tunekit_home() / "imports" / "openai" / remote_id
-
-
-def download_data(backend: "OpenAIBackend", raw: Any) -> dict[str, Any]:
-    """Training/validation files -> the job's data entries; a deleted file is an entry marked missing."""
+def download_data(backend: "OpenAIBackend", raw: Any, folder: Path) -> dict[str, Any]:
+    """Training/validation files -> the job's data entries (files kept in ``folder``, next to the store:
+    ``$TUNEKIT_HOME/imports/openai/<ftjob>``); a deleted file is an entry marked missing."""
     from ...api import _data_entry
     from ...data import validate
 
@@ -102,7 +98,7 @@ def download_data(backend: "OpenAIBackend", raw: Any) -> dict[str, Any]:
     for split, file_id in (("train", raw.training_file), ("validation", raw.validation_file)):
         if not file_id:
             continue
-        dest = import_dir(raw.id) / f"{split}-{file_id}.jsonl"
+        dest = folder / f"{split}-{file_id}.jsonl"
         try:
             download(backend, file_id, dest)
         except NotFoundError:
