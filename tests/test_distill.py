@@ -208,3 +208,33 @@ def test_cli_estimate_only(tmp_path, capsys):
                  "--estimate-only", "--price", "1,2"]) == 0
     err = capsys.readouterr().err
     assert "92 requests" in err and "at $1/$2 per 1M tokens" in err
+
+
+def test_killed_run_resumes_without_duplicates(chat_server, tmp_path):
+    """kill -9 the CLI mid-run, run it again: every prompt answered once in the output, none lost."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    srv = chat_server(delay=0.1)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tunekit.cli.main", "distill", "--model", FT, "--prompts", str(TRAIN),
+           "--out", str(out), "--base-url", srv.url, "--concurrency", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 5):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert "estimate: 92 requests" in proc.stderr.read().decode()
+    kept = len(out.read_text().splitlines())
+    assert 5 <= kept < 92
+    report = _distill(srv.url, TRAIN, out, concurrency=4)
+    rows = _rows(out)
+    assert report.validation.valid and len(rows) == 92
+    assert sorted(r["messages"][0]["content"] for r in rows) == sorted(p["prompt"] for p in _rows(TRAIN))
+    assert len(srv.asked) <= 92 + 2  # only the answers in flight at the kill were asked again
