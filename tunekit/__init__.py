@@ -21,8 +21,9 @@ _EXPORTS: dict[str, str] = {
         "ConfigError", "ConflictError", "DataValidationError", "JobNotFoundError", "JobStateError",
         "MissingDependencyError", "NotFoundError", "PermissionDeniedError", "RateLimitError", "ResourceError",
         "ServerError", "StoreError", "TrainingError", "TunekitError", "UnknownModelError", "UnsupportedFieldError")},
-    **{name: "tunekit.api" for name in ("estimate_cost", "find_orphans", "finetune", "get_job", "list_jobs",
-                                         "load_spec", "plan", "reconcile", "validate")},
+    **{name: "tunekit.api" for name in ("estimate_cost", "find_orphans", "finetune", "finetune_from", "get_job",
+                                         "import_openai", "list_jobs", "load_spec", "plan", "reconcile", "validate")},
+    "distill": "tunekit.data.distill",
     "FineTuneJob": "tunekit.job",
     "WaitTimeout": "tunekit.job",
     **{name: "tunekit.schemas.job" for name in ("JobEvent", "JobResult", "JobStatus", "Plan")},
@@ -53,7 +54,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from ._exceptions import *  # noqa: F401,F403
-    from .api import estimate_cost, find_orphans, finetune, get_job, list_jobs, load_spec, plan, reconcile, validate  # noqa: F401
+    from .api import (estimate_cost, find_orphans, finetune, finetune_from, get_job, import_openai,  # noqa: F401
+                      list_jobs, load_spec, plan, reconcile, validate)
+    from .data.distill import distill  # noqa: F401
     from .job import FineTuneJob, WaitTimeout  # noqa: F401
     from .schemas.job import JobEvent, JobResult, JobStatus, Plan  # noqa: F401
     from .schemas.report import ValidationReport  # noqa: F401

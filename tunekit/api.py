@@ -197,6 +197,63 @@ def finetune(
     return job.apply(state)
 
 
+def import_openai(job_ids: list[str] | tuple[str, ...] = (), *, all_jobs: bool = False, api_key: str | None = None,
+                  base_url: str | None = None, backend_options: dict[str, Any] | None = None,
+                  store: Store | None = None) -> list[FineTuneJob]:
+    """Record OpenAI fine-tuning jobs (``ftjob-...``, or every job with ``all_jobs``) as tunekit jobs: status,
+    spec, events, metrics, data files kept under ``$TUNEKIT_HOME/imports/openai`` and the result model in the
+    adapter registry. Importing a job again updates it; it is never duplicated."""
+    from .backends import get_backend
+    from .backends.openai.importer import import_jobs
+
+    options = dict(backend_options or {})
+    options.update({k: v for k, v in (("api_key", api_key), ("base_url", base_url)) if v is not None})
+    return import_jobs(get_backend("openai", **options), job_ids, all_jobs=all_jobs, store=store)
+
+
+def source_of(job_id: str, *, store: Store | None = None) -> tuple[Path, dict[str, Any]]:
+    """The training file and spec of a recorded job, checked against the sha256 recorded with it."""
+    from .data import validate as _validate
+
+    record = (store or default_store()).get_job(job_id)
+    source = (record.data or {}).get("source", {})
+    if source.get("method") not in (None, "supervised", "dpo"):
+        raise ConfigError(f"job {record.id} used {source['provider']}'s {source['method']!r} method, which no other "
+                          "backend offers", field="from")
+    train = (record.data or {}).get("train") or {}
+    if train.get("missing") or not train.get("path"):
+        raise ConfigError(f"job {record.id} has no training data on this machine (its file "
+                          f"{train.get('provider_file')} was deleted at the provider)", field="from",
+                          hint="build one from the model's answers with `tunekit distill`, then run "
+                               "`tunekit finetune DATA --backend B --base-model M`")
+    path = Path(train["path"])
+    report = _validate(path) if path.is_file() else None
+    if report is None or report.sha256 != train.get("sha256"):
+        raise ConfigError(f"{path}: the training file of job {record.id} is missing or changed since it was recorded "
+                          f"(sha256 {train.get('sha256')})", field="from",
+                          hint="restore the file, or start from the data you have with `tunekit finetune DATA ...`")
+    return path, dict(record.spec)
+
+
+def merge_spec(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied field by field (``{"hyperparameters": {"epochs": 2}}`` keeps the rest)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge_spec(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def finetune_from(job_id: str, *, backend: str, base_model: str | None = None, on_unsupported: str = "raise",
+                  store: Store | None = None, **kwargs: Any) -> FineTuneJob:
+    """Re-run a recorded job's data and spec on another backend, through the normal plan (fields the new
+    backend cannot take, e.g. OpenAI's learning-rate multiplier, are refused unless ``on_unsupported`` says)."""
+    path, spec = source_of(job_id, store=store)
+    spec = merge_spec(spec, kwargs.pop("spec", None) or {})
+    if base_model is not None:
+        spec["base_model"] = base_model
+    return finetune(path, spec, backend=backend, on_unsupported=on_unsupported, store=store, **kwargs)
+
+
 def get_job(job_id: str, **backend_options: Any) -> FineTuneJob:
     return FineTuneJob.get(job_id, **backend_options)
 

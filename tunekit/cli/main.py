@@ -13,9 +13,9 @@ import re
 import sys
 from typing import Sequence
 
-from . import adapters, backends, export, finetune, jobs, merge, plan, serve, validate
+from . import adapters, backends, distill, export, finetune, importer, jobs, merge, plan, serve, validate
 
-NOUNS = (validate, plan, finetune, jobs, backends, adapters, merge, export, serve)
+NOUNS = (validate, plan, finetune, jobs, backends, adapters, merge, export, serve, importer, distill)
 
 
 def build_parser() -> argparse.ArgumentParser:

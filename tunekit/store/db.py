@@ -195,14 +195,17 @@ class Store:
 
     # -- jobs -------------------------------------------------------------------------------------
     def create_job(self, backend: str, spec: dict[str, Any], data: dict[str, Any], *,
-                   request: dict[str, Any] | None = None, job_id: str | None = None) -> JobRecord:
+                   request: dict[str, Any] | None = None, job_id: str | None = None,
+                   remote_id: str | None = None) -> JobRecord:
+        """``remote_id`` for a job that already exists at the provider (an import), in the same write."""
         now = time.time()
         job_id = job_id or new_job_id()
         with self._write() as c:
             c.execute(
-                "INSERT INTO jobs (id, backend, status, spec, data, request, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, backend, JobStatus.CREATED.value, _dump(spec), _dump(data), _dump(request), now, now),
+                "INSERT INTO jobs (id, backend, status, remote_id, spec, data, request, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, backend, JobStatus.CREATED.value, remote_id, _dump(spec), _dump(data), _dump(request),
+                 now, now),
             )
         self.add_event(job_id, JobEvent(created_at=now, type="status", message="job created",
                                         data={"status": "created"}))
@@ -217,6 +220,13 @@ class Store:
         if row is None:
             raise JobNotFoundError(f"no job {job_id!r} in {self.path}", hint="list jobs with `tunekit jobs list`")
         return JobRecord._from_row(row)
+
+    def find_job(self, backend: str, remote_id: str) -> JobRecord | None:
+        """The job recorded for ``backend``'s job ``remote_id`` (oldest first if several), else None."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM jobs WHERE backend = ? AND remote_id = ?"
+                                     " ORDER BY created_at, rowid LIMIT 1", (backend, remote_id)).fetchone()
+        return JobRecord._from_row(row) if row is not None else None
 
     def list_jobs(self, *, backend: str | None = None, status: JobStatus | str | None = None,
                   limit: int | None = 50) -> list[JobRecord]:
@@ -234,7 +244,7 @@ class Store:
             return [JobRecord._from_row(r) for r in self._conn.execute(sql, args).fetchall()]
 
     _UPDATABLE = frozenset({"status", "raw_status", "remote_id", "request", "result", "error", "progress",
-                            "pid", "heartbeat_at", "data"})
+                            "pid", "heartbeat_at", "data", "spec"})
 
     def update_job(self, job_id: str, *, expect_status: JobStatus | str | None = None, **fields: Any) -> JobRecord:
         """Update columns in one transaction; a status change also writes a status event.

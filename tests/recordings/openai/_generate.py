@@ -249,9 +249,145 @@ def large_upload() -> dict:
         ]}
 
 
+EXAMPLES = HERE.parents[2] / "examples" / "data"
+IMPORT_NOTE = (
+    "Import (tunekit import openai): the spec documents GET /files/{file_id}/content as a string (under "
+    "application/json); the API sends the file's bytes, recorded here as a raw body (the tests check that body "
+    "against the string schema). Job lists, events and checkpoints are cursor pages: has_more + after=<last id>.")
+
+
+def _rows(start: int, stop: int) -> str:
+    lines = (EXAMPLES / "chat.jsonl").read_text().splitlines()[start:stop]
+    return "".join(line + "\n" for line in lines)
+
+
+def content(fid: str, body: str) -> dict:
+    return ex("GET", f"/v1/files/{fid}/content",
+              {"status": 200, "headers": {"content-type": "application/octet-stream"}, "body": body})
+
+
+def gone(fid: str) -> dict:
+    return ex("GET", f"/v1/files/{fid}/content",
+              error(404, f"No such File object: {fid}", "invalid_request_error", param="id"))
+
+
+def ckpt(jid: str, model: str, step: int, loss: float, valid: float) -> dict:
+    return {"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{jid[-4:]}-{step}", "created_at": T0 + 40 * step,
+            "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{step}", "step_number": step,
+            "fine_tuning_job_id": jid, "metrics": {"step": step, "train_loss": loss, "valid_loss": valid}}
+
+
+RESULT_CSV = ("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
+              "1,1.9,0.41,2.0,0.4\n2,1.2,0.55,,\n3,0.7,0.8,0.9,0.75\n")
+
+
+def imports() -> dict:
+    a, b, c = "ftjob-ImpA0001", "ftjob-ImpB0002", "ftjob-ImpC0003"
+    hp_a = {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8}
+    job_a = succeeded(job(a, "running", "", train="file-impA-train", valid="file-impA-valid", hp=hp_a, seed=11,
+                          metadata=None), suffix="sqlbot")
+    job_a["result_files"] = ["file-impA-results"]
+    model_a = job_a["fine_tuned_model"]
+    hp_b = {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 0.5, "beta": 0.2}
+    job_b = job(b, "cancelled", "", method="dpo", train="file-impB-train", hp=hp_b, metadata=None,
+                finished_at=T0 + 60)
+    job_c = succeeded(job(c, "running", "", train="file-impC-train", metadata=None), suffix="")
+    job_c["fine_tuned_model"] = f"ft:{MODEL}:org-tunekit::ZzZ99999"
+    job_c["result_files"] = ["file-impC-results"]
+    prefs = "".join(line + "\n" for line in (EXAMPLES / "preference.jsonl").read_text().splitlines()[:10])
+    events_a1 = [event(f"ftevent-a{i}", 100 * i, f"Step {i}/3: training loss={loss}", type_="metrics",
+                       data={"step": i, "train_loss": loss, "total_steps": 3})
+                 for i, loss in ((3, 0.7), (2, 1.2))]
+    events_a2 = [event("ftevent-a1", 100, "Step 1/3: training loss=1.9", type_="metrics",
+                       data={"step": 1, "train_loss": 1.9, "total_steps": 3}),
+                 event("ftevent-a0", 0, "Validating training file: file-impA-train")]
+    listing = "/v1/fine_tuning/jobs"
+    return {"provider": "openai", "notes": COMMON_NOTES + [IMPORT_NOTE,
+        "--all over two pages of jobs: A (supervised, succeeded, validation file, result CSV, two pages of "
+        "events), B (DPO, cancelled), C (succeeded, its training file deleted: 404 on content)."],
+        "exchanges": [
+            ex("GET", listing, ok({"object": "list", "data": [job_a, job_b], "has_more": True}),
+               query={"limit": "100"}),
+            ex("GET", listing, ok({"object": "list", "data": [job_c], "has_more": False}),
+               query={"limit": "100", "after": b}),
+            content("file-impA-train", _rows(0, 12)),
+            content("file-impA-valid", _rows(12, 16)),
+            ex("GET", f"{JOBS}/{a}/checkpoints", ok({
+                "object": "list", "has_more": False, "first_id": f"ftckpt-{a[-4:]}-3", "last_id": f"ftckpt-{a[-4:]}-2",
+                "data": [ckpt(a, model_a, 3, 0.7, 0.9), ckpt(a, model_a, 2, 1.2, 1.3)]}), query={"limit": "100"}),
+            ex("GET", f"{JOBS}/{a}/events", ok({"object": "list", "data": events_a1, "has_more": True}),
+               query={"limit": "100"}),
+            ex("GET", f"{JOBS}/{a}/events", ok(page(events_a2)), query={"limit": "100", "after": "ftevent-a2"}),
+            content("file-impA-results", RESULT_CSV),
+            content("file-impB-train", prefs),
+            ex("GET", f"{JOBS}/{b}/events", ok(page([event("ftevent-b1", 60, "Fine-tuning job cancelled")])),
+               query={"limit": "100"}),
+            gone("file-impC-train"),
+            ex("GET", f"{JOBS}/{c}/checkpoints", ok({"object": "list", "data": [], "has_more": False}),
+               query={"limit": "100"}),
+            ex("GET", f"{JOBS}/{c}/events", ok(page([event("ftevent-c1", 900, "The job has successfully completed")])),
+               query={"limit": "100"}),
+            gone("file-impC-results"),
+        ]}
+
+
+def reimport() -> dict:
+    a = "ftjob-Again0001"
+    running = job(a, "running", "", train="file-again-train", metadata=None, estimated_finish=T0 + 900)
+    done = succeeded(running, suffix="again")
+    resolved = {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8}  # 'auto' resolved by OpenAI
+    done.update(estimated_finish=None, result_files=[], hyperparameters=resolved,
+                method={"type": "supervised", "supervised": {"hyperparameters": resolved}})
+    ev1 = [event("ftevent-g1", 10, "Fine-tuning job started")]
+    ev2 = [event("ftevent-g2", 900, "The job has successfully completed"), *ev1]
+    ckpts = {"object": "list", "data": [], "has_more": False}
+    return {"provider": "openai", "notes": COMMON_NOTES + [IMPORT_NOTE,
+        "The same job imported twice: first while running (hyperparameters 'auto'), then after it succeeded "
+        "(the values OpenAI chose). The second import fetches no file (the data is already kept) and adds only "
+        "the new event."],
+        "exchanges": [
+            ex("GET", f"{JOBS}/{a}", ok(running)),
+            content("file-again-train", _rows(0, 10)),
+            ex("GET", f"{JOBS}/{a}/events", ok(page(ev1)), query={"limit": "100"}),
+            ex("GET", f"{JOBS}/{a}", ok(done)),
+            ex("GET", f"{JOBS}/{a}/checkpoints", ok(ckpts), query={"limit": "100"}),
+            ex("GET", f"{JOBS}/{a}/events", ok(page(ev2)), query={"limit": "100"}),
+        ]}
+
+
+def completion(cid: str, model: str, answer: str, finish: str = "stop") -> dict:
+    return {"id": cid, "object": "chat.completion", "created": T0, "model": model,
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                         "message": {"role": "assistant", "content": answer, "refusal": None}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}
+
+
+def distill_chat() -> dict:
+    model = f"ft:{MODEL}:org-tunekit:sqlbot:AbC123xy"
+    rows = [json.loads(line) for line in (EXAMPLES / "train.jsonl").read_text().splitlines()[:3]]
+    chat = "/v1/chat/completions"
+
+    def ask(row: dict) -> dict:
+        return {"model": model, "messages": [{"role": "user", "content": row["prompt"]}]}
+
+    return {"provider": "openai", "notes": COMMON_NOTES + [
+        "tunekit distill, one request at a time, over the first 3 rows of examples/data/train.jsonl: a 500 on the "
+        "first prompt is retried under the one retry policy; the third answer is cut at max_tokens "
+        "(finish_reason=length) and is rejected, not written."],
+        "exchanges": [
+            ex("POST", chat, error(500, "The server had an error while processing your request. Sorry about that!",
+                                   "server_error"), json_=ask(rows[0])),
+            ex("POST", chat, ok(completion("chatcmpl-d1", model, "box star dog (distilled)")), json_=ask(rows[0])),
+            ex("POST", chat, ok(completion("chatcmpl-d2", model, "Madrid (distilled)")), json_=ask(rows[1])),
+            ex("POST", chat, ok(completion("chatcmpl-d3", model, "dog tree", finish="length")), json_=ask(rows[2])),
+        ]}
+
+
 def main() -> None:
     recordings = {"lifecycle": lifecycle(), "dpo_create": dpo(), "cancel": cancel(), "failed": failed(),
-                  "large_upload": large_upload(), **errors()}
+                  "large_upload": large_upload(), "import_all": imports(), "import_again": reimport(),
+                  "distill_chat": distill_chat(),
+                  **errors()}
     for name, data in recordings.items():
         (HERE / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     print("wrote", ", ".join(sorted(recordings)))
