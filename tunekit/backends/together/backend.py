@@ -7,7 +7,8 @@ Lifecycle, all through SDK calls (the SDK is imported on first use, never at mod
                a 409 means Together already has these bytes: the SDK returns the existing file
     limits     client.fine_tuning.model_limits(model_name)      checked before the paid create, naming fields
     create     client.fine_tuning.create(**plan.request, training_file=..., suffix="<suffix>-<job id>")
-               (the SDK also POSTs /v1/fine-tunes/estimate-price before POST /v1/fine-tunes)
+               (the SDK also POSTs /v1/fine-tunes/estimate-price before POST /v1/fine-tunes: tunekit keeps
+               that figure and stops above max_cost, see _watch_estimates)
     retrieve   client.fine_tuning.retrieve(id)                  + list_checkpoints(id) once completed
     events     client.fine_tuning.list_events(id)               (unpaged; de-duplicated by event hash)
     cancel     client.fine_tuning.cancel(id)
@@ -77,7 +78,10 @@ class TogetherBackend(ManagedBackend):
         from together import AsyncTogether, Together
 
         cls = AsyncTogether if async_ else Together
-        return cls(api_key=self.api_key, base_url=self.base_url, max_retries=0)
+        client = cls(api_key=self.api_key, base_url=self.base_url, max_retries=0)
+        if not async_:  # jobs are created through the sync client
+            self._watch_estimates(client)
+        return client
 
     # -- upload ------------------------------------------------------------------------------------------
     def upload_files(self, job: "JobRecord", spec: TrainingSpec) -> dict[str, str]:
@@ -132,26 +136,31 @@ class TogetherBackend(ManagedBackend):
     def _model_limits(client: Any, model: str) -> Any:
         return client.fine_tuning.model_limits(model_name=model)
 
-    def _create(self, client: Any, kwargs: dict[str, Any]) -> Any:
+    @staticmethod
+    def _create(client: Any, kwargs: dict[str, Any]) -> Any:
+        try:
+            return client.fine_tuning.create(**kwargs)
+        except ValueError as exc:  # the SDK's own parameter checks, before any request is sent
+            raise ConfigError(f"together SDK refused the job parameters: {exc}",
+                              hint="change the field named in the message, then submit again") from exc
+
+    def _watch_estimates(self, client: Any) -> None:
+        """The SDK posts estimate-price before its create: keep Together's figure and stop above max_cost.
+
+        Wraps this client's ``fine_tuning.estimate_price`` (an instance attribute; the SDK class is untouched),
+        so the one estimate request the SDK makes is the one checked.
+        """
         ft = client.fine_tuning
         sdk_estimate = ft.estimate_price
 
         def estimate_price(**params: Any) -> Any:
-            """The SDK posts estimate-price before its create: keep Together's figure, stop above max_cost."""
             answer = sdk_estimate(**params)
             if getattr(answer, "estimation_available", None) is not False:  # as the SDK reads it
                 self.provider_estimate = answer.model_dump(exclude_none=True)
                 self._check_estimate(answer)
             return answer
 
-        ft.estimate_price = estimate_price  # this client object only; removed below
-        try:
-            return ft.create(**kwargs)
-        except ValueError as exc:  # the SDK's own parameter checks, before any request is sent
-            raise ConfigError(f"together SDK refused the job parameters: {exc}",
-                              hint="change the field named in the message, then submit again") from exc
-        finally:
-            del ft.estimate_price
+        ft.estimate_price = estimate_price
 
     def _check_estimate(self, answer: Any) -> None:
         from ...cost import CostEstimate, check_limit
