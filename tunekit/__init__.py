@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
         "ServerError", "StoreError", "TunekitError", "UnknownModelError", "UnsupportedFieldError")},
     **{name: "tunekit.api" for name in ("finetune", "get_job", "list_jobs", "load_spec", "plan", "reconcile",
                                          "validate")},
+    "evaluate": "tunekit.eval.run",
+    "EvalResult": "tunekit.eval.run",
     "FineTuneJob": "tunekit.job",
     "WaitTimeout": "tunekit.job",
     **{name: "tunekit.schemas.job" for name in ("JobEvent", "JobResult", "JobStatus", "Plan")},
@@ -54,6 +56,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs
     from ._exceptions import *  # noqa: F401,F403
     from .api import finetune, get_job, list_jobs, load_spec, plan, reconcile, validate  # noqa: F401
+    from .eval.run import EvalResult, evaluate  # noqa: F401
     from .job import FineTuneJob, WaitTimeout  # noqa: F401
     from .schemas.job import JobEvent, JobResult, JobStatus, Plan  # noqa: F401
     from .schemas.report import ValidationReport  # noqa: F401

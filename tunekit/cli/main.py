@@ -14,8 +14,9 @@ import sys
 from typing import Sequence
 
 from . import adapters, backends, finetune, jobs, merge, plan, serve, validate
+from . import eval as eval_cmd
 
-NOUNS = (validate, plan, finetune, jobs, backends, adapters, merge, serve)
+NOUNS = (validate, plan, finetune, jobs, backends, adapters, merge, serve, eval_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
