@@ -8,6 +8,7 @@ an unregistered directory, an endpoint) are reported but have nowhere to be reco
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ def record_results(result: "EvalResult") -> list[str]:
     for t in result.targets:
         if not t.adapter_id:
             continue
-        entry = {"at": time.time(), "data": result.data, "settings": result.settings, "judge": result.judge,
+        data = {**result.data, "path": str(Path(result.data["path"]).resolve())}  # a record outlives the cwd
+        entry = {"at": time.time(), "data": data, "settings": result.settings, "judge": result.judge,
                  "metrics": t.metrics, "ci": {k: list(v) for k, v in t.ci.items()}, "judge_result": t.judge,
                  "target": t.target, "compared_with": [o.target for o in result.targets if o is not t]}
         current = store.get_adapter(t.adapter_id)
