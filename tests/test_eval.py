@@ -54,26 +54,23 @@ def train_on(base: Path, data: Path, out: Path, steps: int = 60, lr: float = 1e-
     return out
 
 
-class FakeJudge:
-    """An OpenAI-compatible judge on 127.0.0.1: 'reference' prefers the answer equal to the reference,
-    'always_a' always says A (pure position bias). Counts the calls it answers."""
+class FakeOpenAI:
+    """A chat-completions endpoint on 127.0.0.1: ``reply(body)`` gives (HTTP status, content). Counts calls."""
 
-    def __init__(self, mode: str) -> None:
-        self.mode, self.calls = mode, 0
-        judge = self
+    def __init__(self, reply) -> None:
+        self.calls: list[dict] = []
+        fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.calls += 1
-                text = body["messages"][-1]["content"]
-                ref, a, b = (re.search(rf"## {h}\n(.*?)\n\n##", text, re.S).group(1)
-                             for h in ("Reference answer", "Answer A", "Answer B"))
-                verdict = "A" if judge.mode == "always_a" else "A" if a == ref else "B" if b == ref else "TIE"
-                out = json.dumps({"id": "j", "object": "chat.completion", "created": 0, "model": body["model"],
+                fake.calls.append(body)
+                status, content = reply(body)
+                out = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                               "message": {"role": "assistant", "content": verdict}}]}).encode()
-                self.send_response(200)
+                                               "message": {"role": "assistant", "content": content}}]}
+                                 if status == 200 else {"error": {"message": content}}).encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
                 self.end_headers()
@@ -88,6 +85,17 @@ class FakeJudge:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+def FakeJudge(mode: str) -> FakeOpenAI:
+    """'reference' prefers the answer equal to the reference; 'always_a' always says A (pure position bias)."""
+    def verdict(body):
+        text = body["messages"][-1]["content"]
+        ref, a, b = (re.search(rf"## {h}\n(.*?)\n\n##", text, re.S).group(1)
+                     for h in ("Reference answer", "Answer A", "Answer B"))
+        return 200, "A" if mode == "always_a" or a == ref else "B" if b == ref else "TIE"
+
+    return FakeOpenAI(verdict)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +122,7 @@ def setup(tiny_model, tmp_path_factory):
                                   judge="fake-judge", judge_base_url=judge.url, on_notice=notices.append)
     judge.close()
     return {"result": result, "data": data, "home": root / "home", "base": tiny_model, "good": good, "bad": bad,
-            "judge_calls": judge.calls, "notices": notices, "root": root}
+            "judge_calls": len(judge.calls), "notices": notices, "root": root}
 
 
 def _by_name(result):
@@ -160,7 +168,7 @@ def test_position_swap_cancels_a_judge_that_always_prefers_a(setup, monkeypatch)
                                   max_tokens=8, judge="biased", judge_base_url=judge.url, record=False)
     finally:
         judge.close()
-    assert _by_name(result)["good"].judge["ties"] == 4 and judge.calls == 8
+    assert _by_name(result)["good"].judge["ties"] == 4 and len(judge.calls) == 8
 
 
 def test_json_shape(setup):
@@ -265,3 +273,45 @@ def test_cli_eval_json_and_bad_data(setup, monkeypatch, capsys, tmp_path):
     assert main(["eval", "good", "--data", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "line 2" in err and str(bad) in err
+
+
+def test_remote_target_through_the_openai_client_with_the_retry_policy(setup, monkeypatch):
+    """URL#MODEL: chat requests to any OpenAI-compatible endpoint; a 503 is retried, the count shown first."""
+    import tunekit
+
+    monkeypatch.setattr("tunekit._retry.RetryPolicy.wait_seconds", lambda self, attempt, exc: 0.0)
+    failed = []
+
+    def reply(body):
+        if not failed:  # the first request fails once
+            failed.append(1)
+            return 503, "overloaded"
+        question = body["messages"][-1]["content"]
+        return 200, next(r["response"] for r in HELD_OUT if r["prompt"] == question) if "France" in question else "?"
+
+    endpoint = FakeOpenAI(reply)
+    notices: list[str] = []
+    try:
+        result = tunekit.evaluate([f"{endpoint.url}#ft-model"], setup["data"], metrics=["exact_match", "loss"],
+                                  max_tokens=8, concurrency=1, on_notice=notices.append)
+    finally:
+        endpoint.close()
+    [t] = result.targets
+    assert t.kind == "remote" and t.metrics == {"exact_match": 0.25}  # no loss for a remote target
+    assert len(endpoint.calls) == len(HELD_OUT) + 1  # one retry
+    body = endpoint.calls[-1]
+    assert body["model"] == "ft-model" and body["temperature"] == 0.0 and body["max_tokens"] == 8
+    assert body["messages"][0]["role"] == "user"
+    assert notices[0].startswith("loss needs the weights: not computed for remote target(s) http://127.0.0.1:")
+    assert notices[1].startswith("4 generation call(s) to 1 remote target(s)")
+
+
+def test_bad_metric_and_unknown_baseline_are_usage_errors(setup, capsys):
+    from tunekit.cli.main import main
+
+    assert main(["eval", "x", "--data", str(setup["data"]), "--metric", "bleu"]) == 2
+    assert "unknown metric 'bleu'" in capsys.readouterr().err
+    assert main(["eval", "x", "--data", str(setup["data"]), "--metric", "regex:("]) == 2
+    assert "not a valid regular expression" in capsys.readouterr().err
+    assert main(["eval", "x", "--data", str(setup["data"]), "--judge", "j"]) == 2
+    assert "--judge-base-url" in capsys.readouterr().err

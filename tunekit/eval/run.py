@@ -146,6 +146,9 @@ def evaluate(targets: Sequence[str] | str, data: str | Path, *, metrics: Sequenc
     if "loss" in metrics:
         from .loss import target_loss
 
+        remote = [t.name for t in resolved if not t.local]
+        if remote:
+            notice(f"loss needs the weights: not computed for remote target(s) {', '.join(remote)}")
         for t, res in zip(resolved, results):
             if t.local:
                 for key, (value, ci) in target_loss(t.base_model, t.adapter_path, data, device=device,
