@@ -59,12 +59,14 @@ class FakeOpenAI:
 
     def __init__(self, reply) -> None:
         self.calls: list[dict] = []
+        self.auth: list[str | None] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.calls.append(body)
+                fake.auth.append(self.headers.get("Authorization"))
                 status, content = reply(body)
                 out = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
                                   "choices": [{"index": 0, "finish_reason": "stop",
@@ -315,3 +317,26 @@ def test_bad_metric_and_unknown_baseline_are_usage_errors(setup, capsys):
     assert "not a valid regular expression" in capsys.readouterr().err
     assert main(["eval", "x", "--data", str(setup["data"]), "--judge", "j"]) == 2
     assert "--judge-base-url" in capsys.readouterr().err
+
+
+def test_managed_registry_adapter_is_asked_at_its_provider_and_gets_the_results(setup, monkeypatch):
+    """A Together fine-tune in the registry: chat at TOGETHER_BASE_URL with TOGETHER_API_KEY; results recorded."""
+    import tunekit
+    from tunekit.store import default_store
+
+    endpoint = FakeOpenAI(lambda body: (200, " 4"))
+    monkeypatch.setenv("TOGETHER_API_KEY", "sk-together-test")
+    monkeypatch.setenv("TOGETHER_BASE_URL", endpoint.url)
+    store = default_store()
+    store.add_adapter(backend="together", location="acct/Meta-Llama-3.1-8B-ft-abc", info={}, name="tog")
+    try:
+        result = tunekit.evaluate(["tog"], setup["data"], metrics=["exact_match"], max_tokens=8)
+    finally:
+        endpoint.close()
+    assert {c["model"] for c in endpoint.calls} == {"acct/Meta-Llama-3.1-8B-ft-abc"}
+    assert set(endpoint.auth) == {"Bearer sk-together-test"}
+    assert result.targets[0].metrics["exact_match"] == 0.25
+    assert store.get_adapter("tog").info["evals"][-1]["metrics"] == {"exact_match": 0.25}
+    monkeypatch.delenv("TOGETHER_API_KEY")
+    with pytest.raises(tunekit.ConfigError, match="needs TOGETHER_API_KEY"):
+        tunekit.evaluate(["tog"], setup["data"], metrics=["exact_match"])

@@ -20,11 +20,12 @@ from typing import Any
 
 from .._exceptions import ConfigError, JobNotFoundError
 
-# OpenAI-compatible inference endpoints of the managed backends, and where their keys are read from.
+# OpenAI-compatible inference endpoints of the managed backends, where their keys are read from, and the
+# endpoint override (OpenAI's and Together's SDK base URLs serve inference too; Fireworks' does not).
 PROVIDER_ENDPOINTS = {
     "openai": ("https://api.openai.com/v1", ("OPENAI_API_KEY",), "OPENAI_BASE_URL"),
     "together": ("https://api.together.xyz/v1", ("TOGETHER_API_KEY",), "TOGETHER_BASE_URL"),
-    "fireworks": ("https://api.fireworks.ai/inference/v1", ("FIREWORKS_API_KEY",), "FIREWORKS_BASE_URL"),
+    "fireworks": ("https://api.fireworks.ai/inference/v1", ("FIREWORKS_API_KEY",), None),
 }
 
 
@@ -130,6 +131,6 @@ def _from_record(ref: str, record: Any, api_key: str | None, base_model: str | N
     if not key:
         raise ConfigError(f"{ref}: evaluating a {record.backend} model needs {key_vars[0]}", field="api_key",
                           hint=f"export {key_vars[0]}=..., or pass --api-key")
-    url = os.environ.get(url_var) or default_url
+    url = (os.environ.get(url_var) if url_var else None) or default_url
     return Target(ref, "remote", record.location, base_url=url, api_key=key, adapter_id=record.id,
                   provider=record.backend)
