@@ -340,3 +340,17 @@ def test_managed_registry_adapter_is_asked_at_its_provider_and_gets_the_results(
     monkeypatch.delenv("TOGETHER_API_KEY")
     with pytest.raises(tunekit.ConfigError, match="needs TOGETHER_API_KEY"):
         tunekit.evaluate(["tog"], setup["data"], metrics=["exact_match"])
+
+
+def test_chat_rows_reference_the_last_assistant_turn_and_score_loss_on_it(setup, tmp_path):
+    import tunekit
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "4"}]}) + "\n")
+    result = tunekit.evaluate([str(setup["base"])], data, metrics=["loss", "exact_match"], max_tokens=4,
+                              record=False)
+    [row] = result.rows
+    assert row["reference"] == "4" and [m["role"] for m in row["prompt"]] == ["system", "user"]
+    assert result.targets[0].metrics["exact_match"] == 0.0 and result.targets[0].metrics["loss"] > 0
