@@ -79,7 +79,8 @@ def test_jobs_wait_exit_codes(capsys):
     assert code == 124
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["jobs", "list"], ["backends"], ["export", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["jobs", "list"], ["backends"], ["export", "--help"], ["eval", "--help"],
+                                  ["adapters", "list", "--sort", "loss"]])
 def test_cli_start_does_not_import_heavy_modules(argv):
     code = ("import sys, runpy; sys.argv = ['tunekit'] + %r\n"
             "try:\n    runpy.run_module('tunekit.cli.main', run_name='__main__')\n"

@@ -157,6 +157,21 @@ def test_completion_only_loss_on_prompt_response(tiny_model, tmp_path, capture_b
     assert trained == sorted([" answer one<|end|>", " two<|end|>"])
 
 
+def test_eval_loss_scores_exactly_the_tokens_training_learns(tiny_model, tmp_path, capture_batches):
+    """`tunekit eval`'s held-out loss masks prompt/response rows as the trainer does (token ids, not text)."""
+    from transformers import AutoTokenizer
+
+    from tunekit.eval.loss import masked_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{"prompt": "Question one?", "response": " answer one"}, {"prompt": "Q2", "completion": " two"}]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    train(make_spec(tiny_model, hp={"batch_size": 2}), data, tmp_path / "run", max_steps=1)
+    trained = sorted([t for t in lab.tolist() if t != -100] for lab in capture_batches[0]["labels"])
+    scored = sorted([t for t, m in zip(ids[1:], mask[1:]) if m] for ids, mask in masked_examples(data, tok, 1024))
+    assert scored == trained
+
+
 def test_chat_loss_only_on_weighted_assistant_turns(tiny_model, tmp_path, capture_batches):
     from transformers import AutoTokenizer
 

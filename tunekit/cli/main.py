@@ -14,8 +14,9 @@ import sys
 from typing import Sequence
 
 from . import adapters, backends, distill, export, finetune, importer, jobs, merge, plan, serve, validate
+from . import eval as eval_cmd
 
-NOUNS = (validate, plan, finetune, jobs, backends, adapters, merge, export, serve, importer, distill)
+NOUNS = (validate, plan, finetune, jobs, backends, adapters, merge, eval_cmd, export, serve, importer, distill)
 
 
 def build_parser() -> argparse.ArgumentParser:

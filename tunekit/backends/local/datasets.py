@@ -103,13 +103,23 @@ def build_prompt_completion(rows: list[tuple[int, dict]], tokenizer: Any, *, max
     for _, row in rows:
         answer = row["response"] if "response" in row else row["completion"]
         records.append({"prompt": row["prompt"], "completion": answer})
-        # The same text TRL tokenizes (it appends EOS to the completion); count what its truncation will cut.
-        prompt_len = len(tokenizer(row["prompt"])["input_ids"])
-        n = len(tokenizer(row["prompt"] + answer + eos)["input_ids"])
-        truncated += n > max_length
-        no_loss += prompt_len >= max_length
+        ex = prompt_completion_example(tokenizer, row["prompt"], answer + eos)
+        truncated += len(ex["input_ids"]) > max_length
+        no_loss += not any(ex["completion_mask"][:max_length])
     return PreparedData(records, "prompt_response", "prompt_completion", truncated, no_loss,
                         lines=[line for line, _ in rows])
+
+
+def prompt_completion_example(tokenizer: Any, prompt: str, completion: str) -> dict:
+    """input_ids + completion_mask of one prompt/completion pair, tokenized as TRL's SFT does.
+
+    The completion (EOS already appended, as TRL does) starts where the tokenized prompt and the tokenized
+    prompt+completion diverge, which is not always after the prompt when tokens merge across the boundary.
+    """
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + completion)["input_ids"]
+    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+    return {"input_ids": ids, "completion_mask": [0] * start + [1] * (len(ids) - start)}
 
 
 # ---------------------------------------------------------------- chat

@@ -1,0 +1,23 @@
+"""Evaluate and compare adapters, merged models, base models and remote endpoints on held-out data.
+
+    result = tunekit.evaluate(["ad-1234", "runs/sql/adapter", "path/to/base"], "held_out.jsonl")
+    print(result.to_markdown()); result.write("report.html"); result.to_json()
+
+Modules: targets (what a TARGET names), metrics (scores, intervals), loss (held-out loss of local
+targets), judge (pairwise LLM judge), cache (resume), record (registry), report (Markdown/HTML), run.
+Importing this package imports no torch, transformers or SDK.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["EvalResult", "evaluate"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import run
+
+        return getattr(run, name)
+    raise AttributeError(name)
