@@ -246,13 +246,14 @@ def test_a_failed_write_leaves_no_model_that_looks_complete(adapter, tmp_path, c
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["model.safetensors"]
 
 
-def test_the_merge_command_in_the_dora_refusal_works(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("folder", ["dora", "my adapters/dora"])  # a space: the command still runs as printed
+def test_the_merge_command_in_the_dora_refusal_works(tiny_model, tmp_path, capsys, folder):
     import re
     import shlex
 
     from tunekit.serve.adapters import read_adapter, refuse_unservable
 
-    dora = make_adapter(tiny_model, tmp_path / "dora", r=4, b_std=0.01, use_dora=True)
+    dora = make_adapter(tiny_model, tmp_path / folder, r=4, b_std=0.01, use_dora=True)
     with pytest.raises(ConfigError) as err:
         refuse_unservable(read_adapter(dora), engine="vLLM")
     command = re.search(r"`(tunekit merge [^`]+)`", err.value.hint).group(1)

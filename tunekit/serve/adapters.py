@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,11 @@ def same_base(a: str | None, b: str | None) -> bool:
 
 # -- servability -------------------------------------------------------------------------------------
 
+def _quoted(path: object) -> str:
+    """The path as a shell word, so a hint's command runs as printed (a path may hold spaces)."""
+    return shlex.quote(str(path))
+
+
 def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None, serves_dora: bool = False) -> None:
     """Raise a ConfigError for an adapter ``engine`` cannot serve as LoRA (checks shared by both engines)."""
     label = f"adapter {name!r} ({info.path})" if name else f"adapter {info.path}"
@@ -142,14 +148,14 @@ def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None
             f"{label} uses DoRA, which {engine} cannot serve as a LoRA adapter",
             field="adapter.use_dora",
             hint="serve it with the embedded engine (`tunekit serve ... --engine embedded`), which serves DoRA "
-                 f"unmerged, or merge it into the base (`tunekit merge {info.path} OUT_DIR`) and serve OUT_DIR as a "
+                 f"unmerged, or merge it into the base (`tunekit merge {_quoted(info.path)} OUT_DIR`) and serve OUT_DIR as a "
                  "plain model")
     if info.modules_to_save:
         raise ConfigError(
             f"{label} also trains whole modules (modules_to_save={list(info.modules_to_save)}), "
             f"which {engine} cannot serve as a LoRA adapter",
             field="adapter.modules_to_save",
-            hint=f"merge it (`tunekit merge {info.path} OUT_DIR`) and serve the merged model, "
+            hint=f"merge it (`tunekit merge {_quoted(info.path)} OUT_DIR`) and serve the merged model, "
                  "or retrain without modules_to_save")
     if info.unconverted_init:
         raise ConfigError(
@@ -163,4 +169,4 @@ def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None
         raise ConfigError(
             f"{label} trains biases (bias={info.bias!r}, lora_bias={info.lora_bias}); {engine} serves bias-free "
             "LoRA only", field="adapter.bias",
-            hint=f"merge it (`tunekit merge {info.path} OUT_DIR`) and serve the merged model")
+            hint=f"merge it (`tunekit merge {_quoted(info.path)} OUT_DIR`) and serve the merged model")
