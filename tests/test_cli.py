@@ -213,3 +213,20 @@ def test_a_multi_line_message_is_still_one_line(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "jobs", "list")
     assert code == 2
     assert err == "error: /data/my  file.jsonl: first second; hint: do this then that\n"
+
+
+@pytest.mark.parametrize("max_length", [None, 64])  # the default 2048 (131,072 bytes a row) and a set one
+def test_the_validate_command_in_a_data_refusal_finds_the_same_problem(capsys, tmp_path, max_length):
+    import re
+    import shlex
+
+    data = tmp_path / "my data" / "train.jsonl"  # a space: the command runs as printed
+    data.parent.mkdir()
+    row = '{"prompt": "p", "response": "%s"}' % ("x" * 140_000)  # over 2048 x 64 bytes
+    data.write_text('{"prompt": "a", "response": "b"}\n' + row + "\n")
+    extra = ["--set", f"hyperparameters.max_length={max_length}"] if max_length else []
+    code, _, err = run_cli(capsys, "finetune", str(data), "--backend", "local", "--base-model", "m", *extra)
+    assert code == 1 and f"line 2: row is {len(row):,} bytes" in err
+    command = re.search(r"run `(tunekit validate [^`]+)`", err).group(1)
+    code, out, _ = run_cli(capsys, *shlex.split(command)[1:])
+    assert code == 1 and f"{data}:2: row is {len(row):,} bytes" in out and "(row_too_long)" in out

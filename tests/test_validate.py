@@ -505,6 +505,7 @@ def test_local_runs_refuse_overlong_rows_before_training(tmp_path, tunekit_home)
 
     spec = TrainingSpec(base_model="m", hyperparameters={"max_length": 64})
     assert LocalBackend().data_rules(spec).max_tokens == 64
+    assert LocalBackend().data_rules().max_tokens == 2048  # `validate --backend local` checks what finetune would
     path = write(tmp_path, [pr(), pr("p", "x" * 5000)])
     with pytest.raises(DataValidationError) as exc:
         tunekit.finetune(path, spec, backend="local")
