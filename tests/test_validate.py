@@ -535,3 +535,12 @@ def test_token_lengths_with_tokenizer(tmp_path):
     assert rc.length.max > len("hiyo")  # the template's markers count too
     # without a tokenizer the same file is measured in characters
     assert validate(tmp_path / "data.jsonl").length.unit == "characters"
+
+
+def test_a_whole_file_problem_in_the_error_has_no_line_none(tmp_path):
+    path = write(tmp_path, [pr("p", "x" * 5000)])  # the only row refused: 0 valid rows, a whole-file problem
+    r = validate(path, rules=DataRules(max_tokens=16))
+    with pytest.raises(DataValidationError) as exc:
+        r.raise_for_problems()
+    assert "line 1: row is" in str(exc.value) and "line None" not in str(exc.value)
+    assert "0 valid row(s)" in str(exc.value)
