@@ -178,10 +178,12 @@ def test_serve_refuses_a_path_that_does_not_exist(capsys, tmp_path, extra):
     assert code == 0 and "would serve" in out
 
 
-def test_serve_without_the_serve_extra_gives_the_pip_line(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])  # the dry run says so too, not "would serve"
+def test_serve_without_the_serve_extra_gives_the_pip_line(tmp_path, extra):
     # fastapi made unimportable, as in an install without [serve]
-    res = cli_subprocess("serve", str(tmp_path), "--engine", "embedded", prelude="sys.modules['fastapi'] = None")
-    assert res.returncode == 2, res.stderr
+    res = cli_subprocess("serve", str(tmp_path), "--engine", "embedded", *extra,
+                         prelude="sys.modules['fastapi'] = None")
+    assert res.returncode == 2 and "would serve" not in res.stdout, res.stderr
     assert_one_line(res.stderr, "fastapi", "pip install 'tunekit[local,serve]'")
 
 

@@ -144,6 +144,7 @@ def serve_run(args: argparse.Namespace) -> int:
         with launch(plan) as server:
             print(f"serving on {server.url}/v1 (log: {server.log_path}); Ctrl-C to stop", flush=True)
             return server.wait()
+    _require_embedded_extras()  # a dry run that says "would serve" must not fail when run for real
     if args.dry_run:  # embedded: check every adapter without loading the base model
         from ..serve.adapters import read_adapter, refuse_unservable, resolve_adapter
 
@@ -161,7 +162,6 @@ def serve_run(args: argparse.Namespace) -> int:
                 print(f"{name}: {c['path']} (r={c['r']}, base {c['base_model']})")
             print(f"would serve on {result['url']}")
         return 0
-    _require_embedded_extras()
     from ..serve.embedded.server import run
 
     run(args.base_model, adapters, host=args.host, port=args.port, api_key=api_key,
