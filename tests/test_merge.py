@@ -204,6 +204,7 @@ def test_a_nan_adapter_is_flagged_not_ok(adapter, tmp_path, capsys):
     assert code == 1  # flagged even with a threshold any agreement passes
     assert "max |logit diff| nan" in out and out.splitlines()[1].endswith(": FLAGGED")
     assert "not finite" in out
+    assert not (tmp_path / "m").exists()  # never saved: served as a plain base, no adapter check would run
 
 
 def test_not_enough_disk_space_is_refused_before_writing(adapter, tmp_path, capsys, monkeypatch):
