@@ -207,6 +207,26 @@ def test_a_nan_adapter_is_flagged_not_ok(adapter, tmp_path, capsys):
     assert not (tmp_path / "m").exists()  # never saved: served as a plain base, no adapter check would run
 
 
+@pytest.mark.parametrize("engine", ["embedded", "vllm"])
+def test_serving_a_nan_adapter_is_refused_by_the_dry_run_too(adapter, tmp_path, capsys, engine):
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_cli import assert_one_line
+    from tunekit.cli.main import main
+
+    nan = tmp_path / "nan-adapter"
+    nan.mkdir()
+    (nan / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = sorted(weights)[0]
+    weights[key][0, 0] = float("inf")  # one value is enough to make every decoded row NaN
+    save_file(weights, nan / "adapter_model.safetensors")
+    code = main(["serve", str(nan), "--engine", engine, "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 2 and "would serve" not in out.out and "vllm serve" not in out.out
+    assert_one_line(out.err, f"{key} holds NaN or infinite values", "earlier checkpoint")
+
+
 def test_not_enough_disk_space_is_refused_before_writing(adapter, tmp_path, capsys, monkeypatch):
     import shutil
 

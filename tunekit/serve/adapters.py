@@ -140,6 +140,32 @@ def _quoted(path: object) -> str:
     return shlex.quote(str(path))
 
 
+def refuse_non_finite(info: AdapterInfo, *, name: str | None = None) -> None:
+    """Raise a ConfigError for an adapter whose saved weights hold NaN or inf (every row decoded with it would
+    get NaN logits) or cannot be read. Needs torch to read them; without it (a vLLM plan made elsewhere) the
+    check is left to the serving host."""
+    st = info.path / "adapter_model.safetensors"
+    try:
+        import torch
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        return
+    if not st.is_file():
+        return
+    label = f"adapter {name!r} ({info.path})" if name else f"adapter {info.path}"
+    try:
+        f = safe_open(str(st), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{label}: cannot read {st.name} ({exc})", field="adapter",
+                          hint="the adapter file is incomplete or damaged; re-save it") from exc
+    with f:
+        for key in f.keys():
+            if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                raise ConfigError(f"{label}: {key} holds NaN or infinite values", field="adapter",
+                                  hint="the training run diverged; serve an earlier checkpoint, or retrain with a "
+                                       "lower learning rate")
+
+
 def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None, serves_dora: bool = False) -> None:
     """Raise a ConfigError for an adapter ``engine`` cannot serve as LoRA (checks shared by both engines)."""
     label = f"adapter {name!r} ({info.path})" if name else f"adapter {info.path}"
