@@ -232,3 +232,19 @@ def test_the_validate_command_in_a_data_refusal_finds_the_same_problem(capsys, t
     command = re.search(r"run `(tunekit validate [^`]+)`", err).group(1)
     code, out, _ = run_cli(capsys, *shlex.split(command)[1:])
     assert code == 1 and f"{data}:2: row is {len(row):,} bytes" in out and "(row_too_long)" in out
+
+
+@pytest.mark.parametrize("name,content,what", [
+    ("list.json", b"[1]\n", "the spec is a list, not an object"),
+    ("text.json", b'"x"\n', "the spec is a str, not an object"),
+    ("list.yaml", b"- a\n", "the spec is a list, not an object"),
+    ("utf16.json", b"\xff\xfe{\x00}\x00", "not a valid spec file"),
+    ("missing.json", None, "spec file not found"),
+])
+def test_a_spec_file_that_is_not_an_object_is_one_line(capsys, tmp_path, name, content, what):
+    spec = tmp_path / name
+    if content is not None:
+        spec.write_bytes(content)
+    code, out, err = run_cli(capsys, "plan", str(spec), "--backend", "local")
+    assert code == 2 and out == ""
+    assert_one_line(err, what, "docs/spec.md")

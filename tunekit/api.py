@@ -33,9 +33,11 @@ def load_spec(source: str | Path | dict[str, Any] | TrainingSpec, **overrides: A
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"spec file not found: {path}", field="spec")
-        text = path.read_text(encoding="utf-8")
+            raise ConfigError(f"spec file not found: {path}", field="spec",
+                              hint="check the path; a spec is a JSON or YAML object of TrainingSpec fields "
+                                   "(docs/spec.md)")
         try:
+            text = path.read_text(encoding="utf-8")
             if path.suffix in (".yaml", ".yml"):
                 try:
                     import yaml
@@ -48,7 +50,12 @@ def load_spec(source: str | Path | dict[str, Any] | TrainingSpec, **overrides: A
         except (ValueError, Exception) as exc:
             if isinstance(exc, ConfigError):
                 raise
-            raise ConfigError(f"{path}: not a valid spec file: {exc}", field="spec") from exc
+            raise ConfigError(f"{path}: not a valid spec file: {exc}", field="spec",
+                              hint="save it as UTF-8 JSON or YAML (docs/spec.md)") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the spec is a {type(data).__name__}, not an object of fields", field="spec",
+                              hint='write it as one object, e.g. {"base_model": "...", "hyperparameters": '
+                                   '{"epochs": 2}} (docs/spec.md)')
     data.update({k: v for k, v in overrides.items() if v is not None})
     return _build_spec(data)
 
