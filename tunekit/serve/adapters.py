@@ -174,8 +174,8 @@ def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None
             f"{label} uses DoRA, which {engine} cannot serve as a LoRA adapter",
             field="adapter.use_dora",
             hint="serve it with the embedded engine (`tunekit serve ... --engine embedded`), which serves DoRA "
-                 f"unmerged, or merge it into the base (`tunekit merge {_quoted(info.path)} OUT_DIR`) and serve OUT_DIR as a "
-                 "plain model")
+                 f"unmerged, or merge it into the base (`tunekit merge {_quoted(info.path)} OUT_DIR`) and serve "
+                 "OUT_DIR as a plain model")
     if info.modules_to_save:
         raise ConfigError(
             f"{label} also trains whole modules (modules_to_save={list(info.modules_to_save)}), "
