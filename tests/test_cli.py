@@ -179,10 +179,12 @@ def test_serve_refuses_a_path_that_does_not_exist(capsys, tmp_path, extra):
     assert code == 0 and "would serve" in out
 
 
-def test_serve_without_the_serve_extra_gives_the_pip_line(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])  # the dry run says so too, not "would serve"
+def test_serve_without_the_serve_extra_gives_the_pip_line(tmp_path, extra):
     # fastapi made unimportable, as in an install without [serve]
-    res = cli_subprocess("serve", str(tmp_path), "--engine", "embedded", prelude="sys.modules['fastapi'] = None")
-    assert res.returncode == 2, res.stderr
+    res = cli_subprocess("serve", str(tmp_path), "--engine", "embedded", *extra,
+                         prelude="sys.modules['fastapi'] = None")
+    assert res.returncode == 2 and "would serve" not in res.stdout, res.stderr
     assert_one_line(res.stderr, "fastapi", "pip install 'tunekit[local,serve]'")
 
 
@@ -214,3 +216,36 @@ def test_a_multi_line_message_is_still_one_line(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "jobs", "list")
     assert code == 2
     assert err == "error: /data/my  file.jsonl: first second; hint: do this then that\n"
+
+
+@pytest.mark.parametrize("max_length", [None, 64])  # the default 2048 (131,072 bytes a row) and a set one
+def test_the_validate_command_in_a_data_refusal_finds_the_same_problem(capsys, tmp_path, max_length):
+    import re
+    import shlex
+
+    data = tmp_path / "my data" / "train.jsonl"  # a space: the command runs as printed
+    data.parent.mkdir()
+    row = '{"prompt": "p", "response": "%s"}' % ("x" * 140_000)  # over 2048 x 64 bytes
+    data.write_text('{"prompt": "a", "response": "b"}\n' + row + "\n")
+    extra = ["--set", f"hyperparameters.max_length={max_length}"] if max_length else []
+    code, _, err = run_cli(capsys, "finetune", str(data), "--backend", "local", "--base-model", "m", *extra)
+    assert code == 1 and f"line 2: row is {len(row):,} bytes" in err
+    command = re.search(r"run `(tunekit validate [^`]+)`", err).group(1)
+    code, out, _ = run_cli(capsys, *shlex.split(command)[1:])
+    assert code == 1 and f"{data}:2: row is {len(row):,} bytes" in out and "(row_too_long)" in out
+
+
+@pytest.mark.parametrize("name,content,what", [
+    ("list.json", b"[1]\n", "the spec is a list, not an object"),
+    ("text.json", b'"x"\n', "the spec is a str, not an object"),
+    ("list.yaml", b"- a\n", "the spec is a list, not an object"),
+    ("utf16.json", b"\xff\xfe{\x00}\x00", "not a valid spec file"),
+    ("missing.json", None, "spec file not found"),
+])
+def test_a_spec_file_that_is_not_an_object_is_one_line(capsys, tmp_path, name, content, what):
+    spec = tmp_path / name
+    if content is not None:
+        spec.write_bytes(content)
+    code, out, err = run_cli(capsys, "plan", str(spec), "--backend", "local")
+    assert code == 2 and out == ""
+    assert_one_line(err, what, "docs/spec.md")

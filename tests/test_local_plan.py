@@ -181,6 +181,7 @@ def test_bad_option_values_name_the_option(tiny_model, key, value):
     with pytest.raises(ConfigError) as err:
         LocalBackend().plan(_spec(tiny_model, provider_options={"local": {key: value}}))
     assert err.value.field == f"provider_options.local.{key}"
+    assert "docs/local.md" in err.value.hint  # the CLI's one line ends with the next step
 
 
 def test_importing_the_backend_does_not_import_torch():

@@ -94,6 +94,18 @@ def test_wait_on_a_job_whose_submit_outcome_is_unknown_says_to_reconcile(capsys,
     assert f"tunekit jobs reconcile {record.id}" in err.value.hint
 
 
+@pytest.mark.parametrize("status", [JobStatus.UNKNOWN, JobStatus.CREATED])
+def test_cancel_of_a_job_with_no_remote_id_says_to_reconcile(capsys, monkeypatch, status):
+    from tests.test_cli import assert_one_line
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key-0000")
+    record = Store().create_job("openai", {"base_model": "gpt-4o-mini"}, {})
+    Store().update_job(record.id, status=status)
+    assert main(["jobs", "cancel", record.id]) == 2  # not the SDK's "Expected a non-empty value" with exit 1
+    assert_one_line(capsys.readouterr().err, "no remote job is attached", f"tunekit jobs reconcile {record.id}")
+    assert Store().get_job(record.id).status == status
+
+
 def test_orphans_skip_a_backend_without_credentials(caplog):
     Store().create_job("openai", {"base_model": "gpt-4o-mini"}, {})
     assert tunekit.find_orphans() == []

@@ -213,6 +213,27 @@ def test_a_nan_adapter_is_flagged_not_ok(adapter, tmp_path, capsys):
     assert code == 1  # flagged even with a threshold any agreement passes
     assert "max |logit diff| nan" in out and out.splitlines()[1].endswith(": FLAGGED")
     assert "not finite" in out
+    assert not (tmp_path / "m").exists()  # never saved: served as a plain base, no adapter check would run
+
+
+@pytest.mark.parametrize("engine", ["embedded", "vllm"])
+def test_serving_a_nan_adapter_is_refused_by_the_dry_run_too(adapter, tmp_path, capsys, engine):
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_cli import assert_one_line
+    from tunekit.cli.main import main
+
+    nan = tmp_path / "nan-adapter"
+    nan.mkdir()
+    (nan / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = sorted(weights)[0]
+    weights[key][0, 0] = float("inf")  # one value is enough to make every decoded row NaN
+    save_file(weights, nan / "adapter_model.safetensors")
+    code = main(["serve", str(nan), "--engine", engine, "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 2 and "would serve" not in out.out and "vllm serve" not in out.out
+    assert_one_line(out.err, f"{key} holds NaN or infinite values", "earlier checkpoint")
 
 
 def test_not_enough_disk_space_is_refused_before_writing(adapter, tmp_path, capsys, monkeypatch):
@@ -255,13 +276,14 @@ def test_a_failed_write_leaves_no_model_that_looks_complete(adapter, tmp_path, c
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["model.safetensors"]
 
 
-def test_the_merge_command_in_the_dora_refusal_works(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("folder", ["dora", "my adapters/dora"])  # a space: the command still runs as printed
+def test_the_merge_command_in_the_dora_refusal_works(tiny_model, tmp_path, capsys, folder):
     import re
     import shlex
 
     from tunekit.serve.adapters import read_adapter, refuse_unservable
 
-    dora = make_adapter(tiny_model, tmp_path / "dora", r=4, b_std=0.01, use_dora=True)
+    dora = make_adapter(tiny_model, tmp_path / folder, r=4, b_std=0.01, use_dora=True)
     with pytest.raises(ConfigError) as err:
         refuse_unservable(read_adapter(dora), engine="vLLM")
     command = re.search(r"`(tunekit merge [^`]+)`", err.value.hint).group(1)

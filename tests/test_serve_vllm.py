@@ -33,14 +33,16 @@ BASE = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def adapter_dir(root: Path, name: str, **config) -> Path:
-    """A PEFT adapter directory as PEFT writes it (config + weights file); the weights are not read here."""
+    """A PEFT adapter directory as PEFT writes it (config + weights file)."""
     d = root / name
     d.mkdir(parents=True)
     cfg = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "base_model_name_or_path": BASE,
            "target_modules": ["q_proj", "v_proj"], "bias": "none", "use_dora": False, "use_rslora": False,
            "modules_to_save": None, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}, **config}
     (d / "adapter_config.json").write_text(json.dumps(cfg))
-    (d / "adapter_model.safetensors").write_bytes(b"")
+    # a valid safetensors file (one finite float32), written by hand: no torch needed here
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (d / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     return d
 
 
@@ -416,3 +418,12 @@ def test_cli_embedded_dry_run_checks_adapters(tmp_path, capsys):
     bad = adapter_dir(tmp_path, "bad", modules_to_save=["lm_head"])
     with pytest.raises(ConfigError, match="modules_to_save"):
         _cli([BASE, "--adapter", f"b={bad}", "--engine", "embedded", "--dry-run"])
+
+
+def test_an_unreadable_weights_file_is_refused_before_launch(tmp_path):
+    pytest.importorskip("torch")
+    bad = adapter_dir(tmp_path, "torn")
+    (bad / "adapter_model.safetensors").write_bytes(b"")  # a save cut short
+    with pytest.raises(ConfigError, match="cannot read adapter_model.safetensors") as err:
+        plan_vllm(BASE, {"torn": str(bad)})
+    assert "re-save it" in err.value.hint

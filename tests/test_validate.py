@@ -505,6 +505,7 @@ def test_local_runs_refuse_overlong_rows_before_training(tmp_path, tunekit_home)
 
     spec = TrainingSpec(base_model="m", hyperparameters={"max_length": 64})
     assert LocalBackend().data_rules(spec).max_tokens == 64
+    assert LocalBackend().data_rules().max_tokens == 2048  # `validate --backend local` checks what finetune would
     path = write(tmp_path, [pr(), pr("p", "x" * 5000)])
     with pytest.raises(DataValidationError) as exc:
         tunekit.finetune(path, spec, backend="local")
@@ -534,3 +535,12 @@ def test_token_lengths_with_tokenizer(tmp_path):
     assert rc.length.max > len("hiyo")  # the template's markers count too
     # without a tokenizer the same file is measured in characters
     assert validate(tmp_path / "data.jsonl").length.unit == "characters"
+
+
+def test_a_whole_file_problem_in_the_error_has_no_line_none(tmp_path):
+    path = write(tmp_path, [pr("p", "x" * 5000)])  # the only row refused: 0 valid rows, a whole-file problem
+    r = validate(path, rules=DataRules(max_tokens=16))
+    with pytest.raises(DataValidationError) as exc:
+        r.raise_for_problems()
+    assert "line 1: row is" in str(exc.value) and "line None" not in str(exc.value)
+    assert "0 valid row(s)" in str(exc.value)

@@ -28,6 +28,7 @@ Every error has ``hint``: the next step a user should take, printed by the CLI.
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 
@@ -75,13 +76,16 @@ class UnknownModelError(ConfigError):
 class DataValidationError(TunekitError):
     """The training data is invalid; ``report`` lists every problem with its line."""
 
-    def __init__(self, report: Any) -> None:
+    def __init__(self, report: Any, *, command: str | None = None) -> None:
+        """``command``: the ``tunekit validate`` line that repeats this check (the run's backend, method and
+        max_length); by default the plain one, which applies no backend's rules."""
         first = report.problems[:3]
-        shown = "; ".join(f"line {p.line}: {p.message}" for p in first)
+        shown = "; ".join(f"line {p.line}: {p.message}" if p.line is not None else p.message for p in first)
         more = f" (and {report.problem_count - len(first)} more)" if report.problem_count > len(first) else ""
         super().__init__(
             f"{report.path}: {report.problem_count} problem(s): {shown}{more}",
-            hint=f"run `tunekit validate {report.path}` to see every problem; nothing was uploaded or trained",
+            hint=f"run `{command or shlex.join(['tunekit', 'validate', str(report.path)])}` to see every problem; "
+                 "nothing was uploaded or trained",
         )
         self.report = report
 

@@ -33,9 +33,11 @@ def load_spec(source: str | Path | dict[str, Any] | TrainingSpec, **overrides: A
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"spec file not found: {path}", field="spec")
-        text = path.read_text(encoding="utf-8")
+            raise ConfigError(f"spec file not found: {path}", field="spec",
+                              hint="check the path; a spec is a JSON or YAML object of TrainingSpec fields "
+                                   "(docs/spec.md)")
         try:
+            text = path.read_text(encoding="utf-8")
             if path.suffix in (".yaml", ".yml"):
                 try:
                     import yaml
@@ -48,7 +50,12 @@ def load_spec(source: str | Path | dict[str, Any] | TrainingSpec, **overrides: A
         except (ValueError, Exception) as exc:
             if isinstance(exc, ConfigError):
                 raise
-            raise ConfigError(f"{path}: not a valid spec file: {exc}", field="spec") from exc
+            raise ConfigError(f"{path}: not a valid spec file: {exc}", field="spec",
+                              hint="save it as UTF-8 JSON or YAML (docs/spec.md)") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the spec is a {type(data).__name__}, not an object of fields", field="spec",
+                              hint='write it as one object, e.g. {"base_model": "...", "hyperparameters": '
+                                   '{"epochs": 2}} (docs/spec.md)')
     data.update({k: v for k, v in overrides.items() if v is not None})
     return _build_spec(data)
 
@@ -101,6 +108,16 @@ def plan(spec: TrainingSpec | dict[str, Any] | str | Path, backend: str, *, on_u
     return b.plan(spec, on_unsupported=on_unsupported, context=PlanContext(spec=spec, rows=rows))  # type: ignore[arg-type]
 
 
+def _validate_command(path: str | Path, backend: str, spec: TrainingSpec, rules: Any) -> str:
+    """The `tunekit validate` line that checks a file against the same rules as this run."""
+    import shlex
+
+    words = ["tunekit", "validate", str(path), "--backend", backend, "--method", spec.method]
+    if rules.max_tokens:
+        words += ["--max-length", str(rules.max_tokens)]
+    return shlex.join(words)
+
+
 def _data_entry(report: "ValidationReport") -> dict[str, Any]:
     return {"path": str(Path(report.path).resolve()), "sha256": report.sha256, "rows": report.rows,
             "kind": report.kind.value if report.kind else None, "size_bytes": report.size_bytes}
@@ -147,12 +164,13 @@ def finetune(
     rules = b.data_rules(spec_obj)
     report = _validate(data, rules=rules)
     if not report.valid:
-        raise DataValidationError(report)
+        raise DataValidationError(report, command=_validate_command(data, b.name, spec_obj, rules))
     entries = {"train": _data_entry(report)}
     if spec_obj.validation_data:
         vreport = _validate(spec_obj.validation_data, rules=rules.model_copy(update={"min_rows": 1}))
         if not vreport.valid:
-            raise DataValidationError(vreport)
+            raise DataValidationError(vreport, command=_validate_command(spec_obj.validation_data, b.name,
+                                                                         spec_obj, rules))
         if report.kind != vreport.kind:
             raise ConfigError(f"validation data holds {vreport.kind} rows but training data holds {report.kind}",
                               field="validation_data")
@@ -355,9 +373,10 @@ def estimate_cost(data: str | Path, spec: TrainingSpec | dict[str, Any] | str | 
 
     b = get_backend(backend, **backend_options)
     spec_obj = load_spec(spec if spec is not None else {}, base_model=base_model)
-    report = _validate(data, rules=b.data_rules(spec_obj))
+    rules = b.data_rules(spec_obj)
+    report = _validate(data, rules=rules)
     if not report.valid:
-        raise DataValidationError(report)
+        raise DataValidationError(report, command=_validate_command(data, b.name, spec_obj, rules))
     ctx = PlanContext(spec=spec_obj, rows=report.rows, row_kind=report.kind.value if report.kind else None)
     the_plan = b.plan(spec_obj, on_unsupported="ignore", context=ctx)  # type: ignore[arg-type]
     return cost.estimate(b.name, spec_obj, the_plan, report)

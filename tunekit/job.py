@@ -208,6 +208,15 @@ class FineTuneJob:
             raise JobStateError(f"job {self.id}: the submit outcome is unknown (no remote job attached)",
                                 hint=f"run `tunekit jobs reconcile {self.id}` to find the remote job")
 
+    def _check_cancellable(self) -> None:
+        """A managed job with no remote id has nothing to cancel yet: its remote job, if any, is found by reconcile."""
+        if self._record.remote_id is None and not self._is_local():
+            how = "is unknown" if self.status == JobStatus.UNKNOWN else "is not recorded yet"
+            raise JobStateError(f"job {self.id}: no remote job is attached (the submit outcome {how}), so there is "
+                                "nothing to cancel yet",
+                                hint=f"run `tunekit jobs reconcile {self.id}` to find the remote job, then cancel "
+                                     "it again")
+
     def _is_local(self) -> bool:
         return self._record.backend == "local"
 
@@ -269,6 +278,7 @@ class FineTuneJob:
         self._record = self._store.get_job(self.id)
         if self.status.terminal:
             raise JobStateError(f"job {self.id} is already {self.status.value}")
+        self._check_cancellable()
         self.apply(self.backend.cancel(self._record))
         return self
 
@@ -276,6 +286,7 @@ class FineTuneJob:
         self._record = self._store.get_job(self.id)
         if self.status.terminal:
             raise JobStateError(f"job {self.id} is already {self.status.value}")
+        self._check_cancellable()
         self.apply(await self.backend.acancel(self._record))
         return self
 

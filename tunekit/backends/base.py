@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Union
 
 from .._exceptions import ConfigError, JobStateError, UnsupportedFieldError
 from ..schemas.job import FieldDisposition, JobEvent, JobStatus, Plan, RemoteState
-from ..schemas.spec import TrainingSpec
+from ..schemas.spec import Hyperparameters, TrainingSpec
 
 if TYPE_CHECKING:
     from ..store import JobRecord
@@ -108,7 +108,9 @@ class Backend(ABC):
                 if dpo:
                     hints["preference"] = ("preference rows train with method='dpo': set it in the spec "
                                            "(CLI: finetune --set method=dpo, validate --method dpo)")
-        max_tokens = spec.hyperparameters.max_length if spec is not None and self.truncates_at_max_length else None
+        # without a spec, the default max_length: `validate --backend B` then refuses what `finetune` would
+        hyper = spec.hyperparameters if spec is not None else Hyperparameters()
+        max_tokens = hyper.max_length if self.truncates_at_max_length else None
         return DataRules(backend=self.name, min_rows=self.min_rows, kinds=set(kinds) if kinds else None,
                          max_bytes=self.max_file_bytes, kind_hints=hints, max_tokens=max_tokens)
 

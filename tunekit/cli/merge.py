@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         print_json(result.to_dict())
     else:
         verdict = "FLAGGED" if result.flagged else "ok"
-        print(f"merged {result.adapter_path} into {result.base_model} -> {result.out_dir} ({result.dtype})")
+        where = f"-> {result.out_dir}" if result.saved else f"(not saved to {result.out_dir}: not finite)"
+        print(f"merged {result.adapter_path} into {result.base_model} {where} ({result.dtype})")
         print(f"merge check: top-1 agreement {result.top1_agreement:.4f}, max |logit diff| "
               f"{result.max_abs_diff:.4g} over {result.positions} positions: {verdict}")
         for note in result.notes:

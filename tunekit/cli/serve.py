@@ -144,13 +144,15 @@ def serve_run(args: argparse.Namespace) -> int:
         with launch(plan) as server:
             print(f"serving on {server.url}/v1 (log: {server.log_path}); Ctrl-C to stop", flush=True)
             return server.wait()
+    _require_embedded_extras()  # a dry run that says "would serve" must not fail when run for real
     if args.dry_run:  # embedded: check every adapter without loading the base model
-        from ..serve.adapters import read_adapter, refuse_unservable, resolve_adapter
+        from ..serve.adapters import read_adapter, refuse_non_finite, refuse_unservable, resolve_adapter
 
         checked = {}
         for name, ref in adapters.items():
             info = read_adapter(resolve_adapter(ref)[0])
             refuse_unservable(info, engine="the embedded server", name=name, serves_dora=True)
+            refuse_non_finite(info, name=name)
             checked[name] = {"path": str(info.path), "r": info.max_rank, "base_model": info.base_model}
         result = {"engine": "embedded", "base_model": args.base_model, "adapters": checked,
                   "url": f"http://{args.host}:{args.port}/v1"}
@@ -161,7 +163,6 @@ def serve_run(args: argparse.Namespace) -> int:
                 print(f"{name}: {c['path']} (r={c['r']}, base {c['base_model']})")
             print(f"would serve on {result['url']}")
         return 0
-    _require_embedded_extras()
     from ..serve.embedded.server import run
 
     run(args.base_model, adapters, host=args.host, port=args.port, api_key=api_key,

@@ -11,6 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file")
     p.add_argument("--backend", help="apply this backend's rules (row kinds, minimum rows)")
     p.add_argument("--method", choices=["sft", "dpo"], help="the training method the data is for")
+    p.add_argument("--max-length", type=int, metavar="TOKENS",
+                   help="the run's hyperparameters.max_length: with --backend local, rows far longer are refused "
+                        "(default 2048; implies --method sft unless --method is given)")
     p.add_argument("--max-problems", type=int, default=100)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
@@ -20,10 +23,11 @@ def run(args: argparse.Namespace) -> int:
     from ..api import validate
 
     spec = None
-    if args.method:
-        from ..schemas.spec import TrainingSpec
+    if args.method or args.max_length is not None:
+        from ..api import load_spec
 
-        spec = TrainingSpec(base_model="-", method=args.method)
+        hyper = {"max_length": args.max_length} if args.max_length is not None else {}
+        spec = load_spec({"base_model": "-", "method": args.method or "sft", "hyperparameters": hyper})
     report = validate(args.file, backend=args.backend, spec=spec, max_problems=args.max_problems)
     if args.json:
         from ._output import print_json

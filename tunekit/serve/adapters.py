@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,37 @@ def same_base(a: str | None, b: str | None) -> bool:
 
 # -- servability -------------------------------------------------------------------------------------
 
+def _quoted(path: object) -> str:
+    """The path as a shell word, so a hint's command runs as printed (a path may hold spaces)."""
+    return shlex.quote(str(path))
+
+
+def refuse_non_finite(info: AdapterInfo, *, name: str | None = None) -> None:
+    """Raise a ConfigError for an adapter whose saved weights hold NaN or inf (every row decoded with it would
+    get NaN logits) or cannot be read. Needs torch to read them; without it (a vLLM plan made elsewhere) the
+    check is left to the serving host."""
+    st = info.path / "adapter_model.safetensors"
+    try:
+        import torch
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        return
+    if not st.is_file():
+        return
+    label = f"adapter {name!r} ({info.path})" if name else f"adapter {info.path}"
+    try:
+        f = safe_open(str(st), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{label}: cannot read {st.name} ({exc})", field="adapter",
+                          hint="the adapter file is incomplete or damaged; re-save it") from exc
+    with f:
+        for key in f.keys():
+            if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                raise ConfigError(f"{label}: {key} holds NaN or infinite values", field="adapter",
+                                  hint="the training run diverged; serve an earlier checkpoint, or retrain with a "
+                                       "lower learning rate")
+
+
 def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None, serves_dora: bool = False) -> None:
     """Raise a ConfigError for an adapter ``engine`` cannot serve as LoRA (checks shared by both engines)."""
     label = f"adapter {name!r} ({info.path})" if name else f"adapter {info.path}"
@@ -142,14 +174,14 @@ def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None
             f"{label} uses DoRA, which {engine} cannot serve as a LoRA adapter",
             field="adapter.use_dora",
             hint="serve it with the embedded engine (`tunekit serve ... --engine embedded`), which serves DoRA "
-                 f"unmerged, or merge it into the base (`tunekit merge {info.path} OUT_DIR`) and serve OUT_DIR as a "
-                 "plain model")
+                 f"unmerged, or merge it into the base (`tunekit merge {_quoted(info.path)} OUT_DIR`) and serve "
+                 "OUT_DIR as a plain model")
     if info.modules_to_save:
         raise ConfigError(
             f"{label} also trains whole modules (modules_to_save={list(info.modules_to_save)}), "
             f"which {engine} cannot serve as a LoRA adapter",
             field="adapter.modules_to_save",
-            hint=f"merge it (`tunekit merge {info.path} OUT_DIR`) and serve the merged model, "
+            hint=f"merge it (`tunekit merge {_quoted(info.path)} OUT_DIR`) and serve the merged model, "
                  "or retrain without modules_to_save")
     if info.unconverted_init:
         raise ConfigError(
@@ -163,4 +195,4 @@ def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None
         raise ConfigError(
             f"{label} trains biases (bias={info.bias!r}, lora_bias={info.lora_bias}); {engine} serves bias-free "
             "LoRA only", field="adapter.bias",
-            hint=f"merge it (`tunekit merge {info.path} OUT_DIR`) and serve the merged model")
+            hint=f"merge it (`tunekit merge {_quoted(info.path)} OUT_DIR`) and serve the merged model")

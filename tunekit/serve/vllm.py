@@ -27,7 +27,7 @@ from .._exceptions import (
     ServerError,
     api_error_for_status,
 )
-from .adapters import read_adapter, refuse_unservable, resolve_adapter, same_base
+from .adapters import read_adapter, refuse_non_finite, refuse_unservable, resolve_adapter, same_base
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
@@ -98,6 +98,7 @@ def plan_vllm(base_model: str, adapters: dict[str, str | os.PathLike[str]] | Non
         path, _record = resolve_adapter(ref)
         info = read_adapter(path)
         refuse_unservable(info, engine="vLLM", name=name)
+        refuse_non_finite(info, name=name)
         smallest_vllm_rank(info.max_rank)  # refuses rank > 512
         ranks[name] = info.max_rank
         if not info.base_model:
@@ -281,6 +282,7 @@ class VllmClient:
         if check and Path(path).expanduser().is_dir():
             info = read_adapter(path)
             refuse_unservable(info, engine="vLLM", name=name)
+            refuse_non_finite(info, name=name)
             smallest_vllm_rank(info.max_rank)
         return self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}).text
 

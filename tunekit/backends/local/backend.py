@@ -65,13 +65,14 @@ ACTIVE = (JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANC
 
 MAX_STEPS_LIMIT = 10**9  # step counts above this are typos (a billion optimizer steps)
 MAX_BUDGET_GB = 2.0**20  # 1 PiB
+OPTIONS_HINT = "fix the value in provider_options.local (every option: docs/local.md)"
 
 
 def _positive_int(name: str):
     def check(value: Any, ctx: PlanContext) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_STEPS_LIMIT:
             raise ConfigError(f"provider_options.local.{name} must be an integer in 1..{MAX_STEPS_LIMIT}, "
-                              f"not {value!r}", field=f"provider_options.local.{name}")
+                              f"not {value!r}", field=f"provider_options.local.{name}", hint=OPTIONS_HINT)
         return value
     return check
 
@@ -81,14 +82,14 @@ def _eval_steps(value: Any, ctx: PlanContext) -> int | float:
         isinstance(value, float) and 0 < value < 1)
     if not ok:
         raise ConfigError(f"provider_options.local.eval_steps must be a step count >= 1 or a fraction of the run "
-                          f"in (0, 1), not {value!r}", field="provider_options.local.eval_steps")
+                          f"in (0, 1), not {value!r}", field="provider_options.local.eval_steps", hint=OPTIONS_HINT)
     return value
 
 
 def _device(value: Any, ctx: PlanContext) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         raise ConfigError(f"provider_options.local.device must be 'cpu', 'cuda' or 'cuda:N', not {value!r}",
-                          field="provider_options.local.device")
+                          field="provider_options.local.device", hint=OPTIONS_HINT)
     return value
 
 
@@ -96,7 +97,7 @@ def _bool(name: str):
     def check(value: Any, ctx: PlanContext) -> bool:
         if not isinstance(value, bool):
             raise ConfigError(f"provider_options.local.{name} must be true or false, not {value!r}",
-                              field=f"provider_options.local.{name}")
+                              field=f"provider_options.local.{name}", hint=OPTIONS_HINT)
         return value
     return check
 
@@ -104,14 +105,15 @@ def _bool(name: str):
 def _path(value: Any, ctx: PlanContext) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError("provider_options.local.output_dir must be a directory path",
-                          field="provider_options.local.output_dir")
+                          field="provider_options.local.output_dir", hint=OPTIONS_HINT)
     return str(Path(value).expanduser().resolve())
 
 
 def _budget(value: Any, ctx: PlanContext) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BUDGET_GB:
         raise ConfigError(f"provider_options.local.memory_budget_gb must be a number of GB in "
-                          f"(0, {MAX_BUDGET_GB:.0f}], not {value!r}", field="provider_options.local.memory_budget_gb")
+                          f"(0, {MAX_BUDGET_GB:.0f}], not {value!r}", field="provider_options.local.memory_budget_gb",
+                          hint=OPTIONS_HINT)
     return float(value)
 
 

@@ -50,6 +50,7 @@ class MergeResult:
     positions: int  # token positions compared
     seconds: float
     notes: list[str] = field(default_factory=list)
+    saved: bool = True  # False: non-finite weights, nothing was written to out_dir
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,14 +180,15 @@ def merge_adapter(adapter_path: str | os.PathLike[str], out_dir: str | os.PathLi
     finite = bool(torch.isfinite(ref[valid]).all() and torch.isfinite(got[valid]).all())
     if not finite:
         notes.append("the logits are not finite (NaN or inf): the adapter or the merged weights hold non-finite "
-                     "values, so the merge is flagged whatever the top-1 agreement")
+                     f"values, so the merge is flagged whatever the top-1 agreement, and nothing was written to {out}")
 
     result = MergeResult(out_dir=str(out), adapter_path=str(path), base_model=str(base), dtype=str(save_dt)[6:],
                          compute_dtype=str(check_dt)[6:], device=dev.type, max_abs_diff=max_abs,
                          top1_agreement=agree, flagged=agree < agreement_threshold or not finite,
                          agreement_threshold=agreement_threshold, prompts=prompts, positions=int(valid.sum()),
-                         seconds=round(time.time() - t0, 2), notes=notes)
-    _write_merged(out, merged, tokenizer, result)
+                         seconds=round(time.time() - t0, 2), notes=notes, saved=finite)
+    if finite:  # a model that computes NaN would be served as a plain base, where no adapter check runs
+        _write_merged(out, merged, tokenizer, result)
     if record is not None:
         from ...store import default_store
 
