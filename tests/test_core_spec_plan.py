@@ -123,6 +123,14 @@ def test_non_finite_numbers_are_refused_in_every_field(value):
             assert "finite number" in str(exc.value), str(exc.value)
 
 
+@pytest.mark.parametrize("value", [True, False])
+def test_a_boolean_is_not_a_number_in_any_field(value):
+    for path in _numeric_fields():  # pydantic's lax mode would read True as 1 (one epoch, rank 1)
+        with pytest.raises(tunekit.ConfigError, match="is not a number") as exc:
+            tunekit.load_spec(_spec_with(path, value))
+        assert exc.value.field == path
+
+
 @pytest.mark.parametrize("path, value, allowed", [
     ("adapter.alpha", 1e300, "0 < value <= 16384"),
     ("hyperparameters.weight_decay", 1e300, "0 <= value <= 10"),

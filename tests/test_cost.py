@@ -59,6 +59,7 @@ def test_local_gpu_hours_from_the_h200_throughput(tiny_model):
     rate = 14751 * 8.03e9 / params  # bf16 LoRA on the H200 (docs/benchmarks.md, 72a9a4c), scaled by size
     assert est.usd is None and est.gpu_hours == pytest.approx(round(file_tokens(2)) / rate / 3600)
     assert "H200" in est.basis and "estimate" in est.line()
+    assert "LoRA" in est.basis and "none" not in est.basis  # the recipe by name, not the quantization mode
     assert any("speed differs" in n for n in est.notes)  # this run's device is not an H200
     tunekit.cost.check_limit(est, 0.0)  # a local run is GPU time, not a bill
 

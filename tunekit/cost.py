@@ -23,6 +23,7 @@ CHARS_PER_TOKEN = 4.0
 # bf16 ("auto" resolved to bf16) at commit 72a9a4c (2026-11-29T00:23Z).
 THROUGHPUT_H200 = {"nf4": 9921.0, "nf4+dora": 9105.0, "none": 14751.0}
 THROUGHPUT_PARAMS = 8.03e9
+_RECIPE = {"nf4": "QLoRA (nf4)", "nf4+dora": "QLoRA + DoRA (nf4)", "none": "16-bit LoRA"}
 
 
 @dataclass
@@ -99,8 +100,8 @@ def _local(est: CostEstimate, request: dict[str, Any]) -> None:
         return
     rate *= THROUGHPUT_PARAMS / params  # training FLOPs per token grow with the parameter count
     est.gpu_hours = est.tokens / rate / 3600
-    est.basis = (f"{rate:,.0f} tokens/s: tunekit's {key} training throughput measured on an H200 for an 8B "
-                 f"model (docs/benchmarks.md), scaled to {params / 1e9:.2g}B parameters")
+    est.basis = (f"{rate:,.0f} tokens/s: tunekit's {_RECIPE.get(key, key)} training throughput measured on an "
+                 f"H200 for an 8B model (docs/benchmarks.md), scaled to {params / 1e9:.2g}B parameters")
     device = (request.get("device") or {}).get("name") or (request.get("device") or {}).get("type")
     if device and "H200" not in str(device):
         est.notes.append(f"this run's device is {device}: its speed differs from the H200 figure")
