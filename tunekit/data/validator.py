@@ -26,7 +26,7 @@ from tunekit.schemas.rows import RowKind
 
 BLOCK = 1 << 20
 # A row longer than this many bytes per token of the run's max_length cannot fit it by a wide margin:
-# English averages ~4 bytes per token, and even JSON-escaped CJK or emoji (\\uXXXX, 6-12 bytes per
+# English averages ~4 bytes per token, and even JSON-escaped CJK or emoji (\\uNNNN, 6-12 bytes per
 # token) and long whitespace tokens stay well under it. Such a row would be cut to a sliver of itself,
 # and tokenizing it whole costs the worker gigabytes, so it is refused before training.
 BYTES_PER_TOKEN = 64
