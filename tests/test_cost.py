@@ -60,6 +60,7 @@ def test_local_gpu_hours_from_the_h200_throughput(tiny_model):
     assert est.usd is None and est.gpu_hours == pytest.approx(round(file_tokens(2)) / rate / 3600)
     assert "H200" in est.basis and "estimate" in est.line()
     assert "LoRA" in est.basis and "none" not in est.basis  # the recipe by name, not the quantization mode
+    assert "under 0.001 GPU-hours" in est.line() and "e-" not in est.line()  # seconds on a tiny model, not 1e-09
     assert any("speed differs" in n for n in est.notes)  # this run's device is not an H200
     tunekit.cost.check_limit(est, 0.0)  # a local run is GPU time, not a bill
 

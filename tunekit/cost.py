@@ -40,7 +40,8 @@ class CostEstimate:
         if self.usd is not None:
             what.append(usd(self.usd))
         if self.gpu_hours is not None:
-            what.append(f"{self.gpu_hours:,.3g} GPU-hours")
+            hours = self.gpu_hours
+            what.append(f"{hours:,.3g} GPU-hours" if hours >= 1e-3 else "under 0.001 GPU-hours (seconds)")
         figure = " / ".join(what) or "unknown"
         return f"estimated cost: {figure} for {self.tokens:,} trained tokens ({self.basis})"
 
