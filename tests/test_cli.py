@@ -249,3 +249,13 @@ def test_a_spec_file_that_is_not_an_object_is_one_line(capsys, tmp_path, name, c
     code, out, err = run_cli(capsys, "plan", str(spec), "--backend", "local")
     assert code == 2 and out == ""
     assert_one_line(err, what, "docs/spec.md")
+
+
+@pytest.mark.parametrize("argv", [["validate", "x.jsonl", "--max-problems", "-1"],
+                                  ["validate", "x.jsonl", "--max-problems", "0"],
+                                  ["plan", "spec.json", "--backend", "local", "--rows", "-5"]])
+def test_counts_below_one_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse: exit 2 naming the option, before any file is read
+        main(argv)
+    assert exc.value.code == 2
+    assert argv[-2] in capsys.readouterr().err

@@ -27,3 +27,11 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def short(value: Any, width: int = 60) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value

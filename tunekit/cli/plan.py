@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._output import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="show how a backend honours each field of a spec (mapped/transformed/refused)")
@@ -12,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="plan the spec of a recorded job (e.g. an imported OpenAI job) instead of a file")
     p.add_argument("--base-model", help="overrides the spec's base_model")
     p.add_argument("--backend", required=True)
-    p.add_argument("--rows", type=int, help="training rows (for conversions that need it, e.g. warmup steps)")
+    p.add_argument("--rows", type=positive_int, help="training rows (for conversions that need it, e.g. warmup steps)")
     p.add_argument("--on-unsupported", choices=["raise", "warn", "ignore"], default="warn",
                    help="the CLI shows refusals by default; 'raise' exits 2 on any")
     p.add_argument("--data", help="training JSONL: validate it and show the estimated cost")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._output import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a JSONL training file (every problem, with its line)")
@@ -14,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, metavar="TOKENS",
                    help="the run's hyperparameters.max_length: with --backend local, rows far longer are refused "
                         "(default 2048; implies --method sft unless --method is given)")
-    p.add_argument("--max-problems", type=int, default=100)
+    p.add_argument("--max-problems", type=positive_int, default=100)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
