@@ -159,11 +159,25 @@ def refuse_non_finite(info: AdapterInfo, *, name: str | None = None) -> None:
         raise ConfigError(f"{label}: cannot read {st.name} ({exc})", field="adapter",
                           hint="the adapter file is incomplete or damaged; re-save it") from exc
     with f:
-        for key in f.keys():
-            if not bool(torch.isfinite(f.get_tensor(key)).all()):
-                raise ConfigError(f"{label}: {key} holds NaN or infinite values", field="adapter",
-                                  hint="the training run diverged; serve an earlier checkpoint, or retrain with a "
-                                       "lower learning rate")
+        bad = _non_finite_keys(f)
+    if bad:
+        raise ConfigError(f"{label}: {bad[0]} holds NaN or infinite values", field="adapter",
+                          hint="the training run diverged; serve an earlier checkpoint, or retrain with a "
+                               "lower learning rate")
+
+
+def non_finite_tensors(path: str | Path) -> list[str]:
+    """Names of the tensors in a safetensors file that hold NaN or inf (the trainer's and the server's check)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return _non_finite_keys(f)
+
+
+def _non_finite_keys(f: Any) -> list[str]:
+    import torch
+
+    return [key for key in f.keys() if not bool(torch.isfinite(f.get_tensor(key)).all())]
 
 
 def refuse_unservable(info: AdapterInfo, *, engine: str, name: str | None = None, serves_dora: bool = False) -> None:

@@ -172,15 +172,10 @@ def check_finite_step(step: int, logs: dict[str, Any]) -> None:
 
 def check_finite_adapter(adapter_dir: str | Path) -> None:
     """Refuse an adapter whose saved weights hold NaN or inf (it must never reach the registry)."""
-    import torch
-    from safetensors import safe_open
+    from ...serve.adapters import non_finite_tensors
 
     path = Path(adapter_dir) / "adapter_model.safetensors"
-    bad: list[str] = []
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            if not bool(torch.isfinite(f.get_tensor(key)).all()):
-                bad.append(key)
+    bad = non_finite_tensors(path)
     if bad:
         raise TrainingError(f"the trained adapter has non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]} "
                             f"({path})", hint=NON_FINITE_HINT)
