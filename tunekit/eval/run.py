@@ -285,7 +285,10 @@ def _generate(jobs: list[tuple[Target, Row]], caches: dict[str, tuple[AnswerCach
                     return client.completions.create(prompt=r.prompt, **kw).choices[0].text or ""
                 return client.chat.completions.create(messages=r.messages, **kw).choices[0].message.content or ""
             except Exception as exc:  # the one boundary where SDK errors become tunekit's
-                raise translate_sdk_error(exc, t.provider) from exc
+                translated = translate_sdk_error(exc, t.provider)
+                if translated is exc:  # not an SDK error: as it is (never chained to itself)
+                    raise
+                raise translated from exc
 
         cache.put(str(r.index), {"answer": retry_call(once), "at": time.time()})
 
