@@ -14,7 +14,6 @@ finds the worker gone) go through ``transition``: a compare-and-set under a per-
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from ...schemas.job import JobStatus, Plan, RemoteState
 from ...schemas.spec import TrainingSpec
 from ..base import Backend, PlanContext, Refuse, Rule, Send
 from .options import LocalOptions
+from .run import resolve_base_model
 from .process import (
     _CHILDREN,
     WORKER_MODULE,
@@ -70,12 +70,7 @@ def _init(value: Any, ctx: PlanContext) -> Any:
 
 
 def _base_model(value: Any, ctx: PlanContext) -> str:
-    from ...catalog import resolve_model
-
-    local = Path(value).expanduser()
-    if local.is_dir():  # absolute: the worker runs in the job directory
-        return str(local.resolve())
-    return resolve_model(value, "local")
+    return resolve_base_model(value)
 
 
 class LocalBackend(Backend):
@@ -122,35 +117,50 @@ class LocalBackend(Backend):
         return rule
 
     def base_request(self, spec: TrainingSpec, ctx: PlanContext) -> dict[str, Any]:
-        """The fully resolved training config, defaults included: what the worker will run."""
-        resolved = resolve(spec, rows=ctx.rows)
-        ctx.extra["resolved"] = resolved
-        return resolved["request"]
+        """The run, resolved once with every default (run.LocalRun): what the worker will train."""
+        from .run import plan_run
+
+        resolved = spec.model_copy(update={"base_model": _base_model(spec.base_model, ctx)})
+        run = plan_run(resolved, self.provider_options(spec), rows=ctx.rows)
+        ctx.extra["run"] = run
+        return run.model_dump(mode="json")
 
     def plan_notes(self, spec: TrainingSpec, ctx: PlanContext) -> list[str]:
-        r = ctx.extra.get("resolved") or resolve(spec, rows=ctx.rows)
-        notes = [f"quantization: {r['quant'].mode} ({r['quant'].reason})"]
-        est = r["estimate"]
+        run = ctx.extra["run"]
+        notes = [f"quantization: {run.quantization.mode} ({run.quantization.reason})"]
+        est = run.memory_estimate
         if est is None:
-            notes.append(f"memory: no estimate ({r['estimate_skipped']})")
+            notes.append(f"memory: no estimate ({run.estimate_skipped})")
         else:
             verdict = {True: "fits", False: "DOES NOT FIT", None: "device memory unknown"}[est.fits]
-            notes.append(f"memory: {est.summary()}: {verdict}")
+            notes.append(f"memory: {est.estimate().summary()}: {verdict}")
             if est.fits is False:
                 notes += [f"  suggestion: {s}" for s in est.suggestions]
         return notes
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def submit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
+        """Give the planned run its job's data snapshot and output directory, store it, start the worker."""
         from .memory import check_fits
+        from .run import DataFile, LocalRun, RunData
 
-        planned = (plan.request or {}).get("memory_estimate") or {}
-        if planned.get("fits") is False:  # refuse before spawning anything (re-estimated for the suggestions)
-            resolved = resolve(spec, rows=(job.data.get("train") or {}).get("rows"))
-            q = resolved["quant"]
-            check_fits(resolved["estimate"], what=f"training {resolved['request']['base_model']} ({q.mode}, "
-                       f"micro-batch {resolved['request']['training']['micro_batch_size']}, "
-                       f"max_length {spec.hyperparameters.max_length})")
+        run = LocalRun.model_validate(plan.request)
+        if run.memory_estimate is not None:  # refuse before spawning anything
+            check_fits(run.memory_estimate.estimate(), what=f"training {run.base_model} ({run.quantization.mode}, "
+                       f"micro-batch {run.training.micro_batch_size}, max_length {run.training.max_length})")
+        jdir = job_dir(job.id)
+
+        def snapshot(split: str) -> DataFile | None:
+            entry = job.data.get(split)
+            if not entry:
+                return None
+            return DataFile(source=entry["path"], path=str(jdir / "data" / f"{split}.jsonl"),
+                            sha256=entry.get("sha256") or "", rows=entry.get("rows"))
+
+        data = RunData(train=snapshot("train"), validation=snapshot("validation"))
+        options = run.options.model_copy(update={"output_dir": run.options.output_dir or str(jdir / "output")})
+        run = run.model_copy(update={"data": data, "options": options})
+        _store().update_job(job.id, request=run.model_dump(mode="json"))
         return self._spawn(job, resume_from=None)
 
     def refresh(self, job: "JobRecord") -> RemoteState:
@@ -288,56 +298,3 @@ class LocalBackend(Backend):
             rec = store.update_job(job.id, status=JobStatus.QUEUED, pid=proc.pid, heartbeat_at=time.time(),
                                    remote_id=str(jdir), progress=progress, error=None)
         return RemoteState(remote_id=rec.remote_id, status=rec.status)
-
-
-# ---------------------------------------------------------------------------------------------------
-# resolution: spec -> the exact training config (shared by plan, submit and the worker)
-
-def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
-    """Everything the run will use, with defaults: the request the worker runs, built from `resolve_run`
-    (the same resolution train() runs: micro-batch, quantization and why, optimizer, memory estimate).
-    Reads config.json, never weights."""
-    from .peft_config import lora_kwargs
-    from .resolve import resolve_run
-
-    opts = LocalBackend.provider_options(spec)
-    hp = spec.hyperparameters
-    base = _base_model(spec.base_model, PlanContext(spec=spec))
-    run = resolve_run(spec.model_copy(update={"base_model": base}), device=opts.device,
-                      gradient_checkpointing=opts.gradient_checkpointing,
-                      memory_budget_bytes=opts.memory_budget_bytes)
-    quant, dev, estimate = run.quant, run.device, run.estimate
-    steps_per_epoch = math.ceil(rows / hp.batch_size) if rows else None
-    total = opts.max_steps or (steps_per_epoch * hp.epochs if steps_per_epoch else None)
-    ckpt = opts.checkpoint_steps or (max(1, math.ceil(total / 10)) if total else 50)
-    # gradient_checkpointing: the user's request (None = auto), so the worker's train() makes the same
-    # per-layer choice this plan shows under training.checkpointing (resolve_run is deterministic)
-    options = {**opts.model_dump(mode="json"), "checkpoint_steps": ckpt,
-               "eval_steps": opts.eval_steps or (ckpt if spec.validation_data else None)}
-    request = {
-        "base_model": base,
-        "method": spec.method,
-        "lora": lora_kwargs(spec),
-        "quantization": {"requested": spec.quantization, "mode": quant.mode, "reason": quant.reason},
-        "training": {
-            **hp.model_dump(exclude={"dpo_beta"} if spec.method != "dpo" else set()),
-            "micro_batch_size": run.micro_batch, "optimizer": run.optimizer, "dtype": run.dtype,
-            "loraplus_lr_ratio": spec.adapter.loraplus_lr_ratio, "estimated_total_steps": total,
-            "checkpointing": {
-                "requested": "auto" if opts.gradient_checkpointing is None else opts.gradient_checkpointing,
-                "enabled": run.gradient_checkpointing,
-                "layers": f"{run.speed.checkpointed_layers}/{run.speed.num_layers}" if run.speed else None,
-                "reason": run.speed.reasons.get("checkpointing") if run.speed else None,
-            },
-            **({"notes": run.speed.notes} if run.speed and run.speed.notes else {}),
-        },
-        "device": {"type": dev.type, "name": dev.name, "memory_bytes": dev.total_memory},
-        "validation_data": spec.validation_data,
-        "output": {"name": spec.suffix},
-        "options": options,
-        "memory_estimate": None if estimate is None else {
-            "total_bytes": estimate.total_bytes, "breakdown": estimate.breakdown, "fits": estimate.fits,
-            "budget_bytes": run.budget_bytes},
-    }
-    return {"request": request, "quant": quant, "estimate": estimate, "estimate_skipped": run.estimate_skipped,
-            "options": options, "run": run}

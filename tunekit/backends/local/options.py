@@ -8,7 +8,7 @@ count, so a typo in a spec file is refused rather than guessed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -17,6 +17,8 @@ MAX_BUDGET_GB = 2.0**20  # 1 PiB
 GiB = 1024**3
 
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+# one per optimisation of speed.OPTIMISATIONS (a test keeps the two in step)
+SpeedupOff = Literal["-liger", "-bf16_kbit", "-fast_lora", "-fast_dora", "-checkpointing", "-fp32_adapters"]
 
 
 def _absolute(path: str) -> str:  # absolute: the worker runs in the job directory
@@ -47,6 +49,9 @@ class LocalOptions(BaseModel):
     memory_budget_gb: Optional[Annotated[float, Field(gt=0, le=MAX_BUDGET_GB)]] = Field(
         None, description=f"GB of memory the fit check may assume, in (0, {MAX_BUDGET_GB:.0f}] (default: the device's)")
     logging_steps: Steps = Field(1, description="step metrics every N steps, an integer >= 1 (default 1)")
+    speedups: Union[Literal["auto", "off"], Annotated[list[SpeedupOff], Field(min_length=1)]] = Field(
+        "auto", description="'auto' (every speed-up the run can use), 'off', or the ones to leave out, e.g. "
+                            "['-liger', '-fast_dora'] (default 'auto'; for diagnosis and benchmarks)")
 
     @property
     def memory_budget_bytes(self) -> int | None:

@@ -2,8 +2,8 @@
 
 `resolve_run` is the single place that decides micro-batch / gradient accumulation, the compute dtype,
 gradient checkpointing, the quantization mode (with the memory estimate behind 'auto'), the memory fit,
-the optimizer name and the speed plan. `train()` runs what it returns, and the backend's plan shows what
-it returns, so the plan cannot drift from the run. Pure: torch is imported only to read the device.
+the optimizer name and the speed plan. `run.plan_run` turns what it returns into the LocalRun the plan
+shows, the store keeps and the worker trains. Pure: torch is imported only to read the device.
 """
 
 from __future__ import annotations
@@ -119,12 +119,12 @@ def resolve_run(
     gradient_checkpointing: bool | None = None,
     memory_budget_bytes: int | None = None,
     model_config: dict[str, Any] | None = None,
+    speedups: str | list[str] = "auto",
 ) -> RunPlan:
     """Resolve every pre-load decision of a run of ``spec``.
 
-    ``model_config`` is the base model's config as a dict (train() passes the loaded AutoConfig's); None
-    reads config.json from a local directory or the HF cache (the plan: never downloads, never needs torch
-    beyond the device). Raises ConfigError for a bad batch split or a refused combination (PiSSA on NF4).
+    ``model_config`` None reads config.json from a local directory or the HF cache (never downloads, never
+    needs torch beyond the device). ``speedups`` is provider_options.local.speedups. Raises ConfigError for a bad batch split or a refused combination (PiSSA on NF4).
     The memory fit is estimated here but not enforced: callers decide when to refuse (`memory.check_fits`).
     """
     hp, a = spec.hyperparameters, spec.adapter
@@ -139,7 +139,8 @@ def resolve_run(
     skipped = None
     if model_config is None:
         model_config, skipped = read_config(str(spec.base_model))
-    est_kw = _speed.estimate_kwargs(spec, model_config, dev.type) if model_config is not None else {}
+    off = _speed.disabled(speedups)
+    est_kw = _speed.estimate_kwargs(spec, model_config, dev.type, off) if model_config is not None else {}
 
     def estimate(quant: str, ckpt: bool | None = None) -> _memory.MemoryEstimate:
         return _memory.estimate(
@@ -160,7 +161,7 @@ def resolve_run(
         est = estimate(quant.mode)
         speed = _speed.plan(spec, model_config, dev.type, quant.quantized,
                             gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt,
-                            budget_bytes=budget, estimate=lambda ck: estimate(quant.mode, ck))
+                            budget_bytes=budget, estimate=lambda ck: estimate(quant.mode, ck), off=off)
     return RunPlan(
         device=dev, micro_batch=micro, grad_accum=accum, compute_dtype=compute_dtype,
         gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt, budget_bytes=budget,
