@@ -21,28 +21,20 @@ from .peft_config import DeviceInfo, QuantDecision, check_combination, resolve_q
 
 @dataclass
 class RunPlan:
-    """What a run will do. ``model_config`` None means config.json was not readable (``estimate_skipped`` says
-    why): then there is no memory estimate or speed plan, and 'auto' quantization on a GPU picks NF4."""
+    """What a run will do. Without a readable config.json (``estimate_skipped`` says why) there is no memory
+    estimate or speed plan, and 'auto' quantization on a GPU picks NF4."""
 
     device: DeviceInfo
     micro_batch: int
     grad_accum: int
     compute_dtype: str  # "bf16" on CUDA, "fp32" on CPU (QLoRA computes in bf16 either way)
     gradient_checkpointing: bool  # requested, else the default (on for GPU, off for CPU)
-    auto_checkpointing: bool  # not requested: the speed plan may checkpoint only the layers memory needs
     budget_bytes: int | None  # memory the fit check assumes
     quant: QuantDecision
-    bf16_fits: bool | None  # the bf16 estimate behind quantization 'auto' on a GPU (None: not asked)
     optimizer: str  # TrainingArguments.optim name; "loraplus+<name>" when LoRA+ builds the optimizer
-    estimate_kwargs: dict[str, Any]  # the speed path's memory.estimate arguments (fused LM head, bf16 QLoRA)
-    model_config: dict[str, Any] | None
     estimate: _memory.MemoryEstimate | None
     estimate_skipped: str | None = None
     speed: _speed.SpeedPlan | None = None
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type == "cuda"
 
     @property
     def dtype(self) -> str:
@@ -164,7 +156,6 @@ def resolve_run(
                             budget_bytes=budget, estimate=lambda ck: estimate(quant.mode, ck), off=off)
     return RunPlan(
         device=dev, micro_batch=micro, grad_accum=accum, compute_dtype=compute_dtype,
-        gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt, budget_bytes=budget,
-        quant=quant, bf16_fits=bf16_fits, optimizer=optimizer_name(spec, quant.quantized, on_gpu),
-        estimate_kwargs=est_kw, model_config=model_config, estimate=est, estimate_skipped=skipped, speed=speed,
+        gradient_checkpointing=gradient_checkpointing, budget_bytes=budget, quant=quant,
+        optimizer=optimizer_name(spec, quant.quantized, on_gpu), estimate=est, estimate_skipped=skipped, speed=speed,
     )

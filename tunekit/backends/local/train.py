@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -72,9 +72,6 @@ class TrainOutcome:
     chat_template_sha256: str | None
     base_model_revision: str | None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _looks_local(name: str) -> bool:
@@ -212,7 +209,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from .peft_config import DeviceInfo, quantization_config
+    from .peft_config import quantization_config
 
     if run.data is None or not run.options.output_dir:
         raise ConfigError("this run has no data or output directory: it was planned, not given to a job",
