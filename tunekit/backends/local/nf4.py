@@ -1,4 +1,4 @@
-"""LoRA and DoRA on a bitsandbytes 4-bit base: one autograd function per layer call (speed.py's fast path).
+"""LoRA and DoRA on a bitsandbytes 4-bit base: one autograd function per layer call (kernels.py's fast path).
 
 One function instead of bitsandbytes' matmul + PEFT's lora_A/lora_B modules + the epilogue: the same GEMMs
 (forward: A, then base and B as one GEMM so that base + update is rounded once; backward: base, A, and the
@@ -99,8 +99,6 @@ def dora_pass(layer: Any, name: str, dora: Any, cdt: Any) -> Pre:
 def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, pass_id: int | None) -> None:
     import torch
 
-    from .speed import dora_norm
-
     groups: dict[tuple, list[tuple[Any, str]]] = {}
     for m, n in layers:
         A, B = m.lora_A[n].weight, m.lora_B[n].weight
@@ -124,6 +122,17 @@ def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, pass_id: int | None) 
             for i, (m, _) in enumerate(members):
                 m._tk_dora = Pre(a=a[i], absmax=absmax[i], bs=bs[i], scale=scale[i], coef=coef[i],
                                  inv_mag=inv_mag[i], pass_id=pass_id)
+
+
+def dora_norm(wsq: Any, WA: Any, A: Any, B: Any, s: float) -> Any:
+    """DoRA's weight norm ||W_i + s (B A)_i|| in fp32 from ||W_i||^2 (``wsq``) and W A^T (``WA``):
+    ||W_i||^2 + 2 s <W_i A^T, B_i> + s^2 B_i (A A^T) B_i^T. Also batched: leading dimensions of all arguments
+    are layers (this module's per-pass batch); kernels.py's 16-bit path calls it for one layer."""
+    import torch
+
+    A, B = A.float(), B.float()
+    M = torch.add(WA.float(), B @ (A @ A.transpose(-1, -2)), alpha=s / 2)  # W A^T + (s/2) B A A^T
+    return (wsq + (2 * s) * (M * B).sum(-1)).clamp_min_(0).sqrt_()
 
 
 def _frozen_stats(base: Any, cdt: Any) -> tuple[Any, Any]:

@@ -19,8 +19,8 @@ from typing import Any
 
 from ..._exceptions import ConfigError, TrainingError
 from . import memory as _memory
+from . import kernels as _kernels
 from . import provenance as _provenance
-from . import speed as _speed
 from .datasets import PreparedData, prepare
 from .peft_config import MUTATING_INITS, DeviceInfo, lora_kwargs, peft_error_to_config_error, quantization_config
 from .resolve import resolve_run
@@ -295,7 +295,7 @@ def train(
         # saved before any step: the conversion to plain LoRA subtracts this initial adapter at the end
         model.save_pretrained(str(init_dir))
 
-    speed_applied = _speed.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
+    speed_applied = _kernels.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
 
     # ---- optimizer (named by resolve_run; LoRA+ builds it here with the same class)
     optim_name = run.optimizer
@@ -317,11 +317,11 @@ def train(
     # ---- trainer
     trainer = _build_trainer(
         spec, model, tokenizer, data, val, ckpt_dir=ckpt_dir, micro=micro, accum=accum, on_gpu=on_gpu,
-        optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # speed.apply set it per layer
+        optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # kernels.apply set it per layer
         checkpoint_steps=checkpoint_steps, keep_checkpoints=keep_checkpoints, max_steps=max_steps,
         eval_steps=eval_steps, logging_steps=logging_steps,
     )
-    speed_applied["fp32_adapter_params"] = _speed.after_trainer(trainer, speed)
+    speed_applied["fp32_adapter_params"] = _kernels.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
     trainer.add_callback(bridge)
     from transformers.trainer_callback import PrinterCallback
