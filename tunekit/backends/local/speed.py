@@ -29,6 +29,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import variants as _variants
+
 OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters")
 ENV = "TUNEKIT_SPEEDUPS"
 # model types Liger's instance patching covers and that were checked to share Llama's module layout
@@ -131,13 +133,10 @@ def plan(
     decide("bf16_kbit", quantized, "QLoRA: embeddings/LM head/norms stay bf16 (no fp32 upcast)" if quantized
            else "not quantized")
     decide("fast_lora", True, "LoRA update as one addmm epilogue")
-    decide("fast_dora", bool(spec.adapter.use_dora), "cached DoRA weight norm" if spec.adapter.use_dora
-           else "no DoRA")
-    notes = []
-    if spec.adapter.use_dora and spec.adapter.dropout > 0:
-        notes.append(f"DoRA with adapter.dropout={spec.adapter.dropout}: PEFT's DoRA applies the dropout to the "
-                     "base term too, so every adapted layer runs its base matmul twice; adapter.dropout=0 takes the "
-                     "fused DoRA path")
+    form = _variants.of(spec.adapter).form
+    for name, (ok, reason) in form.speedups().items():  # DoRA's fused forward
+        decide(name, ok, reason)
+    notes = form.notes(spec.adapter)
     decide("fp32_adapters", quantized, "QLoRA: adapters kept fp32 like PEFT's default (TRL casts them to bf16)"
            if quantized else "not quantized (adapters already fp32)")
 
