@@ -184,13 +184,13 @@ def test_dora_norm_matches_the_direct_norm_once_per_forward_pass():
     eps = rounding_eps("float32", 48)  # fp32 sums of 48 squares (the expansion's terms too)
     assert_close(got, direct.detach(), eps)
     assert kernels.dora_weight_norm(layer, base, A, B, 0.5) is not got  # no pass counter: never cached
-    layer._tk_gen = gen = {"passes": 1}
-    got = kernels.dora_weight_norm(layer, base, A, B, 0.5)
-    assert kernels.dora_weight_norm(layer, base, A, B, 0.5) is got  # the same pass (the checkpoint recompute)
+    state = kernels.FastState(passes=1)
+    got = kernels.dora_weight_norm(layer, base, A, B, 0.5, state)
+    assert kernels.dora_weight_norm(layer, base, A, B, 0.5, state) is got  # the same pass (the checkpoint recompute)
     with torch.no_grad():
         B.data.add_(1.0)  # like a bitsandbytes optimizer kernel: no version bump
-    gen["passes"] += 1  # the next forward pass
-    again = kernels.dora_weight_norm(layer, base, A, B, 0.5)
+    state.passes += 1  # the next forward pass
+    again = kernels.dora_weight_norm(layer, base, A, B, 0.5, state)
     assert_close(again, torch.linalg.norm(base.weight + 0.5 * (B @ A), dim=1).detach(), eps)
 
 
@@ -224,9 +224,10 @@ def test_fused_forward_equals_peft_forward_on_nf4(tiny_model, monkeypatch, dora,
         m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian",
                                          lora_dropout=dropout, **extra))
         if fast:
-            assert kernels.patch_lora(m, fuse_dora=dora) == 14
+            state = kernels.FastState(fuse_dora=dora)
+            assert kernels.patch_lora(m, state) == 14
             if dora:
-                kernels.track_forward_passes(m)  # DoRA values of all 14 layers computed together, once per pass
+                kernels.track_forward_passes(m, state)  # DoRA values of all 14 layers computed together, once per pass
         m.train()
         for step in range(2):  # between the passes every adapter weight moves in place (as bnb's optimizer
             if step:           # does, without version bumps): the second pass must not reuse the first's norms
@@ -289,6 +290,34 @@ def test_liger_kernels_patch_the_model_and_train_on_cuda(tiny_model):
     # fp32 both ways (Liger's fused cross-entropy sums the vocabulary in chunks): fp32 rounding of that sum
     vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
     assert_close(losses[1], losses[0], rounding_eps("float32", vocab), what="loss")
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_the_fast_paths_set_nothing_on_peft_modules_but_their_forward(tiny_model, quant):
+    """The pass counter, the cached norms and the 4-bit DoRA values live in the model's FastState, not as
+    attributes of PEFT's and bitsandbytes' modules; each patched module only gets its new forward."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = {}
+    if quant == "nf4":
+        pytest.importorskip("bitsandbytes")
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, **kw)
+    m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, use_dora=True))
+    before = {name: set(vars(mod)) for name, mod in m.named_modules()}
+    done = kernels.apply(m, speed.SpeedPlan({"fast_lora": True, "fast_dora": True}, {}, 2, 0))
+    assert done["fast_lora_modules"] == done["fast_dora_modules"] == 14
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    m.train()
+    for _ in range(2):
+        m(input_ids=ids, labels=ids).loss.backward()
+    # (gradient_checkpointing: transformers' own switch of each decoder layer, which set_checkpointing sets)
+    added = {name: set(vars(mod)) - before[name] - {"gradient_checkpointing"} for name, mod in m.named_modules()}
+    assert {a for keys in added.values() for a in keys} == {"forward"}
+    assert sum("forward" in keys for keys in added.values()) == 28  # 14 LoRA layers and their 14 DoRA layers
 
 
 def test_plan_checkpoints_only_the_layers_the_budget_needs():
@@ -376,7 +405,7 @@ def test_nf4_forward_rounds_base_plus_update_once(tiny_model, monkeypatch, dora,
                                              **({"device_map": {"": 0}} if device == "cuda" else {}))
     m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["down_proj"], lora_dropout=0.0,
                                      use_dora=dora))
-    kernels.patch_lora(m, fuse_dora=dora)
+    kernels.patch_lora(m, kernels.FastState(fuse_dora=dora))
     layer = m.base_model.model.model.layers[0].mlp.down_proj
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     # a bf16 residual stream, as train() runs QLoRA on a GPU (bf16_kbit)

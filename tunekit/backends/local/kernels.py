@@ -19,11 +19,26 @@ layers (a bitsandbytes 4-bit base, LoRA or DoRA) run as one autograd function in
 
 from __future__ import annotations
 
-import types
+import functools
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import nf4
 from .speed import SpeedPlan
+
+
+@dataclass
+class FastState:
+    """What the fused forwards of one model keep between calls, beside PEFT's modules rather than on them.
+
+    Every patched forward closes over the model's one FastState (the only thing set on a PEFT module is its
+    replaced ``forward``, which also holds the original for the cases the fast path does not cover).
+    """
+
+    fuse_dora: bool = False  # DoRA layers without dropout take the fused LoRA forward too
+    passes: int | None = None  # forward passes of the decoder so far (`track_forward_passes`); None: not counted
+    nf4_dora: list = field(default_factory=list)  # (LoRA layer, adapter): DoRA layers nf4.py computes per pass
+    cache: dict = field(default_factory=dict)  # (module, what) -> (key, value): per-pass and frozen-weight values
 
 
 def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
@@ -37,11 +52,12 @@ def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
         _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                         fused_linear_cross_entropy=False)
         done["liger"] = True
+    state = FastState(fuse_dora=sp.on("fast_dora"))
     if sp.on("fast_lora"):
-        done["fast_lora_modules"] = patch_lora(model, fuse_dora=sp.on("fast_dora"))
+        done["fast_lora_modules"] = patch_lora(model, state)
     if sp.on("fast_dora"):
-        done["fast_dora_modules"] = patch_dora(model)
-        track_forward_passes(model)
+        done["fast_dora_modules"] = patch_dora(model, state)
+        track_forward_passes(model, state)
     done["checkpointed_layers"] = set_checkpointing(base, sp.checkpointed_layers)
     return done
 
@@ -81,41 +97,44 @@ def after_trainer(trainer: Any, sp: SpeedPlan) -> int:
 
 # ------------------------------------------------------------------------------------------------ LoRA
 
-def patch_lora(model: Any, fuse_dora: bool = False) -> int:
+def _patch(module: Any, fast: Any, state: FastState) -> bool:
+    """Replace ``module``'s forward by ``fast(module, state, original_forward, ...)``, once."""
+    if getattr(vars(module).get("forward"), "func", None) in (_fast_lora_forward, _fast_dora_forward):
+        return False
+    module.forward = functools.partial(fast, module, state, module.forward)
+    return True
+
+
+def patch_lora(model: Any, state: FastState | None = None) -> int:
     """Give every PEFT LoRA Linear / Linear4bit the fused forward; returns how many were patched.
 
-    ``fuse_dora``: DoRA layers (without dropout) take the fused path too, as scale * (base + s * B A x).
+    ``state.fuse_dora``: DoRA layers (without dropout) take the fused path too, as scale * (base + s * B A x).
     """
     from peft.tuners.lora import LoraLayer
 
-    n = 0
-    for m in model.modules():
-        if isinstance(m, LoraLayer) and type(m).__name__ in ("Linear", "Linear4bit") and "_tk_forward" not in vars(m):
-            m._tk_forward = m.forward  # the bound original, for every case the fast path does not cover
-            m._tk_fuse_dora = fuse_dora
-            m.forward = types.MethodType(_fast_lora_forward, m)
-            n += 1
-    return n
+    state = state or FastState()
+    return sum(_patch(m, _fast_lora_forward, state) for m in model.modules()
+               if isinstance(m, LoraLayer) and type(m).__name__ in ("Linear", "Linear4bit"))
 
 
-def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+def _fast_lora_forward(self: Any, state: FastState, original: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     import torch
 
     if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
-        return self._tk_forward(x, *args, **kwargs)
+        return original(x, *args, **kwargs)
     name = self.active_adapters[0]
     dora = None
     if name in getattr(self, "lora_variant", {}) or self.use_dora.get(name):
-        dora = _fusable_dora(self, name)
+        dora = _fusable_dora(self, name) if state.fuse_dora else None
         if dora is None:
-            return self._tk_forward(x, *args, **kwargs)
+            return original(x, *args, **kwargs)
     if name not in self.lora_A:
-        return self._tk_forward(x, *args, **kwargs)
+        return original(x, *args, **kwargs)
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
     if lora_B.bias is not None or lora_A.bias is not None:
-        return self._tk_forward(x, *args, **kwargs)
+        return original(x, *args, **kwargs)
     if dora is not None or type(self).__name__ == "Linear4bit":
-        out = nf4.lora_forward(self, x, name, dora)
+        out = nf4.lora_forward(self, x, name, dora, state)
         if out is not None:
             return out
     result = self.base_layer(x)
@@ -126,7 +145,7 @@ def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     w, s = lora_B.weight, self.scaling[name]
     if not torch.is_autocast_enabled(result.device.type) and not (h.dtype == w.dtype == result.dtype):
         if dora is not None:
-            return self._tk_forward(x, *args, **kwargs)
+            return original(x, *args, **kwargs)
         # mixed dtypes without autocast: PEFT's own promotion rules apply
         return (result + lora_B(h) * s).to(result.dtype)
     # base + s * B(A(x)) in the GEMM's epilogue: no separate scale, add or (QLoRA) defensive clone
@@ -134,7 +153,7 @@ def _fast_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if dora is not None:
         # PEFT's base + (m/n - 1) * base + (m/n) * s * lora is (m/n) * (base + s * lora) = y + y * (m/n - 1);
         # (m/n - 1) is small, so it is formed in fp32 before going to the activations' dtype
-        norm = dora_weight_norm(dora, self.get_base_layer(), lora_A.weight, w, s)
+        norm = dora_weight_norm(dora, self.get_base_layer(), lora_A.weight, w, s, state)
         y = torch.addcmul(y, y, (dora.weight / norm - 1).to(y.dtype).view(1, -1))
     return y.view(result.shape).to(result.dtype)
 
@@ -145,7 +164,7 @@ def _fusable_dora(layer: Any, name: str) -> Any:
     from peft.tuners.lora.dora import DoraLinearLayer
 
     mags = getattr(layer, "lora_magnitude_vector", None)
-    if not getattr(layer, "_tk_fuse_dora", False) or mags is None or name not in mags:
+    if mags is None or name not in mags:
         return None
     mag = mags[name]
     if type(mag) is not DoraLinearLayer or mag.fan_in_fan_out or getattr(layer.get_base_layer(), "bias", None) is not None:
@@ -157,9 +176,9 @@ def _fusable_dora(layer: Any, name: str) -> Any:
 
 # ------------------------------------------------------------------------------------------------ DoRA
 
-def track_forward_passes(model: Any) -> dict:
-    """Count forward passes of the decoder (a pre-hook on the backbone, which the checkpoint recompute does
-    not re-enter) and hand the counter to every DoRA layer: its weight norm is recomputed once per pass.
+def track_forward_passes(model: Any, state: FastState) -> FastState:
+    """Count forward passes of the decoder in ``state.passes`` (a pre-hook on the backbone, which the checkpoint
+    recompute does not re-enter): every DoRA layer's weight norm is then recomputed once per pass.
 
     Parameter version counters cannot key that cache: bitsandbytes' optimizers update weights in their own
     kernels, which do not bump them.
@@ -169,69 +188,63 @@ def track_forward_passes(model: Any) -> dict:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(base, getattr(base, "base_model_prefix", ""), None) or base
-    gen = {"passes": 0}
+    state.passes = 0
 
     def bump(module: Any, args: Any) -> None:
-        gen["passes"] += 1
+        state.passes += 1
 
     backbone.register_forward_pre_hook(bump)
-    for m in model.modules():
-        if type(m) is DoraLinearLayer:
-            m._tk_gen = gen
     # the LoRA layers whose DoRA values nf4.py computes together, once per pass
-    gen["nf4_dora"] = [(m, n) for m in model.modules() if isinstance(getattr(m, "lora_magnitude_vector", None),
+    state.nf4_dora = [(m, n) for m in model.modules() if isinstance(getattr(m, "lora_magnitude_vector", None),
                                                                      torch.nn.ModuleDict)
-                       for n, mag in m.lora_magnitude_vector.items() if type(mag) is DoraLinearLayer]
-    return gen
+                      for n, mag in m.lora_magnitude_vector.items() if type(mag) is DoraLinearLayer]
+    return state
 
 
-def patch_dora(model: Any) -> int:
+def patch_dora(model: Any, state: FastState | None = None) -> int:
     """Give every DoRA linear layer the cached-norm forward; returns how many were patched."""
     from peft.tuners.lora.dora import DoraLinearLayer
 
-    n = 0
-    for m in model.modules():
-        if type(m) is DoraLinearLayer and not m.fan_in_fan_out and "_tk_forward" not in vars(m):
-            m._tk_forward = m.forward
-            m.forward = types.MethodType(_fast_dora_forward, m)
-            n += 1
-    return n
+    state = state or FastState()
+    return sum(_patch(m, _fast_dora_forward, state) for m in model.modules()
+               if type(m) is DoraLinearLayer and not m.fan_in_fan_out)
 
 
-def dora_weight_norm(layer: Any, base_layer: Any, A: Any, B: Any, scaling: float) -> Any:
+def dora_weight_norm(layer: Any, base_layer: Any, A: Any, B: Any, scaling: float,
+                     state: FastState | None = None) -> Any:
     """||W_i + s (B A)_i|| per output row, fp32, without materialising W + s B A.
 
     ||W_i||^2 + 2 s <W_i A^T, B_i> + s^2 B_i (A A^T) B_i^T: ||W||^2 is cached (W is frozen), the rest needs
-    W A^T (out x r). With a pass counter (`track_forward_passes`) the value is computed once per forward
-    pass and reused by that pass's checkpoint recompute; without one it is computed on every call.
+    W A^T (out x r). With a pass counter (``state.passes``, `track_forward_passes`) the value is computed once
+    per forward pass and reused by that pass's checkpoint recompute; without one it is computed on every call.
     """
     import torch
     from peft.utils.integrations import dequantize_module_weight
 
-    gen = layer.__dict__.get("_tk_gen")
-    key = None if gen is None else (gen["passes"], A.data_ptr(), B.data_ptr(), A.dtype, B.dtype, float(scaling))
-    cached = layer.__dict__.get("_tk_norm")
+    cache = state.cache if state is not None else {}
+    passes = state.passes if state is not None else None
+    key = None if passes is None else (passes, A.data_ptr(), B.data_ptr(), A.dtype, B.dtype, float(scaling))
+    cached = cache.get((layer, "norm"))
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
         W = dequantize_module_weight(base_layer)
         wkey = (base_layer.weight.data_ptr(), W.shape)
-        wsq = layer.__dict__.get("_tk_wsq")
+        wsq = cache.get((layer, "wsq"))
         if wsq is None or wsq[0] != wkey:
-            wsq = (wkey, W.float().pow(2).sum(1))
-            layer._tk_wsq = wsq
+            wsq = cache[(layer, "wsq")] = (wkey, W.float().pow(2).sum(1))
         WA = W @ A.to(W.dtype).t()  # out x r, one pass over W
         norm = nf4.dora_norm(wsq[1], WA, A, B, scaling)
-    layer._tk_norm = (key, norm)
+    cache[(layer, "norm")] = (key, norm)
     return norm
 
 
-def _fast_dora_forward(self: Any, x: Any, *, lora_A: Any, lora_B: Any, scaling: float, base_layer: Any,
-                       base_result: Any = None, adapter_name: str = "default") -> Any:
+def _fast_dora_forward(self: Any, state: FastState, original: Any, x: Any, *, lora_A: Any, lora_B: Any,
+                       scaling: float, base_layer: Any, base_result: Any = None, adapter_name: str = "default") -> Any:
     import torch.nn.functional as F
     from peft.utils.integrations import dequantize_module_weight
 
-    norm = dora_weight_norm(self, base_layer, lora_A.weight, lora_B.weight, scaling)
+    norm = dora_weight_norm(self, base_layer, lora_A.weight, lora_B.weight, scaling, state)
     scale = self.weight / norm  # magnitude (trainable) / detached norm, fp32
     lora_result = lora_B(lora_A(x))
     if base_result is None:  # dropout active: the base output of the un-dropped input is not available
