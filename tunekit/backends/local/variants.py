@@ -29,8 +29,6 @@ from ..._exceptions import ConfigError
 class Form:
     """Plain LoRA: W + s B A, r (in + out) trainable parameters per adapted linear."""
 
-    name: str = "lora"
-
     def peft_kwargs(self) -> dict[str, Any]:
         return {"use_dora": False}
 
@@ -51,8 +49,6 @@ class Form:
 @dataclass(frozen=True)
 class Dora(Form):
     """DoRA: (m / ||W + s B A||) (W + s B A); the magnitude m adds out_features parameters per linear."""
-
-    name: str = "dora"
 
     def peft_kwargs(self) -> dict[str, Any]:
         return {"use_dora": True}
