@@ -64,9 +64,9 @@ def _dpo_beta(spec: TrainingSpec) -> Rule:
 
 
 def _init(value: Any, ctx: PlanContext) -> Any:
-    from .peft_config import INIT_TO_PEFT
+    from .variants import INITS
 
-    return INIT_TO_PEFT[value]
+    return INITS[value].peft
 
 
 def _base_model(value: Any, ctx: PlanContext) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from ..._exceptions import ConfigError
 from . import memory as _memory
 from . import speed as _speed
+from . import variants as _variants
 from .peft_config import DeviceInfo, QuantDecision, check_combination, resolve_quantization
 
 
@@ -82,9 +83,7 @@ def optimizer_name(spec: Any, quantized: bool, on_gpu: bool) -> str:
         name = "paged_adamw_8bit" if on_gpu else "adamw_bnb_8bit"
     else:
         name = "adamw_torch_fused" if on_gpu else "adamw_torch"
-    if spec.adapter.loraplus_lr_ratio:
-        name = "loraplus+" + (name if quantized else "adamw_torch")
-    return name
+    return _variants.of(spec.adapter).optimizer.name(name, quantized)
 
 
 def read_config(base_model: str) -> tuple[dict[str, Any] | None, str | None]:

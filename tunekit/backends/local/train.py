@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..._exceptions import ConfigError, TrainingError
 from . import memory as _memory
+from . import kernels as _kernels
 from . import provenance as _provenance
-from . import speed as _speed
+from . import variants as _variants
 from .datasets import PreparedData, prepare
-from .peft_config import MUTATING_INITS, DeviceInfo, peft_error_to_config_error
+from .peft_config import DeviceInfo, peft_error_to_config_error
 
 if TYPE_CHECKING:
     from .run import LocalRun
@@ -289,38 +290,26 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         model = get_peft_model(model, LoraConfig(**lkw))
     except (ValueError, TypeError, RuntimeError) as exc:
         raise peft_error_to_config_error(exc) from exc
-    mutating = spec.adapter.init in MUTATING_INITS
+    variants = _variants.of(spec.adapter)
+    mutating = variants.init.mutates_base
     if mutating and not (resume and (init_dir / "adapter_config.json").is_file()):
         # saved before any step: the conversion to plain LoRA subtracts this initial adapter at the end
         model.save_pretrained(str(init_dir))
 
-    speed_applied = _speed.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
+    speed_applied = _kernels.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
 
     # ---- optimizer (named by the plan; LoRA+ builds it here with the same class)
     optim_name = hp.optimizer
-    optimizers: tuple[Any, Any] = (None, None)
-    if spec.adapter.loraplus_lr_ratio:
-        from peft.optimizers import create_loraplus_optimizer
-
-        if decision.quantized:
-            import bitsandbytes as bnb
-
-            opt_cls = bnb.optim.PagedAdamW8bit if on_gpu else bnb.optim.AdamW8bit
-        else:
-            opt_cls = torch.optim.AdamW
-        optimizers = (create_loraplus_optimizer(
-            model=model, optimizer_cls=opt_cls, lr=hp.learning_rate,
-            loraplus_lr_ratio=spec.adapter.loraplus_lr_ratio, weight_decay=hp.weight_decay,
-        ), None)
+    optimizers = (variants.optimizer.build(model, hp, decision.quantized, on_gpu), None)
 
     # ---- trainer
     trainer = _build_trainer(
         spec, model, tokenizer, data, val, ckpt_dir=ckpt_dir, micro=micro, accum=accum, on_gpu=on_gpu,
-        optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # speed.apply set it per layer
+        optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # kernels.apply set it per layer
         checkpoint_steps=run.options.checkpoint_steps, keep_checkpoints=run.options.keep_checkpoints,
         max_steps=run.options.max_steps, eval_steps=run.options.eval_steps, logging_steps=run.options.logging_steps,
     )
-    speed_applied["fp32_adapter_params"] = _speed.after_trainer(trainer, speed)
+    speed_applied["fp32_adapter_params"] = _kernels.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
     trainer.add_callback(bridge)
     from transformers.trainer_callback import PrinterCallback
@@ -368,10 +357,6 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         or (session_tokens / runtime if runtime else None),
         "peak_memory_bytes": _peak_memory(dev),
     }
-    effective_lora = dict(lkw)
-    if mutating:  # what the saved, converted adapter is (PEFT doubles r and alpha when converting)
-        effective_lora.update(r=2 * lkw["r"], lora_alpha=lkw["lora_alpha"] * (2**0.5 if lkw["use_rslora"] else 2),
-                              init_lora_weights=True, converted_from=spec.adapter.init)
     return TrainOutcome(
         adapter_path=adapter_path,
         metrics=metrics,
@@ -381,7 +366,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         stopped=bridge.stopped,
         last_checkpoint=last_ckpt,
         resumed_from=resume,
-        lora_config=effective_lora,
+        lora_config=variants.saved_config(lkw),
         quantization={"mode": decision.mode, "reason": decision.reason},
         optimizer=_optimizer_name(trainer, optim_name),
         micro_batch=micro,
