@@ -298,7 +298,7 @@ def test_merged_size_is_counted_without_loading_the_weights(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunekit.backends.local.merge import _merged_bytes
+    from tunekit.adapters.merge import _merged_bytes
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     params = sum(p.numel() for p in model.parameters())
