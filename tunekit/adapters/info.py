@@ -47,10 +47,6 @@ class AdapterInfo:
         return None
 
 
-def is_adapter_dir(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
 def read_adapter(path: str | os.PathLike[str]) -> AdapterInfo:
     """Parse ``path/adapter_config.json``; a ConfigError names the file when it is not a PEFT LoRA adapter."""
     path = Path(path).expanduser()
