@@ -21,7 +21,7 @@ _MUTATING_INITS = ("pissa", "olora", "corda")
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """The fields of ``adapter_config.json`` that decide where an adapter can be served."""
+    """The fields of ``adapter_config.json`` that decide where an adapter can be served (``raw``: all of it)."""
 
     path: Path
     base_model: str | None
@@ -35,7 +35,6 @@ class AdapterInfo:
     bias: str
     lora_bias: bool
     init_lora_weights: Any
-    target_modules: Any
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -89,6 +88,5 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterInfo:
         bias=str(raw.get("bias") or "none"),
         lora_bias=bool(raw.get("lora_bias")),
         init_lora_weights=raw.get("init_lora_weights", True),
-        target_modules=raw.get("target_modules"),
         raw=raw,
     )
