@@ -24,7 +24,7 @@ import tunekit
 from tunekit._exceptions import ConfigError, JobStateError, ResourceError
 from tunekit.backends.local.process import checkpoints, job_dir, last_checkpoint, worker_alive
 from tunekit.backends.local.run import LocalRun
-from tunekit.backends.local.plot import plot_metrics, terminal_plot
+from tunekit.plot import plot_metrics, terminal_plot
 from tunekit.backends.local.worker import data_snapshot
 from tunekit.schemas.job import JobStatus
 from tunekit.schemas.spec import TrainingSpec

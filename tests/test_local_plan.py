@@ -224,7 +224,8 @@ def test_any_backend_declares_its_options_as_a_model():
 
 
 def test_importing_the_backend_does_not_import_torch():
-    code = ("import sys, tunekit.backends.local.backend, tunekit.backends.local.plot, "
-            "tunekit.backends.local.provenance; print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = ("import sys, tunekit.backends.local.backend, tunekit.plot, tunekit.adapters.provenance, "
+            "tunekit.adapters.resolve, tunekit.adapters.merge; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

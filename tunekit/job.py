@@ -333,7 +333,7 @@ class FineTuneJob:
 
     def merge(self, out_dir: str, **kwargs: Any) -> Any:
         """Fold this job's adapter into its 16-bit base and check the merge (see ``merge_adapter``)."""
-        from .backends.local.merge import merge_adapter
+        from .adapters.merge import merge_adapter
 
         return merge_adapter(self._adapter_key(), out_dir, **kwargs)
 

@@ -181,13 +181,13 @@ def jobs_metrics(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{job.id}: no step metrics recorded (managed backends report metrics as events)")
         return 0
-    from ..backends.local.plot import terminal_plot
+    from ..plot import terminal_plot
 
     print(terminal_plot(rows))
     keys = ["split", "step", "loss", "lr", "tokens_per_s"]
     print(table([k.upper() for k in keys], [[_num(r.get(k)) for k in keys] for r in rows[-10:]]))
     if args.plot:
-        from ..backends.local.plot import plot_metrics
+        from ..plot import plot_metrics
 
         print(f"wrote {plot_metrics(rows, args.plot)}")
     return 0

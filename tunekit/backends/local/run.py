@@ -214,7 +214,7 @@ def run_for_files(spec: TrainingSpec, train_path: str | Path, output_dir: str | 
                   validation_path: str | Path | None = None, **options: Any) -> LocalRun:
     """A run of ``spec`` on data files outside a job (tests, benchmarks, a notebook): trained in place from
     these files (hashed now), into ``output_dir``; ``options`` are provider_options.local keys."""
-    from .provenance import file_sha256
+    from ...adapters.provenance import file_sha256
 
     def file(path: str | Path) -> DataFile:
         p = Path(path).resolve()

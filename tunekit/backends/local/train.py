@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..._exceptions import ConfigError, TrainingError
 from . import memory as _memory
+from ...adapters import provenance as _provenance
 from . import kernels as _kernels
-from . import provenance as _provenance
 from . import variants as _variants
 from .datasets import PreparedData, prepare
 from .peft_config import DeviceInfo, peft_error_to_config_error

@@ -27,7 +27,7 @@ from ...schemas.job import JobEvent, JobResult, JobStatus
 from ...schemas.spec import TrainingSpec
 from ...store import Store, default_store
 from .process import checkpoints, job_dir, output_dir, torn_checkpoints, transition
-from .provenance import file_sha256
+from ...adapters.provenance import file_sha256
 from .train import TrainCallbacks, TrainOutcome
 
 HEARTBEAT_S = 2.0
@@ -318,7 +318,7 @@ def _finish(store: Store, record, cb: StoreCallbacks, outcome: TrainOutcome) -> 
 
 
 def _register(store: Store, record, outcome: TrainOutcome, metrics: dict[str, Any]):
-    from .provenance import build_info, register
+    from ...adapters.provenance import build_info, register
 
     request = record.request or {}
     tokenizer = None
