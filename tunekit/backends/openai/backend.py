@@ -29,7 +29,7 @@ from ..._exceptions import APIError, ConfigError
 from ..._secrets import mask_exception
 from ...schemas.job import JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
 from ...schemas.spec import TrainingSpec
-from .._managed import ManagedBackend
+from .._managed import Call, ManagedBackend, Steps
 from ..base import PlanContext, Rule
 from . import mapping as m
 
@@ -299,11 +299,6 @@ class OpenAIBackend(ManagedBackend):
         return [((r.metadata or {})[m.TAG_KEY], self.to_state(r)) for r in page.data
                 if (r.metadata or {}).get(m.TAG_KEY)]
 
-    def list_remote(self, *, limit: int = 50) -> list[RemoteState]:
-        """The account's most recent jobs (newest first), made by tunekit or not; one page of ``limit``."""
-        page = self.call(lambda client: client.fine_tuning.jobs.list(limit=limit), self.client)
-        return [self.to_state(raw) for raw in page.data]
-
     # -- reading state ------------------------------------------------------------------------------------
     def to_state(self, raw: Any) -> RemoteState:
         status = map_status(self.status_map, raw.status)
@@ -342,26 +337,11 @@ class OpenAIBackend(ManagedBackend):
                                 type=e.type or "message", message=e.message, data=data, remote_id=e.id))
         return out
 
-    def refresh(self, job: "JobRecord") -> RemoteState:
-        state = self.to_state(self.call(self._retrieve, self.client, job.remote_id))
-        if state.result is not None:
-            state.result.checkpoints = self._checkpoints(lambda: self.call(
-                self._list_checkpoints, self.client, job.remote_id))
-        return state
-
-    async def arefresh(self, job: "JobRecord") -> RemoteState:
-        state = self.to_state(await self.acall(self._retrieve, self.aclient, job.remote_id))
+    def refresh_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
+        state = yield from super().refresh_steps(job)
         if state.result is not None:
             try:
-                page = await self.acall(self._list_checkpoints, self.aclient, job.remote_id)
-                state.result.checkpoints = self.to_checkpoints(page)
-            except APIError as exc:
+                state.result.checkpoints = self.to_checkpoints((yield Call(self._list_checkpoints, (job.remote_id,))))
+            except APIError as exc:  # the job still succeeded; checkpoints are a bonus
                 log.warning("openai: could not list checkpoints of %s: %s", job.remote_id, exc)
         return state
-
-    def _checkpoints(self, fetch: Callable[[], Any]) -> list[dict[str, Any]]:
-        try:
-            return self.to_checkpoints(fetch())
-        except APIError as exc:  # the job still succeeded; checkpoints are a bonus
-            log.warning("openai: could not list checkpoints: %s", exc)
-            return []

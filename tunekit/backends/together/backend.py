@@ -28,7 +28,7 @@ from ..._exceptions import ConfigError, NotFoundError
 from ..._settings import env_credential
 from ...schemas.job import JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
 from ...schemas.spec import TrainingSpec
-from .._managed import ManagedBackend
+from .._managed import Call, ManagedBackend, Steps
 from ..base import PlanContext
 from . import mapping
 from .upload import prepare_upload
@@ -207,39 +207,20 @@ class TogetherBackend(ManagedBackend):
         return out
 
     # -- lifecycle additions ---------------------------------------------------------------------------------
-    def refresh(self, job: "JobRecord") -> RemoteState:
-        state = self.to_state(self.call(self._retrieve, self.client, job.remote_id))
+    def refresh_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
+        state = yield from super().refresh_steps(job)
         if state.status is JobStatus.SUCCEEDED and state.result is not None:
             try:
-                raw = self.call(self._list_checkpoints, self.client, job.remote_id)
+                raw = yield Call(self._list_checkpoints, (job.remote_id,))
             except NotFoundError:
                 raw = None
             state.result.checkpoints = to_checkpoints(raw)
         return state
 
-    async def arefresh(self, job: "JobRecord") -> RemoteState:
-        state = self.to_state(await self.acall(self._retrieve, self.aclient, job.remote_id))
-        if state.status is JobStatus.SUCCEEDED and state.result is not None:
-            try:
-                raw = await self.acall(self._list_checkpoints, self.aclient, job.remote_id)
-            except NotFoundError:
-                raw = None
-            state.result.checkpoints = to_checkpoints(raw)
-        return state
-
-    def cancel(self, job: "JobRecord") -> RemoteState:
+    def cancel_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
         if job.raw_status == "cancel_requested":  # already cancelling (the SDK's CLI refuses to ask again)
-            return self.refresh(job)
-        return super().cancel(job)
-
-    async def acancel(self, job: "JobRecord") -> RemoteState:
-        if job.raw_status == "cancel_requested":
-            return await self.arefresh(job)
-        return await super().acancel(job)
-
-    def list_remote(self) -> list[RemoteState]:
-        """Every fine-tuning job of the account (Together's list is not paged)."""
-        return [self.to_state(item) for item in as_dict(self.call(self._list, self.client)).get("data") or []]
+            return (yield from self.refresh_steps(job))
+        return (yield from super().cancel_steps(job))
 
     # -- translation ------------------------------------------------------------------------------------------
     def to_state(self, raw: Any) -> RemoteState:
