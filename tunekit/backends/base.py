@@ -198,9 +198,6 @@ class Backend(ABC):
         raise JobStateError(f"backend {self.name!r} cannot resume jobs")
 
     # -- async twins: the default runs the sync call in a thread; SDK backends override ---------------
-    async def asubmit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
-        return await asyncio.to_thread(self.submit, job, spec, plan)
-
     async def arefresh(self, job: "JobRecord") -> RemoteState:
         return await asyncio.to_thread(self.refresh, job)
 
