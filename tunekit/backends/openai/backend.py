@@ -181,9 +181,7 @@ class OpenAIBackend(ManagedBackend):
         files = {}
         with tempfile.TemporaryDirectory(prefix="tunekit-openai-") as tmp:
             for split, key in (("train", "training_file"), ("validation", "validation_file")):
-                entry = (job.data or {}).get(split)
-                if entry is None and split == "validation" and spec.validation_data:
-                    entry = {"path": spec.validation_data}
+                entry = (job.data or {}).get(split)  # finetune records validation_data here too
                 if entry is None:
                     if split == "train":
                         raise ConfigError(f"job {job.id} has no training data recorded", field="data")

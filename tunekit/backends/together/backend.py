@@ -316,9 +316,3 @@ def tagged_items(listed: Any, job_id: str) -> list[dict[str, Any]]:
     items = [as_dict(item) for item in as_dict(listed).get("data") or []]
     tagged = [item for item in items if mapping.carries_tag(item, job_id)]
     return sorted(tagged, key=lambda item: timestamp(item.get("created_at")) or 0.0)
-
-
-def pick_tagged(listed: Any, job_id: str) -> dict[str, Any] | None:
-    """The earliest listed job tagged with ``job_id`` (create_once cancels any later duplicate)."""
-    tagged = tagged_items(listed, job_id)
-    return tagged[0] if tagged else None
