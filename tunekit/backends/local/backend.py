@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -24,12 +23,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..._exceptions import ConfigError, JobStateError, StoreError
+from ..._exceptions import JobStateError, StoreError
 from ..._settings import tunekit_home
 from ...job import format_seconds
 from ...schemas.job import JobStatus, Plan, RemoteState
 from ...schemas.spec import TrainingSpec
 from ..base import Backend, PlanContext, Refuse, Rule, Send
+from .options import LocalOptions
 from .process import (
     _CHILDREN,
     WORKER_MODULE,
@@ -49,85 +49,12 @@ from .process import (
 if TYPE_CHECKING:
     from ...store import JobRecord, Store
 
-GiB = 1024**3
 # A row still 'created' with no worker this long after creation never got one (the caller died first).
 NEVER_STARTED_S = 60.0
-# checkpoints kept on disk by default: the newest, and older ones to fall back to if it is torn
-KEEP_CHECKPOINTS = 3
 # resume waits this long for the previous worker to exit after it wrote its final status
 EXIT_WAIT_S = 15.0
 ACTIVE = (JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.UNKNOWN)
 
-
-
-# ---------------------------------------------------------------------------------------------------
-# provider options: provider_options={"local": {...}}
-
-MAX_STEPS_LIMIT = 10**9  # step counts above this are typos (a billion optimizer steps)
-MAX_BUDGET_GB = 2.0**20  # 1 PiB
-OPTIONS_HINT = "fix the value in provider_options.local (every option: docs/local.md)"
-
-
-def _positive_int(name: str):
-    def check(value: Any, ctx: PlanContext) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_STEPS_LIMIT:
-            raise ConfigError(f"provider_options.local.{name} must be an integer in 1..{MAX_STEPS_LIMIT}, "
-                              f"not {value!r}", field=f"provider_options.local.{name}", hint=OPTIONS_HINT)
-        return value
-    return check
-
-
-def _eval_steps(value: Any, ctx: PlanContext) -> int | float:
-    ok = (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_STEPS_LIMIT) or (
-        isinstance(value, float) and 0 < value < 1)
-    if not ok:
-        raise ConfigError(f"provider_options.local.eval_steps must be a step count >= 1 or a fraction of the run "
-                          f"in (0, 1), not {value!r}", field="provider_options.local.eval_steps", hint=OPTIONS_HINT)
-    return value
-
-
-def _device(value: Any, ctx: PlanContext) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-        raise ConfigError(f"provider_options.local.device must be 'cpu', 'cuda' or 'cuda:N', not {value!r}",
-                          field="provider_options.local.device", hint=OPTIONS_HINT)
-    return value
-
-
-def _bool(name: str):
-    def check(value: Any, ctx: PlanContext) -> bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"provider_options.local.{name} must be true or false, not {value!r}",
-                              field=f"provider_options.local.{name}", hint=OPTIONS_HINT)
-        return value
-    return check
-
-
-def _path(value: Any, ctx: PlanContext) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError("provider_options.local.output_dir must be a directory path",
-                          field="provider_options.local.output_dir", hint=OPTIONS_HINT)
-    return str(Path(value).expanduser().resolve())
-
-
-def _budget(value: Any, ctx: PlanContext) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BUDGET_GB:
-        raise ConfigError(f"provider_options.local.memory_budget_gb must be a number of GB in "
-                          f"(0, {MAX_BUDGET_GB:.0f}], not {value!r}", field="provider_options.local.memory_budget_gb",
-                          hint=OPTIONS_HINT)
-    return float(value)
-
-
-OPTIONS: dict[str, Any] = {
-    "output_dir": _path,                     # default $TUNEKIT_HOME/jobs/<id>/output
-    "checkpoint_steps": _positive_int("checkpoint_steps"),  # default ~10 checkpoints per run
-    "keep_checkpoints": _positive_int("keep_checkpoints"),  # newest checkpoints kept on disk (default 3)
-    "max_steps": _positive_int("max_steps"),  # stop after this many optimizer steps (overrides epochs)
-    "eval_steps": _eval_steps,               # validation every N steps (default: checkpoint_steps)
-    "device": _device,                       # default: cuda when visible, else cpu
-    "gradient_checkpointing": _bool("gradient_checkpointing"),  # default: on for GPU, off for CPU
-    "memory_budget_gb": _budget,             # memory the fit check may assume (default: the device's)
-    "logging_steps": _positive_int("logging_steps"),
-}
 
 
 def _dpo_beta(spec: TrainingSpec) -> Rule:
@@ -155,7 +82,8 @@ class LocalBackend(Backend):
     name = "local"
     min_rows = 1
     truncates_at_max_length = True
-    provider_option_keys = frozenset(OPTIONS)
+    options_model = LocalOptions
+    options_doc = "docs/local.md"
     field_map = {
         "base_model": Send("base_model", convert=_base_model, note="canonical names -> Hugging Face id; "
                            "local directories pass through"),
@@ -190,8 +118,7 @@ class LocalBackend(Backend):
     def _rule_for(self, path: str, spec: TrainingSpec) -> Rule:
         rule = super()._rule_for(path, spec)
         if path.startswith("provider_options.local.") and isinstance(rule, Send):
-            key = path.split(".", 2)[2]
-            return Send(f"options.{key}", convert=OPTIONS[key], note="local option")
+            return Send(f"options.{path.split('.', 2)[2]}", convert=rule.convert, note="local option")
         return rule
 
     def base_request(self, spec: TrainingSpec, ctx: PlanContext) -> dict[str, Any]:
@@ -366,13 +293,6 @@ class LocalBackend(Backend):
 # ---------------------------------------------------------------------------------------------------
 # resolution: spec -> the exact training config (shared by plan, submit and the worker)
 
-def local_options(spec: TrainingSpec) -> dict[str, Any]:
-    """The validated provider_options.local (unknown keys are refused by the plan before this runs)."""
-    raw = dict((spec.provider_options or {}).get("local") or {})
-    ctx = PlanContext(spec=spec)
-    return {k: OPTIONS[k](v, ctx) for k, v in raw.items() if k in OPTIONS}
-
-
 def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
     """Everything the run will use, with defaults: the request the worker runs, built from `resolve_run`
     (the same resolution train() runs: micro-batch, quantization and why, optimizer, memory estimate).
@@ -380,24 +300,20 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
     from .peft_config import lora_kwargs
     from .resolve import resolve_run
 
-    opts = local_options(spec)
+    opts = LocalBackend.provider_options(spec)
     hp = spec.hyperparameters
     base = _base_model(spec.base_model, PlanContext(spec=spec))
-    budget_gb = opts.get("memory_budget_gb")
-    run = resolve_run(spec.model_copy(update={"base_model": base}), device=opts.get("device"),
-                      gradient_checkpointing=opts.get("gradient_checkpointing"),
-                      memory_budget_bytes=int(budget_gb * GiB) if budget_gb else None)
+    run = resolve_run(spec.model_copy(update={"base_model": base}), device=opts.device,
+                      gradient_checkpointing=opts.gradient_checkpointing,
+                      memory_budget_bytes=opts.memory_budget_bytes)
     quant, dev, estimate = run.quant, run.device, run.estimate
     steps_per_epoch = math.ceil(rows / hp.batch_size) if rows else None
-    total = opts.get("max_steps") or (steps_per_epoch * hp.epochs if steps_per_epoch else None)
-    ckpt = opts.get("checkpoint_steps") or (max(1, math.ceil(total / 10)) if total else 50)
+    total = opts.max_steps or (steps_per_epoch * hp.epochs if steps_per_epoch else None)
+    ckpt = opts.checkpoint_steps or (max(1, math.ceil(total / 10)) if total else 50)
     # gradient_checkpointing: the user's request (None = auto), so the worker's train() makes the same
     # per-layer choice this plan shows under training.checkpointing (resolve_run is deterministic)
-    options = {"output_dir": opts.get("output_dir"), "checkpoint_steps": ckpt,
-               "keep_checkpoints": opts.get("keep_checkpoints", KEEP_CHECKPOINTS), "max_steps": opts.get("max_steps"),
-               "eval_steps": opts.get("eval_steps") or (ckpt if spec.validation_data else None),
-               "device": opts.get("device"), "gradient_checkpointing": opts.get("gradient_checkpointing"),
-               "memory_budget_gb": budget_gb, "logging_steps": opts.get("logging_steps", 1)}
+    options = {**opts.model_dump(mode="json"), "checkpoint_steps": ckpt,
+               "eval_steps": opts.eval_steps or (ckpt if spec.validation_data else None)}
     request = {
         "base_model": base,
         "method": spec.method,
@@ -408,7 +324,8 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
             "micro_batch_size": run.micro_batch, "optimizer": run.optimizer, "dtype": run.dtype,
             "loraplus_lr_ratio": spec.adapter.loraplus_lr_ratio, "estimated_total_steps": total,
             "checkpointing": {
-                "requested": opts.get("gradient_checkpointing", "auto"), "enabled": run.gradient_checkpointing,
+                "requested": "auto" if opts.gradient_checkpointing is None else opts.gradient_checkpointing,
+                "enabled": run.gradient_checkpointing,
                 "layers": f"{run.speed.checkpointed_layers}/{run.speed.num_layers}" if run.speed else None,
                 "reason": run.speed.reasons.get("checkpointing") if run.speed else None,
             },
