@@ -115,6 +115,14 @@ def test_provider_options_metadata_and_unknown_keys():
         b.plan(TrainingSpec(base_model="m", provider_options={"together": {"x": 1}}))
 
 
+@pytest.mark.parametrize("key, bad", [("integrations", "wandb"), ("integrations", [1]), ("metadata", {"k": 1}),
+                                      ("metadata", {f"k{i}": "v" for i in range(16)})])
+def test_provider_option_values_are_checked_by_the_options_model(key, bad):
+    with pytest.raises(ConfigError) as err:
+        backend().plan(TrainingSpec(base_model="gpt-4o-mini", provider_options={"openai": {key: bad}}))
+    assert err.value.field == f"provider_options.openai.{key}" and "docs/backends/openai.md" in err.value.hint
+
+
 def test_status_map_is_total_over_the_sdk_enum():
     from openai.types.fine_tuning import FineTuningJob
 

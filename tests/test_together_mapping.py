@@ -293,3 +293,14 @@ def test_prepare_upload_memory_does_not_grow_with_the_file(tmp_path):
     big_peak, big_size = peak_for(30_000)      # ~2.5 MB
     assert big_size > 2_000_000
     assert big_peak < 1_000_000 and big_peak < small_peak * 3  # one row at a time, not the file
+
+
+@pytest.mark.parametrize("key, bad", [("n_checkpoints", 0), ("n_checkpoints", "4"), ("packing", "yes"),
+                                      ("train_on_inputs", "sometimes"), ("min_lr_ratio", 2.0), ("wandb_name", 7)])
+def test_provider_option_values_are_checked_by_the_options_model(key, bad):
+    from tunekit._exceptions import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        TogetherBackend().plan(_spec(provider_options={"together": {key: bad}}))
+    assert err.value.field == f"provider_options.together.{key}" and "docs/backends/together.md" in err.value.hint
+    assert TogetherBackend.options_model is mapping.TogetherOptions and "wandb_name" in mapping.WANDB_OPTIONS

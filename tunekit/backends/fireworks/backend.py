@@ -27,7 +27,7 @@ from ...schemas.spec import TrainingSpec
 from .._managed import Call, ManagedBackend, Steps
 from ..base import PlanContext, Rule
 from . import mapping as m
-from .upload import UPLOAD_LIMIT, UploadSettings, upload_dataset
+from .upload import UploadSettings, upload_dataset
 
 if TYPE_CHECKING:
     from ...store import JobRecord
@@ -82,6 +82,8 @@ def sdk_kwargs(body: dict[str, Any], params_type: Any) -> tuple[dict[str, Any], 
 class FireworksBackend(ManagedBackend):
     name = "fireworks"
     field_map = m.FIELD_MAP
+    options_model = m.FireworksOptions
+    options_doc = "docs/backends/fireworks.md"
     status_map = m.STATUS_MAP
     min_rows = 3
     api_key_env = ("FIREWORKS_API_KEY",)
@@ -90,14 +92,14 @@ class FireworksBackend(ManagedBackend):
     base_url_env = ("FIREWORKS_BASE_URL",)
     account_env: ClassVar[tuple[str, ...]] = ("FIREWORKS_ACCOUNT_ID",)
 
-    def __init__(self, *, account_id: str | None = None, dataset_poll_interval: float = 2.0,
-                 dataset_timeout: float = 1800.0, upload_limit: int | None = None,
-                 upload_timeout: float = 600.0, **options: Any) -> None:
+    def __init__(self, *, account_id: str | None = None,
+                 dataset_poll_interval: float = UploadSettings.poll_interval,
+                 dataset_timeout: float = UploadSettings.ready_timeout, upload_limit: int = UploadSettings.upload_limit,
+                 upload_timeout: float = UploadSettings.upload_timeout, **options: Any) -> None:
         super().__init__(**options)
         self._account_id = account_id
-        self.upload_settings = UploadSettings(
-            upload_limit=UPLOAD_LIMIT if upload_limit is None else upload_limit, upload_timeout=upload_timeout,
-            poll_interval=dataset_poll_interval, ready_timeout=dataset_timeout)
+        self.upload_settings = UploadSettings(upload_limit=upload_limit, upload_timeout=upload_timeout,
+                                              poll_interval=dataset_poll_interval, ready_timeout=dataset_timeout)
         self._pending: dict[str, list[JobEvent]] = {}
 
     # -- credentials and clients ---------------------------------------------------------------------
@@ -142,7 +144,9 @@ class FireworksBackend(ManagedBackend):
 
     def _rule_for(self, path: str, spec: TrainingSpec) -> Rule:
         if path.startswith(f"provider_options.{self.name}."):
-            return m.option_rule(path.split(".", 2)[2], spec)
+            refused = m.option_refusal(path.split(".", 2)[2], spec)
+            if refused is not None:
+                return refused
         return super()._rule_for(path, spec)
 
     # -- submit ------------------------------------------------------------------------------------------

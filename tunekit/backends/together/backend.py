@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..._exceptions import ConfigError, NotFoundError
@@ -31,7 +29,7 @@ from ...schemas.spec import TrainingSpec
 from .._managed import Call, ManagedBackend, Steps
 from ..base import PlanContext
 from . import mapping
-from .upload import prepare_upload
+from .upload import upload
 
 if TYPE_CHECKING:
     from ...store import JobRecord
@@ -52,7 +50,8 @@ class TogetherBackend(ManagedBackend):
     sdk_module = "together"
     base_url_env = ("TOGETHER_BASE_URL",)
     field_map = mapping.FIELD_MAP
-    provider_option_keys = mapping.PROVIDER_OPTION_KEYS
+    options_model = mapping.TogetherOptions
+    options_doc = "docs/backends/together.md"
     status_map = mapping.STATUS_MAP
     min_rows = 1                  # the SDK's MIN_SAMPLES; Together documents no other minimum
     row_kinds = None              # prompt/response, chat and preference rows are all accepted
@@ -88,30 +87,10 @@ class TogetherBackend(ManagedBackend):
         data = job.data or {}
         if "train" not in data:
             raise ConfigError(f"job {job.id} records no training data", field="data")
-        files = {"training_file": self._upload(data["train"])}
+        files = {"training_file": upload(self.call, self.client, data["train"])}
         if data.get("validation"):
-            files["validation_file"] = self._upload(data["validation"])
+            files["validation_file"] = upload(self.call, self.client, data["validation"])
         return files
-
-    def _upload(self, entry: dict[str, Any]) -> str:
-        with tempfile.TemporaryDirectory(prefix="tunekit-together-") as tmp:
-            path = prepare_upload(entry["path"], entry.get("kind"), Path(tmp))
-            uploaded = self.call(self._upload_file, self.client, path)
-        status = str(getattr(uploaded, "processing_status", "") or "")
-        if status.upper() in ("FAILED", "INVALID_FORMAT"):
-            raise ConfigError(f"together rejected {entry['path']} ({status}) after upload as file {uploaded.id}",
-                              field="data", hint="check the file with `tunekit validate --backend together`")
-        return str(uploaded.id)
-
-    @staticmethod
-    def _upload_file(client: Any, path: Path) -> Any:
-        from together.lib.types.error import FileTypeError
-
-        try:
-            return client.files.upload(file=path, purpose="fine-tune", check=True)
-        except FileTypeError as exc:  # the SDK's local check (JSON per line, size, extension)
-            raise ConfigError(f"together SDK refused {path.name}: {exc}", field="data",
-                              hint="run `tunekit validate --backend together` on the file") from exc
 
     # -- create ------------------------------------------------------------------------------------------
     def create_kwargs(self, job: "JobRecord", plan: Plan, files: dict[str, str]) -> dict[str, Any]:
