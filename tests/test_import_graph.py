@@ -78,3 +78,17 @@ def circles() -> list[list[str]]:
 def test_no_import_circle_through_the_api_or_the_managed_backends():
     mine = [c for c in circles() if any(m == p or m.startswith(p + ".") for m in c for p in CHECKED)]
     assert mine == []
+
+
+def test_every_managed_provider_package_has_one_shape():
+    from tunekit.backends import get_backend_class
+
+    known = modules()
+    for name in ("openai", "together", "fireworks"):
+        package = f"tunekit.backends.{name}"
+        assert {f"{package}.{m}" for m in ("backend", "mapping", "upload")} <= set(known), name
+        # the upload takes a call and a client, never the backend (nor anything that imports it)
+        assert f"{package}.backend" not in imports(f"{package}.upload", known[f"{package}.upload"], known)
+        cls = get_backend_class(name)
+        assert cls.options_model is not None and cls.options_model.model_config["extra"] == "forbid", name
+        assert not hasattr(cls, "provider_option_keys"), name
