@@ -107,7 +107,7 @@ def test_provider_options_metadata_and_unknown_keys():
     kwargs = b.create_kwargs(record, plan, {"training_file": "file-1"})
     assert kwargs["metadata"] == {"team": "nlp", "tunekit_job_id": "tk-meta"}
     assert kwargs["training_file"] == "file-1" and "validation_file" not in kwargs
-    with pytest.raises(ConfigError, match="set by tunekit"):
+    with pytest.raises(ConfigError, match="tunekit sets it"):
         b.plan(TrainingSpec(base_model="m", provider_options={"openai": {"metadata": {"tunekit_job_id": "x"}}}))
     with pytest.raises(UnsupportedFieldError, match="valid: integrations, learning_rate_multiplier, metadata"):
         b.plan(TrainingSpec(base_model="m", provider_options={"openai": {"n_epochs": 2}}))

@@ -17,6 +17,7 @@ import datetime as _dt
 from typing import Annotated, Any, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic_core import PydanticCustomError
 
 from ...catalog import resolve_model
 from ...schemas.job import JobStatus
@@ -73,10 +74,12 @@ def dpo_beta(spec: TrainingSpec) -> Rule:
 
 
 def _user_metadata(value: dict[str, str]) -> dict[str, str]:
+    # PydanticCustomError: the message reads as is ("refused: it must ..."), without "Value error, "
     if TAG_KEY in value:
-        raise ValueError(f"{TAG_KEY!r} is set by tunekit (it tags the job): remove that key")
+        raise PydanticCustomError("reserved_key", f"must not hold {TAG_KEY!r}: tunekit sets it (it tags the job)")
     if len(value) > MAX_METADATA_PAIRS - 1:
-        raise ValueError(f"has at most {MAX_METADATA_PAIRS - 1} pairs (OpenAI allows {MAX_METADATA_PAIRS}; tunekit uses one)")
+        raise PydanticCustomError("too_many_pairs", f"must have at most {MAX_METADATA_PAIRS - 1} pairs (OpenAI "
+                                                    f"allows {MAX_METADATA_PAIRS}; tunekit uses one)")
     return value
 
 
