@@ -75,8 +75,6 @@ class Backend(ABC):
     # constraints on the fields); each key set is validated through it. None = keys passed through as is.
     options_model: ClassVar[type[BaseModel] | None] = None
     options_doc: ClassVar[str] = "docs/spec.md"  # where the options are documented (named in the hint)
-    # the older declaration (only these keys, values unchecked); kept until every backend has an options_model
-    provider_option_keys: ClassVar[frozenset[str] | None] = None
     status_map: ClassVar[dict[str, JobStatus]] = {}
     min_rows: ClassVar[int] = 1
     row_kinds: ClassVar[frozenset[str] | None] = None   # None = every row kind
@@ -152,11 +150,10 @@ class Backend(ABC):
             if backend != self.name:
                 return Refuse(f"options for backend {backend!r}; this job runs on {self.name!r}")
             model = self.options_model
-            keys = frozenset(model.model_fields) if model is not None else self.provider_option_keys
-            if keys is not None and key not in keys:
-                return Refuse(f"unknown option for {self.name}; valid: {', '.join(sorted(keys)) or 'none'}")
             if model is None:
                 return Send(key, note="provider option, sent as is")
+            if key not in model.model_fields:
+                return Refuse(f"unknown option for {self.name}; valid: {', '.join(sorted(model.model_fields)) or 'none'}")
             return Send(key, convert=lambda value, ctx: self._option_value(key, value), note="provider option")
         rule = self.field_map.get(path)
         if rule is None:
@@ -241,9 +238,6 @@ class Backend(ABC):
         raise JobStateError(f"backend {self.name!r} cannot resume jobs")
 
     # -- async twins: the default runs the sync call in a thread; SDK backends override ---------------
-    async def asubmit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
-        return await asyncio.to_thread(self.submit, job, spec, plan)
-
     async def arefresh(self, job: "JobRecord") -> RemoteState:
         return await asyncio.to_thread(self.refresh, job)
 
