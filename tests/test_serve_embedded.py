@@ -641,3 +641,59 @@ def test_dora_adapter_served_next_to_lora_through_the_http_server(client, server
         assert _complete(client, "dora", PROMPTS[1]).choices[0].text == peft_greedy(tiny_model, dora, PROMPTS[1], 8)
     finally:
         engine.remove_adapter("dora")
+
+
+def test_requests_arriving_mid_batch_join_at_the_next_step(tiny_model, adapters):
+    """Continuous batching: a request submitted while a long batch decodes is served before that batch ends,
+    with the output it gets alone (greedy); joiners longer and shorter than the running rows, other adapters."""
+    from tunekit.serve.embedded.engine import Engine, GenRequest, SamplingParams
+
+    engine = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0)
+    try:
+        engine.eos_ids = set()  # every request runs to max_tokens: the long one really is long
+        jobs = {"long": ("sql", "Hi", 160),
+                "longer_prompt": (None, "The quick brown fox jumps over the lazy dog " * 3, 6),
+                "short_prompt": ("poem", "Yo", 6)}
+        alone = {k: engine.generate(p, a, max_tokens=n, temperature=0).text for k, (a, p, n) in jobs.items()}
+        events: list[tuple[str, str]] = []
+        texts = {k: [] for k in jobs}
+        reqs = {}
+
+        def submit(key: str) -> GenRequest:
+            adapter, prompt, n = jobs[key]
+
+            def sink(_i, kind, payload, key=key):
+                events.append((key, kind))
+                if kind == "delta":
+                    texts[key].append(payload)
+
+            reqs[key] = engine.submit(GenRequest(engine.encode(prompt), adapter,
+                                                 SamplingParams(max_tokens=n, temperature=0), sink))
+            return reqs[key]
+
+        def wait_tokens(key: str, n: int) -> None:
+            deadline = time.monotonic() + 60
+            while len(reqs[key].generated) < n:
+                assert time.monotonic() < deadline and (key, "done") not in events
+                time.sleep(0.002)
+
+        submit("long")
+        wait_tokens("long", 3)
+        submit("longer_prompt")  # its prompt is wider than the running rows: they get padded
+        wait_tokens("longer_prompt", 2)
+        submit("short_prompt")  # narrower than the running rows: it gets padded
+        deadline = time.monotonic() + 120
+        while sum(kind in ("done", "error") for _, kind in events) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not [e for e in events if e[1] == "error"], events
+        order = [k for k, kind in events if kind == "done"]
+        assert order[-1] == "long", order  # both joiners finished while the long row was still decoding
+        first_delta = {k: events.index((k, "delta")) for k in jobs}
+        assert all(first_delta[k] < events.index(("long", "done")) for k in ("longer_prompt", "short_prompt"))
+        assert {k: "".join(v) for k, v in texts.items()} == alone  # as served alone, the long row too
+        stats = engine.stats()
+        assert stats["joined_rows"] == 2
+        assert [b["joined"] for b in stats["recent_batches"][-3:]] == [0, 1, 2]
+    finally:
+        engine.close()
