@@ -50,8 +50,11 @@ class Running:
 
     def keep(self, keep: list[int]) -> None:
         """Keep rows ``keep`` (indices), then drop the left columns no kept row uses."""
+        if not keep:  # every row finished: nothing left to select
+            self.rows, self.slots, self.cache = [], [], None
+            return
         if len(keep) < len(self.rows):
-            idx = torch.tensor(keep, device=self.ids.device)
+            idx = torch.tensor(keep, dtype=torch.long, device=self.ids.device)
             self.cache.batch_select_indices(idx)
             self.ids, self.mask, self.pos = self.ids[idx], self.mask[idx], self.pos[idx]
             self.rows = [self.rows[i] for i in keep]
