@@ -697,3 +697,40 @@ def test_requests_arriving_mid_batch_join_at_the_next_step(tiny_model, adapters)
         assert [b["joined"] for b in stats["recent_batches"][-3:]] == [0, 1, 2]
     finally:
         engine.close()
+
+
+def test_unloading_an_adapter_mid_decode_fails_its_rows_only(tiny_model, adapters):
+    """A request joining after an adapter was unloaded must not get that adapter's slot under running rows,
+    nor fail them all: the unloaded adapter's rows get an error, the others and the joiner go on."""
+    from tunekit.serve.embedded.engine import Engine, GenRequest, SamplingParams
+
+    engine = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0)
+    try:
+        engine.eos_ids = set()
+        alone = {a: engine.generate("Hi", a, max_tokens=n, temperature=0).text for a, n in (("poem", 40), (None, 4))}
+        results: dict[str, list] = {}
+
+        def submit(key, adapter, n):
+            results[key] = []
+            req = GenRequest(engine.encode("Hi"), adapter, SamplingParams(max_tokens=n, temperature=0),
+                             lambda _i, kind, payload, key=key: results[key].append((kind, payload)))
+            return engine.submit(req)
+
+        sql = submit("sql", "sql", 200)
+        submit("poem", "poem", 40)
+        deadline = time.monotonic() + 60
+        while len(sql.generated) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        engine.remove_adapter("sql")
+        submit("base", None, 4)
+        while not all(res and res[-1][0] in ("done", "error") for res in results.values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert results["sql"][-1][0] == "error" and "unloaded" in results["sql"][-1][1]
+        for key, adapter in (("poem", "poem"), ("base", None)):
+            assert results[key][-1][0] == "done"
+            assert "".join(p for kind, p in results[key] if kind == "delta") == alone[adapter]
+        assert engine.stats().get("failed_batches", 0) == 0
+    finally:
+        engine.close()

@@ -276,6 +276,13 @@ class Engine:
         if not rows:
             return
         run = self._running
+        if run is not None:  # an adapter unloaded while its rows decode: its slot may go to a joining adapter
+            for r in run.rows:
+                if r.adapter is not None and self.pool.info(r.adapter) is None:
+                    self._fail_row(r, f"adapter {r.adapter!r} was unloaded while this request was decoding")
+            run.keep([i for i, r in enumerate(run.rows) if not r.finished])
+            if not run.rows:
+                self._running = run = None
         running = run.rows if run is not None else []
         # Slots for every row: a layout rebuild (a larger adapter registered) re-places the running ones too.
         slots = self.pool.acquire([r.adapter for r in running + rows])
