@@ -710,9 +710,9 @@ def test_unloading_an_adapter_mid_decode_fails_its_rows_only(tiny_model, adapter
         alone = {a: engine.generate("Hi", a, max_tokens=n, temperature=0).text for a, n in (("poem", 40), (None, 4))}
         results: dict[str, list] = {}
 
-        def submit(key, adapter, n):
+        def submit(key, adapter, n, **params):
             results[key] = []
-            req = GenRequest(engine.encode("Hi"), adapter, SamplingParams(max_tokens=n, temperature=0),
+            req = GenRequest(engine.encode("Hi"), adapter, SamplingParams(max_tokens=n, temperature=0, **params),
                              lambda _i, kind, payload, key=key: results[key].append((kind, payload)))
             return engine.submit(req)
 
@@ -723,6 +723,11 @@ def test_unloading_an_adapter_mid_decode_fails_its_rows_only(tiny_model, adapter
             assert time.monotonic() < deadline
             time.sleep(0.002)
         engine.remove_adapter("sql")
+        submit("bad_seed", None, 4, seed=2**70)  # fails alone at its join, after the sql row has left
+        while not results["bad_seed"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        assert results["bad_seed"][-1][0] == "error" and "seed" in results["bad_seed"][-1][1]
         submit("base", None, 4)
         while not all(res and res[-1][0] in ("done", "error") for res in results.values()):
             assert time.monotonic() < deadline

@@ -300,6 +300,8 @@ class Engine:
         slots = [s for s, ok in zip(slots, seeded) if ok]
         rows = [r for r, ok in zip(rows, seeded) if ok]
         if not rows:
+            if self._running is not None:  # rows may have left or moved slots above: route the others again
+                self.pool.slots.set_rows(self._running.slots)
             return
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
