@@ -641,3 +641,101 @@ def test_dora_adapter_served_next_to_lora_through_the_http_server(client, server
         assert _complete(client, "dora", PROMPTS[1]).choices[0].text == peft_greedy(tiny_model, dora, PROMPTS[1], 8)
     finally:
         engine.remove_adapter("dora")
+
+
+def test_requests_arriving_mid_batch_join_at_the_next_step(tiny_model, adapters):
+    """Continuous batching: a request submitted while a long batch decodes is served before that batch ends,
+    with the output it gets alone (greedy); joiners longer and shorter than the running rows, other adapters."""
+    from tunekit.serve.embedded.engine import Engine, GenRequest, SamplingParams
+
+    engine = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0)
+    try:
+        engine.eos_ids = set()  # every request runs to max_tokens: the long one really is long
+        jobs = {"long": ("sql", "Hi", 160),
+                "longer_prompt": (None, "The quick brown fox jumps over the lazy dog " * 3, 6),
+                "short_prompt": ("poem", "Yo", 6)}
+        alone = {k: engine.generate(p, a, max_tokens=n, temperature=0).text for k, (a, p, n) in jobs.items()}
+        events: list[tuple[str, str]] = []
+        texts = {k: [] for k in jobs}
+        reqs = {}
+
+        def submit(key: str) -> GenRequest:
+            adapter, prompt, n = jobs[key]
+
+            def sink(_i, kind, payload, key=key):
+                events.append((key, kind))
+                if kind == "delta":
+                    texts[key].append(payload)
+
+            reqs[key] = engine.submit(GenRequest(engine.encode(prompt), adapter,
+                                                 SamplingParams(max_tokens=n, temperature=0), sink))
+            return reqs[key]
+
+        def wait_tokens(key: str, n: int) -> None:
+            deadline = time.monotonic() + 60
+            while len(reqs[key].generated) < n:
+                assert time.monotonic() < deadline and (key, "done") not in events
+                time.sleep(0.002)
+
+        submit("long")
+        wait_tokens("long", 3)
+        submit("longer_prompt")  # its prompt is wider than the running rows: they get padded
+        wait_tokens("longer_prompt", 2)
+        submit("short_prompt")  # narrower than the running rows: it gets padded
+        deadline = time.monotonic() + 120
+        while sum(kind in ("done", "error") for _, kind in events) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not [e for e in events if e[1] == "error"], events
+        order = [k for k, kind in events if kind == "done"]
+        assert order[-1] == "long", order  # both joiners finished while the long row was still decoding
+        first_delta = {k: events.index((k, "delta")) for k in jobs}
+        assert all(first_delta[k] < events.index(("long", "done")) for k in ("longer_prompt", "short_prompt"))
+        assert {k: "".join(v) for k, v in texts.items()} == alone  # as served alone, the long row too
+        stats = engine.stats()
+        assert stats["joined_rows"] == 2 and stats.get("failed_batches", 0) == 0  # no step failed, not even unseen
+        assert [b["joined"] for b in stats["recent_batches"][-3:]] == [0, 1, 2]
+    finally:
+        engine.close()
+
+
+def test_unloading_an_adapter_mid_decode_fails_its_rows_only(tiny_model, adapters):
+    """A request joining after an adapter was unloaded must not get that adapter's slot under running rows,
+    nor fail them all: the unloaded adapter's rows get an error, the others and the joiner go on."""
+    from tunekit.serve.embedded.engine import Engine, GenRequest, SamplingParams
+
+    engine = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0)
+    try:
+        engine.eos_ids = set()
+        alone = {a: engine.generate("Hi", a, max_tokens=n, temperature=0).text for a, n in (("poem", 40), (None, 4))}
+        results: dict[str, list] = {}
+
+        def submit(key, adapter, n, **params):
+            results[key] = []
+            req = GenRequest(engine.encode("Hi"), adapter, SamplingParams(max_tokens=n, temperature=0, **params),
+                             lambda _i, kind, payload, key=key: results[key].append((kind, payload)))
+            return engine.submit(req)
+
+        sql = submit("sql", "sql", 200)
+        submit("poem", "poem", 40)
+        deadline = time.monotonic() + 60
+        while len(sql.generated) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        engine.remove_adapter("sql")
+        submit("bad_seed", None, 4, seed=2**70)  # fails alone at its join, after the sql row has left
+        while not results["bad_seed"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        assert results["bad_seed"][-1][0] == "error" and "seed" in results["bad_seed"][-1][1]
+        submit("base", None, 4)
+        while not all(res and res[-1][0] in ("done", "error") for res in results.values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert results["sql"][-1][0] == "error" and "unloaded" in results["sql"][-1][1]
+        for key, adapter in (("poem", "poem"), ("base", None)):
+            assert results[key][-1][0] == "done"
+            assert "".join(p for kind, p in results[key] if kind == "delta") == alone[adapter]
+        assert engine.stats().get("failed_batches", 0) == 0
+    finally:
+        engine.close()

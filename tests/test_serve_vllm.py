@@ -96,6 +96,39 @@ def test_lora_modules_survive_vllms_parser_whatever_the_path(tmp_path):
     assert shlex.split(plan.command_line())[1:] == plan.argv  # the shell line carries the JSON items intact
 
 
+def _vllm_serve_parser():
+    """vLLM's own ``vllm serve`` argument parser, where vLLM's Python code is importable (skipped elsewhere).
+
+    vLLM pins its own torch, so it is not in the test environment. The parser is vLLM's code, not a copy: put the
+    wheel's Python files and the small packages they import on PYTHONPATH (docs/serving.md says how) to run this.
+    """
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    cli_args = pytest.importorskip("vllm.entrypoints.common.cli_args", reason="vLLM is not importable here")
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return cli_args.make_arg_parser(FlexibleArgumentParser())
+
+
+def test_every_planned_command_parses_with_vllms_own_parser(tmp_path):
+    parser = _vllm_serve_parser()
+    dirs = {"plain": adapter_dir(tmp_path, "plain", r=8), "comma": adapter_dir(tmp_path, "run,lr=1e-4", r=64),
+            "eq": adapter_dir(tmp_path, "lr=1e-4"), "space": adapter_dir(tmp_path, "my run {1}"),
+            "quote": adapter_dir(tmp_path, 'say "hi",\\x')}
+    plans = [plan_vllm(BASE, dirs, port=8123, extra_args=["--max-model-len", "4096"]),
+             plan_vllm(BASE, {"comma": dirs["comma"]}, max_loras=3, host="0.0.0.0", api_key="k"),
+             plan_vllm(BASE, {})]
+    for plan in plans:
+        assert plan.argv[:2] == ["vllm", "serve"]
+        args = parser.parse_args(plan.argv[2:])  # argparse exits (SystemExit) on anything vLLM refuses
+        assert args.model_tag == BASE and args.port == plan.settings["port"] and args.host == plan.settings["host"]
+        assert args.max_loras == plan.settings["max_loras"] and args.max_lora_rank == plan.settings["max_lora_rank"]
+        got = [(m.name, m.path) for m in args.lora_modules or []]
+        assert got == [(n, str(p)) for n, p in plan.adapters.items()], plan.argv
+    # the form vLLM refuses (what the plan emitted for comma paths before): the parser really checks
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--lora-modules", f"comma={dirs['comma'].resolve()}"])
+
+
 @pytest.mark.parametrize("rank,expected", [(1, 1), (4, 8), (8, 8), (9, 16), (17, 32), (256, 256), (300, 320),
                                            (512, 512)])
 def test_smallest_allowed_rank(rank, expected):

@@ -3,8 +3,9 @@
 Requests are queued; the scheduler waits ``batch_window_ms`` after the first arrival, takes up to
 ``max_batch_size`` of them whose adapters fit in ``max_loras`` slots, and decodes them together:
 one forward per step for the whole batch, each row through its own adapter (or the base). Rows
-leave the batch as they finish (KV cache rows dropped). Requests arriving meanwhile wait for the
-next batch (static batching, no continuous batching).
+leave the batch as they finish (KV cache rows dropped). Continuous batching: requests arriving
+meanwhile are prefilled together and join the running rows at the next decode step, as far as
+``max_batch_size`` and ``max_loras`` allow (see running.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
+import logging
 import threading
 import time
 import uuid
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..._exceptions import ConfigError
+from .running import Running, joinable
+
+logger = logging.getLogger(__name__)
 
 Sink = Callable[[int, str, Any], None]  # (row index, "delta"|"done"|"error", payload)
 
@@ -44,6 +49,7 @@ class GenRequest:
     index: int = 0
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     cancelled: bool = False
+    finished: bool = False  # done, failed or cancelled: nothing more is sent to its sink
     # decoding state
     generated: list[int] = field(default_factory=list)
     emitted: int = 0
@@ -123,6 +129,8 @@ class Engine:
         self._pending: collections.deque[GenRequest] = collections.deque()
         self._paused = 0
         self._closed = False
+        self._running: Running | None = None  # rows decoding now (scheduler thread only)
+        self._can_join = True
         self._stats = collections.Counter()
         self._batches: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
         self._thread = threading.Thread(target=self._loop, name="tunekit-embedded-scheduler", daemon=True)
@@ -201,43 +209,55 @@ class Engine:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
-        for req in list(self._pending):
+        running = self._running.rows if self._running is not None else []
+        for req in [r for r in running if not r.finished] + list(self._pending):
             req.sink(req.index, "error", "server shutting down")
 
     # -- scheduler -----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and (not self._pending or self._paused):
+                while not self._closed and self._running is None and (not self._pending or self._paused):
                     self._cv.wait()
                 if self._closed:
                     return
-            if self.batch_window_s:
+                idle = self._running is None
+            if idle and self.batch_window_s:  # a new batch: let requests arriving together start together
                 time.sleep(self.batch_window_s)
             with self._cv:
-                if self._paused:
-                    continue
-                batch = self._take_batch()
-            if batch:
-                try:
-                    self._run_batch(batch)
-                except Exception as exc:  # never kill the scheduler: fail this batch, keep serving
-                    self._stats["failed_batches"] += 1
-                    for req in batch:
+                new = [] if self._paused else self._take_batch()
+            try:
+                if new:
+                    self._admit(new)
+                if self._running is not None:
+                    self._step()
+            except Exception as exc:  # never kill the scheduler: fail these rows, keep serving
+                logger.exception("decode step failed; its rows get an error")
+                self._stats["failed_batches"] += 1
+                failed = (self._running.rows if self._running is not None else []) + new
+                self._running = None
+                self.pool.slots.set_rows([0])
+                for req in failed:
+                    if not req.finished:
+                        req.finished = True
                         req.sink(req.index, "error", f"{type(exc).__name__}: {exc}")
 
     def _take_batch(self) -> list[GenRequest]:
+        """Queued requests that fit next to the running rows (batch size, adapters per batch), in order."""
+        running = self._running.rows if self._running is not None else []
+        if running and not self._can_join:
+            return []
         batch: list[GenRequest] = []
-        chosen: set[str] = set()
+        chosen = {r.adapter for r in running if r.adapter is not None}
         keep: collections.deque[GenRequest] = collections.deque()
         while self._pending:
             req = self._pending.popleft()
             if req.cancelled:  # its client went away while it waited
                 self._stats["cancelled_rows"] += 1
                 continue
-            if len(batch) >= self.max_batch_size or (
+            if len(running) + len(batch) >= self.max_batch_size or (
                     req.adapter is not None and req.adapter not in chosen and len(chosen) >= self.pool.max_loras):
-                keep.append(req)  # waits for the next batch, keeping its place in line
+                keep.append(req)  # waits for a free row, keeping its place in line
                 continue
             if req.adapter is not None:
                 chosen.add(req.adapter)
@@ -245,24 +265,43 @@ class Engine:
         self._pending = keep
         return batch
 
-    def _run_batch(self, rows: list[GenRequest]) -> None:
+    def _admit(self, rows: list[GenRequest]) -> None:
+        """Prefill ``rows`` together, sample their first tokens, and make them join the running rows."""
         torch = self._torch
         for r in rows:
             if r.adapter is not None and self.pool.info(r.adapter) is None:  # unloaded while queued
+                r.finished = True
                 r.sink(r.index, "error", f"adapter {r.adapter!r} was unloaded")
-        rows = [r for r in rows if r.adapter is None or self.pool.info(r.adapter) is not None]
+        rows = [r for r in rows if not r.finished]
         if not rows:
             return
-        slots = self.pool.acquire([r.adapter for r in rows])
+        run = self._running
+        if run is not None:  # an adapter unloaded while its rows decode: its slot may go to a joining adapter
+            for r in run.rows:
+                if r.adapter is not None and self.pool.info(r.adapter) is None:
+                    self._fail_row(r, f"adapter {r.adapter!r} was unloaded while this request was decoding")
+            run.keep([i for i, r in enumerate(run.rows) if not r.finished])
+            if not run.rows:
+                self._running = run = None
+        running = run.rows if run is not None else []
+        # Slots for every row: a layout rebuild (a larger adapter registered) re-places the running ones too.
+        slots = self.pool.acquire([r.adapter for r in running + rows])
+        if run is not None:
+            run.slots = slots[:len(running)]
+        slots = slots[len(running):]
         models = sorted({r.adapter or "__base__" for r in rows})
         with self._cv:
             self._stats["batches"] += 1
             self._stats["mixed_batches"] += len(models) > 1
-            self._batches.append({"size": len(rows), "models": models,
+            self._stats["joined_rows"] += len(rows) if running else 0
+            self._batches.append({"size": len(rows), "models": models, "joined": len(running),
                                   "request_ids": sorted({r.request_id for r in rows})})
-        rows = [r for r in rows if self._seed(r)]
+        seeded = [self._seed(r) for r in rows]
+        slots = [s for s, ok in zip(slots, seeded) if ok]
+        rows = [r for r, ok in zip(rows, seeded) if ok]
         if not rows:
-            self.pool.slots.set_rows([0])
+            if self._running is not None:  # rows may have left or moved slots above: route the others again
+                self.pool.slots.set_rows(self._running.slots)
             return
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -272,30 +311,53 @@ class Engine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        active = list(range(len(rows)))
-        cache = None
         self.pool.slots.set_rows(slots)
         with torch.inference_mode():
-            while True:
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                 logits_to_keep=1, **{self._cache_kw: cache})
-                self._stats["forward_passes"] += 1
-                cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-                tokens = self._sample(out.logits[:, -1, :].float(), [rows[i] for i in active])
-                keep = [j for j, i in enumerate(active)
-                        if tokens[j] is not None and not self._advance(rows[i], tokens[j])]
-                if not keep:
-                    break
-                if len(keep) < len(active):
-                    idx = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(idx)
-                    mask, pos, tokens = mask[idx], pos[idx], [tokens[j] for j in keep]
-                    active = [active[j] for j in keep]
-                    self.pool.slots.set_rows([slots[i] for i in active])
-                ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
-                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-                pos = pos[:, -1:] + 1
-        self.pool.slots.set_rows([0])
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                             **{self._cache_kw: None})
+        self._stats["forward_passes"] += 1
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        new = Running(rows, slots, cache, ids[:, -1:], mask, pos[:, -1:])
+        self._next(new, out.logits[:, -1, :])
+        if new.rows and run is not None:
+            run.join(new)
+        elif new.rows:
+            self._running = new
+        if self._running is not None:
+            self.pool.slots.set_rows(self._running.slots)
+            # Rows can join later only when every layer's cache can be padded and concatenated.
+            self._can_join = joinable(self._running.cache)
+
+    def _step(self) -> None:
+        """One decode forward for every running row."""
+        run = self._running
+        with self._torch.inference_mode():
+            out = self.model(input_ids=run.ids, attention_mask=run.mask, position_ids=run.pos, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kw: run.cache})
+        self._stats["forward_passes"] += 1
+        self._next(run, out.logits[:, -1, :])
+        if not run.rows:
+            self._running = None
+            self.pool.slots.set_rows([0])
+
+    def _next(self, run: Running, logits) -> None:
+        """Sample each row's next token; finished rows leave, the others get their next forward's inputs."""
+        torch = self._torch
+        tokens = self._sample(logits.float(), run.rows)
+        keep = []
+        for i, r in enumerate(run.rows):
+            if tokens[i] is not None and not self._advance(r, tokens[i]):
+                keep.append(i)
+            else:
+                r.finished = True
+        n = len(run.rows)
+        run.keep(keep)
+        if len(keep) < n and run.rows:
+            self.pool.slots.set_rows(run.slots)
+        if run.rows:
+            run.ids = torch.tensor([tokens[i] for i in keep], device=self.device).unsqueeze(1)
+            run.mask = torch.cat([run.mask, run.mask.new_ones((len(keep), 1))], dim=1)
+            run.pos = run.pos + 1
 
     def _seed(self, r: GenRequest) -> bool:
         """Give a seeded row its generator; a seed torch refuses fails that row only (False)."""
@@ -311,6 +373,7 @@ class Engine:
     def _fail_row(self, r: GenRequest, message: str) -> None:
         with self._cv:
             self._stats["failed_rows"] += 1
+        r.finished = True
         r.sink(r.index, "error", message)
 
     def _sample(self, logits, rows: list[GenRequest]) -> list[int | None]:

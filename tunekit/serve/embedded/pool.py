@@ -77,7 +77,7 @@ class AdapterPool:
                 raise KeyError(name)
             del self._entries[name]
             self._packed.pop(name, None)
-            self._resident.pop(name, None)  # its slot is free for the next batch
+            self._resident.pop(name, None)  # its slot is free (rows still decoding with it fail at the next join)
 
     def evict(self, name: str) -> None:
         """Free ``name``'s device slot (it stays registered and host-cached; the next use swaps it back in)."""
