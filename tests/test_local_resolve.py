@@ -111,7 +111,8 @@ def test_another_device_than_planned_is_a_plan_change(tiny_model):
     """The worker checks the facts the plan assumed; on another machine it re-plans and says what moved."""
     from tunekit.backends.local.run import check_facts
 
-    spec = TrainingSpec.model_validate({"base_model": str(tiny_model), "provider_options": {"local": {"device": "cpu"}}})
+    spec = TrainingSpec.model_validate({"base_model": str(tiny_model),
+                                        "provider_options": {"local": {"device": "cpu"}}})
     planned = LocalRun.model_validate(LocalBackend().plan(spec).request)
     same, changes = check_facts(planned, spec)
     assert same is planned and changes == {}  # this machine: nothing re-resolved

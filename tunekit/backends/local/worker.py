@@ -218,7 +218,7 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     except ValidationError as exc:
         raise ConfigError(f"job {record.id} holds no local run this tunekit can train ({exc.error_count()} "
                           f"problem(s), e.g. {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})", field="request",
-                          hint="start it again with `tunekit finetune --from " + record.id + " --backend local`") from None
+                          hint=f"start it again with `tunekit finetune --from {record.id} --backend local`") from None
     if run.data is None:
         raise ConfigError(f"job {record.id}'s run has no data (it was planned, not submitted)", field="data",
                           hint="start jobs with `tunekit finetune`")
