@@ -474,7 +474,8 @@ def check_loss(a, base: dict, record, meta: dict) -> int:
                           "tunekit_first_last": [round(tk["losses"][0], 4), round(tk["losses"][n - 1], 4)]}), flush=True)
         extra = {}
         for opt in a.ablate:  # attribution: the same check with speed-ups switched off ("all" = every one)
-            r = record(v, f"tunekit_without_{opt}", child("tunekit", {**base, "variant": v, "speedups": speedups_off(opt)}))
+            without = {**base, "variant": v, "speedups": speedups_off(opt)}
+            r = record(v, f"tunekit_without_{opt}", child("tunekit", without))
             if "error" not in r:
                 extra[opt] = r["losses"]
                 print(json.dumps({"variant": v, "without": opt, "max_abs_diff_vs_plain": round(max(

@@ -38,7 +38,8 @@ ROWS = [{"prompt": f"Q{i % 4}:", "response": f" A{i % 4}{i % 4}"} for i in range
     ("LoRA+ on nf4", {"quantization": "nf4", "adapter": {"r": 8, "loraplus_lr_ratio": 16}},
      "loraplus+adamw_bnb_8bit", "bitsandbytes.optim.adamw.AdamW8bit"),
 ])
-def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, variant, extra, optimizer, optimizer_class):
+def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, monkeypatch, variant, extra, optimizer,
+                                           optimizer_class):
     if extra.get("quantization") == "nf4":
         pytest.importorskip("bitsandbytes")
     data = tmp_path / "t.jsonl"
@@ -56,6 +57,14 @@ def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, variant, extra
     snapshot = DataFile(source=str(data), path=str(tmp_path / "job" / "train.jsonl"), sha256=sha256, rows=len(ROWS))
     stored = LocalRun.model_validate(req).model_copy(update={"data": RunData(train=snapshot)})
     record = SimpleNamespace(id="tk-resolve", request=stored.model_dump(mode="json"), spec=spec.model_dump())
+    import tunekit.backends.local.resolve as resolve_mod
+    import tunekit.backends.local.speed as speed_mod
+
+    def resolved_again(*a, **kw):
+        raise AssertionError("the worker resolved the run again")
+
+    monkeypatch.setattr(resolve_mod, "resolve_run", resolved_again)  # the plan was the one pass
+    monkeypatch.setattr(speed_mod, "plan", resolved_again)
     out = _train(record, TrainCallbacks(), None)
     trained = LocalRun.model_validate_json((tmp_path / "out" / "run.json").read_text())
     assert trained == stored == LocalRun.model_validate(record.request)  # the worker trained the stored run
@@ -102,7 +111,8 @@ def test_another_device_than_planned_is_a_plan_change(tiny_model):
     """The worker checks the facts the plan assumed; on another machine it re-plans and says what moved."""
     from tunekit.backends.local.run import check_facts
 
-    spec = TrainingSpec.model_validate({"base_model": str(tiny_model), "provider_options": {"local": {"device": "cpu"}}})
+    spec = TrainingSpec.model_validate({"base_model": str(tiny_model),
+                                        "provider_options": {"local": {"device": "cpu"}}})
     planned = LocalRun.model_validate(LocalBackend().plan(spec).request)
     same, changes = check_facts(planned, spec)
     assert same is planned and changes == {}  # this machine: nothing re-resolved

@@ -192,8 +192,8 @@ class Backend(ABC):
         field_info = cls.options_model.model_fields.get(key) if cls.options_model else None
         meaning = f"{key}: {field_info.description}; " if field_info and field_info.description else ""
         path = f"provider_options.{cls.name}.{key}"
-        return ConfigError(f"{path}={value!r} refused: it {', or '.join(reasons)}", field=path,
-                           hint=f"{meaning}fix the value in provider_options.{cls.name} (every option: {cls.options_doc})")
+        return ConfigError(f"{path}={value!r} refused: it {', or '.join(reasons)}", field=path, hint=(
+            f"{meaning}fix the value in provider_options.{cls.name} (every option: {cls.options_doc})"))
 
     def _decide(self, path: str, value: Any, spec: TrainingSpec, ctx: PlanContext,
                 request: dict[str, Any]) -> FieldDisposition:

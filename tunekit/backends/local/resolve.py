@@ -115,7 +115,8 @@ def resolve_run(
     """Resolve every pre-load decision of a run of ``spec``.
 
     ``model_config`` None reads config.json from a local directory or the HF cache (never downloads, never
-    needs torch beyond the device). ``speedups`` is provider_options.local.speedups. Raises ConfigError for a bad batch split or a refused combination (PiSSA on NF4).
+    needs torch beyond the device). ``speedups`` is provider_options.local.speedups. Raises ConfigError for a
+    bad batch split or a refused combination (PiSSA on NF4).
     The memory fit is estimated here but not enforced: callers decide when to refuse (`memory.check_fits`).
     """
     hp, a = spec.hyperparameters, spec.adapter

@@ -1,7 +1,8 @@
 """The local training core: one plain function, `train()`, over TRL + PEFT + bitsandbytes.
 
 The worker process (worker.py) loads the job's stored run (run.py) and calls `train(run, callbacks)`,
-turning `TrainCallbacks` calls into store rows; nothing here knows about the store or resolves anything. Output layout under ``output_dir``:
+turning `TrainCallbacks` calls into store rows; nothing here knows about the store or resolves anything.
+Output layout under ``run.options.output_dir``:
 
     checkpoints/checkpoint-<step>/   HF Trainer checkpoints (adapter, optimizer, scheduler, RNG, data position)
     adapter/                         the final PEFT adapter (adapter_model.safetensors + adapter_config.json)
@@ -229,8 +230,9 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     on_gpu, micro, accum = dev.type == "cuda", hp.micro_batch_size, hp.gradient_accumulation_steps
     decision, speed = run.quantization, run.speed_plan()
     if run.memory_estimate is None or speed is None:
-        raise ConfigError(f"the run of {run.base_model} was planned without its config.json ({run.estimate_skipped})",
-                          field="base_model", hint="the worker re-plans it once the config is readable (run.check_facts)")
+        raise ConfigError(f"the run of {run.base_model} was planned without its config.json "
+                          f"({run.estimate_skipped})", field="base_model",
+                          hint="the worker re-plans it once the config is readable (run.check_facts)")
     est = run.memory_estimate.estimate()
     _memory.check_fits(est, what=f"training {run.base_model} ({decision.mode}, micro-batch {micro}, "
                                  f"max_length {hp.max_length})")

@@ -218,7 +218,7 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     except ValidationError as exc:
         raise ConfigError(f"job {record.id} holds no local run this tunekit can train ({exc.error_count()} "
                           f"problem(s), e.g. {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})", field="request",
-                          hint="start it again with `tunekit finetune --from " + record.id + " --backend local`") from None
+                          hint=f"start it again with `tunekit finetune --from {record.id} --backend local`") from None
     if run.data is None:
         raise ConfigError(f"job {record.id}'s run has no data (it was planned, not submitted)", field="data",
                           hint="start jobs with `tunekit finetune`")
@@ -232,10 +232,16 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     return train(run, cb, resume_from_checkpoint=resume_from)
 
 
+# the decisions a reader looks for first in a plan_changed message (every change is in the event's data)
+_FIRST = ("quantization.", "training.", "device.", "memory_estimate.total_bytes", "memory_estimate.fits",
+          "speed.checkpointed_layers")
+
+
 def plan_changed_message(changes: dict[str, list[Any]], shown: int = 6) -> str:
     facts = changes.get("facts") or {}
     why = ", ".join(f"{k}: {_short(v[0])} -> {_short(v[1])}" for k, v in facts.items())
-    rest = [(k, v) for k, v in changes.items() if k != "facts"]
+    rest = sorted(((k, v) for k, v in changes.items() if k != "facts"),
+                  key=lambda kv: next((i for i, p in enumerate(_FIRST) if kv[0].startswith(p)), len(_FIRST)))
     diff = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in rest[:shown])
     more = f" (+{len(rest) - shown} more)" if len(rest) > shown else ""
     return f"plan changed ({why}): {diff or 'no decision changed'}{more}"
