@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .._exceptions import ConfigError, DataValidationError
 from .cache import AnswerCache, cache_dir, cache_key
 from .metrics import TEXT_METRICS, check_metrics, scorer, wilson
+from .result import EvalResult, TargetResult
 from .targets import Target, resolve_target
 
 DEFAULT_METRICS = ("loss", "exact_match", "contains")
@@ -31,55 +32,6 @@ class Row:
     messages: list[dict[str, str]]  # the conversation up to the answer
     prompt: str | None  # prompt/response rows: the raw prompt (sent as a completion to local targets)
     reference: str
-
-
-@dataclass
-class TargetResult:
-    target: str
-    kind: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
-    judge: dict[str, Any] | None = None
-    adapter_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"target": self.target, "kind": self.kind, "metrics": dict(self.metrics),
-                               "ci": {k: list(v) for k, v in self.ci.items()}}
-        if self.judge is not None:
-            out["judge"] = self.judge
-        if self.adapter_id:
-            out["adapter_id"] = self.adapter_id
-        return out
-
-
-@dataclass
-class EvalResult:
-    data: dict[str, Any]
-    settings: dict[str, Any]
-    targets: list[TargetResult]
-    rows: list[dict[str, Any]]  # per row: line, prompt, reference, answers and scores by target
-    judge: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"data": self.data, "settings": self.settings, "judge": self.judge,
-                "targets": [t.to_json() for t in self.targets]}
-
-    def to_markdown(self) -> str:
-        from .report import markdown
-
-        return markdown(self)
-
-    def to_html(self) -> str:
-        from .report import html
-
-        return html(self)
-
-    def write(self, path: str | Path) -> Path:
-        """Write the report: ``.html`` as one self-contained page, anything else as Markdown."""
-        path = Path(path)
-        path.write_text(self.to_html() if path.suffix.lower() in (".html", ".htm") else self.to_markdown(),
-                        encoding="utf-8")
-        return path
 
 
 def load_rows(data: str | Path) -> tuple[list[Row], dict[str, Any]]:
