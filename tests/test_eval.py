@@ -326,7 +326,7 @@ def test_managed_registry_adapter_is_asked_at_its_provider_and_gets_the_results(
 
     endpoint = FakeOpenAI(lambda body: (200, " 4"))
     monkeypatch.setenv("TOGETHER_API_KEY", "sk-together-test")
-    monkeypatch.setenv("TOGETHER_BASE_URL", endpoint.url)
+    monkeypatch.setenv("TOGETHER_BASE_URL", endpoint.url.removesuffix("/v1"))  # the SDK adds /v1
     store = default_store()
     store.add_adapter(backend="together", location="acct/Meta-Llama-3.1-8B-ft-abc", info={}, name="tog")
     try:

@@ -9,13 +9,14 @@ answers cached for resume); score; judge; record the results in the adapter regi
 from __future__ import annotations
 
 import contextlib
+import importlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .._exceptions import ConfigError, DataValidationError
+from .._exceptions import ConfigError, DataValidationError, MissingDependencyError
 from .cache import AnswerCache, cache_dir, cache_key
 from .metrics import TEXT_METRICS, check_metrics, scorer, wilson
 from .result import EvalResult, TargetResult
@@ -190,7 +191,7 @@ def _served(resolved: list[Target], **engine_kw: Any) -> Iterator[dict[str, Any]
             if t.local:
                 groups.setdefault(str(t.base_model), []).append(t)
             else:
-                clients[t.name] = OpenAI(base_url=t.base_url, api_key=t.api_key or "unused", max_retries=0)
+                clients[t.name] = _remote_client(t)
         for base, group in groups.items():
             from ..serve.embedded import start_in_thread
 
@@ -202,6 +203,27 @@ def _served(resolved: list[Target], **engine_kw: Any) -> Iterator[dict[str, Any]
                 t.model = f"adapter-{i}" if t.adapter_path else base
                 clients[t.name] = client
         yield clients
+
+
+# A managed provider's model is asked through that provider's official SDK, which knows its inference host
+# and reads the same base-URL variable as the training backend (TOGETHER_BASE_URL, FIREWORKS_BASE_URL).
+PROVIDER_SDKS = {"together": ("together", "Together"), "fireworks": ("fireworks", "Fireworks")}
+
+
+def _remote_client(t: Target) -> Any:
+    """The client a remote target is asked through: the provider's SDK, else the `openai` client at its URL.
+    SDK retries are off: the one retry policy (tunekit/_retry.py) retries, around each call."""
+    if t.provider not in PROVIDER_SDKS:
+        from openai import OpenAI
+
+        return OpenAI(base_url=t.base_url, api_key=t.api_key or "unused", max_retries=0)
+    module, cls = PROVIDER_SDKS[t.provider]
+    try:
+        sdk = importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(f"evaluating {t.name} (a {t.provider} model) needs the {module} SDK",
+                                     hint=f"pip install 'tunekit[{t.provider}]'") from None
+    return getattr(sdk, cls)(api_key=t.api_key, max_retries=0)
 
 
 def _plan_generation(resolved: list[Target], rows: list[Row], settings: dict[str, Any], data_sha256: str,
