@@ -1,0 +1,79 @@
+"""Generative evaluation during local training (tunekit/eval/during_training.py): greedy answers to a few
+held-out prompts every N steps, scored with tunekit eval's metrics, reported into the metric stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from tests.test_eval import HELD_OUT, train_on  # noqa: E402
+from tunekit import ConfigError  # noqa: E402
+from tunekit.eval.during_training import check_options, generative_eval_callback  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def held_out(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen-eval")
+    data = root / "val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in HELD_OUT))
+    return {"data": data, "good": train_on(tiny_model, data, root / "good")}
+
+
+def _step(callback, model, step: int) -> None:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    state = TrainerState()
+    state.global_step = step
+    callback.on_step_end(TrainingArguments(output_dir="unused", report_to=[]), state, TrainerControl(), model=model)
+
+
+def test_every_n_steps_the_trained_adapter_answers_and_is_scored(tiny_model, held_out):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), held_out["good"],
+                                      is_trainable=True)
+    model.train()
+    reports = []
+    cb = generative_eval_callback({"steps": 2, "rows": 3, "max_tokens": 8,
+                                   "metrics": ["exact_match", "contains", "json_valid"]},
+                                  held_out["data"], tok, lambda step, values: reports.append((step, values)))
+    _step(cb, model, 1)
+    assert reports == []  # not a multiple of steps
+    _step(cb, model, 2)
+    assert cb.answers == [r["response"] for r in HELD_OUT[:3]]  # the first `rows` rows, greedy
+    assert reports == [(2, {"exact_match": 1.0, "contains": 1.0, "json_valid": 1 / 3, "generated_rows": 3})]
+    assert model.training  # back to training mode
+    _step(cb, model, 4)
+    assert reports[-1] == (4, reports[0][1])  # greedy: same weights, same figures
+
+
+def test_the_untrained_base_scores_zero(tiny_model, held_out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reports = []
+    cb = generative_eval_callback({"steps": 1, "max_tokens": 8}, held_out["data"],
+                                  AutoTokenizer.from_pretrained(tiny_model), lambda s, v: reports.append(v))
+    _step(cb, AutoModelForCausalLM.from_pretrained(tiny_model), 1)
+    assert reports == [{"exact_match": 0.0, "contains": 0.0, "generated_rows": 4}]  # default rows 8 > 4 rows
+
+
+def test_options_defaults_cost_and_errors():
+    opts = check_options({"steps": 50})
+    assert opts == {"steps": 50, "rows": 8, "max_tokens": 64, "metrics": ["exact_match", "contains"],
+                    "tokens_per_eval": 512}
+    for bad, says in (({"rows": 8}, "at least 'steps'"), ({"steps": 0}, "steps must be an integer"),
+                      ({"steps": 5, "rows": True}, "rows must be an integer"),
+                      ({"steps": 5, "metrics": ["loss"]}, "'loss' is not a text metric"),
+                      ({"steps": 5, "metrics": "exact_match"}, "must be a list"),
+                      ({"steps": 5, "temperature": 1.0}, "unknown key(s) temperature"),
+                      (50, "must be an object")):
+        with pytest.raises(ConfigError) as info:
+            check_options(bad)
+        assert says in str(info.value) and info.value.field.startswith("provider_options.local.eval_generate")
