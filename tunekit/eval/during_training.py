@@ -15,65 +15,82 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator
+
 from .._exceptions import ConfigError
-from .metrics import TEXT_METRICS, check_metrics, scorer
+from .metrics import TEXT_METRICS, scorer
 
 FIELD = "provider_options.local.eval_generate"
-DEFAULTS = {"rows": 8, "max_tokens": 64, "metrics": ["exact_match", "contains"]}
-LIMITS = {"steps": 10**9, "rows": 1024, "max_tokens": 4096}
 
 
-def check_options(value: Any) -> dict[str, Any]:
-    """The option, validated and completed with defaults, plus its cost bound ``tokens_per_eval``."""
-    if not isinstance(value, dict) or "steps" not in value:
-        raise ConfigError(f"{FIELD} must be an object with at least 'steps', not {value!r}", field=FIELD,
-                          hint='e.g. {"steps": 50, "rows": 8, "max_tokens": 64, "metrics": ["exact_match"]}')
-    unknown = sorted(set(value) - {*LIMITS, "metrics"})
-    if unknown:
-        raise ConfigError(f"{FIELD}: unknown key(s) {', '.join(unknown)}", field=FIELD,
-                          hint="use steps, rows, max_tokens, metrics")
-    out = {**DEFAULTS, **value}
-    for key, top in LIMITS.items():
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
-            raise ConfigError(f"{FIELD}.{key} must be an integer in 1..{top}, not {v!r}", field=f"{FIELD}.{key}")
-    metrics = out["metrics"]
-    if isinstance(metrics, str) or not isinstance(metrics, list):
-        raise ConfigError(f"{FIELD}.metrics must be a list of metric names", field=f"{FIELD}.metrics")
-    wrong = [m for m in metrics if not isinstance(m, str) or m.partition(":")[0] not in TEXT_METRICS]
-    if wrong:
-        raise ConfigError(f"{FIELD}.metrics: {wrong[0]!r} is not a text metric", field=f"{FIELD}.metrics",
-                          hint=f"use {', '.join(TEXT_METRICS)} (or regex:PATTERN); loss is validation loss already")
-    out["metrics"] = check_metrics(metrics)
-    out["tokens_per_eval"] = out["rows"] * out["max_tokens"]
-    return out
+class GenerateEvalOptions(BaseModel):
+    """``provider_options.local.eval_generate``: strict like the other local options (a typo is refused)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    steps: int = Field(ge=1, le=10**9, description="generate and score every N optimizer steps")
+    rows: int = Field(8, ge=1, le=1024, description="the first N rows of the validation file (default 8)")
+    max_tokens: int = Field(64, ge=1, le=4096, description="tokens generated per row at most (default 64)")
+    metrics: list[str] = Field(["exact_match", "contains"], min_length=1,
+                               description=f"any of {', '.join(TEXT_METRICS)}, regex:PATTERN (default exact_match, "
+                                           "contains)")
+
+    @field_validator("metrics")
+    @classmethod
+    def _text_metrics(cls, metrics: list[str]) -> list[str]:
+        for m in metrics:
+            if m.partition(":")[0] not in TEXT_METRICS:
+                raise ValueError(f"{m!r} is not a text metric (validation loss is already reported)")
+            try:
+                scorer(m)  # a bad regex:PATTERN fails here, before training
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return list(dict.fromkeys(metrics))
+
+    @computed_field  # the cost bound, shown in the plan
+    @property
+    def tokens_per_eval(self) -> int:
+        return self.rows * self.max_tokens
 
 
-def generative_eval_callback(options: dict[str, Any], validation_path: str | Path, tokenizer: Any,
+def check_options(value: Any) -> GenerateEvalOptions:
+    """The option validated (defaults filled); a ConfigError naming the field otherwise."""
+    if isinstance(value, GenerateEvalOptions):
+        return value
+    try:
+        return GenerateEvalOptions.model_validate(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join([FIELD, *(str(p) for p in err["loc"])])
+        raise ConfigError(f"{where}: {err['msg']}", field=where,
+                          hint='e.g. {"steps": 50, "rows": 8, "max_tokens": 64, "metrics": ["exact_match"]}') from None
+
+
+def generative_eval_callback(options: GenerateEvalOptions | dict[str, Any], validation_path: str | Path, tokenizer: Any,
                              report: Callable[[int, dict[str, Any]], None]) -> Any:
-    """A transformers ``TrainerCallback`` that scores greedy answers every ``options["steps"]`` optimizer steps,
+    """A transformers ``TrainerCallback`` that scores greedy answers every ``options.steps`` optimizer steps,
     passing ``{metric: value, "generated_rows": n}`` to ``report(step, values)``."""
     from transformers import TrainerCallback
 
     from .run import load_rows
 
     opts = check_options(options)
-    rows = load_rows(validation_path)[0][: opts["rows"]]
+    rows = load_rows(validation_path)[0][: opts.rows]
     if not rows:
         raise ConfigError(f"{FIELD}: the validation file has no rows to generate from", field=FIELD)
     prompts = [_prompt_ids(tokenizer, r) for r in rows]
-    scorers = {m: scorer(m) for m in opts["metrics"]}
+    scorers = {m: scorer(m) for m in opts.metrics}
 
     class GenerativeEval(TrainerCallback):
         def __init__(self) -> None:
             self.answers: list[str] = []  # of the last evaluation (for tests and debugging)
 
         def on_step_end(self, args, state, control, model=None, **kw):
-            if state.global_step % opts["steps"] == 0:
+            if state.global_step % opts.steps == 0:
                 self.evaluate(model, int(state.global_step))
 
         def evaluate(self, model: Any, step: int) -> None:
-            self.answers = _greedy_answers(model, tokenizer, prompts, opts["max_tokens"])
+            self.answers = _greedy_answers(model, tokenizer, prompts, opts.max_tokens)
             values: dict[str, Any] = {m: sum(score(a, r.reference) for a, r in zip(self.answers, rows)) / len(rows)
                                       for m, score in scorers.items()}
             report(step, {**values, "generated_rows": len(rows)})
