@@ -77,3 +77,25 @@ def test_options_defaults_cost_and_errors():
         assert info.value.field == f"provider_options.local.eval_generate.{field}", (bad, str(info.value))
     with pytest.raises(ConfigError, match="not a text metric"):
         check_options({"steps": 5, "metrics": ["loss"]})
+
+
+def test_chat_rows_are_prompted_as_training_tokenizes_them(tiny_model, tmp_path):
+    """A chat row's prompt is its conversation up to the answer with the generation prompt: a prefix of the
+    tokens the local backend trains on, the assistant answer following it."""
+    from transformers import AutoTokenizer
+
+    from tunekit.backends.local.datasets import prepare
+    from tunekit.eval.during_training import _prompt_ids
+    from tunekit.eval.run import load_rows
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "system", "content": "be brief"},
+                                             {"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "4"}]}) + "\n")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    [row] = load_rows(data)[0]
+    prompt = _prompt_ids(tok, row)
+    [trained] = prepare(data, tok, method="sft", max_length=256).records
+    ids, mask = trained["input_ids"], trained["assistant_masks"]
+    assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
+    assert tok.decode([t for t, m in zip(ids, mask) if m]).startswith("4")

@@ -101,7 +101,8 @@ def generative_eval_callback(options: GenerateEvalOptions | dict[str, Any], vali
 def _prompt_ids(tokenizer: Any, row: Any) -> list[int]:
     if row.prompt is not None:  # prompt/response rows train on prompt + completion as plain text
         return tokenizer(row.prompt)["input_ids"]
-    return list(tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True))
+    out = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
 
 
 def _greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_tokens: int) -> list[str]:
