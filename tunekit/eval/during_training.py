@@ -66,6 +66,25 @@ def check_options(value: Any) -> GenerateEvalOptions:
                           hint='e.g. {"steps": 50, "rows": 8, "max_tokens": 64, "metrics": ["exact_match"]}') from None
 
 
+def plan_option(value: Any, ctx: Any) -> dict[str, Any]:
+    """The local backend's plan converter: the option checked, with the held-out rows it needs."""
+    if not ctx.spec.validation_data:
+        raise ConfigError(f"{FIELD} generates answers to validation rows, but the spec has no validation_data",
+                          field=FIELD, hint="set validation_data (held-out rows), or drop eval_generate")
+    return check_options(value).model_dump(mode="json")
+
+
+def add_to_trainer(trainer: Any, options: Any, validation_path: str | Path | None, tokenizer: Any,
+                   report: Callable[[int, dict[str, Any]], None]) -> None:
+    """Add the callback to a transformers Trainer when ``options`` (the eval_generate value) is set."""
+    if not options:
+        return
+    if validation_path is None:
+        raise ConfigError(f"{FIELD} needs validation data to generate from", field=FIELD,
+                          hint="set validation_data (held-out rows), or drop eval_generate")
+    trainer.add_callback(generative_eval_callback(options, validation_path, tokenizer, report))
+
+
 def generative_eval_callback(options: GenerateEvalOptions | dict[str, Any], validation_path: str | Path, tokenizer: Any,
                              report: Callable[[int, dict[str, Any]], None]) -> Any:
     """A transformers ``TrainerCallback`` that scores greedy answers every ``options.steps`` optimizer steps,
