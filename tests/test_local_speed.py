@@ -16,7 +16,7 @@ pytest.importorskip("trl")
 
 from tunekit._exceptions import ConfigError  # noqa: E402
 from tunekit.backends.local import memory, nf4, speed  # noqa: E402
-from tunekit.backends.local.train import train  # noqa: E402
+from tests.train_recorder import train_files as train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
 from tests.tolerance import (adam_scale, assert_close, bound, mixed_eps, rel_diff, rounding_eps,  # noqa: E402
                              unit_roundoff)
@@ -50,10 +50,10 @@ def rows_file(tmp_path: Path, n: int = 16) -> Path:
     return p
 
 
-def run(tmp_path: Path, name: str, spec: TrainingSpec, monkeypatch, speedups: str, **kw):
-    monkeypatch.setenv(speed.ENV, speedups)
+def run(tmp_path: Path, name: str, spec: TrainingSpec, speedups: str, **kw):
     cb = Recorder()
-    out = train(spec, rows_file(tmp_path), tmp_path / name, callbacks=cb, max_steps=STEPS, **kw)
+    off = [p for p in speedups.split(",") if p] or "auto"  # provider_options.local.speedups
+    out = train(spec, rows_file(tmp_path), tmp_path / name, callbacks=cb, max_steps=STEPS, speedups=off, **kw)
     return out, cb
 
 
@@ -81,10 +81,10 @@ def assert_same_training(a, b, eps: float) -> None:
 # ----------------------------------------------------------------------------- equal loss, one optimisation at a time
 
 @pytest.mark.slow
-def test_fast_lora_trains_like_peft(tiny_model, tmp_path, monkeypatch):
+def test_fast_lora_trains_like_peft(tiny_model, tmp_path):
     spec = spec_for(tiny_model, quantization="none")
-    fast = run(tmp_path, "fast", spec, monkeypatch, "")
-    slow = run(tmp_path, "peft", spec, monkeypatch, "-fast_lora")
+    fast = run(tmp_path, "fast", spec, "")
+    slow = run(tmp_path, "peft", spec, "-fast_lora")
     sp = fast[0].extra["speed"]
     assert sp["enabled"]["fast_lora"] and sp["applied"]["fast_lora_modules"] == 2 * 7  # 2 layers x all-linear
     assert not slow[0].extra["speed"]["enabled"]["fast_lora"]
@@ -93,14 +93,14 @@ def test_fast_lora_trains_like_peft(tiny_model, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant,dropout", [("none", 0.0), ("none", 0.1), ("nf4", 0.0)])
-def test_fast_dora_trains_like_peft(tiny_model, tmp_path, monkeypatch, quant, dropout):
+def test_fast_dora_trains_like_peft(tiny_model, tmp_path, quant, dropout):
     # dropout 0: the fused LoRA+DoRA forward; 0.1: the cached-norm DoRA layer. nf4: bitsandbytes' optimizer
     # updates the adapter without bumping version counters, so a norm cached across steps would go stale.
     if quant == "nf4":
         pytest.importorskip("bitsandbytes")
     spec = spec_for(tiny_model, quantization=quant, adapter={"use_dora": True, "dropout": dropout})
-    fast = run(tmp_path, "fast", spec, monkeypatch, "")
-    slow = run(tmp_path, "peft", spec, monkeypatch, "-fast_dora,-fast_lora")
+    fast = run(tmp_path, "fast", spec, "")
+    slow = run(tmp_path, "peft", spec, "-fast_dora,-fast_lora")
     assert fast[0].extra["speed"]["applied"]["fast_dora_modules"] == 14
     assert "fast_dora_modules" not in slow[0].extra["speed"]["applied"]
     # the norm is the same sum in another order: fp32 rounding; with NF4 the compute is bf16, whose roundings
@@ -109,35 +109,35 @@ def test_fast_dora_trains_like_peft(tiny_model, tmp_path, monkeypatch, quant, dr
 
 
 @pytest.mark.slow
-def test_bf16_kbit_qlora_trains_like_prepare_model_for_kbit_training(tiny_model, tmp_path, monkeypatch):
+def test_bf16_kbit_qlora_trains_like_prepare_model_for_kbit_training(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes")
     spec = spec_for(tiny_model, quantization="nf4", adapter={"dropout": 0.0})
-    fast = run(tmp_path, "fast", spec, monkeypatch, "")
-    slow = run(tmp_path, "peft", spec, monkeypatch, "-bf16_kbit,-fast_lora")
+    fast = run(tmp_path, "fast", spec, "")
+    slow = run(tmp_path, "peft", spec, "-bf16_kbit,-fast_lora")
     assert fast[0].extra["base_linear_class"] == "Linear4bit"
     assert fast[0].extra["speed"]["enabled"]["bf16_kbit"] and not slow[0].extra["speed"]["enabled"]["bf16_kbit"]
     assert_same_training(fast, slow, FP32)  # the same bf16 roundings on both paths: only fp32 order differs
 
 
 @pytest.mark.slow
-def test_qlora_adapters_stay_fp32(tiny_model, tmp_path, monkeypatch):
+def test_qlora_adapters_stay_fp32(tiny_model, tmp_path):
     """TRL casts a quantized model's adapters to bf16; fp32_adapters puts them back (PEFT's default)."""
     import torch
 
     pytest.importorskip("bitsandbytes")
     spec = spec_for(tiny_model, quantization="nf4", adapter={"dropout": 0.0})
-    kept = run(tmp_path, "fp32", spec, monkeypatch, "")
-    trl = run(tmp_path, "bf16", spec, monkeypatch, "-fp32_adapters")
+    kept = run(tmp_path, "fp32", spec, "")
+    trl = run(tmp_path, "bf16", spec, "-fp32_adapters")
     assert kept[0].extra["speed"]["applied"]["fp32_adapter_params"] == 2 * 7 * 2
     assert {t.dtype for t in adapter_tensors(kept[0]).values()} == {torch.float32}
     assert {t.dtype for t in adapter_tensors(trl[0]).values()} == {torch.bfloat16}
 
 
 @pytest.mark.slow
-def test_checkpointing_all_some_or_no_layers_gives_the_same_training(tiny_model, tmp_path, monkeypatch):
+def test_checkpointing_all_some_or_no_layers_gives_the_same_training(tiny_model, tmp_path):
     spec = spec_for(tiny_model, quantization="none")
-    none = run(tmp_path, "none", spec, monkeypatch, "", gradient_checkpointing=False)
-    full = run(tmp_path, "all", spec, monkeypatch, "", gradient_checkpointing=True)
+    none = run(tmp_path, "none", spec, "", gradient_checkpointing=False)
+    full = run(tmp_path, "all", spec, "", gradient_checkpointing=True)
     assert none[0].extra["speed"]["checkpointed_layers"] == 0 and not none[0].gradient_checkpointing
     assert full[0].extra["speed"]["applied"]["checkpointed_layers"] == 2 and full[0].gradient_checkpointing
     assert_same_training(none, full, FP32)
@@ -342,15 +342,28 @@ def test_plan_says_when_dora_dropout_costs_a_second_base_matmul(tiny_model, drop
         assert "adapter.dropout=0" in sp.notes[0] and sp.notes[0] in sp.summary()
 
 
-def test_speedups_env_switch(monkeypatch):
-    monkeypatch.setenv(speed.ENV, "off")
-    assert speed.disabled() == set(speed.OPTIMISATIONS)
-    monkeypatch.setenv(speed.ENV, "-liger, -fast_dora")
-    assert speed.disabled() == {"liger", "fast_dora"}
-    monkeypatch.setenv(speed.ENV, "-warp_drive")
+def test_speedups_are_an_option_recorded_with_the_run(tiny_model):
+    from typing import get_args
+
+    from tunekit.backends.local.backend import LocalBackend
+    from tunekit.backends.local.options import SpeedupOff
+
+    assert {o.lstrip("-") for o in get_args(SpeedupOff)} == set(speed.OPTIMISATIONS)
+    assert speed.disabled("off") == set(speed.OPTIMISATIONS) and speed.disabled("auto") == set()
+    assert speed.disabled(["-liger", "-fast_dora"]) == {"liger", "fast_dora"}
+
+    def planned(value):
+        spec = spec_for(tiny_model, provider_options={"local": {"device": "cpu", "speedups": value}})
+        return LocalBackend().plan(spec).request
+
+    req = planned(["-fast_lora"])
+    assert req["options"]["speedups"] == ["-fast_lora"]  # the run carries it: a resumed worker uses the same
+    assert req["speed"]["enabled"]["fast_lora"] is False
+    assert req["speed"]["reasons"]["fast_lora"] == "disabled by provider_options.local.speedups"
+    assert planned("auto")["speed"]["enabled"]["fast_lora"] is True
     with pytest.raises(ConfigError) as e:
-        speed.disabled()
-    assert e.value.field == speed.ENV
+        planned(["-warp_drive"])
+    assert e.value.field == "provider_options.local.speedups" and "-fast_dora" in str(e.value)
 
 
 UPDATE_REL = 1e-3  # the update's size relative to the base output (rms): far below bf16's ulp

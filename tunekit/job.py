@@ -314,6 +314,12 @@ class FineTuneJob:
     def metrics(self, split: str | None = None) -> list[dict[str, Any]]:
         return self._store.metrics(self.id, split=split)
 
+    @property
+    def plan_changes(self) -> list[JobEvent]:
+        """``plan_changed`` events: what the worker found different from the plan, and what it changed
+        (``data["changes"]``: ``{"field": [planned, now]}``) before training."""
+        return [e for _, e in self._store.events(self.id) if e.type == "plan_changed"]
+
     # -- deployment (local adapters) -------------------------------------------------------------------
     def _adapter_key(self) -> str:
         self._record = self._store.get_job(self.id)

@@ -33,7 +33,7 @@ if not torch.cuda.is_available() and os.environ.get("TUNEKIT_GPU_FORCE_CPU", "")
     pytest.skip("needs CUDA (TUNEKIT_GPU_FORCE_CPU=1 runs it on CPU)", allow_module_level=True)
 pytest.importorskip("trl")
 
-from tunekit.backends.local.train import train  # noqa: E402
+from tests.train_recorder import train_files as train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
 from tests.train_recorder import Recorder  # noqa: E402
 

@@ -94,9 +94,12 @@ def jobs_status(args: argparse.Namespace) -> int:
 
     job = get_job(args.job_id).refresh()
     if args.json:
-        print_json({**_record_json(job), "stalled_s": job.stalled_for, "unsaved": job.unsaved})
+        print_json({**_record_json(job), "stalled_s": job.stalled_for, "unsaved": job.unsaved,
+                    "plan_changed": [e.data.get("changes") for e in job.plan_changes]})
         return 0
     print(progress_line(job.record))
+    for event in job.plan_changes:  # the worker trained something other than what the plan showed: say so
+        print(event.message)
     if job.remote_id:
         print(f"remote id: {job.remote_id}")
     if job.error:

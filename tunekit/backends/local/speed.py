@@ -27,36 +27,30 @@ each one against the path without it). What each optimisation does, and why it p
                AdamW steps of lr ~2e-4 are partly rounded away (the loss curve lags the plain recipe's, which
                keeps PEFT's fp32 adapters); they go back to fp32 (autocast still runs the matmuls in bf16).
 
-`TUNEKIT_SPEEDUPS` turns them off for diagnosis and benchmarks ("off", or "-liger,-fast_dora"); it is
-not part of the spec.
+`provider_options.local.speedups` turns them off for diagnosis and benchmarks ("off", or ["-liger", "-fast_dora"]);
+the plan records the value with the run (`disabled` reads it), so a resumed worker makes the same choice.
 """
 
 from __future__ import annotations
 
-import os
 import types
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters")
-ENV = "TUNEKIT_SPEEDUPS"
+OFF_BY = "disabled by provider_options.local.speedups"
 # model types Liger's instance patching covers and that were checked to share Llama's module layout
 LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
-def disabled() -> set[str]:
-    """Optimisations switched off by TUNEKIT_SPEEDUPS ("off"/"0"/"none" = all; "-a,-b" = those)."""
-    raw = os.environ.get(ENV, "").strip().lower()
-    if raw in ("off", "0", "none", "false"):
-        return set(OPTIMISATIONS)
-    out = {p.strip().lstrip("-") for p in raw.split(",") if p.strip().startswith("-")}
-    unknown = out - set(OPTIMISATIONS)
-    if unknown:
-        from ..._exceptions import ConfigError
-
-        raise ConfigError(f"{ENV}: unknown optimisation(s) {sorted(unknown)}", field=ENV,
-                          hint=f"known: {', '.join(OPTIMISATIONS)}; 'off' disables all")
-    return out
+def disabled(speedups: str | list[str] = "auto") -> frozenset[str]:
+    """Optimisations switched off by provider_options.local.speedups ("off" = all; ["-a", "-b"] = those).
+    The option's model (LocalOptions) has already checked the names."""
+    if speedups == "off":
+        return frozenset(OPTIMISATIONS)
+    if speedups == "auto":
+        return frozenset()
+    return frozenset(p.lstrip("-") for p in speedups)
 
 
 @dataclass
@@ -84,10 +78,10 @@ class SpeedPlan:
         return asdict(self)
 
 
-def estimate_kwargs(spec: Any, cfg: dict[str, Any] | None = None, device_type: str = "cpu") -> dict[str, Any]:
+def estimate_kwargs(spec: Any, cfg: dict[str, Any] | None = None, device_type: str = "cpu",
+                    off: frozenset[str] = frozenset()) -> dict[str, Any]:
     """memory.estimate arguments describing the path train() really takes (fused LM head, bf16 QLoRA, and
     on CUDA Liger's kernels with the fused LoRA forward, which keep fewer activations per layer)."""
-    off = disabled()
     fused = bool(cfg) and _liger(cfg, device_type)[0] and not {"liger", "fast_lora"} & off
     return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in off, "fused_kernels": fused}
 
@@ -119,21 +113,21 @@ def plan(
     auto_checkpointing: bool,
     budget_bytes: int | None,
     estimate: Any = None,
+    off: frozenset[str] = frozenset(),
 ) -> SpeedPlan:
     """Decide the speed-ups of one run.
 
     ``estimate(gradient_checkpointing: bool) -> MemoryEstimate`` is train()'s estimator for the resolved
     quantization; with ``auto_checkpointing`` (the caller did not force it) and a known ``budget_bytes``, it
-    decides how many layers need checkpointing. ``device_type`` is "cuda" or "cpu".
+    decides how many layers need checkpointing. ``device_type`` is "cuda" or "cpu"; ``off`` is `disabled(...)`.
     """
-    off = disabled()
     cuda = device_type == "cuda"
     en: dict[str, bool] = {}
     why: dict[str, str] = {}
 
     def decide(name: str, ok: bool, reason: str) -> None:
         en[name] = ok and name not in off
-        why[name] = f"disabled by {ENV}" if (ok and name in off) else reason
+        why[name] = OFF_BY if (ok and name in off) else reason
 
     liger_ok, liger_why = _liger(cfg, device_type)
     decide("liger", liger_ok, liger_why)
@@ -155,7 +149,7 @@ def plan(
     if not gradient_checkpointing:
         why["checkpointing"] = "off" + (" (CPU: tiny models train faster without)" if not cuda else "")
     elif "checkpointing" in off or not auto_checkpointing or not budget_bytes or estimate is None or n == 0:
-        why["checkpointing"] = ("all layers (" + ("disabled by " + ENV if "checkpointing" in off
+        why["checkpointing"] = ("all layers (" + (OFF_BY if "checkpointing" in off
                                                    else "requested" if not auto_checkpointing
                                                    else "no memory budget known") + ")")
     else:
