@@ -99,3 +99,40 @@ def test_chat_rows_are_prompted_as_training_tokenizes_them(tiny_model, tmp_path)
     ids, mask = trained["input_ids"], trained["assistant_masks"]
     assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
     assert tok.decode([t for t, m in zip(ids, mask) if m]).startswith("4")
+
+
+def test_a_local_run_reports_generated_metrics_every_n_steps(tiny_model, tmp_path):
+    """provider_options.local.eval_generate through the plan and train(): metrics at steps 2 and 4 next to the
+    validation loss, as on_eval reports them (the worker stores them in the job's "eval" split)."""
+    from tests.test_local_train import make_spec, pr_rows, write_jsonl
+    from tests.train_recorder import Recorder, train_files
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", pr_rows(16))
+    val_file = write_jsonl(tmp_path / "val.jsonl", pr_rows(4))
+    rec = Recorder()
+    train_files(make_spec(tiny_model), train_file, tmp_path / "run", callbacks=rec, validation_path=val_file,
+                max_steps=4, eval_steps=4, eval_generate={"steps": 2, "rows": 2, "max_tokens": 4,
+                                                          "metrics": ["exact_match", "contains"]})
+    generated = [(step, sorted(m)) for step, m in rec.evals if "generated_rows" in m]
+    assert generated == [(2, ["contains", "exact_match", "generated_rows"]),
+                         (4, ["contains", "exact_match", "generated_rows"])]
+    assert [step for step, m in rec.evals if "eval_loss" in m] == [4]  # validation loss unchanged
+
+
+def test_the_plan_shows_the_cost_and_refuses_the_option_without_validation_data(tiny_model, tmp_path):
+    from tunekit.backends.local.backend import LocalBackend
+    from tunekit.schemas.spec import TrainingSpec
+
+    def spec(**kw):
+        return TrainingSpec(base_model=str(tiny_model), **kw,
+                            provider_options={"local": {"eval_generate": {"steps": 10, "rows": 4}}})
+
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps(HELD_OUT[0]) + "\n")
+    plan = LocalBackend().plan(spec(validation_data=str(val)))
+    assert plan.request["options"]["eval_generate"] == {"steps": 10, "rows": 4, "max_tokens": 64,
+                                                        "metrics": ["exact_match", "contains"],
+                                                        "tokens_per_eval": 256}
+    with pytest.raises(ConfigError, match="no validation_data") as info:
+        LocalBackend().plan(spec())
+    assert info.value.field == "provider_options.local.eval_generate"

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
 from .._exceptions import ConfigError
 from .metrics import TEXT_METRICS, scorer
@@ -34,6 +34,19 @@ class GenerateEvalOptions(BaseModel):
     metrics: list[str] = Field(["exact_match", "contains"], min_length=1,
                                description=f"any of {', '.join(TEXT_METRICS)}, regex:PATTERN (default exact_match, "
                                            "contains)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, value: Any) -> Any:
+        """A stored run is read back with its computed tokens_per_eval: accepted when it is still true."""
+        if isinstance(value, dict) and "tokens_per_eval" in value:
+            value = dict(value)
+            given = value.pop("tokens_per_eval")
+            rows = value.get("rows", cls.model_fields["rows"].default)
+            max_tokens = value.get("max_tokens", cls.model_fields["max_tokens"].default)
+            if given != rows * max_tokens:
+                raise ValueError("tokens_per_eval is derived (rows x max_tokens): leave it out")
+        return value
 
     @field_validator("metrics")
     @classmethod
@@ -66,12 +79,11 @@ def check_options(value: Any) -> GenerateEvalOptions:
                           hint='e.g. {"steps": 50, "rows": 8, "max_tokens": 64, "metrics": ["exact_match"]}') from None
 
 
-def plan_option(value: Any, ctx: Any) -> dict[str, Any]:
-    """The local backend's plan converter: the option checked, with the held-out rows it needs."""
-    if not ctx.spec.validation_data:
+def check_plan(options: GenerateEvalOptions | None, validation_data: str | None) -> None:
+    """At plan time: the option needs held-out rows to generate from."""
+    if options is not None and not validation_data:
         raise ConfigError(f"{FIELD} generates answers to validation rows, but the spec has no validation_data",
                           field=FIELD, hint="set validation_data (held-out rows), or drop eval_generate")
-    return check_options(value).model_dump(mode="json")
 
 
 def add_to_trainer(trainer: Any, options: Any, validation_path: str | Path | None, tokenizer: Any,
