@@ -136,3 +136,16 @@ def test_the_plan_shows_the_cost_and_refuses_the_option_without_validation_data(
     with pytest.raises(ConfigError, match="no validation_data") as info:
         LocalBackend().plan(spec())
     assert info.value.field == "provider_options.local.eval_generate"
+
+
+def test_generated_scores_and_validation_loss_at_the_same_step_share_its_row(tmp_path):
+    """At a step where both run, neither the validation loss nor the generated answers' scores is lost."""
+    from tunekit.store import Store
+
+    store = Store(tmp_path / "state.db")
+    job = store.create_job("local", {"base_model": "m"}, {})
+    store.add_metrics(job.id, 60, {"contains": 1.0, "exact_match": 1.0, "generated_rows": 4}, split="eval")
+    store.add_metrics(job.id, 60, {"eval_loss": 4.34, "loss": 4.34}, split="eval")
+    store.add_metrics(job.id, 60, {"loss": 4.3}, split="eval")  # a resumed run reports the step again
+    assert store.metrics(job.id, split="eval") == [{"split": "eval", "step": 60, "contains": 1.0, "exact_match": 1.0,
+                                                    "generated_rows": 4, "eval_loss": 4.34, "loss": 4.3}]
