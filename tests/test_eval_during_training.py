@@ -149,3 +149,21 @@ def test_generated_scores_and_validation_loss_at_the_same_step_share_its_row(tmp
     store.add_metrics(job.id, 60, {"loss": 4.3}, split="eval")  # a resumed run reports the step again
     assert store.metrics(job.id, split="eval") == [{"split": "eval", "step": 60, "contains": 1.0, "exact_match": 1.0,
                                                     "generated_rows": 4, "eval_loss": 4.34, "loss": 4.3}]
+
+
+def test_the_loss_plot_draws_the_generated_scores(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from tunekit.backends.local.plot import plot_metrics, score_series
+
+    rows = [{"split": "train", "step": 1, "loss": 5.0}, {"split": "train", "step": 2, "loss": 4.0},
+            {"split": "eval", "step": 2, "loss": 4.5, "exact_match": 0.25, "contains": 0.5, "generated_rows": 4},
+            {"split": "eval", "step": 4, "exact_match": 1.0, "contains": 1.0, "generated_rows": 4}]
+    assert score_series(rows) == {"exact_match": [(2, 0.25), (4, 1.0)], "contains": [(2, 0.5), (4, 1.0)]}
+    drawn = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.extend(
+        (line.get_label(), list(line.get_ydata())) for ax in fig.axes for line in ax.get_lines()) or real(fig, *a, **k))
+    assert plot_metrics(rows, tmp_path / "loss.png").stat().st_size > 0
+    assert ("exact_match (generated)", [0.25, 1.0]) in drawn and ("training loss", [5.0, 4.0]) in drawn
