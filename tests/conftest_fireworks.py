@@ -51,6 +51,7 @@ def _routes() -> list[tuple[str, re.Pattern[str], Any, Any, frozenset[str]]]:
         supervised_fine_tuning_job_create_params,
     )
     from fireworks.pagination import SyncCursorDpoJobs, SyncCursorSupervisedFineTuningJobs
+    from fireworks.types.chat import CompletionCreateResponse, completion_create_params
 
     a = r"/v1/accounts/[^/]+"
     seg = r"[^/:]+"
@@ -76,6 +77,8 @@ def _routes() -> list[tuple[str, re.Pattern[str], Any, Any, frozenset[str]]]:
         ("GET", re.compile(f"{a}/dpoJobs/{seg}"), None, dpo, frozenset()),
         ("POST", re.compile(f"{a}/dpoJobs/{seg}:cancel"), "empty", "empty", frozenset()),
         ("POST", re.compile(f"{a}/dpoJobs/{seg}:resume"), "empty", dpo, frozenset()),
+        ("POST", re.compile("/v1/chat/completions"), completion_create_params.CompletionCreateParamsNonStreaming,
+         CompletionCreateResponse, frozenset()),  # inference (tunekit eval), under FIREWORKS_BASE_URL
     ]
 
 

@@ -326,7 +326,7 @@ def test_managed_registry_adapter_is_asked_at_its_provider_and_gets_the_results(
 
     endpoint = FakeOpenAI(lambda body: (200, " 4"))
     monkeypatch.setenv("TOGETHER_API_KEY", "sk-together-test")
-    monkeypatch.setenv("TOGETHER_BASE_URL", endpoint.url)
+    monkeypatch.setenv("TOGETHER_BASE_URL", endpoint.url.removesuffix("/v1"))  # the SDK adds /v1
     store = default_store()
     store.add_adapter(backend="together", location="acct/Meta-Llama-3.1-8B-ft-abc", info={}, name="tog")
     try:
@@ -354,3 +354,47 @@ def test_chat_rows_reference_the_last_assistant_turn_and_score_loss_on_it(setup,
     [row] = result.rows
     assert row["reference"] == "4" and [m["role"] for m in row["prompt"]] == ["system", "user"]
     assert result.targets[0].metrics["exact_match"] == 0.0 and result.targets[0].metrics["loss"] > 0
+
+
+def test_each_local_base_is_loaded_once_for_loss_and_answers(setup, monkeypatch):
+    """The held-out loss is scored on the model the embedded engine generates with: one load of the base
+    for the base and its adapter, not one per target plus the engine's."""
+    from transformers import AutoModelForCausalLM
+
+    import tunekit
+
+    monkeypatch.setenv("TUNEKIT_HOME", str(setup["root"] / "load-count-home"))  # nothing cached: it generates
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a[0]) or real(cls, *a, **k)))
+    base, good = str(setup["base"]), str(setup["good"])  # an adapter directory: this home has no registry
+    result = tunekit.evaluate([base, good], setup["data"], metrics=["loss", "exact_match"], max_tokens=8,
+                              record=False)
+    assert loads == [base]
+    res = _by_name(result)
+    assert res[good].metrics["exact_match"] == 1.0 and res[good].metrics["loss"] < res[base].metrics["loss"]
+
+
+def test_loss_through_the_engine_slots_is_the_peft_loss(setup):
+    """The engine's LoRA slots and PEFT compute the same held-out loss (within fp32 rounding)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tolerance import assert_close, rounding_eps
+    from tunekit.eval.loss import masked_examples
+
+    base = str(setup["base"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      setup["good"]).eval()
+    nll = tokens = 0.0
+    with torch.inference_mode():
+        for ids, mask in masked_examples(setup["data"], AutoTokenizer.from_pretrained(base), 1024):
+            x = torch.tensor([ids])
+            lp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None])[:, 0]
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            nll, tokens = nll - float(lp[keep].sum()), tokens + int(keep.sum())
+    cfg = model.config
+    eps = rounding_eps("float32", max(cfg.intermediate_size, cfg.vocab_size))
+    assert_close([_by_name(setup["result"])["good"].metrics["loss"]], [nll / tokens], eps, what="held-out loss")

@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
                                          "import_openai", "list_jobs", "load_spec", "plan", "reconcile", "validate")},
     "distill": "tunekit.data.distill",
     "evaluate": "tunekit.eval.run",
-    "EvalResult": "tunekit.eval.run",
+    "EvalResult": "tunekit.eval.result",
     "FineTuneJob": "tunekit.job",
     "WaitTimeout": "tunekit.job",
     **{name: "tunekit.schemas.job" for name in ("JobEvent", "JobResult", "JobStatus", "Plan")},
@@ -59,7 +59,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .api import (estimate_cost, find_orphans, finetune, finetune_from, get_job, import_openai,  # noqa: F401
                       list_jobs, load_spec, plan, reconcile, validate)
     from .data.distill import distill  # noqa: F401
-    from .eval.run import EvalResult, evaluate  # noqa: F401
+    from .eval.result import EvalResult  # noqa: F401
+    from .eval.run import evaluate  # noqa: F401
     from .job import FineTuneJob, WaitTimeout  # noqa: F401
     from .schemas.job import JobEvent, JobResult, JobStatus, Plan  # noqa: F401
     from .schemas.report import ValidationReport  # noqa: F401

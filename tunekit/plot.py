@@ -1,7 +1,9 @@
 """Loss curves of a job's stored metrics: a PNG (matplotlib, Agg) and a text chart for the terminal.
 
 Both take the rows of ``Store.metrics(job_id)``: ``{"split": "train"|"eval", "step": int, "loss": ...}``
-(an eval row may call its loss ``eval_loss``). Steps without a loss are skipped.
+(an eval row may call its loss ``eval_loss``). Steps without a loss are skipped. The PNG also draws the
+scores of answers generated during training (eval rows' ``exact_match``, ``contains``, ...: eval_generate),
+on a 0-1 axis of their own.
 """
 
 from __future__ import annotations
@@ -30,6 +32,20 @@ def loss_series(metrics: Iterable[dict[str, Any]]) -> dict[str, list[tuple[int, 
     return out
 
 
+def score_series(metrics: Iterable[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, score)]} of the eval rows' generated-answer scores, sorted by step."""
+    from ...eval.metrics import TEXT_METRICS
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in metrics:
+        if row.get("split") != "eval":
+            continue
+        for key, value in row.items():
+            if key.partition(":")[0] in TEXT_METRICS and isinstance(value, (int, float)):
+                out.setdefault(key, []).append((int(row["step"]), float(value)))
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def plot_metrics(metrics: list[dict[str, Any]], png_path: str | Path, *, title: str | None = None) -> Path:
     """Write training (and validation) loss against step to ``png_path``; return the path."""
     import matplotlib
@@ -55,7 +71,19 @@ def plot_metrics(metrics: list[dict[str, Any]], png_path: str | Path, *, title: 
         if title:
             ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles, labels = ax.get_legend_handles_labels()
+        scores = score_series(metrics)
+        if scores:
+            ax2 = ax.twinx()
+            for i, (name, points) in enumerate(scores.items()):
+                xs, ys = zip(*points)  # colours after the two loss curves'; markers apart where scores coincide
+                ax2.plot(xs, ys, "--", marker="sdv^"[i % 4], color=f"C{2 + i}", label=f"{name} (generated)",
+                         linewidth=1.0, markersize=5 - i % 4)
+            ax2.set_ylim(-0.05, 1.05)
+            ax2.set_ylabel("score of generated answers")
+            more = ax2.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        ax.legend(handles, labels, loc="center right" if scores else "best")
         fig.tight_layout()
         fig.savefig(png_path)
     finally:

@@ -62,7 +62,8 @@ def adapters_show(args: argparse.Namespace) -> int:
 
 def _list_sorted(items: list, args: argparse.Namespace) -> int:
     """Adapters with a recorded value of the metric, best first; those without one last."""
-    from ..eval.record import LOWER_IS_BETTER, latest_metric
+    from ..eval.metrics import LOWER_IS_BETTER
+    from ..eval.record import latest_metric
     from ._output import print_json, table
 
     values = {a.id: latest_metric(a.info, args.sort, args.data_sha256) for a in items}

@@ -4,7 +4,9 @@
     print(result.to_markdown()); result.write("report.html"); result.to_json()
 
 Modules: targets (what a TARGET names), metrics (scores, intervals), loss (held-out loss of local
-targets), judge (pairwise LLM judge), cache (resume), record (registry), report (Markdown/HTML), run.
+targets), judge (pairwise LLM judge), cache (resume), report (Markdown/HTML), result (the values, rendered
+by report), record (registry), during_training (generative eval inside a local run), run (the whole eval).
+The imports between them form no circle (tests/test_eval_structure.py).
 Importing this package imports no torch, transformers or SDK.
 """
 
@@ -16,8 +18,12 @@ __all__ = ["EvalResult", "evaluate"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import run
+    if name == "EvalResult":
+        from .result import EvalResult
 
-        return getattr(run, name)
+        return EvalResult
+    if name == "evaluate":
+        from .run import evaluate
+
+        return evaluate
     raise AttributeError(name)

@@ -1,7 +1,8 @@
 """Held-out loss and perplexity of a local target, on the tokens it was trained to produce.
 
-The rows are tokenized and masked by the local backend's own code (``backends/local/datasets.py``):
-completion tokens of prompt/response rows, assistant turns of chat rows (weight-0 turns excluded),
+The model is the one the embedded engine serves the target's answers from (loaded once per base, adapters
+in its LoRA slots). The rows are tokenized and masked by the local backend's own code
+(``backends/local/datasets.py``): completion tokens of prompt/response rows, assistant turns of chat rows (weight-0 turns excluded),
 the preferred answer of preference rows. Loss is the mean negative log-likelihood per trained token
 over the whole set; its interval is a bootstrap over rows.
 """
@@ -54,32 +55,25 @@ def masked_examples(data: str | Path, tokenizer: Any, max_length: int) -> list[t
     return out
 
 
-def target_loss(base_model: str, adapter_path: Path | None, data: str | Path, *, device: str | None = None,
-                dtype: str | None = None) -> LossResult:
-    """Load the base (plus the adapter) with transformers/PEFT and score every row, one at a time."""
+def engine_loss(engine: Any, adapter: str | None, data: str | Path) -> LossResult:
+    """Score every row, one at a time, on the model an embedded engine already holds (the weights the
+    answers come from, loaded once), through ``adapter``'s slot (None: the base). The engine is paused
+    meanwhile, so no batch re-routes the slots; this runs before any request is sent to it."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..serve.embedded.engine import _default_device_dtype
-
-    dev, dt = _default_device_dtype(device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dt).to(dev)
-    if adapter_path is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_path)
-    model.eval()
-    max_length = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    dev = engine.device
     nll, tokens = [], []
-    with torch.inference_mode():
-        for ids, mask in masked_examples(data, tokenizer, max_length):
-            x = torch.tensor([ids], device=dev)
-            logits = model(input_ids=x).logits[0, :-1].float()
-            target = x[0, 1:]
-            keep = torch.tensor(mask[1:], device=dev, dtype=torch.bool)
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0]
-            nll.append(float(-(lp[keep]).sum()))
-            tokens.append(int(keep.sum()))
-    del model
+    with engine.paused(), torch.inference_mode():
+        engine.pool.slots.set_rows(engine.pool.acquire([adapter]))
+        try:
+            for ids, mask in masked_examples(data, engine.tokenizer, engine.max_model_len):
+                x = torch.tensor([ids], device=dev)
+                logits = engine.model(input_ids=x).logits[0, :-1].float()
+                target = x[0, 1:]
+                keep = torch.tensor(mask[1:], device=dev, dtype=torch.bool)
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0]
+                nll.append(float(-(lp[keep]).sum()))
+                tokens.append(int(keep.sum()))
+        finally:
+            engine.pool.slots.set_rows([0])
     return LossResult(nll, tokens)

@@ -24,6 +24,7 @@ from .._exceptions import ConfigError
 Z95 = 1.959963984540054
 TEXT_METRICS = ("exact_match", "contains", "regex", "json_valid")
 ALL_METRICS = ("loss", *TEXT_METRICS)
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})  # for every other metric higher is better
 
 
 def _regex(pattern: str | None) -> Callable[[str, str], bool]:

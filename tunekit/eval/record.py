@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .run import EvalResult
+from .result import EvalResult
 
 
-def record_results(result: "EvalResult") -> list[str]:
+def record_results(result: EvalResult) -> list[str]:
     from ..store import default_store
 
     store = default_store()
@@ -46,5 +45,3 @@ def latest_metric(info: dict[str, Any], metric: str, data_sha256: str | None = N
             return entry["metrics"][metric]
     return None
 
-
-LOWER_IS_BETTER = {"loss", "perplexity"}

@@ -1,28 +1,28 @@
 """The report: a per-metric table with 95% intervals, then the rows where the targets disagree most.
 
 Markdown for terminals and pull requests; HTML as one self-contained file (inline CSS, no scripts,
-no external assets) that opens anywhere.
+no external assets) that opens anywhere. ``result`` is an ``EvalResult`` (eval/result.py, which
+calls these renderers; nothing here imports it back).
 """
 
 from __future__ import annotations
 
 import html as _html
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .run import EvalResult
+from .metrics import LOWER_IS_BETTER
 
 ORDER = ("loss", "perplexity", "exact_match", "contains", "json_valid", "judge_win_rate")
 
 
-def metric_names(result: "EvalResult") -> list[str]:
+def metric_names(result: Any) -> list[str]:
     seen: list[str] = []
     for t in result.targets:
         seen += [m for m in t.metrics if m not in seen]
     return sorted(seen, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
 
 
-def cell(result: "EvalResult", target: Any, metric: str) -> str:
+def cell(result: Any, target: Any, metric: str) -> str:
     if metric not in target.metrics:
         return "—"
     v, (lo, hi) = target.metrics[metric], target.ci.get(metric, (None, None))
@@ -34,7 +34,7 @@ def cell(result: "EvalResult", target: Any, metric: str) -> str:
     return text
 
 
-def disagreements(result: "EvalResult", limit: int = 5) -> list[dict[str, Any]]:
+def disagreements(result: Any, limit: int = 5) -> list[dict[str, Any]]:
     """Rows whose scores differ most across targets (then those with the most distinct answers)."""
     def spread(row: dict[str, Any]) -> tuple[int, int]:
         per_metric: dict[str, set] = {}
@@ -53,7 +53,7 @@ def _prompt_text(prompt: Any) -> str:
     return "\n".join(f"[{m['role']}] {m['content']}" for m in prompt)
 
 
-def _settings_line(result: "EvalResult") -> str:
+def _settings_line(result: Any) -> str:
     s = result.settings
     line = f"temperature {s['temperature']}, top_p {s['top_p']}, max_tokens {s['max_tokens']}, seed {s['seed']}"
     if result.judge:
@@ -61,7 +61,7 @@ def _settings_line(result: "EvalResult") -> str:
     return line
 
 
-def markdown(result: "EvalResult") -> str:
+def markdown(result: Any) -> str:
     d = result.data
     metrics = metric_names(result)
     lines = [f"# Evaluation of {len(result.targets)} target(s) on {d['path']}", "",
@@ -96,7 +96,7 @@ td.best{background:#e3f5e1;font-weight:600}pre{white-space:pre-wrap;margin:0;fon
 .muted{color:#666}"""
 
 
-def html(result: "EvalResult") -> str:
+def html(result: Any) -> str:
     e = _html.escape
     d = result.data
     metrics = metric_names(result)
@@ -127,9 +127,7 @@ def html(result: "EvalResult") -> str:
     return "\n".join(parts) + "\n"
 
 
-def _best(result: "EvalResult", metric: str) -> Any:
-    from .record import LOWER_IS_BETTER
-
+def _best(result: Any, metric: str) -> Any:
     have = [t for t in result.targets if metric in t.metrics]
     if len(have) < 2:
         return None

@@ -1,23 +1,25 @@
 """``tunekit.evaluate``: every target answers the held-out rows through the `openai` client, then is scored.
 
-Order of work: validate the data; resolve the targets; held-out loss for local targets (transformers/PEFT);
-start one embedded engine per local base (the base and its adapters decode in mixed batches); tell the
-caller how many remote calls and tokens are coming; generate (bounded concurrency, the one retry policy,
+Order of work: validate the data; resolve the targets; tell the caller how many remote calls and tokens are
+coming; start one embedded engine per local base (the base and its adapters decode in mixed batches, and
+the same loaded weights score the held-out loss); generate (bounded concurrency, the one retry policy,
 answers cached for resume); score; judge; record the results in the adapter registry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .._exceptions import ConfigError, DataValidationError
+from .._exceptions import ConfigError, DataValidationError, MissingDependencyError
 from .cache import AnswerCache, cache_dir, cache_key
 from .metrics import TEXT_METRICS, check_metrics, scorer, wilson
+from .result import EvalResult, TargetResult
 from .targets import Target, resolve_target
 
 DEFAULT_METRICS = ("loss", "exact_match", "contains")
@@ -31,55 +33,6 @@ class Row:
     messages: list[dict[str, str]]  # the conversation up to the answer
     prompt: str | None  # prompt/response rows: the raw prompt (sent as a completion to local targets)
     reference: str
-
-
-@dataclass
-class TargetResult:
-    target: str
-    kind: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
-    judge: dict[str, Any] | None = None
-    adapter_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"target": self.target, "kind": self.kind, "metrics": dict(self.metrics),
-                               "ci": {k: list(v) for k, v in self.ci.items()}}
-        if self.judge is not None:
-            out["judge"] = self.judge
-        if self.adapter_id:
-            out["adapter_id"] = self.adapter_id
-        return out
-
-
-@dataclass
-class EvalResult:
-    data: dict[str, Any]
-    settings: dict[str, Any]
-    targets: list[TargetResult]
-    rows: list[dict[str, Any]]  # per row: line, prompt, reference, answers and scores by target
-    judge: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"data": self.data, "settings": self.settings, "judge": self.judge,
-                "targets": [t.to_json() for t in self.targets]}
-
-    def to_markdown(self) -> str:
-        from .report import markdown
-
-        return markdown(self)
-
-    def to_html(self) -> str:
-        from .report import html
-
-        return html(self)
-
-    def write(self, path: str | Path) -> Path:
-        """Write the report: ``.html`` as one self-contained page, anything else as Markdown."""
-        path = Path(path)
-        path.write_text(self.to_html() if path.suffix.lower() in (".html", ".htm") else self.to_markdown(),
-                        encoding="utf-8")
-        return path
 
 
 def load_rows(data: str | Path) -> tuple[list[Row], dict[str, Any]]:
@@ -143,26 +96,29 @@ def evaluate(targets: Sequence[str] | str, data: str | Path, *, metrics: Sequenc
     base_target = _baseline(resolved, baseline) if judge else None
     results = [TargetResult(t.name, t.kind, adapter_id=t.adapter_id) for t in resolved]
 
-    if "loss" in metrics:
-        from .loss import target_loss
-
-        remote = [t.name for t in resolved if not t.local]
-        if remote:
-            notice(f"loss needs the weights: not computed for remote target(s) {', '.join(remote)}")
-        for t, res in zip(resolved, results):
-            if t.local:
-                for key, (value, ci) in target_loss(t.base_model, t.adapter_path, data, device=device,
-                                                    dtype=dtype).summary().items():
-                    res.metrics[key], res.ci[key] = value, ci
-
     text_metrics = [m for m in metrics if m.partition(":")[0] in TEXT_METRICS]
-    answers: dict[str, list[str]] = {}
-    if text_metrics or judge:
-        caches, jobs = _plan_generation(resolved, rows, settings, data_info["sha256"], resume)
+    generate = bool(text_metrics or judge)
+    want_loss = "loss" in metrics
+    remote = [t.name for t in resolved if not t.local]
+    if want_loss and remote:
+        notice(f"loss needs the weights: not computed for remote target(s) {', '.join(remote)}")
+    caches, jobs = _plan_generation(resolved, rows, settings, data_info["sha256"], resume) if generate else ({}, [])
+    if generate:
         _announce(jobs, rows, max_tokens, judge, judge_base_url, len(resolved), notice)
-        pending = [t for t in resolved if any(t is jt for jt, _ in jobs)]  # only these are loaded or called
-        with _served(pending, device=device, dtype=dtype, max_batch_size=max(concurrency, 1)) as clients:
-            _generate(jobs, caches, clients, settings, concurrency)
+    # Only these are loaded or called; a local target is loaded once, in its base's engine, for loss and answers.
+    served = [t for t in resolved if (want_loss and t.local) or any(t is jt for jt, _ in jobs)]
+    with _served(served, device=device, dtype=dtype, max_batch_size=max(concurrency, 1)) as (clients, engines):
+        if want_loss:
+            from .loss import engine_loss
+
+            for t, res in zip(resolved, results):
+                if t.local:
+                    adapter = t.model if t.adapter_path else None
+                    for key, (value, ci) in engine_loss(engines[t.name], adapter, data).summary().items():
+                        res.metrics[key], res.ci[key] = value, ci
+        _generate(jobs, caches, clients, settings, concurrency)
+    answers: dict[str, list[str]] = {}
+    if generate:
         answers = {t.name: [caches[t.name][0].get(str(r.index))["answer"] for r in rows] for t in resolved}
 
     row_out = [{"index": r.index, "line": r.line, "prompt": r.prompt if r.prompt is not None else r.messages,
@@ -227,18 +183,20 @@ def _announce(jobs: list[tuple[Target, Row]], rows: list[Row], max_tokens: int, 
 
 
 @contextlib.contextmanager
-def _served(resolved: list[Target], **engine_kw: Any) -> Iterator[dict[str, Any]]:
-    """An `openai` client per target: local ones through one in-process embedded engine per base."""
+def _served(resolved: list[Target], **engine_kw: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """A client per target, and the engine of each local one: local targets are served by one in-process
+    embedded engine per base (its adapters in slots), reached through the `openai` client."""
     from openai import OpenAI
 
     clients: dict[str, Any] = {}
+    engines: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         groups: dict[str, list[Target]] = {}
         for t in resolved:
             if t.local:
                 groups.setdefault(str(t.base_model), []).append(t)
             else:
-                clients[t.name] = OpenAI(base_url=t.base_url, api_key=t.api_key or "unused", max_retries=0)
+                clients[t.name] = _remote_client(t)
         for base, group in groups.items():
             from ..serve.embedded import start_in_thread
 
@@ -248,8 +206,29 @@ def _served(resolved: list[Target], **engine_kw: Any) -> Iterator[dict[str, Any]
             client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
             for i, t in enumerate(group):
                 t.model = f"adapter-{i}" if t.adapter_path else base
-                clients[t.name] = client
-        yield clients
+                clients[t.name], engines[t.name] = client, server.engine
+        yield clients, engines
+
+
+# A managed provider's model is asked through that provider's official SDK, which knows its inference host
+# and reads the same base-URL variable as the training backend (TOGETHER_BASE_URL, FIREWORKS_BASE_URL).
+PROVIDER_SDKS = {"together": ("together", "Together"), "fireworks": ("fireworks", "Fireworks")}
+
+
+def _remote_client(t: Target) -> Any:
+    """The client a remote target is asked through: the provider's SDK, else the `openai` client at its URL.
+    SDK retries are off: the one retry policy (tunekit/_retry.py) retries, around each call."""
+    if t.provider not in PROVIDER_SDKS:
+        from openai import OpenAI
+
+        return OpenAI(base_url=t.base_url, api_key=t.api_key or "unused", max_retries=0)
+    module, cls = PROVIDER_SDKS[t.provider]
+    try:
+        sdk = importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(f"evaluating {t.name} (a {t.provider} model) needs the {module} SDK",
+                                     hint=f"pip install 'tunekit[{t.provider}]'") from None
+    return getattr(sdk, cls)(api_key=t.api_key, max_retries=0)
 
 
 def _plan_generation(resolved: list[Target], rows: list[Row], settings: dict[str, Any], data_sha256: str,

@@ -20,12 +20,12 @@ from typing import Any
 
 from .._exceptions import ConfigError
 
-# OpenAI-compatible inference endpoints of the managed backends, where their keys are read from, and the
-# endpoint override (OpenAI's and Together's SDK base URLs serve inference too; Fireworks' does not).
+# Each managed provider's chat-completions endpoint (as its SDK sends it), where its key is read from, and
+# the SDK's own base-URL variable (Together's and Fireworks' SDKs are used for their models: eval/run.py).
 PROVIDER_ENDPOINTS = {
     "openai": ("https://api.openai.com/v1", ("OPENAI_API_KEY",), "OPENAI_BASE_URL"),
-    "together": ("https://api.together.xyz/v1", ("TOGETHER_API_KEY",), "TOGETHER_BASE_URL"),
-    "fireworks": ("https://api.fireworks.ai/inference/v1", ("FIREWORKS_API_KEY",), None),
+    "together": ("https://api-inference.together.ai/v1", ("TOGETHER_API_KEY",), "TOGETHER_BASE_URL"),
+    "fireworks": ("https://api.fireworks.ai/inference/v1", ("FIREWORKS_API_KEY",), "FIREWORKS_BASE_URL"),
 }
 
 

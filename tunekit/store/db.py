@@ -312,9 +312,14 @@ class Store:
         return out
 
     def add_metrics(self, job_id: str, step: int, values: dict[str, Any], *, split: str = "train") -> None:
+        """One row per (split, step): what several reporters give at one step (validation loss, generated
+        answers' scores) is merged; a key reported again (a resumed run) takes the new value."""
         with self._write() as c:
+            row = c.execute("SELECT values_json FROM metrics WHERE job_id = ? AND split = ? AND step = ?",
+                            (job_id, split, int(step))).fetchone()
+            merged = {**json.loads(row[0]), **values} if row else values
             c.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)",
-                      (job_id, split, int(step), time.time(), json.dumps(values, default=float)))
+                      (job_id, split, int(step), time.time(), json.dumps(merged, default=float)))
 
     def metrics(self, job_id: str, *, split: str | None = None) -> list[dict[str, Any]]:
         sql, args = "SELECT * FROM metrics WHERE job_id = ?", [job_id]

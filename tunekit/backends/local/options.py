@@ -12,6 +12,8 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from ...eval.during_training import GenerateEvalOptions
+
 MAX_STEPS = 10**9        # step counts above this are typos (a billion optimizer steps)
 MAX_BUDGET_GB = 2.0**20  # 1 PiB
 GiB = 1024**3
@@ -49,6 +51,10 @@ class LocalOptions(BaseModel):
     memory_budget_gb: Optional[Annotated[float, Field(gt=0, le=MAX_BUDGET_GB)]] = Field(
         None, description=f"GB of memory the fit check may assume, in (0, {MAX_BUDGET_GB:.0f}] (default: the device's)")
     logging_steps: Steps = Field(1, description="step metrics every N steps, an integer >= 1 (default 1)")
+    eval_generate: Optional[GenerateEvalOptions] = Field(
+        None, description="greedy answers to the first validation rows, scored every N steps into the eval metrics: "
+                          "{steps, rows (8), max_tokens (64), metrics (exact_match, contains)} (default off; "
+                          "docs/evaluation.md)")
     speedups: Union[Literal["auto", "off"], Annotated[list[SpeedupOff], Field(min_length=1)]] = Field(
         "auto", description="'auto' (every speed-up the run can use), 'off', or the ones to leave out, e.g. "
                             "['-liger', '-fast_dora'] (default 'auto'; for diagnosis and benchmarks)")

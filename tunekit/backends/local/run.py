@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...eval import during_training as _gen_eval
 from ...schemas.spec import AdapterConfig, Hyperparameters, TrainingSpec
 from .options import LocalOptions, Steps
 
@@ -145,6 +146,7 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     from .resolve import resolve_run
 
     hp = spec.hyperparameters
+    _gen_eval.check_plan(options.eval_generate, spec.validation_data)
     r = resolve_run(spec, device=options.device, gradient_checkpointing=options.gradient_checkpointing,
                     memory_budget_bytes=options.memory_budget_bytes, speedups=options.speedups)
     rows = data.train.rows if data is not None and data.train.rows else rows

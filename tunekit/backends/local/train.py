@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ..._exceptions import ConfigError, TrainingError
+from ...eval import during_training as _gen_eval
 from . import memory as _memory
 from ...adapters import provenance as _provenance
 from . import kernels as _kernels
@@ -314,6 +315,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     speed_applied["fp32_adapter_params"] = _kernels.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
     trainer.add_callback(bridge)
+    _gen_eval.add_to_trainer(trainer, run.options.eval_generate, validation_path, tokenizer, cb.on_eval)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # metrics go to the callbacks, not stdout
