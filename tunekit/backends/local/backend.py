@@ -65,6 +65,7 @@ ACTIVE = (JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANC
 
 MAX_STEPS_LIMIT = 10**9  # step counts above this are typos (a billion optimizer steps)
 MAX_BUDGET_GB = 2.0**20  # 1 PiB
+MAX_GPUS = 1024  # GPUs per node
 OPTIONS_HINT = "fix the value in provider_options.local (every option: docs/local.md)"
 
 
@@ -117,6 +118,36 @@ def _budget(value: Any, ctx: PlanContext) -> float:
     return float(value)
 
 
+def _gpus(value: Any, ctx: PlanContext) -> int | str:
+    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_GPUS):
+        return value
+    raise ConfigError(f"provider_options.local.gpus must be a number of GPUs in 1..{MAX_GPUS} or 'all', "
+                      f"not {value!r}", field="provider_options.local.gpus", hint=OPTIONS_HINT)
+
+
+def _node_rank(value: Any, ctx: PlanContext) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"provider_options.local.node_rank must be an integer >= 0, not {value!r}",
+                          field="provider_options.local.node_rank", hint=OPTIONS_HINT)
+    return value
+
+
+def _endpoint(value: Any, ctx: PlanContext) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", value):
+        raise ConfigError(f"provider_options.local.rdzv_endpoint must be 'host:port' (node 0's address), "
+                          f"not {value!r}", field="provider_options.local.rdzv_endpoint", hint=OPTIONS_HINT)
+    return value
+
+
+def _layout(value: Any, ctx: PlanContext) -> str:
+    from .layout import LAYOUTS
+
+    if value not in LAYOUTS:
+        raise ConfigError(f"provider_options.local.layout must be one of {', '.join(LAYOUTS)}, not {value!r}",
+                          field="provider_options.local.layout", hint=OPTIONS_HINT)
+    return value
+
+
 OPTIONS: dict[str, Any] = {
     "output_dir": _path,                     # default $TUNEKIT_HOME/jobs/<id>/output
     "checkpoint_steps": _positive_int("checkpoint_steps"),  # default ~10 checkpoints per run
@@ -127,6 +158,9 @@ OPTIONS: dict[str, Any] = {
     "gradient_checkpointing": _bool("gradient_checkpointing"),  # default: on for GPU, off for CPU
     "memory_budget_gb": _budget,             # memory the fit check may assume (default: the device's)
     "logging_steps": _positive_int("logging_steps"),
+    # several GPUs / nodes (docs/multi-gpu.md): ranks per node, node count, this node's rank, node 0's host:port
+    "gpus": _gpus, "nnodes": _positive_int("nnodes"), "node_rank": _node_rank, "rdzv_endpoint": _endpoint,
+    "layout": _layout,                       # auto (DDP if a whole model fits a GPU, else FSDP2) | ddp | fsdp2
 }
 
 
@@ -211,6 +245,8 @@ class LocalBackend(Backend):
             notes.append(f"memory: {est.summary()}: {verdict}")
             if est.fits is False:
                 notes += [f"  suggestion: {s}" for s in est.suggestions]
+        if r.get("layout") is not None:
+            notes.append(f"layout: {r['layout'].summary()}")
         return notes
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -387,7 +423,11 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
     run = resolve_run(spec.model_copy(update={"base_model": base}), device=opts.get("device"),
                       gradient_checkpointing=opts.get("gradient_checkpointing"),
                       memory_budget_bytes=int(budget_gb * GiB) if budget_gb else None)
-    quant, dev, estimate = run.quant, run.device, run.estimate
+    from .layout import from_options
+
+    layout = from_options(spec, run, opts)  # None: one process
+    quant, dev = run.quant, run.device
+    estimate = layout.estimate if layout is not None and layout.estimate is not None else run.estimate
     steps_per_epoch = math.ceil(rows / hp.batch_size) if rows else None
     total = opts.get("max_steps") or (steps_per_epoch * hp.epochs if steps_per_epoch else None)
     ckpt = opts.get("checkpoint_steps") or (max(1, math.ceil(total / 10)) if total else 50)
@@ -397,7 +437,8 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
                "keep_checkpoints": opts.get("keep_checkpoints", KEEP_CHECKPOINTS), "max_steps": opts.get("max_steps"),
                "eval_steps": opts.get("eval_steps") or (ckpt if spec.validation_data else None),
                "device": opts.get("device"), "gradient_checkpointing": opts.get("gradient_checkpointing"),
-               "memory_budget_gb": budget_gb, "logging_steps": opts.get("logging_steps", 1)}
+               "memory_budget_gb": budget_gb, "logging_steps": opts.get("logging_steps", 1),
+               **{k: opts[k] for k in ("gpus", "nnodes", "node_rank", "rdzv_endpoint", "layout") if k in opts}}
     request = {
         "base_model": base,
         "method": spec.method,
@@ -418,9 +459,10 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
         "validation_data": spec.validation_data,
         "output": {"name": spec.suffix},
         "options": options,
+        "layout": None if layout is None else layout.to_dict(),
         "memory_estimate": None if estimate is None else {
             "total_bytes": estimate.total_bytes, "breakdown": estimate.breakdown, "fits": estimate.fits,
             "budget_bytes": run.budget_bytes},
     }
     return {"request": request, "quant": quant, "estimate": estimate, "estimate_skipped": run.estimate_skipped,
-            "options": options, "run": run}
+            "options": options, "run": run, "layout": layout}

@@ -11,7 +11,7 @@ rate and the examples of each optimizer step are those of one GPU.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..._exceptions import ConfigError
@@ -32,18 +32,78 @@ class Layout:
     per_gpu_bytes: int
     reason: str
     quant_storage: str | None = None  # FSDP2 QLoRA: bnb_4bit_quant_storage (the compute dtype)
+    estimate: _memory.MemoryEstimate | None = field(default=None, repr=False, compare=False)
 
     @property
     def world_size(self) -> int:
         return self.gpus * self.nnodes
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "world_size": self.world_size}
+        out = asdict(self)
+        del out["estimate"]
+        return {**out, "world_size": self.world_size}
 
     def summary(self) -> str:
         where = f"{self.gpus} GPU(s)" + (f" x {self.nnodes} nodes" if self.nnodes > 1 else "")
         return (f"{self.kind} on {where}: micro-batch {self.micro_batch} per rank x {self.world_size} ranks x "
                 f"{self.grad_accum} accumulation, ~{_memory.human_bytes(self.per_gpu_bytes)} per GPU ({self.reason})")
+
+
+def estimate_kwargs(spec: Any, run: Any) -> dict[str, Any]:
+    """memory.estimate's arguments for one GPU of ``run`` (resolve.RunPlan), but the micro-batch and memory."""
+    a = spec.adapter
+    return dict(quantization=run.quant.mode, r=a.r, target_modules=a.target_modules, use_dora=a.use_dora,
+                max_length=spec.hyperparameters.max_length, gradient_checkpointing=run.gradient_checkpointing,
+                dtype="bf16" if run.quant.quantized else run.compute_dtype, method=spec.method,
+                device_type=run.device.type, **run.estimate_kwargs)
+
+
+def for_run(spec: Any, run: Any, *, gpus: int, nnodes: int = 1, layout: str = "auto") -> Layout:
+    """The layout of a resolved run (resolve.RunPlan) over ``gpus`` x ``nnodes``. Without the model's config
+    (a hub model not downloaded yet) memory cannot be checked: DDP unless FSDP2 is asked for."""
+    if run.model_config is None:
+        micro, accum = split_batch(spec.hyperparameters.batch_size, run.micro_batch, gpus * nnodes)
+        return Layout(kind="fsdp2" if layout == "fsdp2" else "ddp", gpus=gpus, nnodes=nnodes, micro_batch=micro,
+                      grad_accum=accum, per_gpu_bytes=0, reason=f"memory not checked: {run.estimate_skipped}",
+                      quant_storage="bf16" if layout == "fsdp2" and run.quant.quantized else None)
+    return choose(run.model_config, gpus=gpus, nnodes=nnodes, gpu_memory_bytes=run.budget_bytes,
+                  batch_size=spec.hyperparameters.batch_size, micro_batch=run.micro_batch,
+                  estimate_kwargs=estimate_kwargs(spec, run), layout=layout)
+
+
+def from_options(spec: Any, run: Any, options: dict[str, Any]) -> Layout | None:
+    """The layout provider_options.local asks for (gpus, nnodes, node_rank, rdzv_endpoint, layout); None
+    for one process. ``gpus='all'`` counts the visible CUDA GPUs; without a GPU, gpus=N runs N CPU processes
+    (gloo: tests and debugging)."""
+    gpus, nnodes = options.get("gpus", 1), options.get("nnodes", 1)
+    visible = _visible_gpus() if run.device.type == "cuda" else None
+    if gpus == "all":
+        if not visible:
+            raise ConfigError("provider_options.local.gpus='all' but no CUDA GPU is visible",
+                              field="provider_options.local.gpus", hint="give a number of processes, or " + HINT)
+        gpus = visible
+    if visible is not None and gpus > visible:
+        raise ConfigError(f"provider_options.local.gpus={gpus} but {visible} CUDA GPU(s) are visible",
+                          field="provider_options.local.gpus",
+                          hint=f"use gpus <= {visible} (or 'all'), or check CUDA_VISIBLE_DEVICES")
+    if nnodes > 1 and not options.get("rdzv_endpoint"):
+        raise ConfigError(f"provider_options.local.nnodes={nnodes} needs rdzv_endpoint (host:port of node 0)",
+                          field="provider_options.local.rdzv_endpoint", hint=HINT)
+    if options.get("node_rank", 0) >= nnodes:
+        raise ConfigError(f"provider_options.local.node_rank={options['node_rank']} must be below nnodes={nnodes}",
+                          field="provider_options.local.node_rank", hint=HINT)
+    if gpus * nnodes == 1:
+        if options.get("layout", "auto") != "auto":
+            raise ConfigError(f"provider_options.local.layout={options['layout']!r} needs more than one GPU",
+                              field="provider_options.local.layout", hint=HINT)
+        return None
+    return for_run(spec, run, gpus=gpus, nnodes=nnodes, layout=options.get("layout", "auto"))
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def split_batch(batch_size: int, micro_batch: int, world: int) -> tuple[int, int]:
@@ -89,7 +149,7 @@ def choose(
 
     def make(kind: str, est, micro: int, accum: int, reason: str) -> Layout:
         return Layout(kind=kind if world > 1 else "single", gpus=gpus, nnodes=nnodes, micro_batch=micro,
-                      grad_accum=accum, per_gpu_bytes=est.total_bytes, reason=reason,
+                      grad_accum=accum, per_gpu_bytes=est.total_bytes, reason=reason, estimate=est,
                       quant_storage="bf16" if kind == "fsdp2" and quantized else None)
 
     ddp, micro, accum = per_gpu("ddp", world)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._exceptions import ConfigError, TrainingError
+from . import ranks as _ranks
 from . import memory as _memory
 from . import provenance as _provenance
 from . import speed as _speed
@@ -214,12 +215,14 @@ def train(
     gradient_checkpointing: bool | None = None,
     memory_budget_bytes: int | None = None,
     logging_steps: int = 1,
+    layout: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """Train a LoRA/QLoRA adapter for ``spec`` on a JSONL file; return what was produced and how.
 
     ``memory_budget_bytes`` caps the memory the fit check assumes (default: the device's). ``eval_steps``
     defaults to checkpoint_steps, else 10% of the run; validation loss is also computed at the end.
-    ``keep_checkpoints`` keeps only that many newest checkpoints on disk (None: all).
+    ``keep_checkpoints`` keeps only that many newest checkpoints on disk (None: all). ``layout``
+    (layout.Layout.to_dict, from the plan) is this run's share of several ranks under torchrun (launch.py).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -233,6 +236,8 @@ def train(
     config = _load_config(spec.base_model)
     run = resolve_run(spec, device=device, gradient_checkpointing=gradient_checkpointing,
                       memory_budget_bytes=memory_budget_bytes, model_config=config.to_dict())
+    if _ranks.world_size(layout) > 1:  # this rank's micro-batch and accumulation, the per-GPU estimate
+        run = _ranks.apply_layout(run, layout, spec)
     dev, on_gpu, micro, accum = run.device, run.on_gpu, run.micro_batch, run.grad_accum
     decision, est, speed = run.quant, run.estimate, run.speed
     _memory.check_fits(est, what=f"training {spec.base_model} ({decision.mode}, micro-batch {micro}, "
@@ -263,11 +268,14 @@ def train(
     # ---- model
     _quiet_progress_bars()
     bnb_cfg, _ = quantization_config(spec, dev, run.bf16_fits)
+    if bnb_cfg is not None and (layout or {}).get("quant_storage"):  # FSDP2 shards 4-bit weights stored as bf16
+        bnb_cfg.bnb_4bit_quant_storage = torch.bfloat16
     load_kw: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
     if bnb_cfg is not None:
         load_kw["quantization_config"] = bnb_cfg
-    if on_gpu:
-        load_kw["device_map"] = {"": torch.device(device or "cuda").index or 0}
+    if on_gpu and (layout or {}).get("kind") != "fsdp2":  # FSDP2 places the shards itself
+        load_kw["device_map"] = {"": _ranks.local_rank() if _ranks.is_rank()
+                                 else torch.device(device or "cuda").index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.base_model, **load_kw)
     except Exception as exc:
@@ -319,7 +327,7 @@ def train(
         spec, model, tokenizer, data, val, ckpt_dir=ckpt_dir, micro=micro, accum=accum, on_gpu=on_gpu,
         optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # speed.apply set it per layer
         checkpoint_steps=checkpoint_steps, keep_checkpoints=keep_checkpoints, max_steps=max_steps,
-        eval_steps=eval_steps, logging_steps=logging_steps,
+        eval_steps=eval_steps, logging_steps=logging_steps, extra_args=_ranks.trainer_args(layout, model, on_gpu),
     )
     speed_applied["fp32_adapter_params"] = _speed.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
@@ -349,10 +357,10 @@ def train(
     if not bridge.stopped:
         adapter_path = str(adapter_dir)
         save_kw = {"path_initial_model_for_weight_conversion": str(init_dir)} if mutating else {}
-        trainer.model.save_pretrained(str(adapter_dir), **save_kw)
-        check_finite_adapter(adapter_dir)
-        tokenizer.save_pretrained(str(adapter_dir))
-        cb.on_event("info", f"adapter saved to {adapter_dir}")
+        if _ranks.save_adapter(trainer.model, adapter_dir, save_kw):  # gathered from the ranks, if several
+            check_finite_adapter(adapter_dir)
+            tokenizer.save_pretrained(str(adapter_dir))
+            cb.on_event("info", f"adapter saved to {adapter_dir}")
 
     session_tokens = state.num_input_tokens_seen
     train_loss = _last_train_loss(state.log_history, result)
@@ -452,7 +460,7 @@ def _adapted_base_class(model: Any) -> str | None:
 def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData | None, *, ckpt_dir: Path,
                    micro: int, accum: int, on_gpu: bool, optim_name: str, optimizers, gradient_checkpointing: bool,
                    checkpoint_steps: int | None, keep_checkpoints: int | None, max_steps: int | None, eval_steps,
-                   logging_steps: int):
+                   logging_steps: int, extra_args: dict[str, Any] | None = None):
     from datasets import Dataset
 
     hp = spec.hyperparameters
@@ -486,6 +494,7 @@ def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         max_length=hp.max_length,
+        **(extra_args or {}),
     )
     _set_checkpointing(common, gradient_checkpointing)
     train_ds = Dataset.from_list(data.records)

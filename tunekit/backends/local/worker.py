@@ -218,10 +218,24 @@ def discard_torn_checkpoints(record) -> list[str]:
 
 
 def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
-    from .train import train
+    from .launch import launch
+    from .ranks import world_size
 
     for path in discard_torn_checkpoints(record):  # a resume must neither use nor rotate around them
         cb.event("warning", f"removed torn checkpoint {path} (its save did not finish)")
+    request = record.request or {}
+    if world_size(request.get("layout")) > 1:  # several ranks under torchrun (launch.py)
+        for split in ("train", "validation"):  # one snapshot, made here, that every rank checks
+            if (record.data or {}).get(split):
+                data_snapshot(record, split)
+        return launch(record, cb, request.get("options") or {}, resume_from)
+    return train_job(record, cb, resume_from)
+
+
+def train_job(record, cb, resume_from: str | None) -> TrainOutcome:
+    """train() with the job's stored plan: in this process, or in each rank (launch.run_rank)."""
+    from .train import train
+
     request = record.request or {}
     opts = dict(request.get("options") or {})
     spec = TrainingSpec.model_validate(record.spec)
@@ -236,6 +250,7 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
         max_steps=opts.get("max_steps"), device=opts.get("device"),
         eval_steps=opts.get("eval_steps"), gradient_checkpointing=opts.get("gradient_checkpointing"),
         memory_budget_bytes=int(budget * 1024**3) if budget else None, logging_steps=opts.get("logging_steps") or 1,
+        layout=request.get("layout"),
     )
 
 
@@ -351,7 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunekit.backends.local.worker")
     parser.add_argument("job_id")
     parser.add_argument("--resume", default=None, help="checkpoint directory to continue from")
+    parser.add_argument("--rank", action="store_true", help="one rank under torchrun (launch.py), not the job's worker")
     args = parser.parse_args(argv)
+    if args.rank:
+        from .launch import run_rank
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(run_rank)(args.job_id, args.resume)
     print(f"tunekit worker for {args.job_id} (pid {__import__('os').getpid()}); job dir {job_dir(args.job_id)}",
           flush=True)
     return run(args.job_id, resume_from=args.resume)
