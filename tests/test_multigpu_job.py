@@ -137,13 +137,16 @@ def test_a_killed_rank_fails_the_job_with_its_error_and_resume_finishes(tiny_mod
 
 def test_the_root_cause_is_the_killed_rank_else_the_first_error_written(tmp_path):
     def failure(code):
-        return SimpleNamespace(exitcode=code, signal_name=lambda: "SIGKILL")
+        return SimpleNamespace(exitcode=code, signal_name=lambda: {-9: "SIGKILL", -15: "SIGTERM"}.get(code))
 
-    # rank 1 was killed; rank 0 then failed in its collective: the kill is the cause
+    # rank 1 was killed; torchrun then ended rank 0 with SIGTERM (or it failed in its collective first)
+    assert root_cause({0: failure(-15), 1: failure(-9)}, tmp_path) == (1, "killed by SIGKILL")
     assert root_cause({0: failure(1), 1: failure(-9)}, tmp_path) == (1, "killed by SIGKILL")
+    assert root_cause({2: failure(-15), 1: failure(-15)}, tmp_path) == (1, "killed by SIGTERM")
     (tmp_path / "error-0.json").write_text(json.dumps({"rank": 0, "time": 2.0, "error": "RuntimeError: gloo"}))
     (tmp_path / "error-3.json").write_text(json.dumps({"rank": 3, "time": 1.0, "error": "ValueError: bad row"}))
     assert root_cause({0: failure(1), 3: failure(1)}, tmp_path) == (3, "ValueError: bad row")
+    assert root_cause({0: failure(-15), 3: failure(1)}, tmp_path) == (3, "ValueError: bad row")
 
 
 def test_torchrun_gets_the_ranks_and_the_rendezvous(tmp_path):
@@ -153,7 +156,7 @@ def test_torchrun_gets_the_ranks_and_the_rendezvous(tmp_path):
     nodes = torchrun_argv("tk-1", {"gpus": 8, "nnodes": 2}, {"node_rank": 1, "rdzv_endpoint": "10.0.0.1:29500"},
                           "/ckpt/checkpoint-4", tmp_path)
     assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29500",
-            "--rdzv-id=tk-1"} <= set(nodes) and "--standalone" not in nodes
+            "--rdzv-id=tunekit"} <= set(nodes) and "--standalone" not in nodes
     assert nodes[-2:] == ["--resume", "/ckpt/checkpoint-4"]
 
 

@@ -30,6 +30,8 @@ from .ranks import local_rank, rank, world_size
 from .train import TrainCallbacks, TrainOutcome
 
 RANKS_DIR = "ranks"
+# the rendezvous id every node gives (each node's job has its own id; node 0's agent hosts a fresh store per run)
+RDZV_ID = "tunekit"
 OUTCOME = "outcome.json"
 # torchrun checks its ranks this often (seconds): a dead rank is seen, and the others ended, within it
 MONITOR_INTERVAL_S = 0.2
@@ -43,7 +45,7 @@ def torchrun_argv(job_id: str, layout: dict[str, Any], options: dict[str, Any], 
             f"--monitor-interval={MONITOR_INTERVAL_S}", f"--log-dir={log_dir}"]
     if nnodes > 1:
         argv += [f"--node-rank={options.get('node_rank') or 0}", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint={options['rdzv_endpoint']}", f"--rdzv-id={job_id}"]
+                 f"--rdzv-endpoint={options['rdzv_endpoint']}", f"--rdzv-id={RDZV_ID}"]
     else:
         argv.append("--standalone")
     argv += ["-m", WORKER_MODULE, job_id, "--rank"]
@@ -87,9 +89,10 @@ def launch(record, cb: TrainCallbacks, options: dict[str, Any], resume_from: str
 
 
 def root_cause(failures: dict[int, Any], ranks: Path) -> tuple[int, str]:
-    """The rank whose failure ended the run: one killed by a signal (the others then fail in a collective),
-    else the one that wrote its error first."""
-    killed = sorted(r for r, f in failures.items() if f.exitcode < 0)
+    """The rank whose failure ended the run. torchrun ends the other ranks with SIGTERM once it sees one fail,
+    and a rank whose peer vanished fails in its next collective; so: a rank killed by another signal first,
+    then the error a rank wrote first, then the rest."""
+    killed = sorted(r for r, f in failures.items() if f.exitcode < 0 and f.signal_name() != "SIGTERM")
     if killed:
         return killed[0], f"killed by {failures[killed[0]].signal_name()}"
     written = []
@@ -102,7 +105,8 @@ def root_cause(failures: dict[int, Any], ranks: Path) -> tuple[int, str]:
         first = min(written, key=lambda e: e["time"])
         return int(first["rank"]), first["error"]
     r = min(failures)
-    return r, f"exit code {failures[r].exitcode}"
+    f = failures[r]
+    return r, f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
 
 
 # ---------------------------------------------------------------------------------------------------
