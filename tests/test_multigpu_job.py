@@ -176,9 +176,26 @@ def test_the_plan_shows_the_layout_and_the_options(tiny_model):
     ({"gpus": 0}, "gpus"), ({"gpus": "some"}, "gpus"), ({"gpus": 3}, "batch_size"),
     ({"nnodes": 2}, "rdzv_endpoint"), ({"nnodes": 2, "rdzv_endpoint": "head:29500", "node_rank": 2}, "node_rank"),
     ({"gpus": 2, "rdzv_endpoint": "no port"}, "rdzv_endpoint"), ({"gpus": 2, "layout": "zero3"}, "layout"),
-    ({"layout": "fsdp2"}, "layout"),
+    ({"layout": "fsdp2"}, "layout"), ({"gpus": 2, "layout": "fsdp2"}, "layout"),  # FSDP2 on CPU ranks
 ])
 def test_bad_multi_gpu_options_are_refused_with_the_field(tiny_model, options, field):
     with pytest.raises(ConfigError) as exc:
         _plan(tiny_model, **options)
     assert exc.value.field.endswith(field), exc.value.field
+
+
+def test_trainer_arguments_of_each_layout(tiny_model):
+    """DDP is the Trainer's own under torchrun; FSDP2 goes through accelerate's plugin (fsdp_version 2), one unit
+    per decoder layer. (FSDP2 itself needs GPU ranks: the GPU benchmark runs it.)"""
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.backends.local.ranks import trainer_args
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert trainer_args(None, model, on_gpu=False) == {}
+    ddp = trainer_args({"kind": "ddp", "world_size": 2, "nnodes": 1}, model, on_gpu=False)
+    assert ddp == {"ddp_backend": "gloo", "ddp_find_unused_parameters": False, "save_on_each_node": False}
+    fsdp = trainer_args({"kind": "fsdp2", "world_size": 16, "nnodes": 2}, model, on_gpu=True)
+    assert fsdp["ddp_backend"] == "nccl" and fsdp["save_on_each_node"] is True  # each node resumes from its own
+    assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]

@@ -97,7 +97,13 @@ def from_options(spec: Any, run: Any, options: dict[str, Any]) -> Layout | None:
             raise ConfigError(f"provider_options.local.layout={options['layout']!r} needs more than one GPU",
                               field="provider_options.local.layout", hint=HINT)
         return None
-    return for_run(spec, run, gpus=gpus, nnodes=nnodes, layout=options.get("layout", "auto"))
+    chosen = for_run(spec, run, gpus=gpus, nnodes=nnodes, layout=options.get("layout", "auto"))
+    if chosen.kind == "fsdp2" and run.device.type != "cuda":
+        # accelerate applies its FSDP plugin to GPU ranks only: on CPU the Trainer would run plain DDP
+        raise ConfigError("FSDP2 needs CUDA GPUs: accelerate shards GPU ranks only (CPU ranks would silently run "
+                          "DDP)", field="provider_options.local.layout",
+                          hint="on CPU use layout 'ddp' (a whole model per process), or run on GPUs")
+    return chosen
 
 
 def _visible_gpus() -> int:
