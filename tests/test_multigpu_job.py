@@ -199,3 +199,18 @@ def test_trainer_arguments_of_each_layout(tiny_model):
     assert fsdp["ddp_backend"] == "nccl" and fsdp["save_on_each_node"] is True  # each node resumes from its own
     assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["fsdp_config"]["fsdp_version"] == 2
     assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+
+
+def test_gpus_are_checked_against_the_visible_ones(tiny_model, monkeypatch):
+    """On a GPU machine (faked where the device is read): 'all' is the visible count, more is refused, and a
+    plan without `gpus` is one process whatever is visible."""
+    import tunekit.backends.local.layout as layout_mod
+    import tunekit.backends.local.resolve as resolve_mod
+    from tunekit.backends.local.peft_config import DeviceInfo
+
+    monkeypatch.setattr(resolve_mod, "device_info", lambda device=None: DeviceInfo("cuda", 80 * 10**9, "x"))
+    monkeypatch.setattr(layout_mod, "_visible_gpus", lambda: 4)
+    assert _plan(tiny_model, gpus="all").request["layout"]["gpus"] == 4
+    assert _plan(tiny_model).request["layout"] is None
+    with pytest.raises(ConfigError, match="gpus=8 but 4 CUDA GPU"):
+        _plan(tiny_model, gpus=8)

@@ -76,7 +76,7 @@ def from_options(spec: Any, run: Any, options: dict[str, Any]) -> Layout | None:
     for one process. ``gpus='all'`` counts the visible CUDA GPUs; without a GPU, gpus=N runs N CPU processes
     (gloo: tests and debugging)."""
     gpus, nnodes = options.get("gpus", 1), options.get("nnodes", 1)
-    visible = _visible_gpus() if run.device.type == "cuda" else None
+    visible = _visible_gpus() if run.device.type == "cuda" and "gpus" in options else None
     if gpus == "all":
         if not visible:
             raise ConfigError("provider_options.local.gpus='all' but no CUDA GPU is visible",
