@@ -23,7 +23,8 @@ def test_the_task_file_loads_with_skypilot_and_starts_tunekit_on_every_node():
     command = " ".join(shlex.split(task.run.replace("\\\n", " ")))
     assert "tunekit finetune" in command and "--backend local" in command and "--wait" in command
     sets = dict(a.split("=", 1) for a in re.findall(r"--set (\S+)", command))
-    local = {k.removeprefix("provider_options.local."): v for k, v in sets.items() if k.startswith("provider_options.local.")}
+    local = {k.removeprefix("provider_options.local."): v for k, v in sets.items()
+             if k.startswith("provider_options.local.")}
     assert set(local) == {"gpus", "nnodes", "node_rank", "rdzv_endpoint"} and set(local) <= set(OPTIONS)
     # each node gives SkyPilot's view of the cluster: its GPUs, the node count, its rank, node 0's address
     assert local["gpus"] == "$SKYPILOT_NUM_GPUS_PER_NODE" and local["node_rank"] == "$SKYPILOT_NODE_RANK"

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ..._exceptions import ConfigError, TrainingError
-from . import ranks as _ranks
 from . import memory as _memory
 from . import provenance as _provenance
+from . import ranks as _ranks
 from . import speed as _speed
 from .datasets import PreparedData, prepare
 from .peft_config import MUTATING_INITS, DeviceInfo, lora_kwargs, peft_error_to_config_error, quantization_config

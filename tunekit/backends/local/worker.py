@@ -369,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", action="store_true", help="one rank under torchrun (launch.py), not the job's worker")
     args = parser.parse_args(argv)
     if args.rank:
-        from .launch import run_rank
         from torch.distributed.elastic.multiprocessing.errors import record
+
+        from .launch import run_rank
 
         return record(run_rank)(args.job_id, args.resume)
     print(f"tunekit worker for {args.job_id} (pid {__import__('os').getpid()}); job dir {job_dir(args.job_id)}",
