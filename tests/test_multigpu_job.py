@@ -214,3 +214,54 @@ def test_gpus_are_checked_against_the_visible_ones(tiny_model, monkeypatch):
     assert _plan(tiny_model).request["layout"] is None
     with pytest.raises(ConfigError, match="gpus=8 but 4 CUDA GPU"):
         _plan(tiny_model, gpus=8)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_a_killed_worker_takes_its_ranks_with_it_and_resume_finishes(tiny_model, train, monkeypatch):
+    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.5")
+    job = tunekit.finetune(train, **_kw(tiny_model, gpus=2))
+    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")
+    _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5)
+    ranks = [_rank_pid(job.id, r) for r in (0, 1)]
+    os.kill(job.record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(p) for p in ranks), "a rank outlived its worker"
+    job.wait(timeout=30)
+    assert job.status == JobStatus.FAILED and "vanished" in job.error
+
+    job.resume()
+    job.wait(timeout=300)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert [r["step"] for r in job.metrics("train")] == list(range(1, 9))
+
+
+def test_a_rank_does_not_outlive_the_worker_that_started_it(tmp_path):
+    """Whatever the collective backend does when the launcher's store vanishes, a rank ends with its parent."""
+    import subprocess
+    import sys
+
+    pidfile = tmp_path / "child.pid"
+    child = ("import os, time; from tunekit.backends.local.launch import _die_with_parent; _die_with_parent(); "
+             f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"])
+    deadline = time.monotonic() + 30
+    while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    assert _running(pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid)

@@ -164,6 +164,7 @@ def run_rank(job_id: str, resume_from: str | None) -> int:
     from ...store import default_store
     from .worker import CancelledBeforeStart, StoreCallbacks, train_job
 
+    _die_with_parent()
     store = default_store()
     record = store.get_job(job_id)
     ranks = job_dir(job_id) / RANKS_DIR
@@ -183,3 +184,18 @@ def run_rank(job_id: str, resume_from: str | None) -> int:
         part.write_text(json.dumps(outcome.to_dict()))
         os.replace(part, ranks / OUTCOME)
     return 0
+
+
+def _die_with_parent() -> None:
+    """End this rank when the worker above it dies (even by SIGKILL): an orphaned rank would go on writing to
+    the job that `refresh` has failed, and race the ranks a resume starts. Linux only (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: ranks end when their collectives fail instead
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
