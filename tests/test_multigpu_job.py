@@ -265,3 +265,41 @@ def test_a_rank_does_not_outlive_the_worker_that_started_it(tmp_path):
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(pid)
+
+
+def test_a_70b_bf16_plan_on_80gb_gpus_shards_and_names_the_gpus_it_needs(tmp_path, monkeypatch):
+    """The plan end to end on GPUs faked where the device is read: its memory estimate is the per-GPU one of
+    the layout; too few GPUs are refused with the layout that fits, and so is one GPU."""
+    import tunekit.backends.local.layout as layout_mod
+    import tunekit.backends.local.resolve as resolve_mod
+    from tunekit._exceptions import ResourceError
+    from tunekit.backends.local.peft_config import DeviceInfo
+    from tests.test_multigpu_layout import LLAMA_70B
+
+    model = tmp_path / "llama-70b-shape"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**LLAMA_70B, "model_type": "llama"}))
+    monkeypatch.setattr(resolve_mod, "device_info", lambda device=None: DeviceInfo("cuda", 80 * 10**9, "H100"))
+    monkeypatch.setattr(layout_mod, "_visible_gpus", lambda: 8)
+    spec = TrainingSpec(base_model=str(model), quantization="none", adapter={"r": 16},
+                        hyperparameters={"batch_size": 16, "gradient_accumulation_steps": 4, "max_length": 2048})
+
+    def plan(**options):
+        return LocalBackend().plan(spec.model_copy(update={"provider_options": {"local": options}}))
+
+    request = plan(gpus=4).request
+    assert request["layout"]["kind"] == "fsdp2" and request["layout"]["quant_storage"] is None
+    assert request["memory_estimate"]["fits"] is True
+    assert request["memory_estimate"]["total_bytes"] == request["layout"]["per_gpu_bytes"] < 0.92 * 80 * 10**9
+    with pytest.raises(ConfigError) as exc:
+        plan(gpus=2)
+    assert "fsdp2 on 4 GPUs" in exc.value.hint and "gpus=4" in exc.value.hint
+    one = plan()  # one GPU: shown as not fitting, with the GPUs that would
+    assert one.request["memory_estimate"]["fits"] is False
+    assert any("train on 4 GPUs of this size (fsdp2): provider_options.local.gpus=4" in n for n in one.notes)
+    with pytest.raises(ResourceError) as exc:  # and refused at submit with the same suggestion
+        from tunekit.backends.local.memory import check_fits
+        from tunekit.backends.local.backend import resolve
+
+        check_fits(resolve(spec)["estimate"])
+    assert "gpus=4" in exc.value.hint

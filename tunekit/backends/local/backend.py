@@ -423,11 +423,13 @@ def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
     run = resolve_run(spec.model_copy(update={"base_model": base}), device=opts.get("device"),
                       gradient_checkpointing=opts.get("gradient_checkpointing"),
                       memory_budget_bytes=int(budget_gb * GiB) if budget_gb else None)
-    from .layout import from_options
+    from .layout import from_options, more_gpus
 
     layout = from_options(spec, run, opts)  # None: one process
     quant, dev = run.quant, run.device
     estimate = layout.estimate if layout is not None and layout.estimate is not None else run.estimate
+    if layout is None and estimate is not None and estimate.fits is False and (more := more_gpus(spec, run)):
+        estimate.suggestions.append(more)
     steps_per_epoch = math.ceil(rows / hp.batch_size) if rows else None
     total = opts.get("max_steps") or (steps_per_epoch * hp.epochs if steps_per_epoch else None)
     ckpt = opts.get("checkpoint_steps") or (max(1, math.ceil(total / 10)) if total else 50)

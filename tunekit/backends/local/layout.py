@@ -12,6 +12,7 @@ rate and the examples of each optimizer step are those of one GPU.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from ..._exceptions import ConfigError
@@ -106,6 +107,20 @@ def from_options(spec: Any, run: Any, options: dict[str, Any]) -> Layout | None:
     return chosen
 
 
+def more_gpus(spec: Any, run: Any) -> str | None:
+    """For a one-GPU run that does not fit: the smallest multi-GPU layout that does, as a suggestion."""
+    if run.model_config is None or run.device.type != "cuda":
+        return None
+    per_gpu = partial(per_gpu_estimate, run.model_config, batch_size=spec.hyperparameters.batch_size,
+                      micro_batch=run.micro_batch, gpu_memory_bytes=run.budget_bytes,
+                      estimate_kwargs=estimate_kwargs(spec, run))
+    found = smallest_fitting(per_gpu, 1)
+    if found is None or found[1] == 1:
+        return None
+    kind, n = found
+    return f"train on {n} GPUs of this size ({kind}): provider_options.local.gpus={n} (docs/multi-gpu.md)"
+
+
 def _visible_gpus() -> int:
     import torch
 
@@ -123,6 +138,17 @@ def split_batch(batch_size: int, micro_batch: int, world: int) -> tuple[int, int
     per_rank = batch_size // world
     micro = max(m for m in range(1, min(micro_batch, per_rank) + 1) if per_rank % m == 0)
     return micro, per_rank // micro
+
+
+def per_gpu_estimate(model_config: dict[str, Any], kind: str, n: int, *, batch_size: int, micro_batch: int,
+                     gpu_memory_bytes: int | None, estimate_kwargs: dict[str, Any]):
+    """(memory estimate per GPU, micro-batch per rank, accumulation) of ``kind`` over ``n`` ranks."""
+    micro, accum = split_batch(batch_size, micro_batch, n)
+    kw = dict(estimate_kwargs)
+    if kind == "fsdp2":  # uniform compute-dtype storage: no fp32 upcast of the unquantized params
+        kw.update(shards=n, kbit_upcast=False)
+    est = _memory.estimate(model_config, micro_batch=micro, device_memory_bytes=gpu_memory_bytes, **kw)
+    return est, micro, accum
 
 
 def choose(
@@ -145,13 +171,8 @@ def choose(
     world = gpus * nnodes
     quantized = estimate_kwargs.get("quantization") == "nf4"
 
-    def per_gpu(kind: str, n: int) -> tuple[_memory.MemoryEstimate, int, int]:
-        micro, accum = split_batch(batch_size, micro_batch, n)
-        kw = dict(estimate_kwargs)
-        if kind == "fsdp2":  # uniform compute-dtype storage: no fp32 upcast of the unquantized params
-            kw.update(shards=n, kbit_upcast=False)
-        est = _memory.estimate(model_config, micro_batch=micro, device_memory_bytes=gpu_memory_bytes, **kw)
-        return est, micro, accum
+    per_gpu = partial(per_gpu_estimate, model_config, batch_size=batch_size, micro_batch=micro_batch,
+                      gpu_memory_bytes=gpu_memory_bytes, estimate_kwargs=estimate_kwargs)
 
     def make(kind: str, est, micro: int, accum: int, reason: str) -> Layout:
         return Layout(kind=kind if world > 1 else "single", gpus=gpus, nnodes=nnodes, micro_batch=micro,
