@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import tunekit
 from tunekit._exceptions import ConfigError
 from tunekit.backends.local.backend import LocalBackend
 from tunekit.backends.local.launch import root_cause, torchrun_argv
+from tunekit.backends.local.process import job_dir
 from tunekit.schemas.job import JobStatus
 from tunekit.schemas.spec import TrainingSpec
 from tunekit.store import default_store
@@ -133,6 +135,17 @@ def test_a_killed_rank_fails_the_job_with_its_error_and_resume_finishes(tiny_mod
     assert job.result.metrics["steps"] == 8 and Path(job.result.adapter_path, "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_an_error_in_the_ranks_fails_the_job_with_it_and_its_hint(tiny_model, train):
+    job = tunekit.finetune(train, **{**_kw(tiny_model, gpus=2), "adapter": {"target_modules": ["no_such_proj"]}})
+    job.wait(timeout=180)
+    assert job.status == JobStatus.FAILED
+    assert re.search(r"rank [01] of 2 failed: ConfigError: .*no_such_proj", job.error), job.error
+    assert "`tunekit plan` shows the resolved adapter config" in job.error  # the rank's own hint
+    assert sorted(p.name for p in (job_dir(job.id) / "ranks").glob("error-*.json")) == ["error-0.json",
+                                                                                      "error-1.json"]
+
+
 # ------------------------------------------------------------------------------------------ fast parts
 
 def test_the_root_cause_is_the_killed_rank_else_the_first_error_written(tmp_path):
@@ -140,13 +153,14 @@ def test_the_root_cause_is_the_killed_rank_else_the_first_error_written(tmp_path
         return SimpleNamespace(exitcode=code, signal_name=lambda: {-9: "SIGKILL", -15: "SIGTERM"}.get(code))
 
     # rank 1 was killed; torchrun then ended rank 0 with SIGTERM (or it failed in its collective first)
-    assert root_cause({0: failure(-15), 1: failure(-9)}, tmp_path) == (1, "killed by SIGKILL")
-    assert root_cause({0: failure(1), 1: failure(-9)}, tmp_path) == (1, "killed by SIGKILL")
-    assert root_cause({2: failure(-15), 1: failure(-15)}, tmp_path) == (1, "killed by SIGTERM")
+    assert root_cause({0: failure(-15), 1: failure(-9)}, tmp_path) == (1, "killed by SIGKILL", None)
+    assert root_cause({0: failure(1), 1: failure(-9)}, tmp_path) == (1, "killed by SIGKILL", None)
+    assert root_cause({2: failure(-15), 1: failure(-15)}, tmp_path) == (1, "killed by SIGTERM", None)
     (tmp_path / "error-0.json").write_text(json.dumps({"rank": 0, "time": 2.0, "error": "RuntimeError: gloo"}))
-    (tmp_path / "error-3.json").write_text(json.dumps({"rank": 3, "time": 1.0, "error": "ValueError: bad row"}))
-    assert root_cause({0: failure(1), 3: failure(1)}, tmp_path) == (3, "ValueError: bad row")
-    assert root_cause({0: failure(-15), 3: failure(1)}, tmp_path) == (3, "ValueError: bad row")
+    (tmp_path / "error-3.json").write_text(json.dumps({"rank": 3, "time": 1.0, "error": "ValueError: bad row",
+                                                       "hint": "fix line 3"}))
+    assert root_cause({0: failure(1), 3: failure(1)}, tmp_path) == (3, "ValueError: bad row", "fix line 3")
+    assert root_cause({0: failure(-15), 3: failure(1)}, tmp_path) == (3, "ValueError: bad row", "fix line 3")
 
 
 def test_torchrun_gets_the_ranks_and_the_rendezvous(tmp_path):

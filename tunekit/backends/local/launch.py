@@ -72,10 +72,11 @@ def launch(record, cb: TrainCallbacks, options: dict[str, Any], resume_from: str
     try:
         torchrun(parse_args(argv))
     except ChildFailedError as exc:
-        who, why = root_cause(exc.failures, ranks)
+        who, why, hint = root_cause(exc.failures, ranks)
         raise TrainingError(f"rank {who} of {world_size(layout)} failed: {why}",
-                            hint=f"its traceback is in {job_dir(record.id) / 'worker.log'}; fix the cause, then "
-                                 f"`tunekit jobs resume {record.id}` continues from the last checkpoint") from None
+                            hint=hint or f"its traceback is in {job_dir(record.id) / 'worker.log'}; fix the cause, "
+                                         f"then `tunekit jobs resume {record.id}` continues from the last checkpoint"
+                            ) from None
     except SignalException as exc:
         raise TrainingError(f"the ranks were ended by {exc.sigval.name}") from None
     path = ranks / OUTCOME
@@ -88,13 +89,13 @@ def launch(record, cb: TrainCallbacks, options: dict[str, Any], resume_from: str
     return TrainOutcome(**json.loads(path.read_text()))
 
 
-def root_cause(failures: dict[int, Any], ranks: Path) -> tuple[int, str]:
-    """The rank whose failure ended the run. torchrun ends the other ranks with SIGTERM once it sees one fail,
-    and a rank whose peer vanished fails in its next collective; so: a rank killed by another signal first,
-    then the error a rank wrote first, then the rest."""
+def root_cause(failures: dict[int, Any], ranks: Path) -> tuple[int, str, str | None]:
+    """(rank, error, its hint) of the failure that ended the run. torchrun ends the other ranks with SIGTERM
+    once it sees one fail, and a rank whose peer vanished fails in its next collective; so: a rank killed by
+    another signal first, then the error a rank wrote first, then the rest."""
     killed = sorted(r for r, f in failures.items() if f.exitcode < 0 and f.signal_name() != "SIGTERM")
     if killed:
-        return killed[0], f"killed by {failures[killed[0]].signal_name()}"
+        return killed[0], f"killed by {failures[killed[0]].signal_name()}", None
     written = []
     for path in ranks.glob("error-*.json"):
         try:
@@ -103,10 +104,10 @@ def root_cause(failures: dict[int, Any], ranks: Path) -> tuple[int, str]:
             continue
     if written:
         first = min(written, key=lambda e: e["time"])
-        return int(first["rank"]), first["error"]
+        return int(first["rank"]), first["error"], first.get("hint")
     r = min(failures)
     f = failures[r]
-    return r, f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
+    return r, f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}", None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ class RankCallbacks(TrainCallbacks):
 def run_rank(job_id: str, resume_from: str | None) -> int:
     """One rank: train the job with the worker's arguments; the reporting rank writes the outcome."""
     from ...store import default_store
-    from .worker import CancelledBeforeStart, StoreCallbacks, train_job
+    from .worker import CancelledBeforeStart, StoreCallbacks, one_line, train_job
 
     _die_with_parent()
     store = default_store()
@@ -176,7 +177,7 @@ def run_rank(job_id: str, resume_from: str | None) -> int:
         return 0
     except BaseException as exc:
         (ranks / f"error-{rank()}.json").write_text(json.dumps({
-            "rank": rank(), "time": time.time(), "error": f"{type(exc).__name__}: {exc}"[:500],
+            "rank": rank(), "time": time.time(), "error": one_line(exc), "hint": getattr(exc, "hint", None),
             "traceback": traceback.format_exc()[-8000:]}))
         raise
     if reporting:
