@@ -20,7 +20,8 @@ Variants (each side in its own subprocess, so no kernel patch or allocator state
   lora_bf16  plain bf16 LoRA        vs tunekit quantization="none"
   auto       plain QLoRA            vs tunekit quantization="auto" (bf16 when it fits the device)
 Tokens/s is the median over --steps timed steps after --warmup; peak memory is torch.cuda.max_memory_allocated
-over the training steps. --attribution adds tunekit runs with TUNEKIT_SPEEDUPS=off (the TRL path alone).
+over the training steps. --attribution adds tunekit runs with provider_options.local.speedups="off" (the TRL path
+alone).
 
 --check-loss trains both sides for --loss-steps full-batch steps on one fixed batch of --batch rows of varied
 lengths (padding included), same seed, constant LR, and compares the loss curves against the plain recipe's
@@ -206,6 +207,7 @@ def json_rows(path: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ tunekit
 
 def tunekit_run(p: dict) -> dict:
+    from tunekit.backends.local.run import run_for_files
     from tunekit.backends.local.train import TrainCallbacks, train
     from tunekit.schemas.spec import TrainingSpec
 
@@ -251,9 +253,10 @@ def tunekit_run(p: dict) -> dict:
 
     rec = Rec()
     budget = p.get("budget_gib")
-    out = train(spec, p["data"], tempfile.mkdtemp(prefix="tk-bench-"), callbacks=rec, max_steps=steps,
-                device=p["device"], logging_steps=1,
-                memory_budget_bytes=int(budget * GiB) if budget else None)
+    run = run_for_files(spec, p["data"], tempfile.mkdtemp(prefix="tk-bench-"), max_steps=steps, device=p["device"],
+                        logging_steps=1, memory_budget_gb=float(budget) if budget else None,
+                        speedups=p.get("speedups", "auto"))
+    out = train(run, rec)
     # logging_first_step adds a log at step 1; marks[0] is the start, so marks[i] ends step i
     times = [b[0] - a[0] for a, b in zip(rec.marks, rec.marks[1:])]
     tokens = [b[1] - a[1] for a, b in zip(rec.marks, rec.marks[1:])]
@@ -271,10 +274,15 @@ def tunekit_run(p: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def child(job: str, p: dict, env: dict | None = None) -> dict:
+def speedups_off(opt: str) -> str | list[str]:
+    """--ablate's OPT ('all', 'a' or 'a,b') as provider_options.local.speedups."""
+    return "off" if opt == "all" else ["-" + o for o in opt.split(",")]
+
+
+def child(job: str, p: dict) -> dict:
     """Run one job in a fresh interpreter; its last stdout line is the JSON result."""
     cmd = [sys.executable, __file__, "--_job", job, "--_params", json.dumps(p)]
-    e = {**os.environ, **(env or {})}
+    e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), e.get("PYTHONPATH", "")) if x)
     t = time.time()
     r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=e)
@@ -323,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qlora-budget-gib", type=float, default=20.0,
                     help="tunekit memory_budget_bytes for qlora/dora (0: the device's memory)")
     ap.add_argument("--attribution", nargs="*", default=None, metavar="VARIANT",
-                    help="also run tunekit with TUNEKIT_SPEEDUPS=off for these variants (none named: all)")
+                    help="also run tunekit with speedups='off' for these variants (none named: all)")
     ap.add_argument("--ablate", nargs="*", default=[], metavar="OPT",
-                    help="also run tunekit qlora with each named speed-up off (TUNEKIT_SPEEDUPS=-OPT; 'a,b' for "
+                    help="also run tunekit qlora with each named speed-up off (speedups=['-OPT']; 'a,b' for "
                          "several, 'all' for none); with --check-loss, for every variant")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (tunekit only)")
     ap.add_argument("--check-loss", action="store_true")
@@ -402,10 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         p = {**base, "variant": v, "budget_gib": budget}
         tk = record(v, "tunekit", child("tunekit", p), {"budget_gib": budget})
         if a.attribution is not None and (not a.attribution or v in a.attribution):
-            record(v, "tunekit_speedups_off", child("tunekit", p, {"TUNEKIT_SPEEDUPS": "off"}), {"budget_gib": budget})
+            record(v, "tunekit_speedups_off", child("tunekit", {**p, "speedups": "off"}), {"budget_gib": budget})
         if v == "qlora":
             for opt in a.ablate:
-                record(v, f"tunekit_without_{opt}", child("tunekit", p, {"TUNEKIT_SPEEDUPS": f"-{opt}"}),
+                record(v, f"tunekit_without_{opt}", child("tunekit", {**p, "speedups": speedups_off(opt)}),
                        {"budget_gib": budget})
         ref = plain_cache.get(plain_variant)
         if ref and tk.get("tokens_per_s") and ref.get("tokens_per_s"):
@@ -466,8 +474,7 @@ def check_loss(a, base: dict, record, meta: dict) -> int:
                           "tunekit_first_last": [round(tk["losses"][0], 4), round(tk["losses"][n - 1], 4)]}), flush=True)
         extra = {}
         for opt in a.ablate:  # attribution: the same check with speed-ups switched off ("all" = every one)
-            env = "off" if opt == "all" else ",".join("-" + o for o in opt.split(","))
-            r = record(v, f"tunekit_without_{opt}", child("tunekit", {**base, "variant": v}, {"TUNEKIT_SPEEDUPS": env}))
+            r = record(v, f"tunekit_without_{opt}", child("tunekit", {**base, "variant": v, "speedups": speedups_off(opt)}))
             if "error" not in r:
                 extra[opt] = r["losses"]
                 print(json.dumps({"variant": v, "without": opt, "max_abs_diff_vs_plain": round(max(

@@ -54,7 +54,7 @@ def first_step(device: str, seq: int, batch: int, lr: float) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     import benchmarks.train_throughput as tb
-    from tunekit.backends.local import speed
+    from tunekit.backends.local import kernels
 
     p = {"model": f"/tmp/tunekit-bench/llama-3.1-8b-L2-{device}", "shape": "llama-3.1-8b", "layers": 2,
          "device": device}
@@ -77,7 +77,7 @@ def first_step(device: str, seq: int, batch: int, lr: float) -> None:
             if q_.requires_grad:
                 q_.data = q_.data.float()  # fp32 adapters, as both recipes train them
         if fast:
-            speed.patch_lora(m)
+            kernels.patch_lora(m)
         return m.train()
 
     def loss(m, autocast=True):

@@ -80,12 +80,14 @@ def test_jobs_wait_exit_codes(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["jobs", "list"], ["backends"], ["export", "--help"], ["eval", "--help"],
-                                  ["adapters", "list", "--sort", "loss"]])
+                                  ["adapters", "list", "--sort", "loss"], ["merge", "--help"], ["serve", "--help"],
+                                  ["jobs", "metrics", "--help"]])
 def test_cli_start_does_not_import_heavy_modules(argv):
     code = ("import sys, runpy; sys.argv = ['tunekit'] + %r\n"
             "try:\n    runpy.run_module('tunekit.cli.main', run_name='__main__')\n"
             "except SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'openai', 'together', 'fireworks', 'peft') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'openai', 'together', 'fireworks', 'peft', 'matplotlib')\n"
+            "         if m in sys.modules]\n"
             "print('HEAVY', heavy)" % argv)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(), timeout=60)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr

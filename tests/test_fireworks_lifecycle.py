@@ -272,7 +272,9 @@ def test_big_files_go_through_a_signed_url_without_credentials(replay_server, si
 
 def test_upload_streams_the_file(replay_server, monkeypatch):
     """The upload reads the file in bounded chunks, never whole (memory must not grow with the file)."""
-    from tunekit.backends.fireworks import datasets
+    import builtins
+
+    from tunekit.backends.fireworks import upload
 
     reads: list = []
 
@@ -298,11 +300,12 @@ def test_upload_streams_the_file(replay_server, monkeypatch):
     class WatchedIO(Watched, io.RawIOBase):  # httpx accepts io.IOBase file objects
         pass
 
-    monkeypatch.setattr(datasets, "_open", lambda path, mode: WatchedIO(open(path, mode)))
+    # `open` as the upload module looks it up (its globals before builtins): every file it opens is watched
+    monkeypatch.setattr(upload, "open", lambda path, mode: WatchedIO(builtins.open(path, mode)), raising=False)
     srv = replay_server(REC / "quickstart.json")
     finetune(srv, hyperparameters={"epochs": 1}).wait(poll_interval=0.01)
     srv.assert_done()
-    assert reads and all(isinstance(n, int) and 0 < n <= datasets.CHUNK for n in reads), reads
+    assert reads and all(isinstance(n, int) and 0 < n <= upload.CHUNK for n in reads), reads
 
 
 def test_unknown_paused_and_deleted_states(replay_server):
@@ -343,15 +346,6 @@ def test_early_stopped_is_a_success_with_a_warning(replay_server):
     srv.assert_done()
     assert job.status == JobStatus.SUCCEEDED and job.result.model == f"accounts/{ACCOUNT}/models/{JOB_ID}"
     assert any(e.level == "warning" and "early" in e.message for _, e in job.events())
-
-
-def test_list_remote(replay_server):
-    from tunekit.backends.fireworks.backend import FireworksBackend
-
-    srv = replay_server(REC / "list.json")
-    states = FireworksBackend(base_url=srv.url).list_remote(limit=2)
-    srv.assert_done()
-    assert [s.status for s in states] == [JobStatus.RUNNING, JobStatus.SUCCEEDED]
 
 
 def test_reconcile_finds_the_job_by_its_client_chosen_id(replay_server):

@@ -249,3 +249,13 @@ def test_data_rules():
     assert rules.min_rows == 3 and "preference" not in {k.value for k in rules.kinds}
     assert {k.value for k in FireworksBackend().data_rules(TrainingSpec(base_model="x", method="dpo")).kinds} \
         == {"preference"}
+
+
+@pytest.mark.parametrize("spec, bad", [({}, {"nodes": 0}), ({}, {"displayName": 5}), ({}, {"wandbConfig": "on"}),
+                                       ({"method": "dpo"}, {"lossConfig.dpo.refCacheBatchSize": "8"})])
+def test_option_values_are_checked_by_the_options_model(spec, bad):
+    (key,) = bad
+    with pytest.raises(ConfigError) as err:
+        plan({**spec, "provider_options": {"fireworks": bad}})
+    assert err.value.field == f"provider_options.fireworks.{key}" and "docs/backends/fireworks.md" in err.value.hint
+    assert set(m.FireworksOptions.model_fields) == m.SFT_OPTION_KEYS | m.DPO_OPTION_KEYS

@@ -23,7 +23,8 @@ import pytest
 import tunekit
 from tunekit._exceptions import ConfigError, JobStateError, ResourceError
 from tunekit.backends.local.process import checkpoints, job_dir, last_checkpoint, worker_alive
-from tunekit.backends.local.plot import plot_metrics, terminal_plot
+from tunekit.backends.local.run import LocalRun
+from tunekit.plot import plot_metrics, terminal_plot
 from tunekit.backends.local.worker import data_snapshot
 from tunekit.schemas.job import JobStatus
 from tunekit.schemas.spec import TrainingSpec
@@ -40,6 +41,47 @@ def data(tmp_path):
                              for i in range(ROWS)))
     val.write_text("".join(json.dumps({"prompt": f"{i} plus 2?", "response": f"{i + 2}"}) + "\n" for i in range(4)))
     return train, val
+
+
+PACE = """
+# put on the worker's PYTHONPATH by tests/test_local_job.py: every optimizer step takes at least {delay}s
+import time
+from tunekit.backends.local import train as _train
+
+_make_bridge = _train._make_bridge
+
+
+def _paced(*args):
+    bridge = _make_bridge(*args)
+    step_end = bridge.on_step_end
+
+    def on_step_end(*a, **kw):
+        time.sleep({delay})
+        return step_end(*a, **kw)
+
+    bridge.on_step_end = on_step_end
+    return bridge
+
+
+_train._make_bridge = _paced
+"""
+
+
+@pytest.fixture
+def paced(tmp_path, monkeypatch):
+    """A context in which started workers are paced (0.4 s a step) so a cancel or kill lands mid-run."""
+    import contextlib
+
+    site = tmp_path / "paced-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(PACE.format(delay=0.4))
+
+    @contextlib.contextmanager
+    def pacing():
+        with monkeypatch.context() as m:
+            m.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p))
+            yield
+    return pacing
 
 
 def _kw(model, **options):
@@ -106,6 +148,12 @@ def test_finetune_runs_detached_and_registers_the_adapter(tiny_model, data, tmp_
     assert watcher.returncode == 0, err
     assert out.strip() == "succeeded"
     assert job.status == JobStatus.SUCCEEDED, job.error
+    # the run the worker trained (written by train()) is the run the store kept, planned once
+    stored = LocalRun.model_validate(job.record.request)
+    assert LocalRun.model_validate_json((job_dir(job.id) / "output" / "run.json").read_text()) == stored
+    assert stored.data.train.path == str(job_dir(job.id) / "data" / "train.jsonl")
+    assert stored.data.train.sha256 == _sha256(train) and stored.options.output_dir == str(job_dir(job.id) / "output")
+    assert job.plan_changes == []  # same machine, same facts
 
     res = job.result
     adapter = Path(res.adapter_path)
@@ -153,11 +201,10 @@ def test_finetune_runs_detached_and_registers_the_adapter(tiny_model, data, tmp_
 
 
 @pytest.mark.slow
-def test_cancel_stops_at_a_checkpoint_and_resume_finishes(tiny_model, data, monkeypatch):
+def test_cancel_stops_at_a_checkpoint_and_resume_finishes(tiny_model, data, paced):
     train, _ = data
-    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.4")  # pace the steps so the cancel lands mid-run
-    job = tunekit.finetune(train, **_kw(tiny_model, checkpoint_steps=100))
-    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")
+    with paced():  # pace the steps so the cancel lands mid-run
+        job = tunekit.finetune(train, **_kw(tiny_model, checkpoint_steps=100))
     _wait_for(job, lambda j: j.status == JobStatus.RUNNING and (j.progress.get("step") or 0) >= 2)
     job.cancel()
     assert job.status in (JobStatus.CANCELLING, JobStatus.CANCELLED)
@@ -177,7 +224,7 @@ def test_cancel_stops_at_a_checkpoint_and_resume_finishes(tiny_model, data, monk
 
 
 @pytest.mark.slow
-def test_killed_worker_is_detected_and_resume_matches_an_uninterrupted_run(tiny_model, data, monkeypatch):
+def test_killed_worker_is_detected_and_resume_matches_an_uninterrupted_run(tiny_model, data, paced):
     train, val = data
     kw = dict(validation_data=val, suffix="adder", **_kw(tiny_model))  # the same job as the first test
     if _REFERENCE.get("data") != (train.read_text(), val.read_text()):
@@ -185,9 +232,8 @@ def test_killed_worker_is_detected_and_resume_matches_an_uninterrupted_run(tiny_
         assert reference.status == JobStatus.SUCCEEDED
         _REFERENCE.update(_remember(reference), data=(train.read_text(), val.read_text()))
 
-    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.4")
-    job = tunekit.finetune(train, **kw)
-    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")  # the resumed worker runs at full speed
+    with paced():  # the resumed worker runs at full speed
+        job = tunekit.finetune(train, **kw)
     _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 6)
     os.kill(job.record.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -354,13 +400,12 @@ def test_status_answers_when_the_store_cannot_be_written(tiny_model, data, monke
 
 
 @pytest.mark.slow
-def test_a_stopped_worker_is_shown_stalled_and_cancel_ends_it(tiny_model, data, monkeypatch):
+def test_a_stopped_worker_is_shown_stalled_and_cancel_ends_it(tiny_model, data, monkeypatch, paced):
     from tunekit.job import progress_line
 
     train, _ = data
-    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.4")
-    job = tunekit.finetune(train, **_kw(tiny_model))
-    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")
+    with paced():
+        job = tunekit.finetune(train, **_kw(tiny_model))
     _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5)
     os.kill(job.record.pid, signal.SIGSTOP)
     try:
@@ -474,23 +519,66 @@ def test_a_data_file_changed_after_finetune_fails_the_job_untrained(tiny_model, 
     assert job.metrics() == [] and job.result.checkpoints == []
 
 
-def test_the_worker_trains_its_own_copy_of_the_validated_data(data):
+def test_a_fact_the_plan_could_not_know_changes_the_run_and_is_shown(tiny_model, data, monkeypatch, capsys):
+    """Planned while the base model's config.json was unreadable (a hub model not yet in the cache): no memory
+    estimate, no speed plan. The worker can read it: it re-plans, records plan_changed, trains the new run."""
+    import tunekit.backends.local.resolve as resolve_mod
+    from tunekit.backends.base import PlanContext
+    from tunekit.backends.local.backend import LocalBackend
+    from tunekit.cli.main import main
+
+    train, _ = data
+    fields = _kw(tiny_model, max_steps=2)
+    del fields["backend"]
+    spec = TrainingSpec.model_validate(fields)
+    backend = LocalBackend()
+    with monkeypatch.context() as m:
+        m.setattr(resolve_mod, "read_config", lambda base: (None, f"{base}: config.json not in the cache yet"))
+        plan = backend.plan(spec, context=PlanContext(spec=spec, rows=ROWS))
+    assert plan.request["memory_estimate"] is None and plan.request["speed"] is None
+    store = default_store()
+    rec = store.create_job("local", spec.model_dump(mode="json", exclude_unset=True),
+                           {"train": {"path": str(train), "sha256": _sha256(train), "rows": ROWS}},
+                           request=plan.request)
+    backend.submit(rec, spec, plan)
+    job = tunekit.get_job(rec.id).wait(timeout=120)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+
+    [changed] = job.plan_changes
+    changes = changed.data["changes"]
+    assert changes["facts"] == {"config": ["unreadable", "read"]}
+    assert changes["memory_estimate.total_bytes"][0] is None and changes["memory_estimate.total_bytes"][1] > 0
+    assert changes["speed.checkpointed_layers"] == [None, 0]
+    assert changes["training.checkpointing.layers"] == [None, "0/2"]
+    assert changed.level == "warning" and changed.message.startswith("plan changed (config: unreadable -> read)")
+    # the store now holds the run the worker trained, and that is the new one
+    stored = LocalRun.model_validate(job.record.request)
+    assert LocalRun.model_validate_json((job_dir(job.id) / "output" / "run.json").read_text()) == stored
+    assert stored.memory_estimate.total_bytes == changes["memory_estimate.total_bytes"][1]
+    assert main(["jobs", "status", job.id]) == 0
+    assert "plan changed (config: unreadable -> read): " in capsys.readouterr().out
+    assert main(["jobs", "status", job.id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan_changed"] == [changes]
+
+
+def test_the_worker_trains_its_own_copy_of_the_validated_data(data, tmp_path):
+    from tunekit.backends.local.run import DataFile
+
     train, val = data
     original = train.read_bytes()
-    store = default_store()
-    rec = store.create_job("local", {"base_model": "x"}, {
-        "train": {"path": str(train), "sha256": _sha256(train)},
-        "validation": {"path": str(val), "sha256": _sha256(val)}})
-    snap = data_snapshot(rec, "train")
-    assert snap.parent == job_dir(rec.id) / "data" and snap.read_bytes() == original
-    assert data_snapshot(rec, "validation").read_bytes() == val.read_bytes()
+    snapshots = tmp_path / "job" / "data"
+    train_file = DataFile(source=str(train), path=str(snapshots / "train.jsonl"), sha256=_sha256(train))
+    snap = data_snapshot(train_file, "train")
+    assert snap == snapshots / "train.jsonl" and snap.read_bytes() == original
+    val_file = DataFile(source=str(val), path=str(snapshots / "validation.jsonl"), sha256=_sha256(val))
+    assert data_snapshot(val_file, "validation").read_bytes() == val.read_bytes()
     train.write_text("edited after the first start\n")
-    assert data_snapshot(rec, "train").read_bytes() == original  # a resume trains what was validated
+    assert data_snapshot(train_file, "train").read_bytes() == original  # a resume trains what was validated
     snap.write_bytes(original[:-10])
     with pytest.raises(ConfigError, match="changed after it was validated") as err:
-        data_snapshot(rec, "train")
+        data_snapshot(train_file, "train")
     assert err.value.field == "data"
-    unvalidated = store.create_job("local", {"base_model": "x"}, {"train": {"path": str(train)}})
+    unvalidated = DataFile(source=str(train), path=str(tmp_path / "other.jsonl"), sha256="")
     with pytest.raises(ConfigError, match="no validated sha256"):
         data_snapshot(unvalidated, "train")
 

@@ -181,11 +181,51 @@ def test_bad_option_values_name_the_option(tiny_model, key, value):
     with pytest.raises(ConfigError) as err:
         LocalBackend().plan(_spec(tiny_model, provider_options={"local": {key: value}}))
     assert err.value.field == f"provider_options.local.{key}"
+    assert str(err.value).startswith(f"provider_options.local.{key}={value!r} refused: it should ")
     assert "docs/local.md" in err.value.hint  # the CLI's one line ends with the next step
 
 
+def test_local_options_are_one_model_with_their_defaults(tmp_path):
+    from tunekit.backends.local.options import LocalOptions
+
+    spec = TrainingSpec(base_model="m", provider_options={"local": {"max_steps": 7, "output_dir": str(tmp_path / "o"),
+                                                                    "memory_budget_gb": 2}})
+    opts = LocalBackend.provider_options(spec)
+    assert isinstance(opts, LocalOptions) and opts.max_steps == 7 and opts.keep_checkpoints == 3
+    assert opts.logging_steps == 1 and opts.checkpoint_steps is None and opts.memory_budget_bytes == 2 * 1024**3
+    with pytest.raises(ConfigError, match="less than 1") as err:  # the constraint says why
+        LocalBackend.provider_options(TrainingSpec(base_model="m", provider_options={"local": {"eval_steps": 1.5}}))
+    assert err.value.field == "provider_options.local.eval_steps" and "fraction of the run" in err.value.hint
+
+
+def test_any_backend_declares_its_options_as_a_model():
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from tunekit.backends.base import Backend
+
+    class Opts(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        region: str = Field("us", pattern="^(us|eu)$", description="'us' or 'eu'")
+
+    class Toy(Backend):
+        name = "toy"
+        options_model = Opts
+        submit = refresh = cancel = None
+
+    plan = Toy().plan(TrainingSpec(base_model="m", provider_options={"toy": {"region": "eu", "zone": 1}}),
+                      on_unsupported="ignore")
+    by_field = {f.field: f for f in plan.fields}
+    assert plan.request == {"region": "eu"} and by_field["provider_options.toy.region"].disposition == "transformed"
+    assert by_field["provider_options.toy.zone"].reason == "unknown option for toy; valid: region"
+    with pytest.raises(ConfigError, match="should match pattern") as err:
+        Toy().plan(TrainingSpec(base_model="m", provider_options={"toy": {"region": "mars"}}))
+    assert err.value.field == "provider_options.toy.region" and "'us' or 'eu'" in err.value.hint
+    assert Toy.provider_options(TrainingSpec(base_model="m")) == Opts()
+
+
 def test_importing_the_backend_does_not_import_torch():
-    code = ("import sys, tunekit.backends.local.backend, tunekit.backends.local.plot, "
-            "tunekit.backends.local.provenance; print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = ("import sys, tunekit.backends.local.backend, tunekit.plot, tunekit.adapters.provenance, "
+            "tunekit.adapters.resolve, tunekit.adapters.merge; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

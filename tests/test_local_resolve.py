@@ -1,7 +1,8 @@
-"""The plan shows what the worker runs: both come from resolve_run, checked end to end on a tiny model (CPU).
+"""The plan shows what the worker runs: the plan's request is the run, checked end to end on a tiny model (CPU).
 
-For each spec the backend plans it, then the worker's own argument mapping (worker._train) runs train()
-from that plan's request; every resolved value the plan states must equal what train() records.
+For each spec the backend plans it, the run gets its data as submit gives it, then the worker (worker._train)
+loads that stored run and trains it; the run train() wrote is the stored one, and every resolved value the
+plan states equals what train() records.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ pytest.importorskip("trl")
 from tunekit.backends.base import PlanContext  # noqa: E402
 from tunekit.backends.local.backend import LocalBackend  # noqa: E402
 from tunekit.backends.local.resolve import resolve_run  # noqa: E402
+from tunekit.backends.local.run import DataFile, LocalRun, RunData  # noqa: E402
 from tunekit.backends.local.train import TrainCallbacks  # noqa: E402
 from tunekit.backends.local.worker import _train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
@@ -51,9 +53,12 @@ def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, variant, extra
     assert req["training"]["optimizer"] == optimizer, variant
 
     sha256 = hashlib.sha256(data.read_bytes()).hexdigest()
-    record = SimpleNamespace(id="tk-resolve", request=req, spec=spec.model_dump(),
-                             data={"train": {"path": str(data), "sha256": sha256}})
+    snapshot = DataFile(source=str(data), path=str(tmp_path / "job" / "train.jsonl"), sha256=sha256, rows=len(ROWS))
+    stored = LocalRun.model_validate(req).model_copy(update={"data": RunData(train=snapshot)})
+    record = SimpleNamespace(id="tk-resolve", request=stored.model_dump(mode="json"), spec=spec.model_dump())
     out = _train(record, TrainCallbacks(), None)
+    trained = LocalRun.model_validate_json((tmp_path / "out" / "run.json").read_text())
+    assert trained == stored == LocalRun.model_validate(record.request)  # the worker trained the stored run
 
     assert out.quantization == {"mode": req["quantization"]["mode"], "reason": req["quantization"]["reason"]}
     assert out.optimizer == f"{optimizer} ({optimizer_class})"
@@ -77,7 +82,7 @@ def test_resolve_run_is_pure_and_matches_the_plan(tiny_model):
     """No torch at import; the plan's request is resolve_run's values (GPU 'auto' is in test_local_plan)."""
     import subprocess
 
-    code = ("import sys, tunekit.backends.local.resolve; print('torch' in sys.modules, "
+    code = ("import sys, tunekit.backends.local.resolve, tunekit.backends.local.run; print('torch' in sys.modules, "
             "'transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.split() == ["False", "False"]
@@ -91,3 +96,18 @@ def test_resolve_run_is_pure_and_matches_the_plan(tiny_model):
         2, 4, "adamw_bnb_8bit", "nf4+bf16", "nf4")
     assert run.estimate.total_bytes == req["memory_estimate"]["total_bytes"]
     assert run.speed is not None and run.speed.checkpointed_layers == 0  # CPU default: no checkpointing
+
+
+def test_another_device_than_planned_is_a_plan_change(tiny_model):
+    """The worker checks the facts the plan assumed; on another machine it re-plans and says what moved."""
+    from tunekit.backends.local.run import check_facts
+
+    spec = TrainingSpec.model_validate({"base_model": str(tiny_model), "provider_options": {"local": {"device": "cpu"}}})
+    planned = LocalRun.model_validate(LocalBackend().plan(spec).request)
+    same, changes = check_facts(planned, spec)
+    assert same is planned and changes == {}  # this machine: nothing re-resolved
+    elsewhere = planned.model_copy(update={"device": planned.device.model_copy(update={"memory_bytes": 2**40})})
+    now, changes = check_facts(elsewhere, spec)
+    assert changes["facts"]["device"][0]["memory_bytes"] == 2**40
+    assert changes["device.memory_bytes"] == [2**40, planned.device.memory_bytes]
+    assert now == planned  # resolving again on the planning machine gives the plan back

@@ -1,4 +1,4 @@
-"""speed.py: each optimisation trains to the same loss/adapter as the path without it (tiny Llama, CPU).
+"""speed.py + kernels.py: each optimisation trains to the same loss/adapter as the path without it (tiny Llama, CPU).
 
 Liger's kernels are Triton (CUDA only): their test is skipped without a GPU; on the GPU,
 benchmarks/train_throughput.py --check-loss compares the whole fast path with the plain recipe.
@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("trl")
 
 from tunekit._exceptions import ConfigError  # noqa: E402
-from tunekit.backends.local import memory, nf4, speed  # noqa: E402
-from tunekit.backends.local.train import train  # noqa: E402
+from tunekit.backends.local import kernels, memory, nf4, speed  # noqa: E402
+from tests.train_recorder import train_files as train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
 from tests.tolerance import (adam_scale, assert_close, bound, mixed_eps, rel_diff, rounding_eps,  # noqa: E402
                              unit_roundoff)
@@ -50,10 +50,10 @@ def rows_file(tmp_path: Path, n: int = 16) -> Path:
     return p
 
 
-def run(tmp_path: Path, name: str, spec: TrainingSpec, monkeypatch, speedups: str, **kw):
-    monkeypatch.setenv(speed.ENV, speedups)
+def run(tmp_path: Path, name: str, spec: TrainingSpec, speedups: str, **kw):
     cb = Recorder()
-    out = train(spec, rows_file(tmp_path), tmp_path / name, callbacks=cb, max_steps=STEPS, **kw)
+    off = [p for p in speedups.split(",") if p] or "auto"  # provider_options.local.speedups
+    out = train(spec, rows_file(tmp_path), tmp_path / name, callbacks=cb, max_steps=STEPS, speedups=off, **kw)
     return out, cb
 
 
@@ -81,10 +81,10 @@ def assert_same_training(a, b, eps: float) -> None:
 # ----------------------------------------------------------------------------- equal loss, one optimisation at a time
 
 @pytest.mark.slow
-def test_fast_lora_trains_like_peft(tiny_model, tmp_path, monkeypatch):
+def test_fast_lora_trains_like_peft(tiny_model, tmp_path):
     spec = spec_for(tiny_model, quantization="none")
-    fast = run(tmp_path, "fast", spec, monkeypatch, "")
-    slow = run(tmp_path, "peft", spec, monkeypatch, "-fast_lora")
+    fast = run(tmp_path, "fast", spec, "")
+    slow = run(tmp_path, "peft", spec, "-fast_lora")
     sp = fast[0].extra["speed"]
     assert sp["enabled"]["fast_lora"] and sp["applied"]["fast_lora_modules"] == 2 * 7  # 2 layers x all-linear
     assert not slow[0].extra["speed"]["enabled"]["fast_lora"]
@@ -93,14 +93,14 @@ def test_fast_lora_trains_like_peft(tiny_model, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant,dropout", [("none", 0.0), ("none", 0.1), ("nf4", 0.0)])
-def test_fast_dora_trains_like_peft(tiny_model, tmp_path, monkeypatch, quant, dropout):
+def test_fast_dora_trains_like_peft(tiny_model, tmp_path, quant, dropout):
     # dropout 0: the fused LoRA+DoRA forward; 0.1: the cached-norm DoRA layer. nf4: bitsandbytes' optimizer
     # updates the adapter without bumping version counters, so a norm cached across steps would go stale.
     if quant == "nf4":
         pytest.importorskip("bitsandbytes")
     spec = spec_for(tiny_model, quantization=quant, adapter={"use_dora": True, "dropout": dropout})
-    fast = run(tmp_path, "fast", spec, monkeypatch, "")
-    slow = run(tmp_path, "peft", spec, monkeypatch, "-fast_dora,-fast_lora")
+    fast = run(tmp_path, "fast", spec, "")
+    slow = run(tmp_path, "peft", spec, "-fast_dora,-fast_lora")
     assert fast[0].extra["speed"]["applied"]["fast_dora_modules"] == 14
     assert "fast_dora_modules" not in slow[0].extra["speed"]["applied"]
     # the norm is the same sum in another order: fp32 rounding; with NF4 the compute is bf16, whose roundings
@@ -109,35 +109,35 @@ def test_fast_dora_trains_like_peft(tiny_model, tmp_path, monkeypatch, quant, dr
 
 
 @pytest.mark.slow
-def test_bf16_kbit_qlora_trains_like_prepare_model_for_kbit_training(tiny_model, tmp_path, monkeypatch):
+def test_bf16_kbit_qlora_trains_like_prepare_model_for_kbit_training(tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes")
     spec = spec_for(tiny_model, quantization="nf4", adapter={"dropout": 0.0})
-    fast = run(tmp_path, "fast", spec, monkeypatch, "")
-    slow = run(tmp_path, "peft", spec, monkeypatch, "-bf16_kbit,-fast_lora")
+    fast = run(tmp_path, "fast", spec, "")
+    slow = run(tmp_path, "peft", spec, "-bf16_kbit,-fast_lora")
     assert fast[0].extra["base_linear_class"] == "Linear4bit"
     assert fast[0].extra["speed"]["enabled"]["bf16_kbit"] and not slow[0].extra["speed"]["enabled"]["bf16_kbit"]
     assert_same_training(fast, slow, FP32)  # the same bf16 roundings on both paths: only fp32 order differs
 
 
 @pytest.mark.slow
-def test_qlora_adapters_stay_fp32(tiny_model, tmp_path, monkeypatch):
+def test_qlora_adapters_stay_fp32(tiny_model, tmp_path):
     """TRL casts a quantized model's adapters to bf16; fp32_adapters puts them back (PEFT's default)."""
     import torch
 
     pytest.importorskip("bitsandbytes")
     spec = spec_for(tiny_model, quantization="nf4", adapter={"dropout": 0.0})
-    kept = run(tmp_path, "fp32", spec, monkeypatch, "")
-    trl = run(tmp_path, "bf16", spec, monkeypatch, "-fp32_adapters")
+    kept = run(tmp_path, "fp32", spec, "")
+    trl = run(tmp_path, "bf16", spec, "-fp32_adapters")
     assert kept[0].extra["speed"]["applied"]["fp32_adapter_params"] == 2 * 7 * 2
     assert {t.dtype for t in adapter_tensors(kept[0]).values()} == {torch.float32}
     assert {t.dtype for t in adapter_tensors(trl[0]).values()} == {torch.bfloat16}
 
 
 @pytest.mark.slow
-def test_checkpointing_all_some_or_no_layers_gives_the_same_training(tiny_model, tmp_path, monkeypatch):
+def test_checkpointing_all_some_or_no_layers_gives_the_same_training(tiny_model, tmp_path):
     spec = spec_for(tiny_model, quantization="none")
-    none = run(tmp_path, "none", spec, monkeypatch, "", gradient_checkpointing=False)
-    full = run(tmp_path, "all", spec, monkeypatch, "", gradient_checkpointing=True)
+    none = run(tmp_path, "none", spec, "", gradient_checkpointing=False)
+    full = run(tmp_path, "all", spec, "", gradient_checkpointing=True)
     assert none[0].extra["speed"]["checkpointed_layers"] == 0 and not none[0].gradient_checkpointing
     assert full[0].extra["speed"]["applied"]["checkpointed_layers"] == 2 and full[0].gradient_checkpointing
     assert_same_training(none, full, FP32)
@@ -157,7 +157,7 @@ def test_partial_checkpointing_gives_the_same_gradients(tiny_model):
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
                                LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
         model.train()
-        assert speed.set_checkpointing(model.get_base_model(), k) == k
+        assert kernels.set_checkpointing(model.get_base_model(), k) == k
         layers = model.get_base_model().model.layers
         assert [bool(layer.gradient_checkpointing) for layer in layers] == [i < k for i in range(2)]
         model(input_ids=ids, labels=ids).loss.backward()
@@ -180,17 +180,17 @@ def test_dora_norm_matches_the_direct_norm_once_per_forward_pass():
     B = torch.nn.Parameter(torch.randn(32, 4, generator=g))
     layer = DoraLinearLayer(fan_in_fan_out=False)
     direct = torch.linalg.norm(base.weight + 0.5 * (B @ A), dim=1)
-    got = speed.dora_weight_norm(layer, base, A, B, 0.5)
+    got = kernels.dora_weight_norm(layer, base, A, B, 0.5)
     eps = rounding_eps("float32", 48)  # fp32 sums of 48 squares (the expansion's terms too)
     assert_close(got, direct.detach(), eps)
-    assert speed.dora_weight_norm(layer, base, A, B, 0.5) is not got  # no pass counter: never cached
-    layer._tk_gen = gen = {"passes": 1}
-    got = speed.dora_weight_norm(layer, base, A, B, 0.5)
-    assert speed.dora_weight_norm(layer, base, A, B, 0.5) is got  # the same pass (the checkpoint recompute)
+    assert kernels.dora_weight_norm(layer, base, A, B, 0.5) is not got  # no pass counter: never cached
+    state = kernels.FastState(passes=1)
+    got = kernels.dora_weight_norm(layer, base, A, B, 0.5, state)
+    assert kernels.dora_weight_norm(layer, base, A, B, 0.5, state) is got  # the same pass (the checkpoint recompute)
     with torch.no_grad():
         B.data.add_(1.0)  # like a bitsandbytes optimizer kernel: no version bump
-    gen["passes"] += 1  # the next forward pass
-    again = speed.dora_weight_norm(layer, base, A, B, 0.5)
+    state.passes += 1  # the next forward pass
+    again = kernels.dora_weight_norm(layer, base, A, B, 0.5, state)
     assert_close(again, torch.linalg.norm(base.weight + 0.5 * (B @ A), dim=1).detach(), eps)
 
 
@@ -224,9 +224,10 @@ def test_fused_forward_equals_peft_forward_on_nf4(tiny_model, monkeypatch, dora,
         m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian",
                                          lora_dropout=dropout, **extra))
         if fast:
-            assert speed.patch_lora(m, fuse_dora=dora) == 14
+            state = kernels.FastState(fuse_dora=dora)
+            assert kernels.patch_lora(m, state) == 14
             if dora:
-                speed.track_forward_passes(m)  # DoRA values of all 14 layers computed together, once per pass
+                kernels.track_forward_passes(m, state)  # DoRA values of all 14 layers computed together, once per pass
         m.train()
         for step in range(2):  # between the passes every adapter weight moves in place (as bnb's optimizer
             if step:           # does, without version bumps): the second pass must not reuse the first's norms
@@ -283,12 +284,40 @@ def test_liger_kernels_patch_the_model_and_train_on_cuda(tiny_model):
         m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda()
         m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear"))
         sp = speed.SpeedPlan({"liger": liger}, {}, 2, 0)
-        speed.apply(m, sp)
+        kernels.apply(m, sp)
         with torch.no_grad():
             losses.append(float(m(input_ids=ids, labels=ids).loss))
     # fp32 both ways (Liger's fused cross-entropy sums the vocabulary in chunks): fp32 rounding of that sum
     vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
     assert_close(losses[1], losses[0], rounding_eps("float32", vocab), what="loss")
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_the_fast_paths_set_nothing_on_peft_modules_but_their_forward(tiny_model, quant):
+    """The pass counter, the cached norms and the 4-bit DoRA values live in the model's FastState, not as
+    attributes of PEFT's and bitsandbytes' modules; each patched module only gets its new forward."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = {}
+    if quant == "nf4":
+        pytest.importorskip("bitsandbytes")
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, **kw)
+    m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, use_dora=True))
+    before = {name: set(vars(mod)) for name, mod in m.named_modules()}
+    done = kernels.apply(m, speed.SpeedPlan({"fast_lora": True, "fast_dora": True}, {}, 2, 0))
+    assert done["fast_lora_modules"] == done["fast_dora_modules"] == 14
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    m.train()
+    for _ in range(2):
+        m(input_ids=ids, labels=ids).loss.backward()
+    # (gradient_checkpointing: transformers' own switch of each decoder layer, which set_checkpointing sets)
+    added = {name: set(vars(mod)) - before[name] - {"gradient_checkpointing"} for name, mod in m.named_modules()}
+    assert {a for keys in added.values() for a in keys} == {"forward"}
+    assert sum("forward" in keys for keys in added.values()) == 28  # 14 LoRA layers and their 14 DoRA layers
 
 
 def test_plan_checkpoints_only_the_layers_the_budget_needs():
@@ -342,15 +371,28 @@ def test_plan_says_when_dora_dropout_costs_a_second_base_matmul(tiny_model, drop
         assert "adapter.dropout=0" in sp.notes[0] and sp.notes[0] in sp.summary()
 
 
-def test_speedups_env_switch(monkeypatch):
-    monkeypatch.setenv(speed.ENV, "off")
-    assert speed.disabled() == set(speed.OPTIMISATIONS)
-    monkeypatch.setenv(speed.ENV, "-liger, -fast_dora")
-    assert speed.disabled() == {"liger", "fast_dora"}
-    monkeypatch.setenv(speed.ENV, "-warp_drive")
+def test_speedups_are_an_option_recorded_with_the_run(tiny_model):
+    from typing import get_args
+
+    from tunekit.backends.local.backend import LocalBackend
+    from tunekit.backends.local.options import SpeedupOff
+
+    assert {o.lstrip("-") for o in get_args(SpeedupOff)} == set(speed.OPTIMISATIONS)
+    assert speed.disabled("off") == set(speed.OPTIMISATIONS) and speed.disabled("auto") == set()
+    assert speed.disabled(["-liger", "-fast_dora"]) == {"liger", "fast_dora"}
+
+    def planned(value):
+        spec = spec_for(tiny_model, provider_options={"local": {"device": "cpu", "speedups": value}})
+        return LocalBackend().plan(spec).request
+
+    req = planned(["-fast_lora"])
+    assert req["options"]["speedups"] == ["-fast_lora"]  # the run carries it: a resumed worker uses the same
+    assert req["speed"]["enabled"]["fast_lora"] is False
+    assert req["speed"]["reasons"]["fast_lora"] == "disabled by provider_options.local.speedups"
+    assert planned("auto")["speed"]["enabled"]["fast_lora"] is True
     with pytest.raises(ConfigError) as e:
-        speed.disabled()
-    assert e.value.field == speed.ENV
+        planned(["-warp_drive"])
+    assert e.value.field == "provider_options.local.speedups" and "-fast_dora" in str(e.value)
 
 
 UPDATE_REL = 1e-3  # the update's size relative to the base output (rms): far below bf16's ulp
@@ -376,7 +418,7 @@ def test_nf4_forward_rounds_base_plus_update_once(tiny_model, monkeypatch, dora,
                                              **({"device_map": {"": 0}} if device == "cuda" else {}))
     m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["down_proj"], lora_dropout=0.0,
                                      use_dora=dora))
-    speed.patch_lora(m, fuse_dora=dora)
+    kernels.patch_lora(m, kernels.FastState(fuse_dora=dora))
     layer = m.base_model.model.model.layers[0].mlp.down_proj
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     # a bf16 residual stream, as train() runs QLoRA on a GPU (bf16_kbit)
@@ -398,7 +440,7 @@ def test_nf4_forward_rounds_base_plus_update_once(tiny_model, monkeypatch, dora,
         B.mul_(k)
         upd = (upd * k).double()
         if dora:  # m = ||W|| (its init) stays: the output is (m/n) (base + update), n = ||W + s B A||
-            layer.lora_magnitude_vector["default"].weight.copy_(speed.dora_weight_norm(
+            layer.lora_magnitude_vector["default"].weight.copy_(kernels.dora_weight_norm(
                 layer.lora_magnitude_vector["default"], layer.get_base_layer(), A, B, 2.0))
     kept = float(((out() - base) * upd).sum() / upd.pow(2).sum())
     # Rounding b + d with d far below an ulp is unbiased: kept = 1 up to the rounding noise of the two outputs,

@@ -15,10 +15,11 @@ import pytest
 pytest.importorskip("trl")
 
 from tunekit._exceptions import ConfigError, ResourceError, TrainingError  # noqa: E402
-from tunekit.backends.local.train import check_finite_adapter, check_finite_step, train  # noqa: E402
+from tunekit.backends.local.train import check_finite_adapter, check_finite_step  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
 from tests.tolerance import assert_close, bound, rel_diff, rounding_eps, unit_roundoff  # noqa: E402
 from tests.train_recorder import Recorder  # noqa: E402
+from tests.train_recorder import train_files as train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 from tests.conftest_serve import make_adapter  # noqa: E402
 from tests.tolerance import bound, rounding_eps, unit_roundoff  # noqa: E402
 from tunekit import ConfigError  # noqa: E402
-from tunekit.backends.local.merge import merge_adapter, sample_prompts  # noqa: E402
+from tunekit.adapters.merge import merge_adapter, sample_prompts  # noqa: E402
 
 PROMPTS = ["Hello there, how are you?", "def add(a, b):\n    return"]
 
@@ -281,7 +281,8 @@ def test_the_merge_command_in_the_dora_refusal_works(tiny_model, tmp_path, capsy
     import re
     import shlex
 
-    from tunekit.serve.adapters import read_adapter, refuse_unservable
+    from tunekit.adapters.info import read_adapter
+    from tunekit.serve.adapters import refuse_unservable
 
     dora = make_adapter(tiny_model, tmp_path / folder, r=4, b_std=0.01, use_dora=True)
     with pytest.raises(ConfigError) as err:
@@ -297,7 +298,7 @@ def test_merged_size_is_counted_without_loading_the_weights(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunekit.backends.local.merge import _merged_bytes
+    from tunekit.adapters.merge import _merged_bytes
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     params = sum(p.numel() for p in model.parameters())

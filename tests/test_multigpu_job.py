@@ -311,9 +311,9 @@ def test_a_70b_bf16_plan_on_80gb_gpus_shards_and_names_the_gpus_it_needs(tmp_pat
     one = plan()  # one GPU: shown as not fitting, with the GPUs that would
     assert one.request["memory_estimate"]["fits"] is False
     assert any("train on 4 GPUs of this size (fsdp2): provider_options.local.gpus=4" in n for n in one.notes)
-    with pytest.raises(ResourceError) as exc:  # and refused at submit with the same suggestion
-        from tunekit.backends.local.memory import check_fits
-        from tunekit.backends.local.backend import resolve
+    from tunekit.backends.local.memory import check_fits
+    from tunekit.backends.local.run import LocalRun
 
-        check_fits(resolve(spec)["estimate"])
+    with pytest.raises(ResourceError) as exc:  # and refused at submit (its check) with the same suggestion
+        check_fits(LocalRun.model_validate(one.request).memory_estimate.estimate())
     assert "gpus=4" in exc.value.hint

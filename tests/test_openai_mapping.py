@@ -107,12 +107,20 @@ def test_provider_options_metadata_and_unknown_keys():
     kwargs = b.create_kwargs(record, plan, {"training_file": "file-1"})
     assert kwargs["metadata"] == {"team": "nlp", "tunekit_job_id": "tk-meta"}
     assert kwargs["training_file"] == "file-1" and "validation_file" not in kwargs
-    with pytest.raises(ConfigError, match="set by tunekit"):
+    with pytest.raises(ConfigError, match="tunekit sets it"):
         b.plan(TrainingSpec(base_model="m", provider_options={"openai": {"metadata": {"tunekit_job_id": "x"}}}))
     with pytest.raises(UnsupportedFieldError, match="valid: integrations, learning_rate_multiplier, metadata"):
         b.plan(TrainingSpec(base_model="m", provider_options={"openai": {"n_epochs": 2}}))
     with pytest.raises(UnsupportedFieldError, match="this job runs on 'openai'"):
         b.plan(TrainingSpec(base_model="m", provider_options={"together": {"x": 1}}))
+
+
+@pytest.mark.parametrize("key, bad", [("integrations", "wandb"), ("integrations", [1]), ("metadata", {"k": 1}),
+                                      ("metadata", {f"k{i}": "v" for i in range(16)})])
+def test_provider_option_values_are_checked_by_the_options_model(key, bad):
+    with pytest.raises(ConfigError) as err:
+        backend().plan(TrainingSpec(base_model="gpt-4o-mini", provider_options={"openai": {key: bad}}))
+    assert err.value.field == f"provider_options.openai.{key}" and "docs/backends/openai.md" in err.value.hint
 
 
 def test_status_map_is_total_over_the_sdk_enum():

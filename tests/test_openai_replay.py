@@ -256,19 +256,3 @@ def test_canary_key_never_stored_logged_or_shown(replay_server, pin_job_id, monk
     for path in tunekit_home.rglob("*"):  # state.db and its -wal/-shm files
         if path.is_file():
             assert canary.encode() not in path.read_bytes(), path
-
-
-def test_list_remote(replay_server):
-    from tests.conftest_openai import load
-
-    running = load("dropped_create")["exchanges"][3]["response"]["json"]
-    done = load("lifecycle")["exchanges"][4]["response"]["json"]
-    srv = replay_server({"provider": "openai", "exchanges": [
-        {"request": {"method": "GET", "path": JOBS, "query": {"limit": "2"}},
-         "response": {"status": 200, "json": {"object": "list", "data": [running, done], "has_more": True}}}]})
-    states = make_backend(srv).list_remote(limit=2)
-    assert [(s.remote_id, s.status) for s in states] == [("ftjob-Drop0001", JobStatus.RUNNING),
-                                                          ("ftjob-Life0001", JobStatus.SUCCEEDED)]
-    assert states[1].result.model.startswith("ft:")
-    srv.assert_done()
-    assert spec_problems(srv) == []

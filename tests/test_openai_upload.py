@@ -15,7 +15,7 @@ pytest.importorskip("openai")
 from tests.conftest_openai import CHAT, finetune, load, pin_job_id, spec_problems  # noqa: E402,F401
 from tests.replay.fixtures import replay_server  # noqa: E402,F401
 from tunekit import _exceptions as errors  # noqa: E402
-from tunekit.backends.openai import backend as openai_backend  # noqa: E402
+from tunekit.backends.openai import upload as openai_upload  # noqa: E402
 from tunekit.backends.openai.backend import OpenAIBackend  # noqa: E402
 from tunekit.schemas.job import JobStatus  # noqa: E402
 from tunekit.store import default_store  # noqa: E402
@@ -42,14 +42,14 @@ def test_large_file_goes_through_uploads_api_in_streamed_parts(replay_server, pi
     monkeypatch.setattr(OpenAIBackend, "files_api_max_bytes", 100_000)  # instead of 512 MB
     monkeypatch.setattr(OpenAIBackend, "upload_part_bytes", part)
     reads: list[tuple[int, int]] = []
-    real_read = openai_backend._FileWindow.read
+    real_read = openai_upload.FileWindow.read
 
     def spy(self, size=-1):
         out = real_read(self, size)
         reads.append((-1 if size is None else size, len(out)))
         return out
 
-    monkeypatch.setattr(openai_backend._FileWindow, "read", spy)
+    monkeypatch.setattr(openai_upload.FileWindow, "read", spy)
     srv = replay_server(load("large_upload"))
     pin_job_id("tk-openai-big")
     job = finetune(srv, big_chat)
@@ -74,13 +74,13 @@ def test_large_file_goes_through_uploads_api_in_streamed_parts(replay_server, pi
 
 def test_small_file_is_sent_as_an_open_handle(replay_server, pin_job_id, monkeypatch):
     seen = []
-    real = OpenAIBackend._create_file
+    real = openai_upload.create_file
 
     def spy(client, file):
         seen.append(file)
         return real(client, file)
 
-    monkeypatch.setattr(OpenAIBackend, "_create_file", staticmethod(spy))
+    monkeypatch.setattr(openai_upload, "create_file", spy)
     srv = replay_server(load("cancel"))
     pin_job_id("tk-openai-cancel")
     finetune(srv, CHAT)

@@ -11,7 +11,7 @@ import pytest
 import tunekit
 from tunekit.backends import get_backend
 from tunekit.backends.together import mapping
-from tunekit.backends.together.backend import TogetherBackend, failure_message, pick_tagged, to_event
+from tunekit.backends.together.backend import TogetherBackend, failure_message, tagged_items, to_event
 from tunekit.backends.together.upload import prepare_upload
 from tunekit.schemas.job import JobStatus
 from tunekit.schemas.spec import TrainingSpec, spec_leaf_fields
@@ -146,13 +146,13 @@ def test_suffix_tag_fits_together_limit():
     assert not mapping.carries_tag({"suffix": "tk-0123456789ab-other"}, "tk-0123456789ac")
 
 
-def test_pick_tagged_takes_the_earliest_of_duplicates():
+def test_tagged_items_list_the_earliest_of_duplicates_first():
     listed = {"data": [
         {"id": "ft-b", "suffix": "x-tk-1", "created_at": "2026-11-28T10:05:00Z"},
         {"id": "ft-a", "suffix": "x-tk-1", "created_at": "2026-11-28T10:00:00Z"},
         {"id": "ft-c", "suffix": "x-tk-2", "created_at": "2026-11-28T09:00:00Z"}]}
-    assert pick_tagged(listed, "tk-1")["id"] == "ft-a"
-    assert pick_tagged(listed, "tk-3") is None
+    assert [item["id"] for item in tagged_items(listed, "tk-1")] == ["ft-a", "ft-b"]
+    assert tagged_items(listed, "tk-3") == []
 
 
 def test_status_map_is_total_over_the_sdk_enum():
@@ -293,3 +293,14 @@ def test_prepare_upload_memory_does_not_grow_with_the_file(tmp_path):
     big_peak, big_size = peak_for(30_000)      # ~2.5 MB
     assert big_size > 2_000_000
     assert big_peak < 1_000_000 and big_peak < small_peak * 3  # one row at a time, not the file
+
+
+@pytest.mark.parametrize("key, bad", [("n_checkpoints", 0), ("n_checkpoints", "4"), ("packing", "yes"),
+                                      ("train_on_inputs", "sometimes"), ("min_lr_ratio", 2.0), ("wandb_name", 7)])
+def test_provider_option_values_are_checked_by_the_options_model(key, bad):
+    from tunekit._exceptions import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        TogetherBackend().plan(_spec(provider_options={"together": {key: bad}}))
+    assert err.value.field == f"provider_options.together.{key}" and "docs/backends/together.md" in err.value.hint
+    assert TogetherBackend.options_model is mapping.TogetherOptions and "wandb_name" in mapping.WANDB_OPTIONS

@@ -12,7 +12,6 @@ import time
 import pytest
 
 import tunekit
-from tunekit.backends import get_backend
 from tunekit.job import FineTuneJob
 from tunekit.schemas.job import JobStatus
 from tunekit.store import Store
@@ -261,10 +260,3 @@ def test_chat_rows_upload_unchanged(together_env, pinned_job_id, tmp_path):
     tunekit.finetune(chat, base_model="llama-3.1-8b-instruct", backend="together", hyperparameters={"epochs": 1})
     (put,) = sent(srv, "PUT", f"/presigned/{TRAIN_FILE}")
     assert put.raw == chat.read_bytes()
-
-
-def test_list_remote(together_env):
-    srv = together_env("reconcile")
-    states = get_backend("together").list_remote()
-    srv.assert_done()
-    assert [(s.remote_id, s.status) for s in states] == [(FT, JobStatus.RUNNING)]

@@ -35,3 +35,15 @@ class Recorder(TrainCallbacks):
 
     def losses(self) -> list[float]:
         return [m["loss"] for _, m in self.steps]
+
+
+def train_files(spec, data, output_dir, *, callbacks=None, resume_from_checkpoint=None, validation_path=None,
+                memory_budget_bytes=None, **options):
+    """train() on data files outside a job: the run is planned from the spec (run_for_files), then trained."""
+    from tunekit.backends.local.run import run_for_files
+    from tunekit.backends.local.train import train
+
+    if memory_budget_bytes:
+        options["memory_budget_gb"] = memory_budget_bytes / 2**30
+    run = run_for_files(spec, data, output_dir, validation_path=validation_path, **options)
+    return train(run, callbacks, resume_from_checkpoint=resume_from_checkpoint)

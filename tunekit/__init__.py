@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     **{name: "tunekit._exceptions" for name in (
-        "APIConnectionError", "APIError", "AuthenticationError", "BackendNotFoundError", "BadRequestError",
-        "ConfigError", "ConflictError", "DataValidationError", "JobNotFoundError", "JobStateError",
+        "APIConnectionError", "APIError", "AdapterNotFoundError", "AuthenticationError", "BackendNotFoundError",
+        "BadRequestError", "ConfigError", "ConflictError", "DataValidationError", "JobNotFoundError", "JobStateError",
         "MissingDependencyError", "NotFoundError", "PermissionDeniedError", "RateLimitError", "ResourceError",
         "ServerError", "StoreError", "TrainingError", "TunekitError", "UnknownModelError", "UnsupportedFieldError")},
     **{name: "tunekit.api" for name in ("estimate_cost", "find_orphans", "finetune", "finetune_from", "get_job",

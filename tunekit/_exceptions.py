@@ -3,7 +3,8 @@
     TunekitError
     ├── ConfigError                 a spec, option or argument is wrong (names the field)
     │   ├── UnsupportedFieldError   a set field the chosen backend cannot honour (lists each one)
-    │   └── UnknownModelError       a canonical model name the backend does not offer
+    │   ├── UnknownModelError       a canonical model name the backend does not offer
+    │   └── AdapterNotFoundError    no adapter at that directory, registry id/name or job
     ├── DataValidationError         training data failed validation (carries the ValidationReport)
     ├── BackendNotFoundError        no backend by that name (suggests the closest)
     ├── MissingDependencyError      an optional extra is not installed (gives the pip line)
@@ -71,6 +72,15 @@ class UnsupportedFieldError(ConfigError):
 
 class UnknownModelError(ConfigError):
     pass
+
+
+class AdapterNotFoundError(ConfigError):
+    """An adapter reference (directory, registry id/name, job id) names no adapter on this machine."""
+
+    hint = "pass an adapter directory, or an id, name or job id from `tunekit adapters list`"
+
+    def __init__(self, message: str, *, field: str | None = "adapter", hint: str | None = None) -> None:
+        super().__init__(message, field=field, hint=hint)
 
 
 class DataValidationError(TunekitError):

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity import (AsyncRetrying, RetryCallState, Retrying, retry_if_exception, retry_if_result,
+                      stop_after_attempt)
 
 from ._exceptions import APIConnectionError, APIError
 
@@ -76,42 +77,63 @@ class RetryPolicy:
         return is_retryable(exc) and not self.gives_up(exc)
 
 
-def retry_call(fn: Callable[[], T], *, policy: RetryPolicy | None = None, idempotent: bool = True,
-               on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
-    """Call ``fn`` under the policy. ``idempotent=False`` retries only errors that prove nothing was
-    done (429 and 5xx responses are NOT such proof for a create, so only connection refusals
-    before sending would be; we conservatively retry nothing)."""
-    policy = policy or RetryPolicy.from_env()
-    if not idempotent:
-        return fn()
+def _loop(policy: RetryPolicy, *, retry: Any, stop: Any = None, wait: Any = None,
+          on_retry: Callable[[int, BaseException, float], None] | None = None,
+          sleep: Callable[[float], Any] | None = None, asynchronous: bool = False, **more: Any) -> Any:
+    """The one retry loop: tenacity's ``Retrying`` or ``AsyncRetrying``, built from the same stop, wait and
+    retry objects. By default it stops after ``max_attempts`` and waits as the policy says."""
 
-    def _wait(state: RetryCallState) -> float:
+    def policy_wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         seconds = policy.wait_seconds(state.attempt_number, exc)
         if on_retry and exc is not None:
             on_retry(state.attempt_number, exc, seconds)
         return seconds
 
-    retrying = Retrying(
-        retry=retry_if_exception(policy.should_retry),
-        stop=stop_after_attempt(max(policy.max_attempts, 1)),
-        wait=_wait,
-        reraise=True,
-    )
-    return retrying(fn)
+    options: dict[str, Any] = {"retry": retry, "stop": stop or stop_after_attempt(max(policy.max_attempts, 1)),
+                               "wait": wait or policy_wait, "reraise": True, **more}
+    if sleep is not None:
+        options["sleep"] = sleep
+    return (AsyncRetrying if asynchronous else Retrying)(**options)
 
 
-async def retry_call_async(fn, *, policy: RetryPolicy | None = None, idempotent: bool = True):
-    """Async twin of :func:`retry_call` (``fn`` returns an awaitable)."""
-    import asyncio
-
+def retry_call(fn: Callable[[], T], *, policy: RetryPolicy | None = None, idempotent: bool = True,
+               on_retry: Callable[[int, BaseException, float], None] | None = None,
+               retry_if: Callable[[BaseException], bool] | None = None,
+               sleep: Callable[[float], None] | None = None) -> T:
+    """Call ``fn`` under the policy. ``idempotent=False`` retries only errors that prove nothing was
+    done (429 and 5xx responses are NOT such proof for a create, so only connection refusals
+    before sending would be; we conservatively retry nothing). ``retry_if`` replaces the policy's
+    choice of errors to retry (the create protocol retries its own set); ``sleep`` the clock's."""
     policy = policy or RetryPolicy.from_env()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await fn()
-        except Exception as exc:  # noqa: BLE001 - filtered just below
-            if not idempotent or attempt >= policy.max_attempts or not policy.should_retry(exc):
-                raise
-            await asyncio.sleep(policy.wait_seconds(attempt, exc))
+    if not idempotent:
+        return fn()
+    return _loop(policy, retry=retry_if_exception(retry_if or policy.should_retry), on_retry=on_retry,
+                 sleep=sleep)(fn)
+
+
+async def retry_call_async(fn: Callable[[], Awaitable[T]], *, policy: RetryPolicy | None = None,
+                           idempotent: bool = True) -> T:
+    """:func:`retry_call` for a coroutine function: the same loop, sleeping with ``asyncio.sleep``."""
+    policy = policy or RetryPolicy.from_env()
+    if not idempotent:
+        return await fn()
+    return await _loop(policy, retry=retry_if_exception(policy.should_retry), asynchronous=True)(fn)
+
+
+def poll(fn: Callable[[], T | None], *, policy: RetryPolicy, window: float, sleep: Callable[[float], None],
+         monotonic: Callable[[], float]) -> T | None:
+    """Call ``fn`` until it returns something other than None or ``window`` seconds have passed (one call
+    when 0), waiting ``policy.initial`` doubling up to ``policy.max_wait`` between calls, never past the
+    window. Errors of ``fn`` are raised at once. The clock is the caller's (a test runs it virtually)."""
+    deadline = monotonic() + window
+
+    def closed(state: RetryCallState) -> bool:
+        return monotonic() >= deadline
+
+    def backoff(state: RetryCallState) -> float:
+        step = min(policy.max_wait, policy.initial * 2 ** (state.attempt_number - 1))
+        return max(0.0, min(step, deadline - monotonic()))
+
+    return _loop(policy, retry=retry_if_result(lambda found: found is None), stop=closed, wait=backoff,
+                 sleep=sleep, retry_error_callback=lambda state: None)(fn)

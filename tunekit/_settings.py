@@ -40,6 +40,3 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "Secret('***')"
-
-    def reveal(self) -> str:
-        return str.__str__(self)

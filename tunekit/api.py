@@ -118,11 +118,6 @@ def _validate_command(path: str | Path, backend: str, spec: TrainingSpec, rules:
     return shlex.join(words)
 
 
-def _data_entry(report: "ValidationReport") -> dict[str, Any]:
-    return {"path": str(Path(report.path).resolve()), "sha256": report.sha256, "rows": report.rows,
-            "kind": report.kind.value if report.kind else None, "size_bytes": report.size_bytes}
-
-
 def finetune(
     data: str | Path,
     spec: TrainingSpec | dict[str, Any] | str | Path | None = None,
@@ -159,13 +154,13 @@ def finetune(
     spec_obj = load_spec(spec if spec is not None else {}, base_model=base_model,
                          validation_data=str(validation_data) if validation_data else None, **spec_fields)
 
-    from .data import validate as _validate
+    from .data import data_entry, validate as _validate
 
     rules = b.data_rules(spec_obj)
     report = _validate(data, rules=rules)
     if not report.valid:
         raise DataValidationError(report, command=_validate_command(data, b.name, spec_obj, rules))
-    entries = {"train": _data_entry(report)}
+    entries = {"train": data_entry(report)}
     if spec_obj.validation_data:
         vreport = _validate(spec_obj.validation_data, rules=rules.model_copy(update={"min_rows": 1}))
         if not vreport.valid:
@@ -174,7 +169,7 @@ def finetune(
         if report.kind != vreport.kind:
             raise ConfigError(f"validation data holds {vreport.kind} rows but training data holds {report.kind}",
                               field="validation_data")
-        entries["validation"] = _data_entry(vreport)
+        entries["validation"] = data_entry(vreport)
 
     ctx = PlanContext(spec=spec_obj, rows=report.rows, row_kind=report.kind.value if report.kind else None)
     the_plan = b.plan(spec_obj, on_unsupported=on_unsupported, context=ctx)  # type: ignore[arg-type]

@@ -176,9 +176,6 @@ class FineTuneJob:
         for split, values in _provider_step_metrics(data).items():
             self._store.add_metrics(self.id, int(data["step"]), values, split=split)
 
-    def _sync_events(self) -> None:
-        self._store_events(self.backend.events(self._record))
-
     def _store_events(self, events: list[JobEvent]) -> None:
         """Store provider events once each; the newest training-metrics event feeds the progress line."""
         latest: dict[str, Any] = {}
@@ -193,14 +190,25 @@ class FineTuneJob:
 
     def refresh(self) -> "FineTuneJob":
         """Re-read the store and, unless the job is over, ask the backend."""
+        if self._needs_backend():
+            self.apply(self.backend.refresh(self._record))
+            self._store_events(self.backend.events(self._record))
+        return self
+
+    async def refresh_async(self) -> "FineTuneJob":
+        """``refresh`` on the backend's async calls."""
+        if self._needs_backend():
+            self.apply(await self.backend.arefresh(self._record))
+            self._store_events(await self.backend.aevents(self._record))
+        return self
+
+    def _needs_backend(self) -> bool:
+        """Re-read the store: does the job still need asking the backend?"""
         self._record = self._store.get_job(self.id)
         if self.status.terminal:
-            return self
-        if self._record.remote_id is None and not self._is_local():
-            return self  # never reached the provider, or its reply was lost (unknown): see reconcile
-        self.apply(self.backend.refresh(self._record))
-        self._sync_events()
-        return self
+            return False
+        # never reached the provider, or its reply was lost (unknown): see reconcile
+        return self._record.remote_id is not None or self._is_local()
 
     def _check_waitable(self) -> None:
         """A managed job whose submit outcome was lost has nothing to poll until reconcile finds it."""
@@ -209,7 +217,11 @@ class FineTuneJob:
                                 hint=f"run `tunekit jobs reconcile {self.id}` to find the remote job")
 
     def _check_cancellable(self) -> None:
-        """A managed job with no remote id has nothing to cancel yet: its remote job, if any, is found by reconcile."""
+        """Re-read the store. A job already over cannot be cancelled; a managed job with no remote id has
+        nothing to cancel yet: its remote job, if any, is found by reconcile."""
+        self._record = self._store.get_job(self.id)
+        if self.status.terminal:
+            raise JobStateError(f"job {self.id} is already {self.status.value}")
         if self._record.remote_id is None and not self._is_local():
             how = "is unknown" if self.status == JobStatus.UNKNOWN else "is not recorded yet"
             raise JobStateError(f"job {self.id}: no remote job is attached (the submit outcome {how}), so there is "
@@ -223,12 +235,35 @@ class FineTuneJob:
     def wait(self, timeout: float | None = None, *, poll_interval: float | None = None,
              progress: bool | None = None) -> "FineTuneJob":
         """Poll with backoff until a terminal status; a progress line on a terminal (stderr)."""
+        for pause in self._polls(timeout, poll_interval, progress):
+            if pause is None:
+                self.refresh()
+            else:
+                time.sleep(pause)
+        return self
+
+    async def wait_async(self, timeout: float | None = None, *, poll_interval: float | None = None,
+                         progress: bool | None = None) -> "FineTuneJob":
+        """``wait`` for asyncio code, on the backend's async calls."""
+        import asyncio
+
+        for pause in self._polls(timeout, poll_interval, progress):
+            if pause is None:
+                await self.refresh_async()
+            else:
+                await asyncio.sleep(pause)
+        return self
+
+    def _polls(self, timeout: float | None, poll_interval: float | None,
+               progress: bool | None) -> Iterator[float | None]:
+        """The wait loop, written once: yields None when the job must be refreshed, else seconds to sleep
+        (never past the timeout). ``wait`` and ``wait_async`` only differ in how they do those two."""
         first, most = self.backend.poll_interval(self._record)
         delay = poll_interval or first
         deadline = None if timeout is None else time.monotonic() + timeout
         show = sys.stderr.isatty() if progress is None else progress
         while True:
-            self.refresh()
+            yield None
             self._check_waitable()
             if show:
                 sys.stderr.write("\r\x1b[2K" + progress_line(self._record))
@@ -240,52 +275,18 @@ class FineTuneJob:
                     sys.stderr.write("\n")
                 raise WaitTimeout(f"job {self.id} still {self.status.value} after {timeout:g}s",
                                   hint=f"keep waiting with `tunekit jobs wait {self.id}`")
-            sleep = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
-            time.sleep(sleep)
+            yield delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
             if poll_interval is None:
                 delay = min(most, delay * 1.5)
         if show:
             sys.stderr.write("\n")
-        return self
-
-    async def wait_async(self, timeout: float | None = None, *, poll_interval: float | None = None) -> "FineTuneJob":
-        """``wait`` for asyncio code, on the backend's async calls."""
-        import asyncio
-
-        first, most = self.backend.poll_interval(self._record)
-        delay = poll_interval or first
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            await self.refresh_async()
-            if self.status.terminal:
-                return self
-            self._check_waitable()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {self.id} still {self.status.value} after {timeout:g}s")
-            await asyncio.sleep(delay)
-            if poll_interval is None:
-                delay = min(most, delay * 1.5)
-
-    async def refresh_async(self) -> "FineTuneJob":
-        self._record = self._store.get_job(self.id)
-        if self.status.terminal or (self._record.remote_id is None and not self._is_local()):
-            return self
-        self.apply(await self.backend.arefresh(self._record))
-        self._store_events(await self.backend.aevents(self._record))
-        return self
 
     def cancel(self) -> "FineTuneJob":
-        self._record = self._store.get_job(self.id)
-        if self.status.terminal:
-            raise JobStateError(f"job {self.id} is already {self.status.value}")
         self._check_cancellable()
         self.apply(self.backend.cancel(self._record))
         return self
 
     async def cancel_async(self) -> "FineTuneJob":
-        self._record = self._store.get_job(self.id)
-        if self.status.terminal:
-            raise JobStateError(f"job {self.id} is already {self.status.value}")
         self._check_cancellable()
         self.apply(await self.backend.acancel(self._record))
         return self
@@ -314,6 +315,12 @@ class FineTuneJob:
     def metrics(self, split: str | None = None) -> list[dict[str, Any]]:
         return self._store.metrics(self.id, split=split)
 
+    @property
+    def plan_changes(self) -> list[JobEvent]:
+        """``plan_changed`` events: what the worker found different from the plan, and what it changed
+        (``data["changes"]``: ``{"field": [planned, now]}``) before training."""
+        return [e for _, e in self._store.events(self.id) if e.type == "plan_changed"]
+
     # -- deployment (local adapters) -------------------------------------------------------------------
     def _adapter_key(self) -> str:
         self._record = self._store.get_job(self.id)
@@ -327,7 +334,7 @@ class FineTuneJob:
 
     def merge(self, out_dir: str, **kwargs: Any) -> Any:
         """Fold this job's adapter into its 16-bit base and check the merge (see ``merge_adapter``)."""
-        from .backends.local.merge import merge_adapter
+        from .adapters.merge import merge_adapter
 
         return merge_adapter(self._adapter_key(), out_dir, **kwargs)
 

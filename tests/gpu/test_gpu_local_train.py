@@ -10,7 +10,7 @@ learnable task (4 prompts, each with its fixed answer, repeated), and check that
   - the saved adapter, reloaded with `PeftModel.from_pretrained`, gives the trained model's logits on a prompt
     (distance to the trained logits < 5% of the trained model's distance from the base); where the base is not
     rewritten (all but PiSSA), it also matches PEFT's stock forward on the trained weights (< 1% of that), and
-    tunekit's fused forwards (speed.py) match that stock forward (< 5% of the base-to-trained distance).
+    tunekit's fused forwards (kernels.py, nf4.py) match that stock forward (< 5% of the base-to-trained distance).
 
 Figures (loss first/last, tokens/s, peak memory, seconds) go to stdout (`-s`) and to $TUNEKIT_GPU_REPORT.
 Skipped without CUDA; `TUNEKIT_GPU_FORCE_CPU=1 TUNEKIT_GPU_SHAPE=tiny` runs the same code on CPU in seconds.
@@ -33,7 +33,7 @@ if not torch.cuda.is_available() and os.environ.get("TUNEKIT_GPU_FORCE_CPU", "")
     pytest.skip("needs CUDA (TUNEKIT_GPU_FORCE_CPU=1 runs it on CPU)", allow_module_level=True)
 pytest.importorskip("trl")
 
-from tunekit.backends.local.train import train  # noqa: E402
+from tests.train_recorder import train_files as train  # noqa: E402
 from tunekit.schemas.spec import TrainingSpec  # noqa: E402
 from tests.train_recorder import Recorder  # noqa: E402
 

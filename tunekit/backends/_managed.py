@@ -2,16 +2,21 @@
 no-duplicate create protocol and the sync/async lifecycle. A provider fills in small hooks; each hook
 takes the SDK client and returns what the SDK returns, so the same hook serves the sync client and
 (awaited) the async client: the mapping code is shared, never copied.
+
+The lifecycle (refresh, cancel, events) is written once per backend as a *step function*: a generator
+that yields each SDK call it needs as a :class:`Call` and gets the result (or the error) back. ``refresh``
+drives it on the sync client, ``arefresh`` on the async client of the running loop, so the two cannot drift.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from contextlib import contextmanager
 from abc import abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Iterator, TypeVar, Union
 
 from .._exceptions import (
     APIConnectionError,
@@ -22,7 +27,7 @@ from .._exceptions import (
     ServerError,
     api_error_for_status,
 )
-from .._retry import RetryPolicy, retry_call, retry_call_async
+from .._retry import RetryPolicy, poll, retry_call, retry_call_async
 from .._secrets import mask, mask_exception, mask_logs, register
 from .._settings import Secret, env_credential
 from ..schemas.job import JobEvent, Plan, RemoteState
@@ -31,6 +36,8 @@ from .base import Backend
 
 if TYPE_CHECKING:
     from ..store import JobRecord
+
+T = TypeVar("T")
 
 # Errors after which a create may or may not have happened on the provider's side.
 AMBIGUOUS = (APIConnectionError, ServerError)
@@ -54,6 +61,44 @@ def translate_sdk_error(exc: BaseException, provider: str) -> BaseException:
     request_id = headers.get("x-request-id") if headers else None
     return api_error_for_status(status, f"{provider}: {mask(message)}", provider=provider, request_id=request_id,
                                 body=None, retry_after=_retry_after(headers))
+
+
+@contextmanager
+def sdk_errors(provider: str, translate: Callable[[BaseException], BaseException] | None = None) -> Iterator[None]:
+    """The one boundary where an SDK's exceptions become tunekit's; tunekit's own and any other error
+    pass through unchanged (never chained to themselves)."""
+    try:
+        yield
+    except APIError:
+        raise
+    except Exception as exc:
+        translated = translate(exc) if translate else translate_sdk_error(exc, provider)
+        if translated is exc:
+            raise
+        raise translated from exc
+
+
+def call_sdk(fn: Callable[..., T], *args: Any, provider: str, policy: RetryPolicy | None = None,
+             **kwargs: Any) -> T:
+    """One idempotent SDK call (a chat completion for distill or eval) under the retry policy, its errors
+    translated so the policy can judge them."""
+    def once() -> T:
+        with sdk_errors(provider):
+            return fn(*args, **kwargs)
+
+    return retry_call(once, policy=policy)
+
+
+@dataclass(frozen=True)
+class Call:
+    """An SDK call a step function asks for: ``fn(client, *args)``, on the sync or the async client."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
+# A lifecycle step function: yields Calls, receives their results, returns T (or returns T at once).
+Steps = Union[Generator[Call, Any, T], T]
 
 
 def _message(body: Any) -> str | None:
@@ -151,33 +196,53 @@ class ManagedBackend(Backend):
     def _translate(self, exc: BaseException) -> BaseException:
         return translate_sdk_error(exc, self.name)
 
-    @contextmanager
-    def _translated(self) -> Iterator[None]:
-        """The one boundary where SDK exceptions become tunekit's (others pass through unchanged)."""
-        try:
-            yield
-        except APIError:
-            raise
-        except Exception as exc:
-            translated = self._translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
-
     def call(self, fn: Callable[..., Any], *args: Any, idempotent: bool = True, **kwargs: Any) -> Any:
         def once() -> Any:
-            with self._translated():
+            with sdk_errors(self.name, self._translate):
                 return fn(*args, **kwargs)
 
         return retry_call(once, policy=self.retry_policy, idempotent=idempotent)
 
     async def acall(self, fn: Callable[..., Any], *args: Any, idempotent: bool = True, **kwargs: Any) -> Any:
         async def once() -> Any:
-            with self._translated():
+            with sdk_errors(self.name, self._translate):
                 result = fn(*args, **kwargs)
                 return await result if inspect.isawaitable(result) else result
 
         return await retry_call_async(once, policy=self.retry_policy, idempotent=idempotent)
+
+    def run(self, steps: "Steps[T]") -> T:
+        """Drive a step function on the sync client: each Call under the retry policy, its result (or
+        tunekit error) sent back in."""
+        if not inspect.isgenerator(steps):
+            return steps
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    result = self.call(call.fn, self.client, *call.args)
+                except Exception as exc:  # the step function decides: catch it or let it rise
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(result)
+        except StopIteration as done:
+            return done.value
+
+    async def arun(self, steps: "Steps[T]") -> T:
+        """:meth:`run` on the async client of the running event loop."""
+        if not inspect.isgenerator(steps):
+            return steps
+        try:
+            call = next(steps)
+            while True:
+                try:
+                    result = await self.acall(call.fn, self.aclient, *call.args)
+                except Exception as exc:
+                    call = steps.throw(exc)
+                else:
+                    call = steps.send(result)
+        except StopIteration as done:
+            return done.value
 
     # -- hooks a provider implements ----------------------------------------------------------------------
     @abstractmethod
@@ -248,46 +313,38 @@ class ManagedBackend(Backend):
         needed, any other tagged job that shows up then is cancelled at once and recorded as an event.
         """
         policy = self.retry_policy
-        attempt, ambiguous = 0, False
-        while True:
-            attempt += 1
+        ambiguous = False
+
+        def attempt() -> tuple[RemoteState, bool]:
+            """(state, True when it is a job an earlier attempt made)."""
+            nonlocal ambiguous
             try:
-                created = self.to_state(self.call(self._create, self.client, kwargs, idempotent=False))
+                return self.to_state(self.call(self._create, self.client, kwargs, idempotent=False)), False
             except ConflictError:
                 found = self.call(self._find_tagged, self.client, job)
-                if found is not None:
-                    return self.to_state(found)
-                raise
-            except AMBIGUOUS as exc:
+                if found is None:
+                    raise
+            except AMBIGUOUS:
                 ambiguous = True
                 found = self._look_for(job)
-                if found is not None:
-                    return self.to_state(found)
-                if attempt >= policy.max_attempts or policy.gives_up(exc):
+                if found is None:
                     raise
-                self.sleep(policy.wait_seconds(attempt, exc))
-                continue
-            except RateLimitError as exc:  # rejected before anything was created
-                if attempt >= policy.max_attempts or policy.gives_up(exc):
-                    raise
-                self.sleep(policy.wait_seconds(attempt, exc))
-                continue
-            if not ambiguous or self.client_chosen_ids:
-                return created
-            return self._cancel_duplicates(job, created)
+            return self.to_state(found), True
+
+        def retryable(exc: BaseException) -> bool:
+            # 429 is refused before anything is made; an ambiguous failure was looked for just above
+            return isinstance(exc, (*AMBIGUOUS, RateLimitError)) and not policy.gives_up(exc)
+
+        state, found = retry_call(attempt, policy=policy, retry_if=retryable, sleep=self.sleep)
+        if found or not ambiguous or self.client_chosen_ids:
+            return state
+        return self._cancel_duplicates(job, state)
 
     def _look_for(self, job: "JobRecord") -> Any | None:
         """The tagged job, looked for with backoff until the look-up window closes (one look at 0 s)."""
-        policy = self.retry_policy
-        deadline = self.monotonic() + (0.0 if self.client_chosen_ids else policy.lookup_window)
-        delay = policy.initial
-        while True:
-            found = self.call(self._find_tagged, self.client, job)
-            left = deadline - self.monotonic()
-            if found is not None or left <= 0:
-                return found
-            self.sleep(min(delay, left))
-            delay = min(policy.max_wait, delay * 2)
+        window = 0.0 if self.client_chosen_ids else self.retry_policy.lookup_window
+        return poll(lambda: self.call(self._find_tagged, self.client, job), policy=self.retry_policy,
+                    window=window, sleep=self.sleep, monotonic=self.monotonic)
 
     def _cancel_duplicates(self, job: "JobRecord", created: RemoteState) -> RemoteState:
         """After a second create: keep the earliest tagged job, cancel every other one now."""
@@ -312,16 +369,35 @@ class ManagedBackend(Backend):
                                           duplicate=extra.remote_id, kept=keep.remote_id))
         return keep
 
-    def refresh(self, job: "JobRecord") -> RemoteState:
-        return self.to_state(self.call(self._retrieve, self.client, job.remote_id))
+    # Each step function below is the lifecycle call written once; the public pairs drive it.
+    def refresh_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
+        return self.to_state((yield Call(self._retrieve, (job.remote_id,))))
 
-    def cancel(self, job: "JobRecord") -> RemoteState:
-        return self.to_state(self.call(self._cancel, self.client, job.remote_id))
+    def cancel_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
+        return self.to_state((yield Call(self._cancel, (job.remote_id,))))
 
-    def events(self, job: "JobRecord") -> list[JobEvent]:
+    def events_steps(self, job: "JobRecord") -> "Steps[list[JobEvent]]":
         if not job.remote_id:
             return []
-        return self.to_events(self.call(self._list_events, self.client, job.remote_id), job)
+        return self.to_events((yield Call(self._list_events, (job.remote_id,))), job)
+
+    def refresh(self, job: "JobRecord") -> RemoteState:
+        return self.run(self.refresh_steps(job))
+
+    async def arefresh(self, job: "JobRecord") -> RemoteState:
+        return await self.arun(self.refresh_steps(job))
+
+    def cancel(self, job: "JobRecord") -> RemoteState:
+        return self.run(self.cancel_steps(job))
+
+    async def acancel(self, job: "JobRecord") -> RemoteState:
+        return await self.arun(self.cancel_steps(job))
+
+    def events(self, job: "JobRecord") -> list[JobEvent]:
+        return self.run(self.events_steps(job))
+
+    async def aevents(self, job: "JobRecord") -> list[JobEvent]:
+        return await self.arun(self.events_steps(job))
 
     def find_remote(self, job: "JobRecord") -> RemoteState | None:
         found = self.call(self._find_tagged, self.client, job)
@@ -330,17 +406,6 @@ class ManagedBackend(Backend):
     def cancel_remote(self, remote_id: str) -> RemoteState:
         """Cancel a remote job no store row owns (an orphan found by reconcile)."""
         return self.to_state(self.call(self._cancel, self.client, remote_id))
-
-    async def arefresh(self, job: "JobRecord") -> RemoteState:
-        return self.to_state(await self.acall(self._retrieve, self.aclient, job.remote_id))
-
-    async def acancel(self, job: "JobRecord") -> RemoteState:
-        return self.to_state(await self.acall(self._cancel, self.aclient, job.remote_id))
-
-    async def aevents(self, job: "JobRecord") -> list[JobEvent]:
-        if not job.remote_id:
-            return []
-        return self.to_events(await self.acall(self._list_events, self.aclient, job.remote_id), job)
 
 
 def _event(level: str, message: str, **data: Any) -> JobEvent:

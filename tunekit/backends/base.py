@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Union
 
+from pydantic import BaseModel, ValidationError
+
 from .._exceptions import ConfigError, JobStateError, UnsupportedFieldError
 from ..schemas.job import FieldDisposition, JobEvent, JobStatus, Plan, RemoteState
 from ..schemas.spec import Hyperparameters, TrainingSpec
@@ -69,9 +71,10 @@ class Backend(ABC):
 
     name: ClassVar[str] = "base"
     field_map: ClassVar[dict[str, FieldRule]] = {}
-    # provider_options.<name>.<key>: None = pass any key through to the request as is;
-    # otherwise only these keys are accepted (others are refused with the list of valid ones).
-    provider_option_keys: ClassVar[frozenset[str] | None] = None
+    # provider_options.<name>: one pydantic model (extra="forbid", every field optional with its default,
+    # constraints on the fields); each key set is validated through it. None = keys passed through as is.
+    options_model: ClassVar[type[BaseModel] | None] = None
+    options_doc: ClassVar[str] = "docs/spec.md"  # where the options are documented (named in the hint)
     status_map: ClassVar[dict[str, JobStatus]] = {}
     min_rows: ClassVar[int] = 1
     row_kinds: ClassVar[frozenset[str] | None] = None   # None = every row kind
@@ -146,14 +149,51 @@ class Backend(ABC):
             _, backend, key = path.split(".", 2)
             if backend != self.name:
                 return Refuse(f"options for backend {backend!r}; this job runs on {self.name!r}")
-            keys = self.provider_option_keys
-            if keys is not None and key not in keys:
-                return Refuse(f"unknown option for {self.name}; valid: {', '.join(sorted(keys)) or 'none'}")
-            return Send(key, note="provider option, sent as is")
+            model = self.options_model
+            if model is None:
+                return Send(key, note="provider option, sent as is")
+            if key not in model.model_fields:
+                return Refuse(f"unknown option for {self.name}; valid: {', '.join(sorted(model.model_fields)) or 'none'}")
+            return Send(key, convert=lambda value, ctx: self._option_value(key, value), note="provider option")
         rule = self.field_map.get(path)
         if rule is None:
             return Refuse(f"{self.name} has no mapping for this field")
         return rule(spec) if callable(rule) and not isinstance(rule, (Send, Refuse)) else rule
+
+    # -- provider options --------------------------------------------------------------------------
+    @classmethod
+    def provider_options(cls, spec: TrainingSpec) -> BaseModel | None:
+        """The validated ``provider_options.<name>``, defaults filled (None when the backend declares no model).
+        Keys the model does not know are left out: the plan has refused them (or was told to ignore them)."""
+        if cls.options_model is None:
+            return None
+        raw = (spec.provider_options or {}).get(cls.name) or {}
+        known = {k: v for k, v in raw.items() if k in cls.options_model.model_fields}
+        try:
+            return cls.options_model.model_validate(known)
+        except ValidationError as exc:
+            key = str(exc.errors()[0]["loc"][0])
+            raise cls._option_error(key, known.get(key), exc) from None
+
+    @classmethod
+    def _option_value(cls, key: str, value: Any) -> Any:
+        """One option's value as the model validates it (JSON-ready: it goes into the plan's request)."""
+        assert cls.options_model is not None
+        try:
+            checked = cls.options_model.model_validate({key: value})
+        except ValidationError as exc:
+            raise cls._option_error(key, value, exc) from None
+        return checked.model_dump(mode="json", include={key})[key]
+
+    @classmethod
+    def _option_error(cls, key: str, value: Any, exc: ValidationError) -> ConfigError:
+        # pydantic reports a union once per member ("a valid integer", "less than 1"): every reason, once
+        reasons = dict.fromkeys(e["msg"].removeprefix("Input ").removeprefix("String ") for e in exc.errors())
+        field_info = cls.options_model.model_fields.get(key) if cls.options_model else None
+        meaning = f"{key}: {field_info.description}; " if field_info and field_info.description else ""
+        path = f"provider_options.{cls.name}.{key}"
+        return ConfigError(f"{path}={value!r} refused: it {', or '.join(reasons)}", field=path,
+                           hint=f"{meaning}fix the value in provider_options.{cls.name} (every option: {cls.options_doc})")
 
     def _decide(self, path: str, value: Any, spec: TrainingSpec, ctx: PlanContext,
                 request: dict[str, Any]) -> FieldDisposition:
@@ -198,9 +238,6 @@ class Backend(ABC):
         raise JobStateError(f"backend {self.name!r} cannot resume jobs")
 
     # -- async twins: the default runs the sync call in a thread; SDK backends override ---------------
-    async def asubmit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
-        return await asyncio.to_thread(self.submit, job, spec, plan)
-
     async def arefresh(self, job: "JobRecord") -> RemoteState:
         return await asyncio.to_thread(self.refresh, job)
 

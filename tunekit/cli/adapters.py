@@ -53,10 +53,10 @@ def adapters_list(args: argparse.Namespace) -> int:
 
 
 def adapters_show(args: argparse.Namespace) -> int:
-    from ..store import default_store
+    from ..adapters.resolve import find_entry
     from ._output import print_json
 
-    print_json(default_store().get_adapter(args.adapter).__dict__)
+    print_json(find_entry(args.adapter).__dict__)
     return 0
 
 
@@ -80,12 +80,11 @@ def _list_sorted(items: list, args: argparse.Namespace) -> int:
 def adapters_compare(args: argparse.Namespace) -> int:
     """The newest eval of each on the same data (the newest data both were evaluated on)."""
     from .._exceptions import ConfigError
+    from ..adapters.resolve import find_entry
     from ..eval.record import latest_evals
-    from ..store import default_store
     from ._output import table
 
-    store = default_store()
-    a, b = store.get_adapter(args.a), store.get_adapter(args.b)
+    a, b = find_entry(args.a), find_entry(args.b)
     evals_a, evals_b = latest_evals(a.info), latest_evals(b.info)
     shared = [e for e in reversed(evals_a) if any(f["data"]["sha256"] == e["data"]["sha256"] for f in evals_b)]
     if not shared:
@@ -113,11 +112,11 @@ def adapters_rm(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
+    from ..adapters.resolve import find_entry
     from ..store import default_store
 
-    store = default_store()
-    entry = store.get_adapter(args.adapter)
-    store.remove_adapter(entry.id)
+    entry = find_entry(args.adapter)
+    default_store().remove_adapter(entry.id)
     if args.delete_files and entry.backend == "local" and Path(entry.location).is_dir():
         shutil.rmtree(entry.location)
         print(f"removed {entry.id} and deleted {entry.location}")

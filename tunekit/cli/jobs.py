@@ -94,9 +94,12 @@ def jobs_status(args: argparse.Namespace) -> int:
 
     job = get_job(args.job_id).refresh()
     if args.json:
-        print_json({**_record_json(job), "stalled_s": job.stalled_for, "unsaved": job.unsaved})
+        print_json({**_record_json(job), "stalled_s": job.stalled_for, "unsaved": job.unsaved,
+                    "plan_changed": [e.data.get("changes") for e in job.plan_changes]})
         return 0
     print(progress_line(job.record))
+    for event in job.plan_changes:  # the worker trained something other than what the plan showed: say so
+        print(event.message)
     if job.remote_id:
         print(f"remote id: {job.remote_id}")
     if job.error:
@@ -178,13 +181,13 @@ def jobs_metrics(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{job.id}: no step metrics recorded (managed backends report metrics as events)")
         return 0
-    from ..backends.local.plot import terminal_plot
+    from ..plot import terminal_plot
 
     print(terminal_plot(rows))
     keys = ["split", "step", "loss", "lr", "tokens_per_s"]
     print(table([k.upper() for k in keys], [[_num(r.get(k)) for k in keys] for r in rows[-10:]]))
     if args.plot:
-        from ..backends.local.plot import plot_metrics
+        from ..plot import plot_metrics
 
         print(f"wrote {plot_metrics(rows, args.plot)}")
     return 0

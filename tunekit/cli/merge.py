@@ -34,7 +34,7 @@ def _out(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backends.local.merge import merge_adapter
+    from ..adapters.merge import merge_adapter
     from ._output import print_json
 
     result = merge_adapter(args.adapter, _out(args), base_model=args.base_model, dtype=args.dtype,

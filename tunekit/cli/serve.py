@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,50 +51,23 @@ def _adapters(pairs: list[str]) -> dict[str, str]:
 
 
 def _single_adapter(ref: str) -> tuple[str, dict[str, str]] | None:
-    """`tunekit serve JOB`: a job id or registry entry means that adapter over the base it was trained on."""
-    from pathlib import Path
-
-    from .._exceptions import JobNotFoundError
-
-    if Path(ref).expanduser().exists():
-        if not (Path(ref).expanduser() / "adapter_config.json").exists():
-            return None  # a base model directory
-        from ..serve.adapters import read_adapter
-
-        info = read_adapter(Path(ref).expanduser())
-        return str(info.base_model), {Path(ref).name: str(Path(ref).expanduser())}
-    from ..store import default_store
-
-    try:
-        entry = default_store().get_adapter(ref)
-    except JobNotFoundError:
-        return None
-    if not entry.base_model:
-        return None
-    return entry.base_model, {entry.job_id or entry.id: entry.id}
-
-
-# A Hugging Face hub id: NAME or ORG/NAME (letters, digits, - _ .), not starting with '.' or '-'.
-_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
-_TUNEKIT_ID = re.compile(r"(tk|ad)-[0-9a-f]{4,}")
-
-
-def _refuse_missing_base(ref: str) -> None:
-    """A base that is neither a local directory nor a hub id is a path that does not exist: say so now."""
-    from pathlib import Path
-
+    """`tunekit serve JOB`: a job id, registry entry or adapter directory means that adapter over the base it
+    was trained on; None when ``ref`` may name a base model. A path or id that names no adapter raises."""
     from .._exceptions import ConfigError
+    from ..adapters.info import read_adapter
+    from ..adapters.resolve import locate, may_name_a_model
 
-    path = Path(ref).expanduser()
-    if path.exists():
-        return
-    first = Path(ref).parts[0] if Path(ref).parts else ""
-    looks_local = not _HUB_ID.fullmatch(ref) or _TUNEKIT_ID.fullmatch(ref) or ("/" in ref and Path(first).is_dir())
-    if looks_local:
-        raise ConfigError(f"{ref} does not exist: no such directory, and no adapter in the registry has that id, "
-                          "name or job", field="base_model",
-                          hint="pass a base model directory or hub id, or an adapter from `tunekit adapters list` "
-                               "(a job's adapter is registered when the job succeeds)")
+    if may_name_a_model(ref):
+        return None
+    found = locate(ref)
+    if found.record is not None:
+        base, name, key = found.record.base_model, found.record.job_id or found.record.id, found.record.id
+    else:
+        base, name, key = read_adapter(found.path).base_model, found.path.name, str(found.path)
+    if not base:
+        raise ConfigError(f"adapter {ref} does not name its base model", field="base_model",
+                          hint=f"name the base: `tunekit serve BASE --adapter {name}={ref}`")
+    return base, {name: key}
 
 
 def _require_embedded_extras() -> None:
@@ -111,15 +83,18 @@ def _require_embedded_extras() -> None:
 
 
 def serve_run(args: argparse.Namespace) -> int:
+    from .._exceptions import ConfigError
     from ..serve import pick_engine
     from ._output import print_json
 
     adapters = _adapters(args.adapter)
-    if not adapters:
-        single = _single_adapter(args.base_model)
-        if single is not None:
-            args.base_model, adapters = single
-    _refuse_missing_base(args.base_model)
+    single = _single_adapter(args.base_model)
+    if single is not None:
+        if adapters:
+            raise ConfigError(f"{args.base_model} is an adapter, not a base model", field="base_model",
+                              hint="give the base model first (`tunekit serve BASE --adapter NAME=ADAPTER ...`), "
+                                   f"or serve this adapter alone over its base: `tunekit serve {args.base_model}`")
+        args.base_model, adapters = single
     api_key = args.api_key or os.environ.get("TUNEKIT_SERVE_API_KEY") or None
     engine = pick_engine(args.engine)
     if engine == "vllm":
@@ -146,7 +121,9 @@ def serve_run(args: argparse.Namespace) -> int:
             return server.wait()
     _require_embedded_extras()  # a dry run that says "would serve" must not fail when run for real
     if args.dry_run:  # embedded: check every adapter without loading the base model
-        from ..serve.adapters import read_adapter, refuse_non_finite, refuse_unservable, resolve_adapter
+        from ..adapters.info import read_adapter
+        from ..adapters.resolve import resolve_adapter
+        from ..serve.adapters import refuse_non_finite, refuse_unservable
 
         checked = {}
         for name, ref in adapters.items():

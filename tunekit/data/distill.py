@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .._exceptions import APIError, ConfigError
-from .._retry import RetryPolicy, retry_call
+from .._retry import RetryPolicy
 from ..schemas.rows import RowKind
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ def _answered(out: Path) -> Counter:
 
 def _run(report: DistillReport, pending: list[_Prompt], model: str, client: Any, *, concurrency: int,
          max_tokens: int | None, temperature: float | None, policy: RetryPolicy) -> None:
-    from ..backends._managed import translate_sdk_error
+    from ..backends._managed import call_sdk
     from ._checks import check_row
 
     extra: dict[str, Any] = {}
@@ -244,16 +244,8 @@ def _run(report: DistillReport, pending: list[_Prompt], model: str, client: Any,
         # "weight" marks which turns to train on; it is not part of a chat request
         sent = [{k: v for k, v in m.items() if k != "weight"} for m in prompt.messages]
 
-        def once() -> Any:
-            try:
-                return client.chat.completions.create(model=model, messages=sent, **extra)
-            except Exception as exc:  # the SDK's errors -> tunekit's, so the retry policy can judge them
-                translated = translate_sdk_error(exc, "chat")
-                if translated is exc:
-                    raise
-                raise translated from exc
-
-        return retry_call(once, policy=policy)
+        return call_sdk(client.chat.completions.create, model=model, messages=sent, provider="chat", policy=policy,
+                        **extra)
 
     failure: BaseException | None = None
     report.out.parent.mkdir(parents=True, exist_ok=True)

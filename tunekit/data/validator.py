@@ -386,3 +386,9 @@ def validate(
         length=_length_stats(scan.hist, "characters" if tokenizer is None else "tokens"),
         backend=rules.backend,
     )
+
+
+def data_entry(report: ValidationReport) -> dict[str, Any]:
+    """What a job records of one validated data file (its ``data["train"]`` / ``data["validation"]``)."""
+    return {"path": str(Path(report.path).resolve()), "sha256": report.sha256, "rows": report.rows,
+            "kind": report.kind.value if report.kind else None, "size_bytes": report.size_bytes}

@@ -37,8 +37,7 @@ def run_judge(model: str, base_url: str, api_key: str | None, targets: list, bas
     """Fill ``results[i].judge`` and ``metrics['judge_win_rate']`` for every target but the baseline."""
     from openai import OpenAI
 
-    from .._retry import retry_call
-    from ..backends._managed import translate_sdk_error
+    from ..backends._managed import call_sdk
 
     client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0)
     path = cache_dir(data_sha256) / f"judge-{cache_key(model, base_url)}.jsonl"
@@ -51,16 +50,13 @@ def run_judge(model: str, base_url: str, api_key: str | None, targets: list, bas
         hit = cache.get(key)
         if hit is None:
             def once() -> str:
-                try:
-                    r = client.chat.completions.create(
-                        model=model, temperature=0, max_tokens=8,
-                        messages=[{"role": "system", "content": SYSTEM},
-                                  {"role": "user", "content": judge_prompt(row.messages, row.reference, a, b)}])
-                    return r.choices[0].message.content or ""
-                except Exception as exc:  # the one boundary where SDK errors become tunekit's
-                    raise translate_sdk_error(exc, "judge") from exc
+                r = client.chat.completions.create(
+                    model=model, temperature=0, max_tokens=8,
+                    messages=[{"role": "system", "content": SYSTEM},
+                              {"role": "user", "content": judge_prompt(row.messages, row.reference, a, b)}])
+                return r.choices[0].message.content or ""
 
-            cache.put(key, {"verdict": retry_call(once)})
+            cache.put(key, {"verdict": call_sdk(once, provider="judge")})
             hit = cache.get(key)
         return parse_verdict(hit["verdict"])
 

@@ -268,8 +268,7 @@ def _plan_generation(resolved: list[Target], rows: list[Row], settings: dict[str
 
 def _generate(jobs: list[tuple[Target, Row]], caches: dict[str, tuple[AnswerCache, str]], clients: dict[str, Any],
               settings: dict[str, Any], concurrency: int) -> None:
-    from .._retry import retry_call
-    from ..backends._managed import translate_sdk_error
+    from ..backends._managed import call_sdk
 
     def call(t: Target, r: Row) -> None:
         cache, api = caches[t.name]
@@ -280,17 +279,11 @@ def _generate(jobs: list[tuple[Target, Row]], caches: dict[str, tuple[AnswerCach
             kw["seed"] = settings["seed"]
 
         def once() -> str:
-            try:
-                if api == "completions":
-                    return client.completions.create(prompt=r.prompt, **kw).choices[0].text or ""
-                return client.chat.completions.create(messages=r.messages, **kw).choices[0].message.content or ""
-            except Exception as exc:  # the one boundary where SDK errors become tunekit's
-                translated = translate_sdk_error(exc, t.provider)
-                if translated is exc:  # not an SDK error: as it is (never chained to itself)
-                    raise
-                raise translated from exc
+            if api == "completions":
+                return client.completions.create(prompt=r.prompt, **kw).choices[0].text or ""
+            return client.chat.completions.create(messages=r.messages, **kw).choices[0].message.content or ""
 
-        cache.put(str(r.index), {"answer": retry_call(once), "at": time.time()})
+        cache.put(str(r.index), {"answer": call_sdk(once, provider=t.provider), "at": time.time()})
 
     pool = ThreadPoolExecutor(max_workers=concurrency)
     try:

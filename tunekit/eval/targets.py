@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import ConfigError, JobNotFoundError
+from .._exceptions import ConfigError
 
 # OpenAI-compatible inference endpoints of the managed backends, where their keys are read from, and the
 # endpoint override (OpenAI's and Together's SDK base URLs serve inference too; Fireworks' does not).
@@ -62,7 +62,8 @@ class Target:
 def resolve_target(ref: str, *, base_url: str | None = None, api_key: str | None = None,
                    base_model: str | None = None) -> Target:
     """Resolve one TARGET string (see the module docstring)."""
-    from ..serve.adapters import is_adapter_dir, read_adapter
+    from ..adapters.info import read_adapter
+    from ..adapters.resolve import locate, may_name_a_model, registered_at
 
     if "#" in ref and ref.split("#", 1)[0].startswith(("http://", "https://")):
         url, model = ref.split("#", 1)
@@ -72,53 +73,30 @@ def resolve_target(ref: str, *, base_url: str | None = None, api_key: str | None
         return Target(ref, "remote", model, base_url=url.rstrip("/"), api_key=api_key)
     if base_url:
         return Target(ref, "remote", ref, base_url=base_url.rstrip("/"), api_key=api_key)
-    path = Path(ref).expanduser()
-    if path.exists():
-        if is_adapter_dir(path):
-            info = read_adapter(path)
-            base = base_model or info.base_model
-            if not base:
-                raise ConfigError(f"{path}: the adapter does not name its base model", field="base_model",
-                                  hint="pass --base-model (base_model=...)")
-            return Target(ref, "adapter", ref, base_model=base, adapter_path=path,
-                          adapter_id=_registered_at(path))
-        if (path / "config.json").is_file():
-            return Target(ref, "model", ref, base_model=str(path))
-        raise ConfigError(f"{path} is neither an adapter directory nor a model directory", field="target",
-                          hint="pass an adapter dir (adapter_config.json), a model dir (config.json), a registry "
-                               "id, or URL#MODEL")
-    record = _registry(ref)
-    if record is not None:
-        return _from_record(ref, record, api_key, base_model)
-    return Target(ref, "model", ref, base_model=ref)
+    if may_name_a_model(ref):
+        path = Path(ref).expanduser()
+        if path.exists() and not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is neither an adapter directory nor a model directory", field="target",
+                              hint="pass an adapter dir (adapter_config.json), a model dir (config.json), a registry "
+                                   "id, or URL#MODEL")
+        return Target(ref, "model", ref, base_model=str(path) if path.exists() else ref)
+    found = locate(ref)  # an adapter, or AdapterNotFoundError saying why not
+    if found.record is not None:
+        return _from_record(ref, found, api_key, base_model)
+    info = read_adapter(found.path)
+    base = base_model or info.base_model
+    if not base:
+        raise ConfigError(f"{found.path}: the adapter does not name its base model", field="base_model",
+                          hint="pass --base-model (base_model=...)")
+    registered = registered_at(found.path)
+    return Target(ref, "adapter", ref, base_model=base, adapter_path=found.path,
+                  adapter_id=registered.id if registered else None)
 
 
-def _registry(key: str) -> Any:
-    from ..store import default_store
-
-    try:
-        return default_store().get_adapter(key)
-    except JobNotFoundError:
-        return None
-
-
-def _registered_at(path: Path) -> str | None:
-    from ..store import default_store
-
-    real = path.resolve()
-    for rec in default_store().list_adapters():
-        if rec.backend == "local" and Path(rec.location).expanduser().resolve() == real:
-            return rec.id
-    return None
-
-
-def _from_record(ref: str, record: Any, api_key: str | None, base_model: str | None) -> Target:
-    if record.backend == "local":
-        location = Path(record.location).expanduser()
-        if not location.exists():
-            raise ConfigError(f"registry adapter {record.id} points to {location}, which is not on this machine",
-                              field="target", hint="copy the adapter back, or pass its directory")
-        return Target(ref, "adapter", ref, base_model=base_model or record.base_model, adapter_path=location,
+def _from_record(ref: str, found: Any, api_key: str | None, base_model: str | None) -> Target:
+    record = found.record
+    if found.path is not None:  # a local adapter (its directory exists: locate checked)
+        return Target(ref, "adapter", ref, base_model=base_model or record.base_model, adapter_path=found.path,
                       adapter_id=record.id)
     if record.backend not in PROVIDER_ENDPOINTS:
         raise ConfigError(f"registry adapter {record.id} is on backend {record.backend!r}, whose inference "

@@ -45,7 +45,8 @@ def export_model(adapter: str | os.PathLike[str], out: str | os.PathLike[str], *
     GGUF file(s) and a Modelfile (``FROM`` the merged model, or ``FROM`` the base + ``ADAPTER``); the base is
     converted too unless ``base_gguf`` names an existing GGUF of it.
     """
-    from ..serve.adapters import read_adapter, resolve_adapter
+    from ..adapters.info import read_adapter
+    from ..adapters.resolve import resolve_adapter
 
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} is not one of {', '.join(FORMATS)}", field="format")
@@ -72,7 +73,7 @@ def export_model(adapter: str | os.PathLike[str], out: str | os.PathLike[str], *
         out.mkdir(parents=True, exist_ok=True)
 
     if merge:
-        from ..backends.local.merge import merge_adapter
+        from ..adapters.merge import merge_adapter
 
         target = out / "model.gguf" if format == "ollama" else out
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,9 @@ from .._exceptions import (
     ServerError,
     api_error_for_status,
 )
-from .adapters import read_adapter, refuse_non_finite, refuse_unservable, resolve_adapter, same_base
+from ..adapters.info import read_adapter
+from ..adapters.resolve import resolve_adapter
+from .adapters import refuse_non_finite, refuse_unservable, same_base
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16

@@ -286,10 +286,6 @@ class Store:
                           (job_id, now, "error" if new == JobStatus.FAILED else "info", "status", msg, _dump(data)))
         return self.get_job(job_id)
 
-    def delete_job(self, job_id: str) -> None:
-        with self._write() as c:
-            c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-
     # -- events and metrics -----------------------------------------------------------------------
     def add_event(self, job_id: str, event: JobEvent) -> bool:
         """Append an event; one already stored with the same provider event id is skipped."""

@@ -1,7 +1,7 @@
 """Fireworks AI backend through the official ``fireworks-ai`` SDK (ManagedBackend hooks).
 
 - Data: converted to the row kind Fireworks takes (chat for SFT, preference for DPO), uploaded as a
-  Fireworks dataset (see ``datasets.py``).
+  Fireworks dataset (see ``upload.py``).
 - Jobs: SFT on ``supervisedFineTuningJobs``, DPO on ``dpoJobs``, each created with a client-chosen job id
   derived from the tunekit id: a repeated create gets 409 ALREADY_EXISTS and ``create_once`` reads the
   job back (natural idempotency). The remote id is the job's resource name
@@ -24,9 +24,10 @@ from ..._exceptions import ConfigError, JobStateError
 from ..._settings import env_credential
 from ...schemas.job import JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
 from ...schemas.spec import TrainingSpec
-from .._managed import ManagedBackend
+from .._managed import Call, ManagedBackend, Steps
 from ..base import PlanContext, Rule
 from . import mapping as m
+from .upload import UploadSettings, upload_dataset
 
 if TYPE_CHECKING:
     from ...store import JobRecord
@@ -81,6 +82,8 @@ def sdk_kwargs(body: dict[str, Any], params_type: Any) -> tuple[dict[str, Any], 
 class FireworksBackend(ManagedBackend):
     name = "fireworks"
     field_map = m.FIELD_MAP
+    options_model = m.FireworksOptions
+    options_doc = "docs/backends/fireworks.md"
     status_map = m.STATUS_MAP
     min_rows = 3
     api_key_env = ("FIREWORKS_API_KEY",)
@@ -89,17 +92,14 @@ class FireworksBackend(ManagedBackend):
     base_url_env = ("FIREWORKS_BASE_URL",)
     account_env: ClassVar[tuple[str, ...]] = ("FIREWORKS_ACCOUNT_ID",)
 
-    def __init__(self, *, account_id: str | None = None, dataset_poll_interval: float = 2.0,
-                 dataset_timeout: float = 1800.0, upload_limit: int | None = None,
-                 upload_timeout: float = 600.0, **options: Any) -> None:
-        from .datasets import UPLOAD_LIMIT
-
+    def __init__(self, *, account_id: str | None = None,
+                 dataset_poll_interval: float = UploadSettings.poll_interval,
+                 dataset_timeout: float = UploadSettings.ready_timeout, upload_limit: int = UploadSettings.upload_limit,
+                 upload_timeout: float = UploadSettings.upload_timeout, **options: Any) -> None:
         super().__init__(**options)
         self._account_id = account_id
-        self.dataset_poll_interval = dataset_poll_interval
-        self.dataset_timeout = dataset_timeout
-        self.upload_limit = UPLOAD_LIMIT if upload_limit is None else upload_limit
-        self.upload_timeout = upload_timeout
+        self.upload_settings = UploadSettings(upload_limit=upload_limit, upload_timeout=upload_timeout,
+                                              poll_interval=dataset_poll_interval, ready_timeout=dataset_timeout)
         self._pending: dict[str, list[JobEvent]] = {}
 
     # -- credentials and clients ---------------------------------------------------------------------
@@ -144,13 +144,14 @@ class FireworksBackend(ManagedBackend):
 
     def _rule_for(self, path: str, spec: TrainingSpec) -> Rule:
         if path.startswith(f"provider_options.{self.name}."):
-            return m.option_rule(path.split(".", 2)[2], spec)
+            refused = m.option_refusal(path.split(".", 2)[2], spec)
+            if refused is not None:
+                return refused
         return super()._rule_for(path, spec)
 
     # -- submit ------------------------------------------------------------------------------------------
     def upload_files(self, job: "JobRecord", spec: TrainingSpec) -> dict[str, str]:
         from ...data.convert import convert_file
-        from .datasets import upload_dataset
 
         kind = "preference" if m.is_dpo(spec) else "chat"
         job_id = m.job_id_for(job.id)
@@ -166,7 +167,8 @@ class FireworksBackend(ManagedBackend):
                     rows = convert_file(path, converted, kind)
                     path = converted
                 dataset_id = f"{job_id}-{'train' if split == 'train' else 'eval'}"
-                refs[key] = upload_dataset(self, dataset_id, path, rows, f"tunekit {job.id} {split}")
+                refs[key] = upload_dataset(self.call, self.client, dataset_id, path, rows, f"tunekit {job.id} {split}",
+                                           account_id=self.account_id, settings=self.upload_settings)
         return refs
 
     def create_kwargs(self, job: "JobRecord", plan: Plan, files: dict[str, str]) -> dict[str, Any]:
@@ -276,32 +278,19 @@ class FireworksBackend(ManagedBackend):
                                 + (f" (epoch {epoch})" if epoch is not None else ""),
                                 data=dict(state.progress), remote_id=f"{name}:progress:{percent}"))
 
-    def refresh(self, job: "JobRecord") -> RemoteState:
-        state = super().refresh(job)
+    def refresh_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
+        state = yield from super().refresh_steps(job)
         self._note_changes(job, state)
         return state
 
-    async def arefresh(self, job: "JobRecord") -> RemoteState:
-        state = await super().arefresh(job)
-        self._note_changes(job, state)
-        return state
-
-    def events(self, job: "JobRecord") -> list[JobEvent]:
+    def events_steps(self, job: "JobRecord") -> list[JobEvent]:
         return self._pending.pop(job.id, [])
 
-    async def aevents(self, job: "JobRecord") -> list[JobEvent]:
-        return self._pending.pop(job.id, [])
-
-    # -- cancel / resume / list --------------------------------------------------------------------------
-    def cancel(self, job: "JobRecord") -> RemoteState:
+    # -- cancel / resume ---------------------------------------------------------------------------------
+    def cancel_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
         parse_name(job.remote_id)  # a job that never got an id cannot be cancelled (yet)
-        self.call(self._cancel, self.client, job.remote_id)  # returns {}: read the job back
-        return self.refresh(job)
-
-    async def acancel(self, job: "JobRecord") -> RemoteState:
-        parse_name(job.remote_id)
-        await self.acall(self._cancel, self.aclient, job.remote_id)
-        return await self.arefresh(job)
+        yield Call(self._cancel, (job.remote_id,))  # returns {}: read the job back
+        return (yield from self.refresh_steps(job))
 
     def resume(self, job: "JobRecord") -> RemoteState:
         """``:resume`` (e.g. a job Fireworks paused); the reply is the job itself."""
@@ -316,15 +305,3 @@ class FireworksBackend(ManagedBackend):
         if state is not None:
             self._note_changes(job, state)
         return state
-
-    def list_remote(self, *, method: str = "sft", limit: int = 50) -> list[RemoteState]:
-        """Jobs on the account (newest first as Fireworks orders them), up to ``limit``, across pages."""
-        def fetch(client: Any) -> list[Any]:
-            out = []
-            for item in _resource(client, method).list(page_size=min(limit, 200)):
-                out.append(item)
-                if len(out) >= limit:
-                    break
-            return out
-
-        return [self.to_state(raw) for raw in self.call(fetch, self.client)]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Annotated, Any, Optional
+
+from pydantic import ConfigDict, Field, create_model
 
 from ..._exceptions import ConfigError
 from ...catalog import canonical_name, resolve_model
@@ -170,20 +172,48 @@ FIELD_MAP: dict[str, Any] = {
                                                else Send(None, note="no LoRA+: one learning rate")),
 }
 
-# provider_options.fireworks.<key>: wire keys of the create params that tunekit does not map itself
-# (checked against the SDK's TypedDicts by tests/test_fireworks_mapping.py). Dotted keys nest.
-SFT_OPTION_KEYS = frozenset({
-    "displayName", "evalAutoCarveout", "earlyStop", "isTurbo", "jinjaTemplate", "nodes", "region",
-    "wandbConfig", "warmStartFrom", "awsS3Config", "azureBlobStorageConfig", "mtpEnabled",
-    "mtpFreezeBaseModel", "mtpNumDraftTokens", "usePurpose", "reservationTarget", "useReservation",
-    "rendererHuggingFaceRepoId", "samplerCheckpointSaveIntervalSteps", "batchSize", "metricsFileSignedUrl",
-})
-DPO_OPTION_KEYS = frozenset({
-    "displayName", "wandbConfig", "awsS3Config", "azureBlobStorageConfig", "rendererHuggingFaceRepoId",
-    "reservationTarget", "useReservation", "trainingConfig.region", "trainingConfig.warmStartFrom",
-    "trainingConfig.jinjaTemplate", "trainingConfig.batchSize", "trainingConfig.samplerCheckpointSaveIntervalSteps",
-    "lossConfig.dpo.refCacheConcurrency", "lossConfig.dpo.refCacheBatchSize",
-})
+# provider_options.fireworks.<key>: wire keys of the create params that tunekit does not map itself, with
+# their SDK types (checked against the SDK's TypedDicts by tests/test_fireworks_mapping.py). Dotted keys nest.
+SFT, DPO, BOTH = ("sft",), ("dpo",), ("sft", "dpo")
+Config = dict[str, Any]   # an object Fireworks checks itself
+Positive = Annotated[int, Field(ge=1)]
+_OPTIONS: dict[str, tuple[Any, tuple[str, ...], str]] = {
+    "displayName": (str, BOTH, "the job's name in the Fireworks console"),
+    "wandbConfig": (Config, BOTH, "Weights & Biases settings, e.g. {'enabled': true, 'project': 'p'}"),
+    "awsS3Config": (Config, BOTH, "credentials for data in S3"),
+    "azureBlobStorageConfig": (Config, BOTH, "credentials for data in Azure Blob Storage"),
+    "rendererHuggingFaceRepoId": (str, BOTH, "Hugging Face repo whose chat template renders the rows"),
+    "reservationTarget": (str, BOTH, "the reservation to train on"),
+    "useReservation": (bool, BOTH, "train on reserved capacity"),
+    "evalAutoCarveout": (bool, SFT, "carve an evaluation split out of the training data"),
+    "earlyStop": (bool, SFT, "stop when the evaluation loss stops improving"),
+    "isTurbo": (bool, SFT, "turbo (faster, dearer) training"),
+    "jinjaTemplate": (str, SFT, "a Jinja chat template"),
+    "nodes": (Positive, SFT, "training nodes, >= 1"),
+    "region": (str, SFT, "region, e.g. US_IOWA_1"),
+    "warmStartFrom": (str, SFT, "an adapter model to continue training"),
+    "mtpEnabled": (bool, SFT, "train multi-token-prediction heads"),
+    "mtpFreezeBaseModel": (bool, SFT, "train only the MTP heads"),
+    "mtpNumDraftTokens": (Positive, SFT, "MTP draft tokens, >= 1"),
+    "usePurpose": (str, SFT, "capacity purpose"),
+    "samplerCheckpointSaveIntervalSteps": (Positive, SFT, "steps between sampler checkpoints, >= 1"),
+    "batchSize": (Positive, SFT, "tokens per batch, >= 1"),
+    "metricsFileSignedUrl": (str, SFT, "a signed URL Fireworks writes metrics to"),
+    "trainingConfig.region": (str, DPO, "region, e.g. US_IOWA_1"),
+    "trainingConfig.warmStartFrom": (str, DPO, "an adapter model to continue training"),
+    "trainingConfig.jinjaTemplate": (str, DPO, "a Jinja chat template"),
+    "trainingConfig.batchSize": (Positive, DPO, "tokens per batch, >= 1"),
+    "trainingConfig.samplerCheckpointSaveIntervalSteps": (Positive, DPO, "steps between sampler checkpoints, >= 1"),
+    "lossConfig.dpo.refCacheConcurrency": (Positive, DPO, "reference-model cache concurrency, >= 1"),
+    "lossConfig.dpo.refCacheBatchSize": (Positive, DPO, "reference-model cache batch size, >= 1"),
+}
+FireworksOptions = create_model(  # a model built from the table: dotted wire keys are not Python names
+    "FireworksOptions", __config__=ConfigDict(extra="forbid", strict=True, frozen=True),
+    __doc__="``provider_options={'fireworks': {...}}``: create-body keys, sent as is (docs/backends/fireworks.md).",
+    **{key: (Optional[kind], Field(None, description=f"{what} ({', '.join(jobs).upper()} jobs)"))
+       for key, (kind, jobs, what) in _OPTIONS.items()})
+SFT_OPTION_KEYS = frozenset(key for key, (_, jobs, _) in _OPTIONS.items() if "sft" in jobs)
+DPO_OPTION_KEYS = frozenset(key for key, (_, jobs, _) in _OPTIONS.items() if "dpo" in jobs)
 # Keys a spec field owns: setting them as options would bypass the field's checks.
 OWNED_KEYS = {
     "dataset": "data", "baseModel": "base_model", "outputModel": "suffix", "epochs": "hyperparameters.epochs",
@@ -195,14 +225,16 @@ OWNED_KEYS = {
 }
 
 
-def option_rule(key: str, spec: TrainingSpec) -> Rule:
+def option_refusal(key: str, spec: TrainingSpec) -> Refuse | None:
+    """Why ``provider_options.fireworks.<key>`` cannot be sent on this job (None: it can; its value is then
+    checked by FireworksOptions)."""
     bare = key.removeprefix("trainingConfig.")
     if key in OWNED_KEYS or bare in OWNED_KEYS:
         return Refuse(f"set through the spec field {OWNED_KEYS.get(key) or OWNED_KEYS[bare]} instead")
     keys = DPO_OPTION_KEYS if is_dpo(spec) else SFT_OPTION_KEYS
     if key not in keys:
         return Refuse(f"not a Fireworks {'DPO' if is_dpo(spec) else 'SFT'} job option; valid: {', '.join(sorted(keys))}")
-    return Send(key, note="provider option, sent as is")
+    return None
 
 
 # -- job states -------------------------------------------------------------------------------------------
@@ -235,4 +267,3 @@ STATUS_MAP: dict[str, JobStatus] = {
 }
 DELETED_STATES = frozenset({"JOB_STATE_DELETING", "JOB_STATE_DELETING_CLEANING_UP", "JOB_STATE_DELETED",
                             "JOB_STATE_ARCHIVED"})
-FAILED_STATES = frozenset({"JOB_STATE_FAILED", "JOB_STATE_EXPIRED"})

@@ -14,9 +14,7 @@ finds the worker gone) go through ``transition``: a compare-and-set under a per-
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -24,12 +22,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..._exceptions import ConfigError, JobStateError, StoreError
+from ..._exceptions import JobStateError, StoreError
 from ..._settings import tunekit_home
 from ...job import format_seconds
 from ...schemas.job import JobStatus, Plan, RemoteState
 from ...schemas.spec import TrainingSpec
 from ..base import Backend, PlanContext, Refuse, Rule, Send
+from .options import LocalOptions
+from .run import resolve_base_model
 from .process import (
     _CHILDREN,
     WORKER_MODULE,
@@ -49,119 +49,12 @@ from .process import (
 if TYPE_CHECKING:
     from ...store import JobRecord, Store
 
-GiB = 1024**3
 # A row still 'created' with no worker this long after creation never got one (the caller died first).
 NEVER_STARTED_S = 60.0
-# checkpoints kept on disk by default: the newest, and older ones to fall back to if it is torn
-KEEP_CHECKPOINTS = 3
 # resume waits this long for the previous worker to exit after it wrote its final status
 EXIT_WAIT_S = 15.0
 ACTIVE = (JobStatus.CREATED, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.UNKNOWN)
 
-
-
-# ---------------------------------------------------------------------------------------------------
-# provider options: provider_options={"local": {...}}
-
-MAX_STEPS_LIMIT = 10**9  # step counts above this are typos (a billion optimizer steps)
-MAX_BUDGET_GB = 2.0**20  # 1 PiB
-MAX_GPUS = 1024  # GPUs per node
-OPTIONS_HINT = "fix the value in provider_options.local (every option: docs/local.md)"
-
-
-def _positive_int(name: str):
-    def check(value: Any, ctx: PlanContext) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_STEPS_LIMIT:
-            raise ConfigError(f"provider_options.local.{name} must be an integer in 1..{MAX_STEPS_LIMIT}, "
-                              f"not {value!r}", field=f"provider_options.local.{name}", hint=OPTIONS_HINT)
-        return value
-    return check
-
-
-def _eval_steps(value: Any, ctx: PlanContext) -> int | float:
-    ok = (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_STEPS_LIMIT) or (
-        isinstance(value, float) and 0 < value < 1)
-    if not ok:
-        raise ConfigError(f"provider_options.local.eval_steps must be a step count >= 1 or a fraction of the run "
-                          f"in (0, 1), not {value!r}", field="provider_options.local.eval_steps", hint=OPTIONS_HINT)
-    return value
-
-
-def _device(value: Any, ctx: PlanContext) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-        raise ConfigError(f"provider_options.local.device must be 'cpu', 'cuda' or 'cuda:N', not {value!r}",
-                          field="provider_options.local.device", hint=OPTIONS_HINT)
-    return value
-
-
-def _bool(name: str):
-    def check(value: Any, ctx: PlanContext) -> bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"provider_options.local.{name} must be true or false, not {value!r}",
-                              field=f"provider_options.local.{name}", hint=OPTIONS_HINT)
-        return value
-    return check
-
-
-def _path(value: Any, ctx: PlanContext) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError("provider_options.local.output_dir must be a directory path",
-                          field="provider_options.local.output_dir", hint=OPTIONS_HINT)
-    return str(Path(value).expanduser().resolve())
-
-
-def _budget(value: Any, ctx: PlanContext) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BUDGET_GB:
-        raise ConfigError(f"provider_options.local.memory_budget_gb must be a number of GB in "
-                          f"(0, {MAX_BUDGET_GB:.0f}], not {value!r}", field="provider_options.local.memory_budget_gb",
-                          hint=OPTIONS_HINT)
-    return float(value)
-
-
-def _gpus(value: Any, ctx: PlanContext) -> int | str:
-    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_GPUS):
-        return value
-    raise ConfigError(f"provider_options.local.gpus must be a number of GPUs in 1..{MAX_GPUS} or 'all', "
-                      f"not {value!r}", field="provider_options.local.gpus", hint=OPTIONS_HINT)
-
-
-def _node_rank(value: Any, ctx: PlanContext) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"provider_options.local.node_rank must be an integer >= 0, not {value!r}",
-                          field="provider_options.local.node_rank", hint=OPTIONS_HINT)
-    return value
-
-
-def _endpoint(value: Any, ctx: PlanContext) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", value):
-        raise ConfigError(f"provider_options.local.rdzv_endpoint must be 'host:port' (node 0's address), "
-                          f"not {value!r}", field="provider_options.local.rdzv_endpoint", hint=OPTIONS_HINT)
-    return value
-
-
-def _layout(value: Any, ctx: PlanContext) -> str:
-    from .layout import LAYOUTS
-
-    if value not in LAYOUTS:
-        raise ConfigError(f"provider_options.local.layout must be one of {', '.join(LAYOUTS)}, not {value!r}",
-                          field="provider_options.local.layout", hint=OPTIONS_HINT)
-    return value
-
-
-OPTIONS: dict[str, Any] = {
-    "output_dir": _path,                     # default $TUNEKIT_HOME/jobs/<id>/output
-    "checkpoint_steps": _positive_int("checkpoint_steps"),  # default ~10 checkpoints per run
-    "keep_checkpoints": _positive_int("keep_checkpoints"),  # newest checkpoints kept on disk (default 3)
-    "max_steps": _positive_int("max_steps"),  # stop after this many optimizer steps (overrides epochs)
-    "eval_steps": _eval_steps,               # validation every N steps (default: checkpoint_steps)
-    "device": _device,                       # default: cuda when visible, else cpu
-    "gradient_checkpointing": _bool("gradient_checkpointing"),  # default: on for GPU, off for CPU
-    "memory_budget_gb": _budget,             # memory the fit check may assume (default: the device's)
-    "logging_steps": _positive_int("logging_steps"),
-    # several GPUs / nodes (docs/multi-gpu.md): ranks per node, node count, this node's rank, node 0's host:port
-    "gpus": _gpus, "nnodes": _positive_int("nnodes"), "node_rank": _node_rank, "rdzv_endpoint": _endpoint,
-    "layout": _layout,                       # auto (DDP if a whole model fits a GPU, else FSDP2) | ddp | fsdp2
-}
 
 
 def _dpo_beta(spec: TrainingSpec) -> Rule:
@@ -171,25 +64,21 @@ def _dpo_beta(spec: TrainingSpec) -> Rule:
 
 
 def _init(value: Any, ctx: PlanContext) -> Any:
-    from .peft_config import INIT_TO_PEFT
+    from .variants import INITS
 
-    return INIT_TO_PEFT[value]
+    return INITS[value].peft
 
 
 def _base_model(value: Any, ctx: PlanContext) -> str:
-    from ...catalog import resolve_model
-
-    local = Path(value).expanduser()
-    if local.is_dir():  # absolute: the worker runs in the job directory
-        return str(local.resolve())
-    return resolve_model(value, "local")
+    return resolve_base_model(value)
 
 
 class LocalBackend(Backend):
     name = "local"
     min_rows = 1
     truncates_at_max_length = True
-    provider_option_keys = frozenset(OPTIONS)
+    options_model = LocalOptions
+    options_doc = "docs/local.md"
     field_map = {
         "base_model": Send("base_model", convert=_base_model, note="canonical names -> Hugging Face id; "
                            "local directories pass through"),
@@ -224,42 +113,58 @@ class LocalBackend(Backend):
     def _rule_for(self, path: str, spec: TrainingSpec) -> Rule:
         rule = super()._rule_for(path, spec)
         if path.startswith("provider_options.local.") and isinstance(rule, Send):
-            key = path.split(".", 2)[2]
-            return Send(f"options.{key}", convert=OPTIONS[key], note="local option")
+            return Send(f"options.{path.split('.', 2)[2]}", convert=rule.convert, note="local option")
         return rule
 
     def base_request(self, spec: TrainingSpec, ctx: PlanContext) -> dict[str, Any]:
-        """The fully resolved training config, defaults included: what the worker will run."""
-        resolved = resolve(spec, rows=ctx.rows)
-        ctx.extra["resolved"] = resolved
-        return resolved["request"]
+        """The run, resolved once with every default (run.LocalRun): what the worker will train."""
+        from .run import plan_run
+
+        resolved = spec.model_copy(update={"base_model": _base_model(spec.base_model, ctx)})
+        run = plan_run(resolved, self.provider_options(spec), rows=ctx.rows)
+        ctx.extra["run"] = run
+        return run.model_dump(mode="json")
 
     def plan_notes(self, spec: TrainingSpec, ctx: PlanContext) -> list[str]:
-        r = ctx.extra.get("resolved") or resolve(spec, rows=ctx.rows)
-        notes = [f"quantization: {r['quant'].mode} ({r['quant'].reason})"]
-        est = r["estimate"]
+        run = ctx.extra["run"]
+        notes = [f"quantization: {run.quantization.mode} ({run.quantization.reason})"]
+        est = run.memory_estimate
         if est is None:
-            notes.append(f"memory: no estimate ({r['estimate_skipped']})")
+            notes.append(f"memory: no estimate ({run.estimate_skipped})")
         else:
             verdict = {True: "fits", False: "DOES NOT FIT", None: "device memory unknown"}[est.fits]
-            notes.append(f"memory: {est.summary()}: {verdict}")
+            notes.append(f"memory: {est.estimate().summary()}: {verdict}")
             if est.fits is False:
                 notes += [f"  suggestion: {s}" for s in est.suggestions]
-        if r.get("layout") is not None:
-            notes.append(f"layout: {r['layout'].summary()}")
+        if run.layout is not None:
+            from .layout import Layout
+
+            notes.append(f"layout: {Layout.from_dict(run.layout).summary()}")
         return notes
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def submit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
+        """Give the planned run its job's data snapshot and output directory, store it, start the worker."""
         from .memory import check_fits
+        from .run import DataFile, LocalRun, RunData
 
-        planned = (plan.request or {}).get("memory_estimate") or {}
-        if planned.get("fits") is False:  # refuse before spawning anything (re-estimated for the suggestions)
-            resolved = resolve(spec, rows=(job.data.get("train") or {}).get("rows"))
-            q = resolved["quant"]
-            check_fits(resolved["estimate"], what=f"training {resolved['request']['base_model']} ({q.mode}, "
-                       f"micro-batch {resolved['request']['training']['micro_batch_size']}, "
-                       f"max_length {spec.hyperparameters.max_length})")
+        run = LocalRun.model_validate(plan.request)
+        if run.memory_estimate is not None:  # refuse before spawning anything
+            check_fits(run.memory_estimate.estimate(), what=f"training {run.base_model} ({run.quantization.mode}, "
+                       f"micro-batch {run.training.micro_batch_size}, max_length {run.training.max_length})")
+        jdir = job_dir(job.id)
+
+        def snapshot(split: str) -> DataFile | None:
+            entry = job.data.get(split)
+            if not entry:
+                return None
+            return DataFile(source=entry["path"], path=str(jdir / "data" / f"{split}.jsonl"),
+                            sha256=entry.get("sha256") or "", rows=entry.get("rows"))
+
+        data = RunData(train=snapshot("train"), validation=snapshot("validation"))
+        options = run.options.model_copy(update={"output_dir": run.options.output_dir or str(jdir / "output")})
+        run = run.model_copy(update={"data": data, "options": options})
+        _store().update_job(job.id, request=run.model_dump(mode="json"))
         return self._spawn(job, resume_from=None)
 
     def refresh(self, job: "JobRecord") -> RemoteState:
@@ -397,74 +302,3 @@ class LocalBackend(Backend):
             rec = store.update_job(job.id, status=JobStatus.QUEUED, pid=proc.pid, heartbeat_at=time.time(),
                                    remote_id=str(jdir), progress=progress, error=None)
         return RemoteState(remote_id=rec.remote_id, status=rec.status)
-
-
-# ---------------------------------------------------------------------------------------------------
-# resolution: spec -> the exact training config (shared by plan, submit and the worker)
-
-def local_options(spec: TrainingSpec) -> dict[str, Any]:
-    """The validated provider_options.local (unknown keys are refused by the plan before this runs)."""
-    raw = dict((spec.provider_options or {}).get("local") or {})
-    ctx = PlanContext(spec=spec)
-    return {k: OPTIONS[k](v, ctx) for k, v in raw.items() if k in OPTIONS}
-
-
-def resolve(spec: TrainingSpec, *, rows: int | None = None) -> dict[str, Any]:
-    """Everything the run will use, with defaults: the request the worker runs, built from `resolve_run`
-    (the same resolution train() runs: micro-batch, quantization and why, optimizer, memory estimate).
-    Reads config.json, never weights."""
-    from .peft_config import lora_kwargs
-    from .resolve import resolve_run
-
-    opts = local_options(spec)
-    hp = spec.hyperparameters
-    base = _base_model(spec.base_model, PlanContext(spec=spec))
-    budget_gb = opts.get("memory_budget_gb")
-    run = resolve_run(spec.model_copy(update={"base_model": base}), device=opts.get("device"),
-                      gradient_checkpointing=opts.get("gradient_checkpointing"),
-                      memory_budget_bytes=int(budget_gb * GiB) if budget_gb else None)
-    from .layout import from_options, more_gpus
-
-    layout = from_options(spec, run, opts)  # None: one process
-    quant, dev = run.quant, run.device
-    estimate = layout.estimate if layout is not None and layout.estimate is not None else run.estimate
-    if layout is None and estimate is not None and estimate.fits is False and (more := more_gpus(spec, run)):
-        estimate.suggestions.append(more)
-    steps_per_epoch = math.ceil(rows / hp.batch_size) if rows else None
-    total = opts.get("max_steps") or (steps_per_epoch * hp.epochs if steps_per_epoch else None)
-    ckpt = opts.get("checkpoint_steps") or (max(1, math.ceil(total / 10)) if total else 50)
-    # gradient_checkpointing: the user's request (None = auto), so the worker's train() makes the same
-    # per-layer choice this plan shows under training.checkpointing (resolve_run is deterministic)
-    options = {"output_dir": opts.get("output_dir"), "checkpoint_steps": ckpt,
-               "keep_checkpoints": opts.get("keep_checkpoints", KEEP_CHECKPOINTS), "max_steps": opts.get("max_steps"),
-               "eval_steps": opts.get("eval_steps") or (ckpt if spec.validation_data else None),
-               "device": opts.get("device"), "gradient_checkpointing": opts.get("gradient_checkpointing"),
-               "memory_budget_gb": budget_gb, "logging_steps": opts.get("logging_steps", 1),
-               **{k: opts[k] for k in ("gpus", "nnodes", "node_rank", "rdzv_endpoint", "layout") if k in opts}}
-    request = {
-        "base_model": base,
-        "method": spec.method,
-        "lora": lora_kwargs(spec),
-        "quantization": {"requested": spec.quantization, "mode": quant.mode, "reason": quant.reason},
-        "training": {
-            **hp.model_dump(exclude={"dpo_beta"} if spec.method != "dpo" else set()),
-            "micro_batch_size": run.micro_batch, "optimizer": run.optimizer, "dtype": run.dtype,
-            "loraplus_lr_ratio": spec.adapter.loraplus_lr_ratio, "estimated_total_steps": total,
-            "checkpointing": {
-                "requested": opts.get("gradient_checkpointing", "auto"), "enabled": run.gradient_checkpointing,
-                "layers": f"{run.speed.checkpointed_layers}/{run.speed.num_layers}" if run.speed else None,
-                "reason": run.speed.reasons.get("checkpointing") if run.speed else None,
-            },
-            **({"notes": run.speed.notes} if run.speed and run.speed.notes else {}),
-        },
-        "device": {"type": dev.type, "name": dev.name, "memory_bytes": dev.total_memory},
-        "validation_data": spec.validation_data,
-        "output": {"name": spec.suffix},
-        "options": options,
-        "layout": None if layout is None else layout.to_dict(),
-        "memory_estimate": None if estimate is None else {
-            "total_bytes": estimate.total_bytes, "breakdown": estimate.breakdown, "fits": estimate.fits,
-            "budget_bytes": run.budget_bytes},
-    }
-    return {"request": request, "quant": quant, "estimate": estimate, "estimate_skipped": run.estimate_skipped,
-            "options": options, "run": run, "layout": layout}

@@ -54,20 +54,20 @@ def torchrun_argv(job_id: str, layout: dict[str, Any], options: dict[str, Any], 
     return argv
 
 
-def launch(record, cb: TrainCallbacks, options: dict[str, Any], resume_from: str | None) -> TrainOutcome:
-    """Run the job's ranks under torchrun and return the reporting rank's outcome; a failed rank raises
-    TrainingError with that rank's error."""
+def launch(record, cb: TrainCallbacks, run, resume_from: str | None) -> TrainOutcome:
+    """Run the ranks of the job's stored ``run`` (run.LocalRun) under torchrun and return the reporting rank's
+    outcome; a failed rank raises TrainingError with that rank's error."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
-    layout = (record.request or {})["layout"]
+    layout = run.layout
     ranks = job_dir(record.id) / RANKS_DIR
     ranks.mkdir(parents=True, exist_ok=True)
     for stale in [*ranks.glob("error-*.json"), ranks / OUTCOME]:  # a resume's ranks report afresh
         stale.unlink(missing_ok=True)
-    argv = torchrun_argv(record.id, layout, options, resume_from, ranks / "logs")
+    argv = torchrun_argv(record.id, layout, run.options.model_dump(), resume_from, ranks / "logs")
     print(f"torchrun {' '.join(argv)}", flush=True)
     try:
         torchrun(parse_args(argv))
@@ -161,9 +161,12 @@ class RankCallbacks(TrainCallbacks):
 
 
 def run_rank(job_id: str, resume_from: str | None) -> int:
-    """One rank: train the job with the worker's arguments; the reporting rank writes the outcome."""
+    """One rank: train the job's stored run (checked and snapshotted by the worker); the reporting rank writes
+    the outcome."""
     from ...store import default_store
-    from .worker import CancelledBeforeStart, StoreCallbacks, one_line, train_job
+    from .run import LocalRun
+    from .train import train
+    from .worker import CancelledBeforeStart, StoreCallbacks, one_line
 
     _die_with_parent()
     store = default_store()
@@ -172,7 +175,7 @@ def run_rank(job_id: str, resume_from: str | None) -> int:
     reporting = local_rank() == 0
     cb = RankCallbacks(StoreCallbacks(store, job_id, record.progress), reporting)
     try:
-        outcome = train_job(record, cb, resume_from)
+        outcome = train(LocalRun.model_validate(record.request), cb, resume_from_checkpoint=resume_from)
     except CancelledBeforeStart:  # every rank agreed; the worker sees no outcome and a cancelling job
         return 0
     except BaseException as exc:

@@ -39,6 +39,10 @@ class Layout:
     def world_size(self) -> int:
         return self.gpus * self.nnodes
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Layout":
+        return cls(**{k: v for k, v in d.items() if k not in ("world_size", "estimate")})
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         del out["estimate"]
@@ -77,7 +81,7 @@ def from_options(spec: Any, run: Any, options: dict[str, Any]) -> Layout | None:
     for one process. ``gpus='all'`` counts the visible CUDA GPUs; without a GPU, gpus=N runs N CPU processes
     (gloo: tests and debugging)."""
     gpus, nnodes = options.get("gpus", 1), options.get("nnodes", 1)
-    visible = _visible_gpus() if run.device.type == "cuda" and "gpus" in options else None
+    visible = _visible_gpus() if run.device.type == "cuda" and gpus != 1 else None
     if gpus == "all":
         if not visible:
             raise ConfigError("provider_options.local.gpus='all' but no CUDA GPU is visible",
@@ -90,7 +94,7 @@ def from_options(spec: Any, run: Any, options: dict[str, Any]) -> Layout | None:
     if nnodes > 1 and not options.get("rdzv_endpoint"):
         raise ConfigError(f"provider_options.local.nnodes={nnodes} needs rdzv_endpoint (host:port of node 0)",
                           field="provider_options.local.rdzv_endpoint", hint=HINT)
-    if options.get("node_rank", 0) >= nnodes:
+    if (options.get("node_rank") or 0) >= nnodes:
         raise ConfigError(f"provider_options.local.node_rank={options['node_rank']} must be below nnodes={nnodes}",
                           field="provider_options.local.node_rank", hint=HINT)
     if gpus * nnodes == 1:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._exceptions import ResourceError
+from .variants import form_of
 
 GiB = 1024**3
 
@@ -127,7 +128,8 @@ def lora_params(cfg: dict[str, Any], r: int, target_modules: Any = "all-linear",
     names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     shapes = dict(zip(names, _linear_shapes(d)))
     chosen = names if target_modules == "all-linear" else [n for n in names if n in set(target_modules)] or names
-    per_layer = sum(r * (shapes[n][0] + shapes[n][1]) + (shapes[n][1] if use_dora else 0) for n in chosen)
+    form = form_of(use_dora)
+    per_layer = sum(form.trainable_params(r, *shapes[n]) for n in chosen)
     return d["layers"] * per_layer
 
 

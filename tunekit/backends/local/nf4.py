@@ -1,4 +1,4 @@
-"""LoRA and DoRA on a bitsandbytes 4-bit base: one autograd function per layer call (speed.py's fast path).
+"""LoRA and DoRA on a bitsandbytes 4-bit base: one autograd function per layer call (kernels.py's fast path).
 
 One function instead of bitsandbytes' matmul + PEFT's lora_A/lora_B modules + the epilogue: the same GEMMs
 (forward: A, then base and B as one GEMM so that base + update is rounded once; backward: base, A, and the
@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def lora_forward(layer: Any, x: Any, name: str, dora: Any = None) -> Any:
+def lora_forward(layer: Any, x: Any, name: str, dora: Any, state: Any) -> Any:
     """The layer's output through the 4-bit function, or None where it does not apply (generic path then).
 
-    ``dora``: the layer's DoraLinearLayer, only when PEFT's DoRA forward has no active dropout."""
+    ``dora``: the layer's DoraLinearLayer, only when PEFT's DoRA forward has no active dropout. ``state``: the
+    model's kernels.FastState (pass counter, the DoRA layers to compute together, cached values)."""
     import torch
 
     base = layer.get_base_layer()
@@ -38,7 +39,7 @@ def lora_forward(layer: Any, x: Any, name: str, dora: Any = None) -> Any:
         with torch.no_grad():
             pre = Pre(a=A.to(cdt), absmax=block_scales(base.weight.quant_state), bs=(B.float() * s).to(cdt))
         return fn.apply(x, layer.lora_dropout[name](x), A, B, None, base.weight, pre, s, cdt)
-    return fn.apply(x, x, A, B, dora.weight, base.weight, dora_pass(layer, name, dora, cdt), s, cdt)
+    return fn.apply(x, x, A, B, dora.weight, base.weight, dora_pass(layer, name, cdt, state), s, cdt)
 
 
 def eligible(base: Any) -> bool:
@@ -82,24 +83,22 @@ def dequant(weight: Any, absmax: Any, dtype: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ DoRA per pass
 
-def dora_pass(layer: Any, name: str, dora: Any, cdt: Any) -> Pre:
+def dora_pass(layer: Any, name: str, cdt: Any, state: Any) -> Pre:
     """This forward pass's DoRA values of ``layer`` (computed for every registered DoRA layer at once on the
     first call of a pass; without a pass counter, for this layer alone on every call)."""
-    gen = dora.__dict__.get("_tk_gen")
-    pre = layer.__dict__.get("_tk_dora")
-    if gen is not None and pre is not None and pre.pass_id == gen["passes"]:
+    counted = state.passes is not None
+    pre = state.cache.get((layer, "nf4_dora"))
+    if counted and pre is not None and pre.pass_id == state.passes:
         return pre
-    layers = [(m, n) for m, n in gen.get("nf4_dora", ()) if eligible(m.get_base_layer())] if gen else []
+    layers = [(m, n) for m, n in state.nf4_dora if eligible(m.get_base_layer())] if counted else []
     if (layer, name) not in layers:
         layers = [(layer, name)]
-    _compute_pass(layers, cdt, None if gen is None else gen["passes"])
-    return layer.__dict__["_tk_dora"]
+    _compute_pass(layers, cdt, state)
+    return state.cache[(layer, "nf4_dora")]
 
 
-def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, pass_id: int | None) -> None:
+def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, state: Any) -> None:
     import torch
-
-    from .speed import dora_norm
 
     groups: dict[tuple, list[tuple[Any, str]]] = {}
     for m, n in layers:
@@ -109,7 +108,7 @@ def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, pass_id: int | None) 
         groups.setdefault(key, []).append((m, n))
     with torch.no_grad():
         for (_, _, s, *_), members in groups.items():
-            absmax, wsq = zip(*(_frozen_stats(m.get_base_layer(), cdt) for m, _ in members))
+            absmax, wsq = zip(*(_frozen_stats(m.get_base_layer(), cdt, state.cache) for m, _ in members))
             A = torch.stack([m.lora_A[n].weight for m, n in members]).float()  # [L, r, in]
             B = torch.stack([m.lora_B[n].weight for m, n in members]).float()  # [L, out, r]
             mag = torch.stack([m.lora_magnitude_vector[n].weight for m, n in members]).float()  # [L, out]
@@ -122,19 +121,29 @@ def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, pass_id: int | None) 
             inv_mag = torch.where(mag != 0, mag.reciprocal(), torch.zeros((), device=mag.device))
             bs = (B * coef.unsqueeze(-1)).to(cdt)
             for i, (m, _) in enumerate(members):
-                m._tk_dora = Pre(a=a[i], absmax=absmax[i], bs=bs[i], scale=scale[i], coef=coef[i],
-                                 inv_mag=inv_mag[i], pass_id=pass_id)
+                state.cache[(m, "nf4_dora")] = Pre(a=a[i], absmax=absmax[i], bs=bs[i], scale=scale[i],
+                                                   coef=coef[i], inv_mag=inv_mag[i], pass_id=state.passes)
 
 
-def _frozen_stats(base: Any, cdt: Any) -> tuple[Any, Any]:
+def dora_norm(wsq: Any, WA: Any, A: Any, B: Any, s: float) -> Any:
+    """DoRA's weight norm ||W_i + s (B A)_i|| in fp32 from ||W_i||^2 (``wsq``) and W A^T (``WA``):
+    ||W_i||^2 + 2 s <W_i A^T, B_i> + s^2 B_i (A A^T) B_i^T. Also batched: leading dimensions of all arguments
+    are layers (this module's per-pass batch); kernels.py's 16-bit path calls it for one layer."""
+    import torch
+
+    A, B = A.float(), B.float()
+    M = torch.add(WA.float(), B @ (A @ A.transpose(-1, -2)), alpha=s / 2)  # W A^T + (s/2) B A A^T
+    return (wsq + (2 * s) * (M * B).sum(-1)).clamp_min_(0).sqrt_()
+
+
+def _frozen_stats(base: Any, cdt: Any, cache: dict) -> tuple[Any, Any]:
     """(fp32 block scales, ||W_i||^2 per row) of a frozen 4-bit weight, computed once per weight."""
     w = base.weight
     key = (w.data_ptr(), cdt)
-    got = base.__dict__.get("_tk_frozen")
+    got = cache.get((base, "frozen"))
     if got is None or got[0] != key:
         absmax = block_scales(w.quant_state)
-        got = (key, absmax, dequant(w, absmax, cdt).float().pow(2).sum(1))
-        base._tk_frozen = got
+        got = cache[(base, "frozen")] = (key, absmax, dequant(w, absmax, cdt).float().pow(2).sum(1))
     return got[1], got[2]
 
 

@@ -11,18 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..._exceptions import ConfigError
-
-# spec.adapter.init -> PEFT's init_lora_weights
-INIT_TO_PEFT: dict[str, Any] = {
-    "default": True,
-    "gaussian": "gaussian",
-    "pissa": "pissa",
-    "pissa_fast": "pissa_niter_16",  # randomized SVD, 16 subspace iterations (PEFT's "fast" PiSSA)
-    "olora": "olora",
-}
-
-# Inits that rewrite the base weights (the residual); the adapter must be converted to plain LoRA on save.
-MUTATING_INITS = frozenset({"pissa", "pissa_fast", "olora"})
+from . import variants as _variants
 
 
 @dataclass(frozen=True)
@@ -54,22 +43,10 @@ def lora_kwargs(spec: Any) -> dict[str, Any]:
         "lora_alpha": a.alpha,
         "lora_dropout": a.dropout,
         "target_modules": a.target_modules if a.target_modules == "all-linear" else list(a.target_modules),
-        "use_dora": a.use_dora,
-        "use_rslora": a.use_rslora,
-        "init_lora_weights": INIT_TO_PEFT[a.init],
+        **_variants.of(a).peft_kwargs(),  # use_dora, use_rslora, init_lora_weights
         "bias": "none",
         "task_type": "CAUSAL_LM",
     }
-
-
-def lora_config(spec: Any):
-    """A `peft.LoraConfig` for the spec; PEFT's own validation errors become ConfigError."""
-    from peft import LoraConfig
-
-    try:
-        return LoraConfig(**lora_kwargs(spec))
-    except (ValueError, TypeError) as exc:
-        raise peft_error_to_config_error(exc) from exc
 
 
 def resolve_quantization(spec: Any, device: DeviceInfo, bf16_fits: bool | None = None) -> QuantDecision:
@@ -107,32 +84,8 @@ def quantization_config(spec: Any, device_info: DeviceInfo, bf16_fits: bool | No
 
 
 def check_combination(spec: Any, quant: QuantDecision | None = None) -> None:
-    """Refuse combinations PEFT/TRL cannot train correctly, before any model is loaded."""
-    a = spec.adapter
-    if a.init in ("pissa", "pissa_fast") and quant is not None and quant.quantized:
-        # PEFT's pissa_init raises on 4-bit weights: PiSSA needs the SVD of the full-precision weight
-        # (the PEFT recipe is: init in bf16, save the residual model, re-quantize it).
-        raise ConfigError(
-            f"adapter.init={a.init!r} needs a full-precision base, but quantization resolved to nf4 ({quant.reason})",
-            field="adapter.init",
-            hint="set quantization='none', or use adapter.init='olora' (supports 4-bit) or 'default' with nf4",
-        )
-    if spec.method == "dpo" and a.init in MUTATING_INITS:
-        # DPO's reference model is the base with the adapter disabled; PiSSA/OLoRA rewrite the base
-        # into a residual, so that reference would not be the original model.
-        raise ConfigError(
-            f"adapter.init={a.init!r} cannot be used with method='dpo': the reference model would be the residual base",
-            field="adapter.init",
-            hint="use adapter.init='default' or 'gaussian' for DPO",
-        )
-    if a.use_dora and a.target_modules != "all-linear":
-        bad = [m for m in a.target_modules if m in ("embed_tokens", "lm_head", "wte")]
-        if bad:
-            raise ConfigError(
-                f"DoRA cannot adapt embedding/output modules {bad}",
-                field="adapter.target_modules",
-                hint="drop them from adapter.target_modules or set adapter.use_dora=false",
-            )
+    """Refuse combinations PEFT/TRL cannot train correctly, before any model is loaded (variants.py says which)."""
+    _variants.of(spec.adapter).check(spec, quant.quantized if quant else None, quant.reason if quant else "")
 
 
 _FIELD_PATTERNS = [

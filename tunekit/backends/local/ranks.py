@@ -1,12 +1,11 @@
-"""What one rank of several does differently inside ``train()``: its share of the global batch, the Trainer's
-DDP/FSDP2 arguments, and the gathered adapter save. torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE)
+"""What one rank of several does differently inside ``train()``: the Trainer's DDP/FSDP2 arguments and the
+gathered adapter save (its share of the global batch is in the run's layout). torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE)
 says which rank this is; launch.py starts the ranks.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,6 @@ def rank() -> int:
 def is_rank() -> bool:
     """Is this process one rank of several (started by torchrun)?"""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def apply_layout(run, layout: dict[str, Any], spec: Any):
-    """The RunPlan of one rank: its micro-batch and accumulation, and the per-GPU estimate of the layout
-    (re-checked against this rank's device)."""
-    from .layout import for_run
-
-    lay = for_run(spec, run, gpus=int(layout["gpus"]), nnodes=int(layout.get("nnodes") or 1),
-                  layout=layout["kind"] if layout["kind"] in ("ddp", "fsdp2") else "auto")
-    return replace(run, micro_batch=lay.micro_batch, grad_accum=lay.grad_accum,
-                   estimate=lay.estimate or run.estimate)
 
 
 def trainer_args(layout: dict[str, Any] | None, model: Any, on_gpu: bool) -> dict[str, Any]:

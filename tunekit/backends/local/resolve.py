@@ -2,8 +2,8 @@
 
 `resolve_run` is the single place that decides micro-batch / gradient accumulation, the compute dtype,
 gradient checkpointing, the quantization mode (with the memory estimate behind 'auto'), the memory fit,
-the optimizer name and the speed plan. `train()` runs what it returns, and the backend's plan shows what
-it returns, so the plan cannot drift from the run. Pure: torch is imported only to read the device.
+the optimizer name and the speed plan. `run.plan_run` turns what it returns into the LocalRun the plan
+shows, the store keeps and the worker trains. Pure: torch is imported only to read the device.
 """
 
 from __future__ import annotations
@@ -16,33 +16,28 @@ from typing import Any
 from ..._exceptions import ConfigError
 from . import memory as _memory
 from . import speed as _speed
+from . import variants as _variants
 from .peft_config import DeviceInfo, QuantDecision, check_combination, resolve_quantization
 
 
 @dataclass
 class RunPlan:
-    """What a run will do. ``model_config`` None means config.json was not readable (``estimate_skipped`` says
-    why): then there is no memory estimate or speed plan, and 'auto' quantization on a GPU picks NF4."""
+    """What a run will do. Without a readable config.json (``estimate_skipped`` says why) there is no memory
+    estimate or speed plan, and 'auto' quantization on a GPU picks NF4."""
 
     device: DeviceInfo
     micro_batch: int
     grad_accum: int
     compute_dtype: str  # "bf16" on CUDA, "fp32" on CPU (QLoRA computes in bf16 either way)
     gradient_checkpointing: bool  # requested, else the default (on for GPU, off for CPU)
-    auto_checkpointing: bool  # not requested: the speed plan may checkpoint only the layers memory needs
     budget_bytes: int | None  # memory the fit check assumes
     quant: QuantDecision
-    bf16_fits: bool | None  # the bf16 estimate behind quantization 'auto' on a GPU (None: not asked)
     optimizer: str  # TrainingArguments.optim name; "loraplus+<name>" when LoRA+ builds the optimizer
-    estimate_kwargs: dict[str, Any]  # the speed path's memory.estimate arguments (fused LM head, bf16 QLoRA)
-    model_config: dict[str, Any] | None
     estimate: _memory.MemoryEstimate | None
     estimate_skipped: str | None = None
     speed: _speed.SpeedPlan | None = None
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type == "cuda"
+    model_config: dict[str, Any] | None = None  # what the estimate read (layout.py estimates per GPU from it)
+    estimate_kwargs: dict[str, Any] | None = None  # the speed path's memory.estimate arguments
 
     @property
     def dtype(self) -> str:
@@ -90,9 +85,7 @@ def optimizer_name(spec: Any, quantized: bool, on_gpu: bool) -> str:
         name = "paged_adamw_8bit" if on_gpu else "adamw_bnb_8bit"
     else:
         name = "adamw_torch_fused" if on_gpu else "adamw_torch"
-    if spec.adapter.loraplus_lr_ratio:
-        name = "loraplus+" + (name if quantized else "adamw_torch")
-    return name
+    return _variants.of(spec.adapter).optimizer.name(name, quantized)
 
 
 def read_config(base_model: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -119,12 +112,12 @@ def resolve_run(
     gradient_checkpointing: bool | None = None,
     memory_budget_bytes: int | None = None,
     model_config: dict[str, Any] | None = None,
+    speedups: str | list[str] = "auto",
 ) -> RunPlan:
     """Resolve every pre-load decision of a run of ``spec``.
 
-    ``model_config`` is the base model's config as a dict (train() passes the loaded AutoConfig's); None
-    reads config.json from a local directory or the HF cache (the plan: never downloads, never needs torch
-    beyond the device). Raises ConfigError for a bad batch split or a refused combination (PiSSA on NF4).
+    ``model_config`` None reads config.json from a local directory or the HF cache (never downloads, never
+    needs torch beyond the device). ``speedups`` is provider_options.local.speedups. Raises ConfigError for a bad batch split or a refused combination (PiSSA on NF4).
     The memory fit is estimated here but not enforced: callers decide when to refuse (`memory.check_fits`).
     """
     hp, a = spec.hyperparameters, spec.adapter
@@ -139,7 +132,8 @@ def resolve_run(
     skipped = None
     if model_config is None:
         model_config, skipped = read_config(str(spec.base_model))
-    est_kw = _speed.estimate_kwargs(spec, model_config, dev.type) if model_config is not None else {}
+    off = _speed.disabled(speedups)
+    est_kw = _speed.estimate_kwargs(spec, model_config, dev.type, off) if model_config is not None else {}
 
     def estimate(quant: str, ckpt: bool | None = None) -> _memory.MemoryEstimate:
         return _memory.estimate(
@@ -160,10 +154,10 @@ def resolve_run(
         est = estimate(quant.mode)
         speed = _speed.plan(spec, model_config, dev.type, quant.quantized,
                             gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt,
-                            budget_bytes=budget, estimate=lambda ck: estimate(quant.mode, ck))
+                            budget_bytes=budget, estimate=lambda ck: estimate(quant.mode, ck), off=off)
     return RunPlan(
         device=dev, micro_batch=micro, grad_accum=accum, compute_dtype=compute_dtype,
-        gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt, budget_bytes=budget,
-        quant=quant, bf16_fits=bf16_fits, optimizer=optimizer_name(spec, quant.quantized, on_gpu),
-        estimate_kwargs=est_kw, model_config=model_config, estimate=est, estimate_skipped=skipped, speed=speed,
+        gradient_checkpointing=gradient_checkpointing, budget_bytes=budget, quant=quant,
+        optimizer=optimizer_name(spec, quant.quantized, on_gpu), estimate=est, estimate_skipped=skipped, speed=speed,
+        model_config=model_config, estimate_kwargs=est_kw,
     )

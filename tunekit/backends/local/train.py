@@ -1,7 +1,7 @@
 """The local training core: one plain function, `train()`, over TRL + PEFT + bitsandbytes.
 
-The worker process (backend.py / worker.py) calls `train()` and turns `TrainCallbacks` calls into
-store rows; nothing here knows about the store. Output layout under ``output_dir``:
+The worker process (worker.py) loads the job's stored run (run.py) and calls `train(run, callbacks)`,
+turning `TrainCallbacks` calls into store rows; nothing here knows about the store or resolves anything. Output layout under ``output_dir``:
 
     checkpoints/checkpoint-<step>/   HF Trainer checkpoints (adapter, optimizer, scheduler, RNG, data position)
     adapter/                         the final PEFT adapter (adapter_model.safetensors + adapter_config.json)
@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from ..._exceptions import ConfigError, TrainingError
 from . import memory as _memory
-from . import provenance as _provenance
+from ...adapters import provenance as _provenance
+from . import kernels as _kernels
 from . import ranks as _ranks
-from . import speed as _speed
+from . import variants as _variants
 from .datasets import PreparedData, prepare
-from .peft_config import MUTATING_INITS, DeviceInfo, lora_kwargs, peft_error_to_config_error, quantization_config
-from .resolve import resolve_run
+from .peft_config import DeviceInfo, peft_error_to_config_error
+
+if TYPE_CHECKING:
+    from .run import LocalRun
 
 
 class TrainCallbacks:
@@ -70,9 +74,6 @@ class TrainOutcome:
     chat_template_sha256: str | None
     base_model_revision: str | None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _looks_local(name: str) -> bool:
@@ -199,57 +200,55 @@ def _resolve_resume(resume: str | bool | None, ckpt_dir: Path, cb: TrainCallback
     return str(p)
 
 
-def train(
-    spec: Any,
-    train_path: str | Path,
-    output_dir: str | Path,
-    *,
-    validation_path: str | Path | None = None,
-    callbacks: TrainCallbacks | None = None,
-    resume_from_checkpoint: str | bool | None = None,
-    checkpoint_steps: int | None = None,
-    keep_checkpoints: int | None = None,
-    max_steps: int | None = None,
-    device: str | None = None,
-    eval_steps: int | float | None = None,
-    gradient_checkpointing: bool | None = None,
-    memory_budget_bytes: int | None = None,
-    logging_steps: int = 1,
-    layout: dict[str, Any] | None = None,
-) -> TrainOutcome:
-    """Train a LoRA/QLoRA adapter for ``spec`` on a JSONL file; return what was produced and how.
+def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
+          resume_from_checkpoint: str | bool | None = None) -> TrainOutcome:
+    """Train the run (``run.LocalRun``: planned, its data and output directory set); return what was produced.
 
-    ``memory_budget_bytes`` caps the memory the fit check assumes (default: the device's). ``eval_steps``
-    defaults to checkpoint_steps, else 10% of the run; validation loss is also computed at the end.
-    ``keep_checkpoints`` keeps only that many newest checkpoints on disk (None: all). ``layout``
-    (layout.Layout.to_dict, from the plan) is this run's share of several ranks under torchrun (launch.py).
+    Nothing is resolved again here: the run says the device, quantization, micro-batch, optimizer, speed-ups and
+    per-layer checkpointing. After the fit check the run is written to ``<output_dir>/run.json`` (the record
+    of what was trained). ``resume_from_checkpoint``: a checkpoint directory, or True for the newest one.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    cb = callbacks or TrainCallbacks()
-    hp = spec.hyperparameters
-    output_dir = Path(output_dir)
-    ckpt_dir, adapter_dir, init_dir = output_dir / "checkpoints", output_dir / "adapter", output_dir / "init_adapter"
+    from .peft_config import quantization_config
 
-    # ---- base model config -> resolve_run (the same resolution the plan shows) -> memory fit, before any weights
-    config = _load_config(spec.base_model)
-    run = resolve_run(spec, device=device, gradient_checkpointing=gradient_checkpointing,
-                      memory_budget_bytes=memory_budget_bytes, model_config=config.to_dict())
-    if _ranks.world_size(layout) > 1:  # this rank's micro-batch and accumulation, the per-GPU estimate
-        run = _ranks.apply_layout(run, layout, spec)
-    dev, on_gpu, micro, accum = run.device, run.on_gpu, run.micro_batch, run.grad_accum
-    decision, est, speed = run.quant, run.estimate, run.speed
-    _memory.check_fits(est, what=f"training {spec.base_model} ({decision.mode}, micro-batch {micro}, "
+    if run.data is None or not run.options.output_dir:
+        raise ConfigError("this run has no data or output directory: it was planned, not given to a job",
+                          field="data", hint="build it with run.run_for_files(...) or start a job with finetune")
+    cb = callbacks or TrainCallbacks()
+    spec = run  # the run carries the spec's method, adapter and hyperparameters (as run.training)
+    hp = run.training
+    output_dir = Path(run.options.output_dir)
+    ckpt_dir, adapter_dir, init_dir = output_dir / "checkpoints", output_dir / "adapter", output_dir / "init_adapter"
+    train_path = run.data.train.path
+    validation_path = run.data.validation.path if run.data.validation else None
+
+    # ---- the run's decisions; the fit check before any weights
+    config = _load_config(run.base_model)
+    dev = DeviceInfo(run.device.type, run.device.memory_bytes, run.device.name)
+    on_gpu, micro, accum = dev.type == "cuda", hp.micro_batch_size, hp.gradient_accumulation_steps
+    layout = run.layout if _ranks.world_size(run.layout) > 1 else None
+    if layout:  # this rank's share of the global batch (the estimate is already the per-GPU one)
+        micro, accum = layout["micro_batch"], layout["grad_accum"]
+    decision, speed = run.quantization, run.speed_plan()
+    if run.memory_estimate is None or speed is None:
+        raise ConfigError(f"the run of {run.base_model} was planned without its config.json ({run.estimate_skipped})",
+                          field="base_model", hint="the worker re-plans it once the config is readable (run.check_facts)")
+    est = run.memory_estimate.estimate()
+    _memory.check_fits(est, what=f"training {run.base_model} ({decision.mode}, micro-batch {micro}, "
                                  f"max_length {hp.max_length})")
     cb.on_event("info", f"quantization: {decision.mode} ({decision.reason}); memory estimate {est.summary()}")
     cb.on_event("info", speed.summary())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if _ranks.local_rank() == 0:  # one writer per node
+        (output_dir / "run.json").write_text(run.model_dump_json(indent=1))
 
     # ---- tokenizer + data
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+        tokenizer = AutoTokenizer.from_pretrained(run.base_model)
     except Exception as exc:
-        raise ConfigError(f"tokenizer of {spec.base_model!r} could not be loaded: {exc}", field="base_model",
+        raise ConfigError(f"tokenizer of {run.base_model!r} could not be loaded: {exc}", field="base_model",
                           hint="the base model directory needs its tokenizer files") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -267,25 +266,26 @@ def train(
 
     # ---- model
     _quiet_progress_bars()
-    bnb_cfg, _ = quantization_config(spec, dev, run.bf16_fits)
+    # the run's mode, given as an explicit request: nothing is decided again
+    bnb_cfg, _ = quantization_config(SimpleNamespace(quantization=decision.mode), dev)
     if bnb_cfg is not None and (layout or {}).get("quant_storage"):  # FSDP2 shards 4-bit weights stored as bf16
         bnb_cfg.bnb_4bit_quant_storage = torch.bfloat16
     load_kw: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
     if bnb_cfg is not None:
         load_kw["quantization_config"] = bnb_cfg
     if on_gpu and (layout or {}).get("kind") != "fsdp2":  # FSDP2 places the shards itself
-        load_kw["device_map"] = {"": _ranks.local_rank() if _ranks.is_rank()
-                                 else torch.device(device or "cuda").index or 0}
+        load_kw["device_map"] = {"": _ranks.local_rank() if layout
+                                 else torch.device(run.options.device or "cuda").index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.base_model, **load_kw)
+        model = AutoModelForCausalLM.from_pretrained(run.base_model, **load_kw)
     except Exception as exc:
-        raise ConfigError(f"base_model {spec.base_model!r} could not be loaded as a causal LM: {exc}",
+        raise ConfigError(f"base_model {run.base_model!r} could not be loaded as a causal LM: {exc}",
                           field="base_model", hint="tunekit trains decoder-only (causal LM) models") from exc
     if decision.quantized and not speed.on("bf16_kbit"):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=run.gradient_checkpointing,
+            model, use_gradient_checkpointing=hp.checkpointing.enabled,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     model.config.use_cache = False
@@ -293,43 +293,32 @@ def train(
     set_seed(hp.seed)  # adapter init (and randomized PiSSA SVD) must be the same on resume
     from peft import LoraConfig, get_peft_model
 
-    lkw = lora_kwargs(spec)
+    lkw = run.lora
     try:
         model = get_peft_model(model, LoraConfig(**lkw))
     except (ValueError, TypeError, RuntimeError) as exc:
         raise peft_error_to_config_error(exc) from exc
-    mutating = spec.adapter.init in MUTATING_INITS
+    variants = _variants.of(spec.adapter)
+    mutating = variants.init.mutates_base
     if mutating and not (resume and (init_dir / "adapter_config.json").is_file()):
         # saved before any step: the conversion to plain LoRA subtracts this initial adapter at the end
         model.save_pretrained(str(init_dir))
 
-    speed_applied = _speed.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
+    speed_applied = _kernels.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
 
-    # ---- optimizer (named by resolve_run; LoRA+ builds it here with the same class)
-    optim_name = run.optimizer
-    optimizers: tuple[Any, Any] = (None, None)
-    if spec.adapter.loraplus_lr_ratio:
-        from peft.optimizers import create_loraplus_optimizer
-
-        if decision.quantized:
-            import bitsandbytes as bnb
-
-            opt_cls = bnb.optim.PagedAdamW8bit if on_gpu else bnb.optim.AdamW8bit
-        else:
-            opt_cls = torch.optim.AdamW
-        optimizers = (create_loraplus_optimizer(
-            model=model, optimizer_cls=opt_cls, lr=hp.learning_rate,
-            loraplus_lr_ratio=spec.adapter.loraplus_lr_ratio, weight_decay=hp.weight_decay,
-        ), None)
+    # ---- optimizer (named by the plan; LoRA+ builds it here with the same class)
+    optim_name = hp.optimizer
+    optimizers = (variants.optimizer.build(model, hp, decision.quantized, on_gpu), None)
 
     # ---- trainer
     trainer = _build_trainer(
         spec, model, tokenizer, data, val, ckpt_dir=ckpt_dir, micro=micro, accum=accum, on_gpu=on_gpu,
-        optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # speed.apply set it per layer
-        checkpoint_steps=checkpoint_steps, keep_checkpoints=keep_checkpoints, max_steps=max_steps,
-        eval_steps=eval_steps, logging_steps=logging_steps, extra_args=_ranks.trainer_args(layout, model, on_gpu),
+        optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # kernels.apply set it per layer
+        checkpoint_steps=run.options.checkpoint_steps, keep_checkpoints=run.options.keep_checkpoints,
+        max_steps=run.options.max_steps, eval_steps=run.options.eval_steps, logging_steps=run.options.logging_steps,
+        extra_args=_ranks.trainer_args(layout, model, on_gpu),
     )
-    speed_applied["fp32_adapter_params"] = _speed.after_trainer(trainer, speed)
+    speed_applied["fp32_adapter_params"] = _kernels.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
     trainer.add_callback(bridge)
     from transformers.trainer_callback import PrinterCallback
@@ -377,10 +366,6 @@ def train(
         or (session_tokens / runtime if runtime else None),
         "peak_memory_bytes": _peak_memory(dev),
     }
-    effective_lora = dict(lkw)
-    if mutating:  # what the saved, converted adapter is (PEFT doubles r and alpha when converting)
-        effective_lora.update(r=2 * lkw["r"], lora_alpha=lkw["lora_alpha"] * (2**0.5 if lkw["use_rslora"] else 2),
-                              init_lora_weights=True, converted_from=spec.adapter.init)
     return TrainOutcome(
         adapter_path=adapter_path,
         metrics=metrics,
@@ -390,14 +375,14 @@ def train(
         stopped=bridge.stopped,
         last_checkpoint=last_ckpt,
         resumed_from=resume,
-        lora_config=effective_lora,
+        lora_config=variants.saved_config(lkw),
         quantization={"mode": decision.mode, "reason": decision.reason},
         optimizer=_optimizer_name(trainer, optim_name),
         micro_batch=micro,
         grad_accum=accum,
         gradient_checkpointing=speed.checkpointed_layers > 0,
         device=dev.type,
-        dtype=run.dtype,
+        dtype=hp.dtype,
         masking=data.masking,
         memory_estimate={"total_bytes": est.total_bytes, "breakdown": est.breakdown, "fits": est.fits,
                          "device_bytes": est.device_bytes},
@@ -463,7 +448,7 @@ def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData
                    logging_steps: int, extra_args: dict[str, Any] | None = None):
     from datasets import Dataset
 
-    hp = spec.hyperparameters
+    hp = spec.training
     common: dict[str, Any] = dict(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=micro,

@@ -27,7 +27,7 @@ from ...schemas.job import JobEvent, JobResult, JobStatus
 from ...schemas.spec import TrainingSpec
 from ...store import Store, default_store
 from .process import checkpoints, job_dir, output_dir, torn_checkpoints, transition
-from .provenance import file_sha256
+from ...adapters.provenance import file_sha256
 from .train import TrainCallbacks, TrainOutcome
 
 HEARTBEAT_S = 2.0
@@ -48,7 +48,6 @@ class StoreCallbacks(TrainCallbacks):
         self._t0: float | None = None
         self._first_step: int | None = None
         self._lock = threading.Lock()
-        self._step_delay = _step_delay()
 
     def _write(self, **fields: Any) -> None:
         with self._lock:
@@ -83,8 +82,6 @@ class StoreCallbacks(TrainCallbacks):
                              tokens_per_s=values.get("tokens_per_s"), tokens=values.get("tokens"),
                              epoch=values.get("epoch"), memory_bytes=values.get("memory"), eta_s=eta)
         self._write()
-        if self._step_delay:
-            time.sleep(self._step_delay)
 
     def on_eval(self, step: int, metrics: dict[str, Any]) -> None:
         values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -121,16 +118,6 @@ class StoreCallbacks(TrainCallbacks):
 
         threading.Thread(target=beat, name="tunekit-heartbeat", daemon=True).start()
         return done
-
-
-def _step_delay() -> float:
-    """TUNEKIT_LOCAL_STEP_DELAY: seconds to pause after each step (tests use it to act mid-run)."""
-    import os
-
-    try:
-        return max(0.0, float(os.environ.get("TUNEKIT_LOCAL_STEP_DELAY", "0")))
-    except ValueError:
-        return 0.0
 
 
 def one_line(exc: BaseException) -> str:
@@ -218,62 +205,71 @@ def discard_torn_checkpoints(record) -> list[str]:
 
 
 def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
+    """Load the stored run, check the facts it assumed, train it."""
+    from pydantic import ValidationError
+
     from .launch import launch
     from .ranks import world_size
+    from .run import LocalRun, check_facts
+    from .train import train
 
     for path in discard_torn_checkpoints(record):  # a resume must neither use nor rotate around them
         cb.event("warning", f"removed torn checkpoint {path} (its save did not finish)")
-    request = record.request or {}
-    if world_size(request.get("layout")) > 1:  # several ranks under torchrun (launch.py)
-        for split in ("train", "validation"):  # one snapshot, made here, that every rank checks
-            if (record.data or {}).get(split):
-                data_snapshot(record, split)
-        return launch(record, cb, request.get("options") or {}, resume_from)
-    return train_job(record, cb, resume_from)
+    try:
+        run = LocalRun.model_validate(record.request)
+    except ValidationError as exc:
+        raise ConfigError(f"job {record.id} holds no local run this tunekit can train ({exc.error_count()} "
+                          f"problem(s), e.g. {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})", field="request",
+                          hint="start it again with `tunekit finetune --from " + record.id + " --backend local`") from None
+    if run.data is None:
+        raise ConfigError(f"job {record.id}'s run has no data (it was planned, not submitted)", field="data",
+                          hint="start jobs with `tunekit finetune`")
+    data_snapshot(run.data.train, "train")
+    if run.data.validation is not None:
+        data_snapshot(run.data.validation, "validation")
+    run, changes = check_facts(run, TrainingSpec.model_validate(record.spec))
+    if changes:
+        cb.store.update_job(record.id, request=run.model_dump(mode="json"))
+        cb.event("warning", plan_changed_message(changes), type="plan_changed", changes=changes)
+    if world_size(run.layout) > 1:  # several ranks under torchrun (launch.py), each training this stored run
+        return launch(record, cb, run, resume_from)
+    return train(run, cb, resume_from_checkpoint=resume_from)
 
 
-def train_job(record, cb, resume_from: str | None) -> TrainOutcome:
-    """train() with the job's stored plan: in this process, or in each rank (launch.run_rank)."""
-    from .train import train
+def plan_changed_message(changes: dict[str, list[Any]], shown: int = 6) -> str:
+    facts = changes.get("facts") or {}
+    why = ", ".join(f"{k}: {_short(v[0])} -> {_short(v[1])}" for k, v in facts.items())
+    rest = [(k, v) for k, v in changes.items() if k != "facts"]
+    diff = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in rest[:shown])
+    more = f" (+{len(rest) - shown} more)" if len(rest) > shown else ""
+    return f"plan changed ({why}): {diff or 'no decision changed'}{more}"
 
-    request = record.request or {}
-    opts = dict(request.get("options") or {})
-    spec = TrainingSpec.model_validate(record.spec)
-    # the worker trains exactly what was planned: the resolved base model id
-    spec = spec.model_copy(update={"base_model": request.get("base_model") or spec.base_model})
-    budget = opts.get("memory_budget_gb")
-    validation = data_snapshot(record, "validation") if (record.data or {}).get("validation") else None
-    return train(
-        spec, data_snapshot(record, "train"), output_dir(record),
-        validation_path=validation, callbacks=cb, resume_from_checkpoint=resume_from,
-        checkpoint_steps=opts.get("checkpoint_steps"), keep_checkpoints=opts.get("keep_checkpoints"),
-        max_steps=opts.get("max_steps"), device=opts.get("device"),
-        eval_steps=opts.get("eval_steps"), gradient_checkpointing=opts.get("gradient_checkpointing"),
-        memory_budget_bytes=int(budget * 1024**3) if budget else None, logging_steps=opts.get("logging_steps") or 1,
-        layout=request.get("layout"),
-    )
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else __import__("json").dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 _DATA_FIELD = {"train": ("training file", "data"), "validation": ("validation file", "validation_data")}
 
 
-def data_snapshot(record, split: str) -> Path:
-    """The job's own copy of a data file, proven to be the bytes validated at submit: what it trains from.
+def data_snapshot(file, split: str) -> Path:
+    """The job's own copy of a data file (``run.data.<split>``), proven to be the bytes validated at submit:
+    what it trains from.
 
     Made on the first start (copy and hash in one read, so no later edit can slip in between) and
     checked again on every resume; a file changed after ``finetune`` returned fails the job here.
     """
-    entry = record.data[split]
     what, field = _DATA_FIELD[split]
-    dest = job_dir(record.id) / "data" / f"{split}.jsonl"
-    expected = entry.get("sha256")
+    dest = Path(file.path)
+    expected = file.sha256
     if not expected:
-        raise ConfigError(f"the job records no validated sha256 for its {what} {entry.get('path')}; nothing was "
+        raise ConfigError(f"the job records no validated sha256 for its {what} {file.source}; nothing was "
                           f"trained", field=field, hint="start it with `tunekit finetune`, which validates the data")
     if dest.is_file():
         source, digest = dest, file_sha256(dest)
     else:
-        source = Path(entry["path"])
+        source = Path(file.source)
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
         h = hashlib.sha256()
@@ -326,7 +322,7 @@ def _finish(store: Store, record, cb: StoreCallbacks, outcome: TrainOutcome) -> 
 
 
 def _register(store: Store, record, outcome: TrainOutcome, metrics: dict[str, Any]):
-    from .provenance import build_info, register
+    from ...adapters.provenance import build_info, register
 
     request = record.request or {}
     tokenizer = None

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
-import io
 import logging
-import os
 import re
 import tempfile
 import time
@@ -29,9 +26,10 @@ from ..._exceptions import APIError, ConfigError
 from ..._secrets import mask_exception
 from ...schemas.job import JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
 from ...schemas.spec import TrainingSpec
-from .._managed import ManagedBackend
-from ..base import PlanContext, Rule
+from .._managed import Call, ManagedBackend, Steps
+from ..base import PlanContext, Rule, Send
 from . import mapping as m
+from .upload import UploadSettings, upload_file
 
 if TYPE_CHECKING:
     from ...store import JobRecord
@@ -52,49 +50,11 @@ def _utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-class _FileWindow(io.RawIOBase):
-    """A read-only view of ``length`` bytes of an open file from ``start``: one Uploads-API part, streamed
-    by the HTTP client in small chunks (and re-read from its start if a retry re-sends it)."""
-
-    def __init__(self, fh: Any, start: int, length: int, name: str) -> None:
-        super().__init__()
-        self._fh, self._start, self._length, self._pos = fh, start, length, 0
-        self.name = name
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
-        self._pos = min(max(base + offset, 0), self._length)
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        left = self._length - self._pos
-        size = left if size is None or size < 0 else min(size, left)
-        if size <= 0:
-            return b""
-        self._fh.seek(self._start + self._pos)
-        data = self._fh.read(size)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
 class OpenAIBackend(ManagedBackend):
     name: ClassVar[str] = "openai"
     field_map = m.FIELD_MAP
-    provider_option_keys = frozenset(m.PROVIDER_OPTIONS)
+    options_model = m.OpenAIOptions
+    options_doc = "docs/backends/openai.md"
     status_map = m.STATUS_MAP
     min_rows = 10                          # OpenAI rejects training files with fewer than 10 examples
     max_file_bytes = 8 * 1024**3           # an Upload accepts at most 8 GB
@@ -102,10 +62,11 @@ class OpenAIBackend(ManagedBackend):
     sdk_module = "openai"
     base_url_env = ("OPENAI_BASE_URL",)
 
-    files_api_max_bytes: ClassVar[int] = 512 * 1024**2   # POST /files limit; above it the Uploads API is used
-    upload_part_bytes: ClassVar[int] = 64 * 1024**2      # Uploads API: at most 64 MB per part
-    file_poll_seconds: ClassVar[float] = 2.0             # while an uploaded file is still being processed
-    file_wait_seconds: ClassVar[float] = 1800.0
+    # upload.UploadSettings, settable per class (a test lowers the size limits)
+    files_api_max_bytes: ClassVar[int] = UploadSettings.files_api_max_bytes
+    upload_part_bytes: ClassVar[int] = UploadSettings.part_bytes
+    file_poll_seconds: ClassVar[float] = UploadSettings.poll_seconds
+    file_wait_seconds: ClassVar[float] = UploadSettings.wait_seconds
     shutdown_date: ClassVar[_dt.date] = m.SHUTDOWN_DATE
 
     def __init__(self, *, clock: Callable[[], _dt.datetime | _dt.date] | None = None,
@@ -161,10 +122,11 @@ class OpenAIBackend(ManagedBackend):
         return m.base_request(spec)
 
     def _rule_for(self, path: str, spec: TrainingSpec) -> Rule:
-        prefix = f"provider_options.{self.name}."
-        if path.startswith(prefix) and path[len(prefix):] in m.PROVIDER_OPTIONS:
-            return m.PROVIDER_OPTIONS[path[len(prefix):]](spec)
-        return super()._rule_for(path, spec)
+        rule = super()._rule_for(path, spec)
+        key = path.removeprefix(f"provider_options.{self.name}.")
+        if key != path and key in m.OPTION_TARGETS and isinstance(rule, Send):
+            return Send(m.OPTION_TARGETS[key](spec), convert=rule.convert, note=rule.note)
+        return rule
 
     def plan_notes(self, spec: TrainingSpec, ctx: PlanContext) -> list[str]:
         notes = [f"OpenAI stops accepting new fine-tuning jobs on {self.shutdown_date.isoformat()}; "
@@ -181,9 +143,7 @@ class OpenAIBackend(ManagedBackend):
         files = {}
         with tempfile.TemporaryDirectory(prefix="tunekit-openai-") as tmp:
             for split, key in (("train", "training_file"), ("validation", "validation_file")):
-                entry = (job.data or {}).get(split)
-                if entry is None and split == "validation" and spec.validation_data:
-                    entry = {"path": spec.validation_data}
+                entry = (job.data or {}).get(split)  # finetune records validation_data here too
                 if entry is None:
                     if split == "train":
                         raise ConfigError(f"job {job.id} has no training data recorded", field="data")
@@ -195,65 +155,14 @@ class OpenAIBackend(ManagedBackend):
                     converted = Path(tmp) / f"{split}.jsonl"
                     convert_file(path, converted, target)
                     path = converted
-                files[key] = self.upload_file(path, filename=f"tunekit-{job.id}-{split}.jsonl")
+                files[key] = upload_file(self.call, self.client, path, filename=f"tunekit-{job.id}-{split}.jsonl",
+                                         settings=self.upload_settings)
         return files
 
-    def upload_file(self, path: str | Path, *, filename: str | None = None) -> str:
-        """Upload one JSONL file for fine-tuning; return its file id once OpenAI has processed it."""
-        path = Path(path)
-        filename = filename or path.name
-        size = path.stat().st_size
-        if size > self.files_api_max_bytes:
-            file = self._upload_in_parts(path, filename, size)
-        else:
-            with open(path, "rb") as fh:  # a handle, not a path: the SDK reads a Path whole into memory
-                file = self.call(self._create_file, self.client, (filename, fh))
-        return self._wait_processed(file)
-
-    @staticmethod
-    def _create_file(client: Any, file: Any) -> Any:
-        return client.files.create(file=file, purpose="fine-tune")
-
-    def _upload_in_parts(self, path: Path, filename: str, size: int) -> Any:
-        """Uploads API: create -> parts (each streamed from the file, retried alone) -> complete (+ md5)."""
-        md5 = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1024 * 1024), b""):
-                md5.update(block)
-        client = self.client
-        upload = self.call(client.uploads.create, bytes=size, filename=filename, mime_type="text/jsonl",
-                           purpose="fine-tune")
-        part_ids = []
-        try:
-            with open(path, "rb") as fh:
-                for start in range(0, size, self.upload_part_bytes):
-                    window = _FileWindow(fh, start, min(self.upload_part_bytes, size - start), filename)
-                    part = self.call(client.uploads.parts.create, upload_id=upload.id, data=window)
-                    part_ids.append(part.id)
-            done = self.call(client.uploads.complete, upload_id=upload.id, part_ids=part_ids,
-                             md5=md5.hexdigest())
-        except BaseException:
-            try:  # best effort: an abandoned Upload would otherwise linger until it expires (1 hour)
-                self.call(client.uploads.cancel, upload.id)
-            except Exception:  # noqa: BLE001 - the original error matters more
-                log.debug("could not cancel upload %s", upload.id)
-            raise
-        if done.status != "completed" or done.file is None:
-            raise APIError(f"openai: upload {upload.id} ended {done.status!r} without a file", provider=self.name,
-                           hint="retry the submit; the data was not attached to any job")
-        return done.file
-
-    def _wait_processed(self, file: Any) -> str:
-        """Files are usable once processed; status is deprecated, so a missing one counts as ready."""
-        deadline = time.monotonic() + self.file_wait_seconds
-        while getattr(file, "status", None) == "uploaded" and time.monotonic() < deadline:
-            time.sleep(self.file_poll_seconds)
-            file = self.call(self.client.files.retrieve, file.id)
-        if getattr(file, "status", None) == "error":
-            detail = getattr(file, "status_details", None) or "no details"
-            raise APIError(f"openai: file {file.id} failed processing: {detail}", provider=self.name,
-                           hint="run `tunekit validate` on the data with --backend openai")
-        return file.id
+    @property
+    def upload_settings(self) -> UploadSettings:
+        return UploadSettings(files_api_max_bytes=self.files_api_max_bytes, part_bytes=self.upload_part_bytes,
+                              poll_seconds=self.file_poll_seconds, wait_seconds=self.file_wait_seconds)
 
     # -- create -------------------------------------------------------------------------------------------
     def submit(self, job: "JobRecord", spec: TrainingSpec, plan: Plan) -> RemoteState:
@@ -299,11 +208,6 @@ class OpenAIBackend(ManagedBackend):
         return [((r.metadata or {})[m.TAG_KEY], self.to_state(r)) for r in page.data
                 if (r.metadata or {}).get(m.TAG_KEY)]
 
-    def list_remote(self, *, limit: int = 50) -> list[RemoteState]:
-        """The account's most recent jobs (newest first), made by tunekit or not; one page of ``limit``."""
-        page = self.call(lambda client: client.fine_tuning.jobs.list(limit=limit), self.client)
-        return [self.to_state(raw) for raw in page.data]
-
     # -- reading state ------------------------------------------------------------------------------------
     def to_state(self, raw: Any) -> RemoteState:
         status = map_status(self.status_map, raw.status)
@@ -342,26 +246,11 @@ class OpenAIBackend(ManagedBackend):
                                 type=e.type or "message", message=e.message, data=data, remote_id=e.id))
         return out
 
-    def refresh(self, job: "JobRecord") -> RemoteState:
-        state = self.to_state(self.call(self._retrieve, self.client, job.remote_id))
-        if state.result is not None:
-            state.result.checkpoints = self._checkpoints(lambda: self.call(
-                self._list_checkpoints, self.client, job.remote_id))
-        return state
-
-    async def arefresh(self, job: "JobRecord") -> RemoteState:
-        state = self.to_state(await self.acall(self._retrieve, self.aclient, job.remote_id))
+    def refresh_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
+        state = yield from super().refresh_steps(job)
         if state.result is not None:
             try:
-                page = await self.acall(self._list_checkpoints, self.aclient, job.remote_id)
-                state.result.checkpoints = self.to_checkpoints(page)
-            except APIError as exc:
+                state.result.checkpoints = self.to_checkpoints((yield Call(self._list_checkpoints, (job.remote_id,))))
+            except APIError as exc:  # the job still succeeded; checkpoints are a bonus
                 log.warning("openai: could not list checkpoints of %s: %s", job.remote_id, exc)
         return state
-
-    def _checkpoints(self, fetch: Callable[[], Any]) -> list[dict[str, Any]]:
-        try:
-            return self.to_checkpoints(fetch())
-        except APIError as exc:  # the job still succeeded; checkpoints are a bonus
-            log.warning("openai: could not list checkpoints: %s", exc)
-            return []

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from ..._exceptions import ConfigError, NotFoundError
+from ..._exceptions import APIError, ConfigError, NotFoundError
 from ...schemas.job import JobEvent
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from .backend import OpenAIBackend
 
 PAGE = 100  # items per list call (the API's maximum for jobs, events and checkpoints)
+
+log = logging.getLogger(__name__)
 
 
 def import_jobs(backend: "OpenAIBackend", job_ids: Iterable[str] = (), *, all_jobs: bool = False,
@@ -75,8 +78,11 @@ def import_job(backend: "OpenAIBackend", raw: Any, store: "Store") -> "FineTuneJ
     job = FineTuneJob(record, store=store, backend=backend)
     state = backend.to_state(raw)
     if state.result is not None:
-        state.result.checkpoints = backend._checkpoints(lambda: SimpleNamespace(data=all_pages(
-            backend, lambda c: c.fine_tuning.jobs.checkpoints.list(raw.id, limit=PAGE))))
+        try:
+            pages = all_pages(backend, lambda c: c.fine_tuning.jobs.checkpoints.list(raw.id, limit=PAGE))
+            state.result.checkpoints = backend.to_checkpoints(SimpleNamespace(data=pages))
+        except APIError as exc:  # the job still succeeded; checkpoints are a bonus
+            log.warning("openai: could not list checkpoints of %s: %s", raw.id, exc)
     job.apply(state)  # a succeeded job's model enters the adapter registry here, once
     events = all_pages(backend, lambda c: c.fine_tuning.jobs.list_events(raw.id, limit=PAGE))
     job._store_events(backend.to_events(SimpleNamespace(data=events), job.record))
@@ -89,8 +95,7 @@ def import_job(backend: "OpenAIBackend", raw: Any, store: "Store") -> "FineTuneJ
 def download_data(backend: "OpenAIBackend", raw: Any, folder: Path) -> dict[str, Any]:
     """Training/validation files -> the job's data entries (files kept in ``folder``, next to the store:
     ``$TUNEKIT_HOME/imports/openai/<ftjob>``); a deleted file is an entry marked missing."""
-    from ...api import _data_entry
-    from ...data import validate
+    from ...data import data_entry, validate
 
     data: dict[str, Any] = {"source": {"provider": "openai", "job_id": raw.id,
                                        "method": raw.method.type if raw.method else "supervised"}}
@@ -109,7 +114,7 @@ def download_data(backend: "OpenAIBackend", raw: Any, folder: Path) -> dict[str,
                                        if raw.fine_tuned_model else ""))
             continue
         report = validate(dest)
-        data[split] = {**_data_entry(report), "provider_file": file_id}
+        data[split] = {**data_entry(report), "provider_file": file_id}
         if not report.valid:
             notes.append(f"{split} file {file_id} kept at {dest} has {len(report.problems)} problem(s) by tunekit's "
                          f"rules; see `tunekit validate {dest}`")

@@ -14,9 +14,11 @@ how it fine-tunes. Each such field is refused with its own reason, never dropped
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any
+from typing import Annotated, Any, Optional
 
-from ..._exceptions import ConfigError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic_core import PydanticCustomError
+
 from ...catalog import resolve_model
 from ...schemas.job import JobStatus
 from ...schemas.spec import TrainingSpec
@@ -71,28 +73,33 @@ def dpo_beta(spec: TrainingSpec) -> Rule:
     return Send("method.dpo.hyperparameters.beta")  # spec: number in (0, 2]; TrainingSpec has the same bounds
 
 
-def lr_multiplier(value: Any, ctx: PlanContext) -> float:
-    """provider_options.openai.learning_rate_multiplier: a positive number, sent as is."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"provider_options.openai.learning_rate_multiplier must be a number > 0, got {value!r}",
-                          field="provider_options.openai.learning_rate_multiplier",
-                          hint="e.g. 0.5 halves OpenAI's default rate, 2 doubles it; leave it out for 'auto'")
-    return float(value)
-
-
-def user_metadata(value: Any, ctx: PlanContext) -> dict[str, str]:
-    """provider_options.openai.metadata: extra string pairs; the tunekit tag key is reserved."""
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise ConfigError("provider_options.openai.metadata must map strings to strings",
-                          field="provider_options.openai.metadata")
+def _user_metadata(value: dict[str, str]) -> dict[str, str]:
+    # PydanticCustomError: the message reads as is ("refused: it must ..."), without "Value error, "
     if TAG_KEY in value:
-        raise ConfigError(f"provider_options.openai.metadata: {TAG_KEY!r} is set by tunekit (it tags the job)",
-                          field="provider_options.openai.metadata", hint=f"remove the {TAG_KEY!r} key")
+        raise PydanticCustomError("reserved_key", f"must not hold {TAG_KEY!r}: tunekit sets it (it tags the job)")
     if len(value) > MAX_METADATA_PAIRS - 1:
-        raise ConfigError(f"provider_options.openai.metadata: at most {MAX_METADATA_PAIRS - 1} pairs "
-                          f"(OpenAI allows {MAX_METADATA_PAIRS}; tunekit uses one)",
-                          field="provider_options.openai.metadata")
-    return dict(value)
+        raise PydanticCustomError("too_many_pairs", f"must have at most {MAX_METADATA_PAIRS - 1} pairs (OpenAI "
+                                                    f"allows {MAX_METADATA_PAIRS}; tunekit uses one)")
+    return value
+
+
+class OpenAIOptions(BaseModel):
+    """``provider_options={"openai": {...}}``: create arguments the spec has no field for (docs/backends/openai.md)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    learning_rate_multiplier: Optional[PositiveFloat] = Field(
+        None, description="a number > 0 on OpenAI's per-model base rate: 0.5 halves it, 2 doubles it "
+                          "(unset: OpenAI's 'auto'); sent under method.<type>.hyperparameters")
+    metadata: Optional[Annotated[dict[str, str], AfterValidator(_user_metadata)]] = Field(
+        None, description=f"extra string pairs on the job, at most {MAX_METADATA_PAIRS - 1}, merged with "
+                          f"{{{TAG_KEY!r}: <job id>}}")
+    integrations: Optional[list[dict[str, Any]]] = Field(
+        None, description="e.g. [{'type': 'wandb', 'wandb': {'project': 'p'}}]")
+
+
+# Options sent somewhere else than a top-level key of their own name.
+OPTION_TARGETS = {"learning_rate_multiplier": hp("learning_rate_multiplier")}
 
 
 LR_REASON = (
@@ -130,14 +137,6 @@ FIELD_MAP: dict[str, Any] = {
     "adapter.use_rslora": Refuse(f"{NO_LORA}: rsLoRA scaling cannot be requested"),
     "adapter.init": Refuse(f"{NO_LORA}: the adapter initialisation cannot be chosen"),
     "adapter.loraplus_lr_ratio": Refuse(f"{NO_LORA}: LoRA+ learning-rate ratios cannot be set"),
-}
-
-# provider_options.openai.<key>: where each goes (anything else is refused, listing these).
-PROVIDER_OPTIONS: dict[str, Any] = {
-    "learning_rate_multiplier": lambda spec: Send(hp("learning_rate_multiplier")(spec), convert=lr_multiplier,
-                                                  note="OpenAI's relative learning rate (checked > 0), sent as is"),
-    "metadata": lambda spec: Send("metadata", convert=user_metadata, note=f"merged with {{{TAG_KEY!r}: <job id>}}"),
-    "integrations": lambda spec: Send("integrations", note="e.g. [{'type': 'wandb', 'wandb': {'project': 'p'}}]"),
 }
 
 # Every documented status (spec FineTuningJob.status enum), plus 'paused' (returned by POST .../pause in the

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..._exceptions import ConfigError, NotFoundError
 from ..._settings import env_credential
 from ...schemas.job import JobEvent, JobResult, JobStatus, Plan, RemoteState, map_status
 from ...schemas.spec import TrainingSpec
-from .._managed import ManagedBackend
+from .._managed import Call, ManagedBackend, Steps
 from ..base import PlanContext
 from . import mapping
-from .upload import prepare_upload
+from .upload import upload
 
 if TYPE_CHECKING:
     from ...store import JobRecord
@@ -52,7 +50,8 @@ class TogetherBackend(ManagedBackend):
     sdk_module = "together"
     base_url_env = ("TOGETHER_BASE_URL",)
     field_map = mapping.FIELD_MAP
-    provider_option_keys = mapping.PROVIDER_OPTION_KEYS
+    options_model = mapping.TogetherOptions
+    options_doc = "docs/backends/together.md"
     status_map = mapping.STATUS_MAP
     min_rows = 1                  # the SDK's MIN_SAMPLES; Together documents no other minimum
     row_kinds = None              # prompt/response, chat and preference rows are all accepted
@@ -88,30 +87,10 @@ class TogetherBackend(ManagedBackend):
         data = job.data or {}
         if "train" not in data:
             raise ConfigError(f"job {job.id} records no training data", field="data")
-        files = {"training_file": self._upload(data["train"])}
+        files = {"training_file": upload(self.call, self.client, data["train"])}
         if data.get("validation"):
-            files["validation_file"] = self._upload(data["validation"])
+            files["validation_file"] = upload(self.call, self.client, data["validation"])
         return files
-
-    def _upload(self, entry: dict[str, Any]) -> str:
-        with tempfile.TemporaryDirectory(prefix="tunekit-together-") as tmp:
-            path = prepare_upload(entry["path"], entry.get("kind"), Path(tmp))
-            uploaded = self.call(self._upload_file, self.client, path)
-        status = str(getattr(uploaded, "processing_status", "") or "")
-        if status.upper() in ("FAILED", "INVALID_FORMAT"):
-            raise ConfigError(f"together rejected {entry['path']} ({status}) after upload as file {uploaded.id}",
-                              field="data", hint="check the file with `tunekit validate --backend together`")
-        return str(uploaded.id)
-
-    @staticmethod
-    def _upload_file(client: Any, path: Path) -> Any:
-        from together.lib.types.error import FileTypeError
-
-        try:
-            return client.files.upload(file=path, purpose="fine-tune", check=True)
-        except FileTypeError as exc:  # the SDK's local check (JSON per line, size, extension)
-            raise ConfigError(f"together SDK refused {path.name}: {exc}", field="data",
-                              hint="run `tunekit validate --backend together` on the file") from exc
 
     # -- create ------------------------------------------------------------------------------------------
     def create_kwargs(self, job: "JobRecord", plan: Plan, files: dict[str, str]) -> dict[str, Any]:
@@ -207,39 +186,20 @@ class TogetherBackend(ManagedBackend):
         return out
 
     # -- lifecycle additions ---------------------------------------------------------------------------------
-    def refresh(self, job: "JobRecord") -> RemoteState:
-        state = self.to_state(self.call(self._retrieve, self.client, job.remote_id))
+    def refresh_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
+        state = yield from super().refresh_steps(job)
         if state.status is JobStatus.SUCCEEDED and state.result is not None:
             try:
-                raw = self.call(self._list_checkpoints, self.client, job.remote_id)
+                raw = yield Call(self._list_checkpoints, (job.remote_id,))
             except NotFoundError:
                 raw = None
             state.result.checkpoints = to_checkpoints(raw)
         return state
 
-    async def arefresh(self, job: "JobRecord") -> RemoteState:
-        state = self.to_state(await self.acall(self._retrieve, self.aclient, job.remote_id))
-        if state.status is JobStatus.SUCCEEDED and state.result is not None:
-            try:
-                raw = await self.acall(self._list_checkpoints, self.aclient, job.remote_id)
-            except NotFoundError:
-                raw = None
-            state.result.checkpoints = to_checkpoints(raw)
-        return state
-
-    def cancel(self, job: "JobRecord") -> RemoteState:
+    def cancel_steps(self, job: "JobRecord") -> "Steps[RemoteState]":
         if job.raw_status == "cancel_requested":  # already cancelling (the SDK's CLI refuses to ask again)
-            return self.refresh(job)
-        return super().cancel(job)
-
-    async def acancel(self, job: "JobRecord") -> RemoteState:
-        if job.raw_status == "cancel_requested":
-            return await self.arefresh(job)
-        return await super().acancel(job)
-
-    def list_remote(self) -> list[RemoteState]:
-        """Every fine-tuning job of the account (Together's list is not paged)."""
-        return [self.to_state(item) for item in as_dict(self.call(self._list, self.client)).get("data") or []]
+            return (yield from self.refresh_steps(job))
+        return (yield from super().cancel_steps(job))
 
     # -- translation ------------------------------------------------------------------------------------------
     def to_state(self, raw: Any) -> RemoteState:
@@ -335,9 +295,3 @@ def tagged_items(listed: Any, job_id: str) -> list[dict[str, Any]]:
     items = [as_dict(item) for item in as_dict(listed).get("data") or []]
     tagged = [item for item in items if mapping.carries_tag(item, job_id)]
     return sorted(tagged, key=lambda item: timestamp(item.get("created_at")) or 0.0)
-
-
-def pick_tagged(listed: Any, job_id: str) -> dict[str, Any] | None:
-    """The earliest listed job tagged with ``job_id`` (create_once cancels any later duplicate)."""
-    tagged = tagged_items(listed, job_id)
-    return tagged[0] if tagged else None

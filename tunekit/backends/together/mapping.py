@@ -9,7 +9,9 @@ adds its own defaults for what is not given (1 epoch, lr 1e-5, cosine, batch "ma
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...catalog import resolve_model
 from ...schemas.job import JobStatus
@@ -71,19 +73,47 @@ STATUS_MAP: dict[str, JobStatus] = {
     "completed": JobStatus.SUCCEEDED,
 }
 
-# -- provider options: SDK create() arguments tunekit's spec has no field for --------------------------------
-# Secrets are not options (the spec and the plan are stored): the W&B key is read from WANDB_API_KEY at submit.
-PROVIDER_OPTION_KEYS = frozenset({
-    "n_checkpoints", "n_evals", "packing", "train_on_inputs", "min_lr_ratio", "scheduler_num_cycles",
-    "dpo_normalize_logratios_by_length", "rpo_alpha", "simpo_gamma", "train_vision",
-    "early_stopping_enabled", "early_stopping_patience", "early_stopping_min_delta", "early_stopping_warmup_evals",
-    "wandb_project_name", "wandb_name", "wandb_entity", "wandb_base_url",
-})
-WANDB_OPTIONS = ("wandb_project_name", "wandb_name", "wandb_entity", "wandb_base_url")
-
 # An eval every 10% of training when validation data is given, as the local backend does (Together's
 # default n_evals is 0: the validation file would be uploaded and never used).
 DEFAULT_N_EVALS = 10
+
+# -- provider options: SDK create() arguments tunekit's spec has no field for --------------------------------
+Count = Annotated[int, Field(ge=0)]
+
+
+class TogetherOptions(BaseModel):
+    """``provider_options={"together": {...}}``: keyword arguments of ``fine_tuning.create`` (types as the SDK's
+    signature). Secrets are not options (the spec and the plan are stored): the W&B key is read from
+    WANDB_API_KEY at submit."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    n_checkpoints: Optional[Annotated[int, Field(ge=1)]] = Field(None, description="checkpoints kept, >= 1")
+    n_evals: Optional[Count] = Field(None, description=f"evaluations on the validation file, >= 0 (default "
+                                                       f"{DEFAULT_N_EVALS} with validation_data)")
+    packing: Optional[bool] = Field(None, description="pack several examples per sequence (Together's default: true)")
+    train_on_inputs: Optional[Union[bool, Literal["auto"]]] = Field(
+        None, description="true, false or 'auto' (tunekit sends false for SFT: train on the answers)")
+    min_lr_ratio: Optional[Annotated[float, Field(ge=0, le=1)]] = Field(
+        None, description="final learning rate as a fraction of the peak, in [0, 1]")
+    scheduler_num_cycles: Optional[Annotated[float, Field(gt=0)]] = Field(
+        None, description="cosine cycles, > 0 (Together's default 0.5)")
+    dpo_normalize_logratios_by_length: Optional[bool] = Field(None, description="DPO: length-normalised log-ratios")
+    rpo_alpha: Optional[float] = Field(None, description="DPO: weight of the RPO (NLL) term")
+    simpo_gamma: Optional[float] = Field(None, description="DPO: SimPO margin")
+    train_vision: Optional[bool] = Field(None, description="also train the vision tower (vision models)")
+    early_stopping_enabled: Optional[bool] = Field(None, description="stop when the validation loss stops improving")
+    early_stopping_patience: Optional[Annotated[int, Field(ge=1)]] = Field(None, description="evaluations to wait, >= 1")
+    early_stopping_min_delta: Optional[Annotated[float, Field(ge=0)]] = Field(
+        None, description="smallest loss decrease that counts, >= 0")
+    early_stopping_warmup_evals: Optional[Count] = Field(None, description="evaluations before stopping may start")
+    wandb_project_name: Optional[str] = Field(None, description="W&B project (needs WANDB_API_KEY)")
+    wandb_name: Optional[str] = Field(None, description="W&B run name (needs WANDB_API_KEY)")
+    wandb_entity: Optional[str] = Field(None, description="W&B entity (needs WANDB_API_KEY)")
+    wandb_base_url: Optional[str] = Field(None, description="W&B server URL (needs WANDB_API_KEY)")
+
+
+WANDB_OPTIONS = tuple(name for name in TogetherOptions.model_fields if name.startswith("wandb_"))
 
 
 # -- conversions ----------------------------------------------------------------------------------------------

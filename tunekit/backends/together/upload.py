@@ -9,14 +9,21 @@ answer ``completion``. So only two things ever need a rewritten copy:
 
 Anything else is uploaded from the user's file itself. A rewritten copy is deterministic, so re-submitting
 the same data uploads the same bytes and Together's sha256 de-duplication returns the existing file.
+
+The backend hands over only what the upload needs: its ``call`` (an SDK call under the retry policy, errors
+translated) and the client.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
+from ..._exceptions import ConfigError
 from ...data.convert import iter_rows
+
 
 def needs_copy(src: Path, kind: str | None) -> bool:
     return kind == "prompt_response" or src.suffix != ".jsonl"
@@ -46,3 +53,26 @@ def prepare_upload(src: str | Path, kind: str | None, workdir: Path) -> Path:
                 line = json.dumps(new)
             out.write(line + "\n")
     return dst
+
+
+def upload(call: Callable[..., Any], client: Any, entry: dict[str, Any]) -> str:
+    """Upload one recorded data file (a job's ``data[split]``) with ``purpose="fine-tune"``; return its file id."""
+    with tempfile.TemporaryDirectory(prefix="tunekit-together-") as tmp:
+        path = prepare_upload(entry["path"], entry.get("kind"), Path(tmp))
+        uploaded = call(upload_file, client, path)
+    status = str(getattr(uploaded, "processing_status", "") or "")
+    if status.upper() in ("FAILED", "INVALID_FORMAT"):
+        raise ConfigError(f"together rejected {entry['path']} ({status}) after upload as file {uploaded.id}",
+                          field="data", hint="check the file with `tunekit validate --backend together`")
+    return str(uploaded.id)
+
+
+def upload_file(client: Any, path: Path) -> Any:
+    """The SDK's upload: POST /files (sha256) -> presigned PUT -> preprocess; a 409 returns the existing file."""
+    from together.lib.types.error import FileTypeError
+
+    try:
+        return client.files.upload(file=path, purpose="fine-tune", check=True)
+    except FileTypeError as exc:  # the SDK's local check (JSON per line, size, extension)
+        raise ConfigError(f"together SDK refused {path.name}: {exc}", field="data",
+                          hint="run `tunekit validate --backend together` on the file") from exc

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request  # module level: FastAPI resolves route annotations from here
 
 from ..._exceptions import ConfigError, TunekitError
-from ..adapters import resolve_adapter
+from ...adapters.resolve import registered_at, registry_entry, resolve_adapter
 from .engine import Engine, GenRequest, SamplingParams
 from .protocol import (
     APIErrorResponse,
@@ -58,7 +58,7 @@ class _Access:
         real = path.resolve()
         if (real in {p.resolve() for p in self.start.values()}
                 or any(real == d or d in real.parents for d in self.dirs)
-                or real in _registry_paths()):
+                or _is_registered(real)):
             return path
         raise APIErrorResponse(
             403, f"loading adapters from {lora_path!r} is not allowed: only adapters given at start, registered "
@@ -93,20 +93,17 @@ class _BearerAuth:
 
 def _registry_location(key: str) -> Path | None:
     try:
-        from ...store import default_store
-
-        return Path(default_store().get_adapter(key).location).expanduser()
-    except TunekitError:
+        record = registry_entry(key)
+    except TunekitError:  # an unusable store: start paths and allowed dirs can still be loaded
         return None
+    return Path(record.location).expanduser() if record else None
 
 
-def _registry_paths() -> set[Path]:
+def _is_registered(path: Path) -> bool:
     try:
-        from ...store import default_store
-
-        return {Path(r.location).expanduser().resolve() for r in default_store().list_adapters()}
+        return registered_at(path) is not None
     except TunekitError:
-        return set()
+        return False
 
 
 def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.PathLike[str]] | None = None, *,

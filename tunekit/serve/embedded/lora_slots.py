@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._exceptions import ConfigError
-from ..adapters import AdapterInfo
+from ...adapters.info import AdapterInfo
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weight"
                   r"|(?P<m>magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$")

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ..._exceptions import ConfigError
-from ..adapters import AdapterInfo, read_adapter, refuse_unservable
+from ...adapters.info import AdapterInfo, read_adapter
+from ..adapters import refuse_unservable
 from .lora_slots import EMPTY_LAYOUT, AdapterWeights, LoraSlots, SlotLayout, pack, read_adapter_weights
 
 ENGINE_LABEL = "the embedded server"

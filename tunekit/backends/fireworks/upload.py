@@ -10,23 +10,33 @@ Flow (fireworks-ai 1.2.30 ``resources/datasets.py`` and ``lib/dataset_upload.py`
 3. ``GET .../datasets/{id}`` until ``state == READY``; a non-OK ``status`` fails with Fireworks' message.
 
 A dataset already READY (an earlier attempt of the same job) is not uploaded again.
+
+The backend hands over only what the upload needs: its ``call`` (an SDK call under the retry policy, errors
+translated) and :class:`UploadSettings`; nothing here knows the backend.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from ..._exceptions import APIError, api_error_for_status
 
-if TYPE_CHECKING:
-    from .backend import FireworksBackend
-
 UPLOAD_LIMIT = 150 * 1024 * 1024   # ":upload ... can handle file sizes up to 150Mb"
 CHUNK = 1024 * 1024
-_open = open  # module-level so a test can watch how the file is read (never whole)
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    """The backend options that steer an upload (docs/backends/fireworks.md)."""
+
+    upload_limit: int = UPLOAD_LIMIT        # bytes above which the signed-URL path is taken
+    upload_timeout: float = 600.0           # s for the signed-URL PUT
+    poll_interval: float = 2.0              # s between dataset state checks
+    ready_timeout: float = 1800.0           # s to wait for READY
 
 
 def _create_or_get(client: Any, dataset_id: str, rows: int, display_name: str) -> Any:
@@ -41,12 +51,12 @@ def _create_or_get(client: Any, dataset_id: str, rows: int, display_name: str) -
 
 def _upload_multipart(client: Any, dataset_id: str, path: str) -> Any:
     # Opened per attempt (a retry must not reuse a consumed handle); httpx streams the handle.
-    with _open(path, "rb") as fh:
+    with open(path, "rb") as fh:
         return client.datasets.upload(dataset_id, file=(f"{dataset_id}.jsonl", fh, "application/jsonl"))
 
 
 def _chunks(path: str) -> Iterator[bytes]:
-    with _open(path, "rb") as fh:
+    with open(path, "rb") as fh:
         while block := fh.read(CHUNK):
             yield block
 
@@ -81,29 +91,30 @@ def _check_signed_url(url: str | None, name: str) -> str:
     return url
 
 
-def upload_dataset(backend: "FireworksBackend", dataset_id: str, path: str, rows: int, display_name: str) -> str:
-    """Make ``dataset_id`` hold ``path`` and be READY; return its resource name."""
-    client = backend.client
-    ds = backend.call(_create_or_get, client, dataset_id, rows, display_name)
+def upload_dataset(call: Callable[..., Any], client: Any, dataset_id: str, path: str, rows: int,
+                   display_name: str, *, account_id: str, settings: UploadSettings) -> str:
+    """Make ``dataset_id`` hold ``path`` and be READY; return its resource name. ``call(fn, *args)`` runs
+    one SDK call under the retry policy."""
+    ds = call(_create_or_get, client, dataset_id, rows, display_name)
     if ds.state != "READY":
         size = os.path.getsize(path)
-        if size <= backend.upload_limit:
-            backend.call(_upload_multipart, client, dataset_id, path)
+        if size <= settings.upload_limit:
+            call(_upload_multipart, client, dataset_id, path)
         else:
             name = f"{dataset_id}.jsonl"
-            endpoint = backend.call(lambda c: c.datasets.get_upload_endpoint(
+            endpoint = call(lambda c: c.datasets.get_upload_endpoint(
                 dataset_id, filename_to_size={name: str(size)}), client)
             url = _check_signed_url((endpoint.filename_to_signed_urls or {}).get(name), name)
-            backend.call(_put_signed, url, path, size, backend.upload_timeout)
-            backend.call(lambda c: c.datasets.validate_upload(dataset_id, body={}), client)
-        ds = wait_ready(backend, dataset_id)
-    return ds.name or f"accounts/{backend.account_id}/datasets/{dataset_id}"
+            call(_put_signed, url, path, size, settings.upload_timeout)
+            call(lambda c: c.datasets.validate_upload(dataset_id, body={}), client)
+        ds = wait_ready(call, client, dataset_id, settings)
+    return ds.name or f"accounts/{account_id}/datasets/{dataset_id}"
 
 
-def wait_ready(backend: "FireworksBackend", dataset_id: str) -> Any:
-    deadline = time.monotonic() + backend.dataset_timeout
+def wait_ready(call: Callable[..., Any], client: Any, dataset_id: str, settings: UploadSettings) -> Any:
+    deadline = time.monotonic() + settings.ready_timeout
     while True:
-        ds = backend.call(lambda c: c.datasets.get(dataset_id), backend.client)
+        ds = call(lambda c: c.datasets.get(dataset_id), client)
         status = ds.status
         if status is not None and status.code not in (None, "OK"):
             raise APIError(f"fireworks: dataset {dataset_id} was not accepted: {status.code}: {status.message}",
@@ -111,6 +122,6 @@ def wait_ready(backend: "FireworksBackend", dataset_id: str) -> Any:
         if ds.state == "READY":
             return ds
         if time.monotonic() >= deadline:
-            raise APIError(f"fireworks: dataset {dataset_id} still {ds.state} after {backend.dataset_timeout:g}s",
+            raise APIError(f"fireworks: dataset {dataset_id} still {ds.state} after {settings.ready_timeout:g}s",
                            provider="fireworks", hint="raise dataset_timeout (backend option) and submit again")
-        time.sleep(backend.dataset_poll_interval)
+        time.sleep(settings.poll_interval)

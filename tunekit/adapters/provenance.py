@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ...store import AdapterRecord, JobRecord, Store
+    from ..store import AdapterRecord, JobRecord, Store
 
 LIBRARIES = ("tunekit", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
              "safetensors", "tokenizers")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..._exceptions import ConfigError, ResourceError
+from .._exceptions import ConfigError, ResourceError
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -63,9 +63,9 @@ def sample_prompts(data_path: str | os.PathLike[str], n: int = 8, tokenizer: Any
     the preferred reply, the conversation it was trained to prefer; a prompt/completion row as the two
     texts joined.
     """
-    from ...data._checks import guess_kind
-    from ...data.convert import iter_rows, to_chat_row
-    from ...schemas.rows import RowKind
+    from ..data._checks import guess_kind
+    from ..data.convert import iter_rows, to_chat_row
+    from ..schemas.rows import RowKind
 
     prompts: list[str] = []
     for lineno, row in iter_rows(data_path):
@@ -106,7 +106,8 @@ def merge_adapter(adapter_path: str | os.PathLike[str], out_dir: str | os.PathLi
     data) feed the merge check; built-in prompts are used when none is known. A registry adapter gets
     the check recorded (``merge_check``).
     """
-    from ...serve.adapters import read_adapter, resolve_adapter
+    from .info import read_adapter
+    from .resolve import resolve_adapter
 
     t0 = time.time()
     if dtype not in _DTYPES:
@@ -190,7 +191,7 @@ def merge_adapter(adapter_path: str | os.PathLike[str], out_dir: str | os.PathLi
     if finite:  # a model that computes NaN would be served as a plain base, where no adapter check runs
         _write_merged(out, merged, tokenizer, result)
     if record is not None:
-        from ...store import default_store
+        from ..store import default_store
 
         check = {k: v for k, v in result.to_dict().items() if k != "prompts"}
         default_store().update_adapter(record.id, merge_check=check)
@@ -263,8 +264,8 @@ def _write_merged(out: Path, merged: Any, tokenizer: Any, result: MergeResult) -
 
 
 def _training_data(job_id: str) -> str | None:
-    from ..._exceptions import JobNotFoundError
-    from ...store import default_store
+    from .._exceptions import JobNotFoundError
+    from ..store import default_store
 
     try:
         return (default_store().get_job(job_id).data or {}).get("train", {}).get("path")

@@ -1,0 +1,256 @@
+"""The speed plan applied to a PEFT model: Liger's kernels, the fused LoRA/DoRA forwards, per-layer checkpointing.
+
+speed.py decides (`SpeedPlan`), this module acts on the loaded model (`apply`, then `after_trainer`). QLoRA
+layers (a bitsandbytes 4-bit base, LoRA or DoRA) run as one autograd function in nf4.py; this module holds the
+16-bit path and the dispatch to it.
+
+  fast_lora    the LoRA update folded into one GEMM epilogue: addmm(base_out, A(x), B^T, alpha=scaling)
+               instead of B(A(x)) -> * scaling -> + base_out (and QLoRA's defensive clone): 4-6 fewer passes over
+               every adapted layer's output, forward and backward. On a 4-bit base (nf4.py) base + update is one
+               GEMM over [x | A x] and [W | s B] instead: rounded once, so the first, tiny updates are kept (the
+               16-bit path rounds twice, as PEFT's bf16 LoRA does).
+  fast_dora    DoRA's weight norm ||W + s*B@A|| (detached by design) from cached ||W||^2 plus two rank-r
+               products, once per forward pass (the checkpoint recompute reuses it), instead of dequantizing W
+               and materialising W + s*B@A in every forward and again in the recompute. Without dropout the
+               DoRA layer is (m/n) * (base + s*B A x): on a 4-bit base (nf4.py) m/n is folded into the block
+               scales and into B, with the norms of all layers computed together once per pass; on a 16-bit
+               base it is one GEMM epilogue plus one addcmul, kept in the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import nf4
+from .speed import SpeedPlan
+
+
+@dataclass
+class FastState:
+    """What the fused forwards of one model keep between calls, beside PEFT's modules rather than on them.
+
+    Every patched forward closes over the model's one FastState (the only thing set on a PEFT module is its
+    replaced ``forward``, which also holds the original for the cases the fast path does not cover).
+    """
+
+    fuse_dora: bool = False  # DoRA layers without dropout take the fused LoRA forward too
+    passes: int | None = None  # forward passes of the decoder so far (`track_forward_passes`); None: not counted
+    nf4_dora: list = field(default_factory=list)  # (LoRA layer, adapter): DoRA layers nf4.py computes per pass
+    cache: dict = field(default_factory=dict)  # (module, what) -> (key, value): per-pass and frozen-weight values
+
+
+def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
+    """Apply the plan to a PEFT model (after get_peft_model, before the trainer). Returns what was done."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    done: dict[str, Any] = {}
+    if sp.on("liger"):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # TRL's chunked LM head already avoids the logits, and TRL refuses Liger's fused cross-entropy
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+        done["liger"] = True
+    state = FastState(fuse_dora=sp.on("fast_dora"))
+    if sp.on("fast_lora"):
+        done["fast_lora_modules"] = patch_lora(model, state)
+    if sp.on("fast_dora"):
+        done["fast_dora_modules"] = patch_dora(model, state)
+        track_forward_passes(model, state)
+    done["checkpointed_layers"] = set_checkpointing(base, sp.checkpointed_layers)
+    return done
+
+
+def set_checkpointing(base: Any, layers: int) -> int:
+    """Non-reentrant gradient checkpointing on the first ``layers`` decoder layers, none on the others."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if layers <= 0:  # also undoes prepare_model_for_kbit_training's blanket enable
+        for m in base.modules():
+            if isinstance(getattr(m, "gradient_checkpointing", None), bool):
+                m.gradient_checkpointing = False
+        return 0
+    kw = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    for i, m in enumerate(blocks):
+        m.gradient_checkpointing = i < layers
+    return sum(bool(m.gradient_checkpointing) for m in blocks)
+
+
+def after_trainer(trainer: Any, sp: SpeedPlan) -> int:
+    """Undo TRL's bf16 cast of a quantized model's adapters (before the optimizer exists); returns #params."""
+    import torch
+
+    n = 0
+    if sp.on("fp32_adapters"):
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+                p.data = p.data.float()
+                n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+def _patch(module: Any, fast: Any, state: FastState) -> bool:
+    """Replace ``module``'s forward by ``fast(module, state, original_forward, ...)``, once."""
+    if getattr(vars(module).get("forward"), "func", None) in (_fast_lora_forward, _fast_dora_forward):
+        return False
+    module.forward = functools.partial(fast, module, state, module.forward)
+    return True
+
+
+def patch_lora(model: Any, state: FastState | None = None) -> int:
+    """Give every PEFT LoRA Linear / Linear4bit the fused forward; returns how many were patched.
+
+    ``state.fuse_dora``: DoRA layers (without dropout) take the fused path too, as scale * (base + s * B A x).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    state = state or FastState()
+    return sum(_patch(m, _fast_lora_forward, state) for m in model.modules()
+               if isinstance(m, LoraLayer) and type(m).__name__ in ("Linear", "Linear4bit"))
+
+
+def _fast_lora_forward(self: Any, state: FastState, original: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        return original(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    dora = None
+    if name in getattr(self, "lora_variant", {}) or self.use_dora.get(name):
+        dora = _fusable_dora(self, name) if state.fuse_dora else None
+        if dora is None:
+            return original(x, *args, **kwargs)
+    if name not in self.lora_A:
+        return original(x, *args, **kwargs)
+    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    if lora_B.bias is not None or lora_A.bias is not None:
+        return original(x, *args, **kwargs)
+    if dora is not None or type(self).__name__ == "Linear4bit":
+        out = nf4.lora_forward(self, x, name, dora, state)
+        if out is not None:
+            return out
+    result = self.base_layer(x)
+    if not torch.is_autocast_enabled(x.device.type):
+        # (under autocast the matmul casts to 16-bit anyway: an fp32 copy of x would cost a pass and memory)
+        x = self._cast_input_dtype(x, lora_A.weight.dtype)
+    h = lora_A(self.lora_dropout[name](x))
+    w, s = lora_B.weight, self.scaling[name]
+    if not torch.is_autocast_enabled(result.device.type) and not (h.dtype == w.dtype == result.dtype):
+        if dora is not None:
+            return original(x, *args, **kwargs)
+        # mixed dtypes without autocast: PEFT's own promotion rules apply
+        return (result + lora_B(h) * s).to(result.dtype)
+    # base + s * B(A(x)) in the GEMM's epilogue: no separate scale, add or (QLoRA) defensive clone
+    y = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), w.t(), alpha=s)
+    if dora is not None:
+        # PEFT's base + (m/n - 1) * base + (m/n) * s * lora is (m/n) * (base + s * lora) = y + y * (m/n - 1);
+        # (m/n - 1) is small, so it is formed in fp32 before going to the activations' dtype
+        norm = dora_weight_norm(dora, self.get_base_layer(), lora_A.weight, w, s, state)
+        y = torch.addcmul(y, y, (dora.weight / norm - 1).to(y.dtype).view(1, -1))
+    return y.view(result.shape).to(result.dtype)
+
+
+def _fusable_dora(layer: Any, name: str) -> Any:
+    """The DoRA magnitude layer when the fused path computes exactly PEFT's DoRA forward, else None."""
+    import torch
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    mags = getattr(layer, "lora_magnitude_vector", None)
+    if mags is None or name not in mags:
+        return None
+    mag = mags[name]
+    if type(mag) is not DoraLinearLayer or mag.fan_in_fan_out or getattr(layer.get_base_layer(), "bias", None) is not None:
+        return None
+    if layer.training and not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None  # PEFT's DoRA applies dropout to its base term too
+    return mag
+
+
+# ------------------------------------------------------------------------------------------------ DoRA
+
+def track_forward_passes(model: Any, state: FastState) -> FastState:
+    """Count forward passes of the decoder in ``state.passes`` (a pre-hook on the backbone, which the checkpoint
+    recompute does not re-enter): every DoRA layer's weight norm is then recomputed once per pass.
+
+    Parameter version counters cannot key that cache: bitsandbytes' optimizers update weights in their own
+    kernels, which do not bump them.
+    """
+    import torch
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None) or base
+    state.passes = 0
+
+    def bump(module: Any, args: Any) -> None:
+        state.passes += 1
+
+    backbone.register_forward_pre_hook(bump)
+    # the LoRA layers whose DoRA values nf4.py computes together, once per pass
+    state.nf4_dora = [(m, n) for m in model.modules() if isinstance(getattr(m, "lora_magnitude_vector", None),
+                                                                     torch.nn.ModuleDict)
+                      for n, mag in m.lora_magnitude_vector.items() if type(mag) is DoraLinearLayer]
+    return state
+
+
+def patch_dora(model: Any, state: FastState | None = None) -> int:
+    """Give every DoRA linear layer the cached-norm forward; returns how many were patched."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    state = state or FastState()
+    return sum(_patch(m, _fast_dora_forward, state) for m in model.modules()
+               if type(m) is DoraLinearLayer and not m.fan_in_fan_out)
+
+
+def dora_weight_norm(layer: Any, base_layer: Any, A: Any, B: Any, scaling: float,
+                     state: FastState | None = None) -> Any:
+    """||W_i + s (B A)_i|| per output row, fp32, without materialising W + s B A.
+
+    ||W_i||^2 + 2 s <W_i A^T, B_i> + s^2 B_i (A A^T) B_i^T: ||W||^2 is cached (W is frozen), the rest needs
+    W A^T (out x r). With a pass counter (``state.passes``, `track_forward_passes`) the value is computed once
+    per forward pass and reused by that pass's checkpoint recompute; without one it is computed on every call.
+    """
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
+
+    cache = state.cache if state is not None else {}
+    passes = state.passes if state is not None else None
+    key = None if passes is None else (passes, A.data_ptr(), B.data_ptr(), A.dtype, B.dtype, float(scaling))
+    cached = cache.get((layer, "norm"))
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        W = dequantize_module_weight(base_layer)
+        wkey = (base_layer.weight.data_ptr(), W.shape)
+        wsq = cache.get((layer, "wsq"))
+        if wsq is None or wsq[0] != wkey:
+            wsq = cache[(layer, "wsq")] = (wkey, W.float().pow(2).sum(1))
+        WA = W @ A.to(W.dtype).t()  # out x r, one pass over W
+        norm = nf4.dora_norm(wsq[1], WA, A, B, scaling)
+    cache[(layer, "norm")] = (key, norm)
+    return norm
+
+
+def _fast_dora_forward(self: Any, state: FastState, original: Any, x: Any, *, lora_A: Any, lora_B: Any,
+                       scaling: float, base_layer: Any, base_result: Any = None, adapter_name: str = "default") -> Any:
+    import torch.nn.functional as F
+    from peft.utils.integrations import dequantize_module_weight
+
+    norm = dora_weight_norm(self, base_layer, lora_A.weight, lora_B.weight, scaling, state)
+    scale = self.weight / norm  # magnitude (trainable) / detached norm, fp32
+    lora_result = lora_B(lora_A(x))
+    if base_result is None:  # dropout active: the base output of the un-dropped input is not available
+        base_result = F.linear(x, dequantize_module_weight(base_layer).to(x.dtype))
+    elif base_layer.bias is not None:
+        base_result = base_result - base_layer.bias
+    # (scale - 1) is formed in fp32 (it is small), then both factors go to the activations' dtype
+    dt = base_result.dtype
+    return (scale - 1).to(dt).view(1, -1) * base_result + (scale * scaling).to(dt).view(1, -1) * lora_result.to(dt)

@@ -1,0 +1,235 @@
+"""The local run as a value: everything the worker trains, decided once.
+
+    plan       LocalBackend.plan -> plan_run(spec, options) -> LocalRun   (the plan's request is its JSON)
+    submit     the run gets its job's facts: data snapshot paths + sha256, output_dir; the store keeps it
+               in the job's ``request``
+    worker     LocalRun.model_validate(record.request) -> check_facts -> train(run, callbacks)
+
+The plan resolves with what it can see (``resolve.resolve_run``). When the worker sees a fact the plan could
+not (the base model's config.json now readable, another GPU or memory size), ``check_facts`` resolves again
+and says what changed; the worker records that as a ``plan_changed`` event and trains the new run. Nothing
+else resolves: train() reads the run. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...schemas.spec import AdapterConfig, Hyperparameters, TrainingSpec
+from .options import LocalOptions, Steps
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Quantization(_Part):
+    requested: Literal["auto", "nf4", "none"]
+    mode: Literal["nf4", "none"]
+    reason: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.mode == "nf4"
+
+
+class Checkpointing(_Part):
+    requested: Union[bool, Literal["auto"]]
+    enabled: bool  # on (GPU default, or requested); ``layers`` says on how many of them
+    layers: Optional[str] = None  # "checkpointed/all" decoder layers
+    reason: Optional[str] = None
+
+
+class Training(Hyperparameters):
+    """The spec's hyperparameters and what the plan decided from them."""
+
+    micro_batch_size: int
+    optimizer: str  # TrainingArguments.optim; "loraplus+<optim>" when LoRA+ builds the optimizer
+    dtype: str  # "nf4+bf16" (QLoRA), "bf16" (GPU) or "fp32" (CPU)
+    loraplus_lr_ratio: Optional[float] = None
+    estimated_total_steps: Optional[int] = None
+    checkpointing: Checkpointing
+    notes: list[str] = Field(default_factory=list)
+
+
+class Device(_Part):
+    """The device the plan assumed (a fact the worker checks again)."""
+
+    type: Literal["cpu", "cuda"]
+    name: Optional[str] = None
+    memory_bytes: Optional[int] = None
+
+
+class Memory(_Part):
+    total_bytes: int
+    breakdown: dict[str, int]
+    fits: Optional[bool]
+    budget_bytes: Optional[int]
+    suggestions: list[str] = Field(default_factory=list)
+
+    def estimate(self):
+        from .memory import MemoryEstimate
+
+        return MemoryEstimate(self.total_bytes, self.breakdown, self.fits, self.budget_bytes, self.suggestions)
+
+
+class RunOptions(LocalOptions):
+    """The options with every default filled once (output_dir is the job's, set at submit)."""
+
+    checkpoint_steps: Steps
+
+
+class DataFile(_Part):
+    source: str  # the file validated by finetune
+    path: str  # the job's snapshot of it, which the worker checks against sha256 and trains from
+    sha256: str
+    rows: Optional[int] = None
+
+
+class RunData(_Part):
+    train: DataFile
+    validation: Optional[DataFile] = None
+
+
+class Output(_Part):
+    name: Optional[str] = None  # the adapter's name in the registry (spec.suffix)
+
+
+class LocalRun(_Part):
+    """One local training run. ``data`` is None until submit gives the run to a job."""
+
+    base_model: str  # resolved: Hugging Face id, or an absolute directory
+    method: Literal["sft", "dpo"]
+    adapter: AdapterConfig  # the adapter as asked (variant flags: init, DoRA, rsLoRA, LoRA+)
+    lora: dict[str, Any]  # the LoraConfig arguments PEFT gets
+    quantization: Quantization
+    training: Training
+    device: Device
+    validation_data: Optional[str] = None
+    output: Output = Field(default_factory=Output)
+    options: RunOptions
+    memory_estimate: Optional[Memory] = None
+    estimate_skipped: Optional[str] = None  # why there is no estimate (config.json not readable)
+    speed: Optional[dict[str, Any]] = None  # speed.SpeedPlan.to_dict(): speed-ups and per-layer checkpointing
+    layout: Optional[dict[str, Any]] = None  # layout.Layout.to_dict() over several ranks; None: one process
+    data: Optional[RunData] = None
+
+    def speed_plan(self):
+        from .speed import SpeedPlan
+
+        return SpeedPlan(**self.speed) if self.speed is not None else None
+
+    def flat(self) -> dict[str, Any]:
+        """Leaf values by dotted path (what plan_changed compares)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = None,
+             data: RunData | None = None) -> LocalRun:
+    """Resolve ``spec`` into a run. ``spec.base_model`` is already resolved (catalog name -> id, directory ->
+    absolute); ``rows`` (training rows) sizes the checkpoint interval when the run's length is known."""
+    from .peft_config import lora_kwargs
+    from .resolve import resolve_run
+
+    hp = spec.hyperparameters
+    r = resolve_run(spec, device=options.device, gradient_checkpointing=options.gradient_checkpointing,
+                    memory_budget_bytes=options.memory_budget_bytes, speedups=options.speedups)
+    rows = data.train.rows if data is not None and data.train.rows else rows
+    total = options.max_steps or (math.ceil(rows / hp.batch_size) * hp.epochs if rows else None)
+    ckpt = options.checkpoint_steps or (max(1, math.ceil(total / 10)) if total else 50)
+    run_options = RunOptions.model_validate({
+        **options.model_dump(), "checkpoint_steps": ckpt,
+        "eval_steps": options.eval_steps or (ckpt if spec.validation_data else None)})
+    from .layout import from_options, more_gpus
+
+    layout = from_options(spec, r, options.model_dump())  # None: one process
+    est, sp = (layout.estimate if layout is not None and layout.estimate is not None else r.estimate), r.speed
+    if layout is None and est is not None and est.fits is False and (more := more_gpus(spec, r)):
+        est.suggestions.append(more)
+    return LocalRun(
+        base_model=str(spec.base_model), method=spec.method, adapter=spec.adapter, lora=lora_kwargs(spec),
+        quantization=Quantization(requested=spec.quantization, mode=r.quant.mode, reason=r.quant.reason),
+        training=Training(
+            **hp.model_dump(), micro_batch_size=r.micro_batch, optimizer=r.optimizer, dtype=r.dtype,
+            loraplus_lr_ratio=spec.adapter.loraplus_lr_ratio, estimated_total_steps=total,
+            checkpointing=Checkpointing(
+                requested="auto" if options.gradient_checkpointing is None else options.gradient_checkpointing,
+                enabled=r.gradient_checkpointing,
+                layers=f"{sp.checkpointed_layers}/{sp.num_layers}" if sp else None,
+                reason=sp.reasons.get("checkpointing") if sp else None),
+            notes=sp.notes if sp else []),
+        device=Device(type=r.device.type, name=r.device.name, memory_bytes=r.device.total_memory),
+        validation_data=spec.validation_data, output=Output(name=spec.suffix), options=run_options,
+        memory_estimate=None if est is None else Memory(total_bytes=est.total_bytes, breakdown=est.breakdown,
+                                                        fits=est.fits, budget_bytes=r.budget_bytes,
+                                                        suggestions=est.suggestions),
+        estimate_skipped=r.estimate_skipped, speed=sp.to_dict() if sp else None, data=data,
+        layout=layout.to_dict() if layout is not None else None,
+    )
+
+
+def check_facts(run: LocalRun, spec: TrainingSpec) -> tuple[LocalRun, dict[str, list[Any]]]:
+    """The run as it can be resolved on this machine now: ``(run, {})`` when the facts the plan assumed still
+    hold, else the re-resolved run and what changed (``{"quantization.mode": [planned, now], ...}``, with
+    ``"facts"`` saying which fact moved)."""
+    from .resolve import device_info, read_config
+
+    dev = device_info(run.options.device)
+    now = Device(type=dev.type, name=dev.name, memory_bytes=dev.total_memory)
+    config_known = read_config(run.base_model)[0] is not None
+    moved = {}
+    if now != run.device:
+        moved["device"] = [run.device.model_dump(), now.model_dump()]
+    if config_known != (run.memory_estimate is not None):
+        moved["config"] = ["unreadable" if run.memory_estimate is None else "read", "read" if config_known
+                           else "unreadable"]
+    if not moved:
+        return run, {}
+    spec = spec.model_copy(update={"base_model": run.base_model})
+    new = plan_run(spec, run.options, data=run.data)
+    before, after = run.flat(), new.flat()
+    changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k)}
+    return new, {"facts": moved, **changes}
+
+
+def resolve_base_model(value: str) -> str:
+    """A local directory made absolute (the worker runs in the job directory); a catalog name -> its HF id."""
+    from ...catalog import resolve_model
+
+    local = Path(value).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    return resolve_model(value, "local")
+
+
+def run_for_files(spec: TrainingSpec, train_path: str | Path, output_dir: str | Path, *,
+                  validation_path: str | Path | None = None, **options: Any) -> LocalRun:
+    """A run of ``spec`` on data files outside a job (tests, benchmarks, a notebook): trained in place from
+    these files (hashed now), into ``output_dir``; ``options`` are provider_options.local keys."""
+    from ...adapters.provenance import file_sha256
+
+    def file(path: str | Path) -> DataFile:
+        p = Path(path).resolve()
+        return DataFile(source=str(p), path=str(p), sha256=file_sha256(p),
+                        rows=sum(1 for line in p.open() if line.strip()))
+
+    opts = LocalOptions.model_validate({**options, "output_dir": str(output_dir)})
+    data = RunData(train=file(train_path), validation=file(validation_path) if validation_path else None)
+    spec = spec.model_copy(update={"base_model": resolve_base_model(spec.base_model),
+                                   "validation_data": str(validation_path) if validation_path else None})
+    return plan_run(spec, opts, data=data)
