@@ -21,6 +21,7 @@ from tunekit.backends.local.process import job_dir
 from tunekit.schemas.job import JobStatus
 from tunekit.schemas.spec import TrainingSpec
 from tunekit.store import default_store
+from tests.test_local_job import paced  # noqa: F401 - the fixture: workers (and their ranks) paced per step
 from tests.tolerance import adam_scale, assert_close, rounding_eps
 
 ROWS = 32  # batch 4 -> 8 optimizer steps per epoch
@@ -104,10 +105,9 @@ def test_two_ranks_train_the_one_process_run(tiny_model, train):
 
 
 @pytest.mark.slow
-def test_cancel_stops_every_rank_at_one_checkpoint(tiny_model, train, monkeypatch):
-    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.5")  # pace rank 0 (the others wait for it each step)
-    job = tunekit.finetune(train, **_kw(tiny_model, gpus=2, checkpoint_steps=100))
-    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")
+def test_cancel_stops_every_rank_at_one_checkpoint(tiny_model, train, paced):
+    with paced():  # every rank's steps are paced (the ranks inherit the worker's environment)
+        job = tunekit.finetune(train, **_kw(tiny_model, gpus=2, checkpoint_steps=100))
     _wait_for(job, lambda j: j.status == JobStatus.RUNNING and (j.progress.get("step") or 0) >= 2)
     job.cancel()
     job.wait(timeout=120)
@@ -117,10 +117,9 @@ def test_cancel_stops_every_rank_at_one_checkpoint(tiny_model, train, monkeypatc
 
 
 @pytest.mark.slow
-def test_a_killed_rank_fails_the_job_with_its_error_and_resume_finishes(tiny_model, train, monkeypatch):
-    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.5")
-    job = tunekit.finetune(train, **_kw(tiny_model, gpus=2))
-    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")  # the resumed ranks run at full speed
+def test_a_killed_rank_fails_the_job_with_its_error_and_resume_finishes(tiny_model, train, paced):
+    with paced():  # the resumed ranks run at full speed
+        job = tunekit.finetune(train, **_kw(tiny_model, gpus=2))
     _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5)
     os.kill(_rank_pid(job.id, 1), signal.SIGKILL)
     job.wait(timeout=120)
@@ -238,10 +237,9 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_takes_its_ranks_with_it_and_resume_finishes(tiny_model, train, monkeypatch):
-    monkeypatch.setenv("TUNEKIT_LOCAL_STEP_DELAY", "0.5")
-    job = tunekit.finetune(train, **_kw(tiny_model, gpus=2))
-    monkeypatch.delenv("TUNEKIT_LOCAL_STEP_DELAY")
+def test_a_killed_worker_takes_its_ranks_with_it_and_resume_finishes(tiny_model, train, paced):
+    with paced():
+        job = tunekit.finetune(train, **_kw(tiny_model, gpus=2))
     _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5)
     ranks = [_rank_pid(job.id, r) for r in (0, 1)]
     os.kill(job.record.pid, signal.SIGKILL)
