@@ -21,6 +21,7 @@ import json
 import os
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,10 @@ def run_rank(job_id: str, resume_from: str | None) -> int:
     cb = RankCallbacks(StoreCallbacks(store, job_id, record.progress), reporting)
     try:
         outcome = train(LocalRun.model_validate(record.request), cb, resume_from_checkpoint=resume_from)
+        if reporting:
+            part = ranks / (OUTCOME + ".part")
+            part.write_text(json.dumps(asdict(outcome)))
+            os.replace(part, ranks / OUTCOME)
     except CancelledBeforeStart:  # every rank agreed; the worker sees no outcome and a cancelling job
         return 0
     except BaseException as exc:
@@ -183,10 +188,6 @@ def run_rank(job_id: str, resume_from: str | None) -> int:
             "rank": rank(), "time": time.time(), "error": one_line(exc), "hint": getattr(exc, "hint", None),
             "traceback": traceback.format_exc()[-8000:]}))
         raise
-    if reporting:
-        part = ranks / (OUTCOME + ".part")
-        part.write_text(json.dumps(outcome.to_dict()))
-        os.replace(part, ranks / OUTCOME)
     return 0
 
 
