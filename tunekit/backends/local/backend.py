@@ -136,6 +136,10 @@ class LocalBackend(Backend):
             notes.append(f"memory: {est.estimate().summary()}: {verdict}")
             if est.fits is False:
                 notes += [f"  suggestion: {s}" for s in est.suggestions]
+        if run.layout is not None:
+            from .layout import Layout
+
+            notes.append(f"layout: {Layout.from_dict(run.layout).summary()}")
         return notes
 
     # -- lifecycle -----------------------------------------------------------------------------------

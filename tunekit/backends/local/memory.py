@@ -50,6 +50,8 @@ LOGIT_BYTES = {"bf16": 12, "fp32_head": 12, "fp32": 16}
 # TRL's chunked LM head (trl.trainer.utils.add_fused_lm_head): token x vocabulary tile of the logits
 FUSED_HEAD_TILE = (4096, 32768)
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
+# FSDP2: full decoder layers resident on a rank besides its shard (the computing one + the prefetched one)
+SHARDED_LAYERS = 2
 FRAGMENTATION = 0.05  # allocator slack, fraction of the allocated peak
 HEADROOM = 0.92  # a plan "fits" when its total is within this share of the device memory
 
@@ -150,8 +152,14 @@ def _estimate(
     fused_lm_head: bool = False,
     kbit_upcast: bool = True,
     fused_kernels: bool = False,
+    shards: int = 1,
 ) -> MemoryEstimate:
     """The estimate alone (no suggestions). ``quantization`` is the resolved mode ('nf4'|'none').
+
+    ``shards``: the per-GPU share under FSDP2 over that many ranks (layout.py): the decoder's linear weights,
+    the adapter, its gradients and optimizer state are split; each rank also holds the layers being gathered
+    (SHARDED_LAYERS: the one computing and the one prefetched) and, unsharded, the embeddings, head and norms
+    (the root unit stays gathered through the step). Activations are per rank and not split.
 
     ``fused_lm_head``: the loss is computed in vocabulary tiles (TRL's chunked LM head), so the logits are
     never whole. ``kbit_upcast``: QLoRA's non-quantized params are upcast to fp32 (speed.py's bf16_kbit
@@ -165,14 +173,16 @@ def _estimate(
         counts = {k: int(v * scale) for k, v in counts.items()}
     nf4 = quantization == "nf4"
     wbytes = 4 if dtype == "fp32" else 2
-    if nf4:
-        weights = counts["linear"] * NF4_BYTES_PER_PARAM + counts["other"] * (4 if kbit_upcast else 2)
-    else:
-        weights = counts["total"] * wbytes
+    linear_bytes = NF4_BYTES_PER_PARAM if nf4 else wbytes
+    other_bytes = (4 if kbit_upcast else 2) if nf4 else wbytes
+    linear = counts["linear"] * linear_bytes
+    if shards > 1:
+        linear = linear / shards + min(SHARDED_LAYERS, d["layers"]) * linear / d["layers"]
+    weights = linear + counts["other"] * other_bytes
 
     n_lora = lora_params(model_config, r, target_modules, use_dora)
     opt_b = optimizer_state_bytes if optimizer_state_bytes is not None else (2 if nf4 else 8)
-    adapter = n_lora * (4 + 4 + opt_b)
+    adapter = n_lora * (4 + 4 + opt_b) / shards
 
     tokens = micro_batch * max_length
     if method == "dpo":
@@ -215,7 +225,7 @@ def _estimate(
             "micro_batch": micro_batch, "max_length": max_length, "quantization": quantization, "r": r,
             "gradient_checkpointing": gradient_checkpointing, "dtype": dtype, "lora_params": n_lora,
             "base_params": counts["total"], "fused_lm_head": fused_lm_head, "kbit_upcast": kbit_upcast,
-            "fused_kernels": fused_kernels,
+            "fused_kernels": fused_kernels, "shards": shards,
         },
     )
 

@@ -16,6 +16,7 @@ from ...eval.during_training import GenerateEvalOptions
 
 MAX_STEPS = 10**9        # step counts above this are typos (a billion optimizer steps)
 MAX_BUDGET_GB = 2.0**20  # 1 PiB
+MAX_GPUS = 1024  # GPUs per node, nodes
 GiB = 1024**3
 
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
@@ -58,6 +59,18 @@ class LocalOptions(BaseModel):
     speedups: Union[Literal["auto", "off"], Annotated[list[SpeedupOff], Field(min_length=1)]] = Field(
         "auto", description="'auto' (every speed-up the run can use), 'off', or the ones to leave out, e.g. "
                             "['-liger', '-fast_dora'] (default 'auto'; for diagnosis and benchmarks)")
+
+    # several GPUs / nodes (docs/multi-gpu.md)
+    gpus: Union[Literal["all"], Annotated[int, Field(ge=1, le=MAX_GPUS)]] = Field(
+        1, description=f"ranks on this node: a number of GPUs in 1..{MAX_GPUS} or 'all' (the visible ones); "
+                       "without a GPU, that many CPU processes (default 1)")
+    layout: Literal["auto", "ddp", "fsdp2"] = Field(
+        "auto", description="'auto' (DDP when a whole model fits one GPU, else FSDP2), 'ddp' or 'fsdp2'")
+    nnodes: Annotated[int, Field(ge=1, le=MAX_GPUS)] = Field(1, description="machines taking part (default 1)")
+    node_rank: Annotated[int, Field(ge=0, lt=MAX_GPUS)] = Field(
+        0, description="this machine's rank, 0..nnodes-1 (default 0)")
+    rdzv_endpoint: Optional[Annotated[str, Field(pattern=r"^[\w.\-\[\]:]+:\d{1,5}$")]] = Field(
+        None, description="'host:port' of node 0, where torchrun's rendezvous meets (needed when nnodes > 1)")
 
     @property
     def memory_budget_bytes(self) -> int | None:

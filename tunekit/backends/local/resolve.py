@@ -36,6 +36,8 @@ class RunPlan:
     estimate: _memory.MemoryEstimate | None
     estimate_skipped: str | None = None
     speed: _speed.SpeedPlan | None = None
+    model_config: dict[str, Any] | None = None  # what the estimate read (layout.py estimates per GPU from it)
+    estimate_kwargs: dict[str, Any] | None = None  # the speed path's memory.estimate arguments
 
     @property
     def dtype(self) -> str:
@@ -158,4 +160,5 @@ def resolve_run(
         device=dev, micro_batch=micro, grad_accum=accum, compute_dtype=compute_dtype,
         gradient_checkpointing=gradient_checkpointing, budget_bytes=budget, quant=quant,
         optimizer=optimizer_name(spec, quant.quantized, on_gpu), estimate=est, estimate_skipped=skipped, speed=speed,
+        model_config=model_config, estimate_kwargs=est_kw,
     )

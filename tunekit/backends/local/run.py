@@ -116,6 +116,7 @@ class LocalRun(_Part):
     memory_estimate: Optional[Memory] = None
     estimate_skipped: Optional[str] = None  # why there is no estimate (config.json not readable)
     speed: Optional[dict[str, Any]] = None  # speed.SpeedPlan.to_dict(): speed-ups and per-layer checkpointing
+    layout: Optional[dict[str, Any]] = None  # layout.Layout.to_dict() over several ranks; None: one process
     data: Optional[RunData] = None
 
     def speed_plan(self):
@@ -155,7 +156,12 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     run_options = RunOptions.model_validate({
         **options.model_dump(), "checkpoint_steps": ckpt,
         "eval_steps": options.eval_steps or (ckpt if spec.validation_data else None)})
-    est, sp = r.estimate, r.speed
+    from .layout import from_options, more_gpus
+
+    layout = from_options(spec, r, options.model_dump())  # None: one process
+    est, sp = (layout.estimate if layout is not None and layout.estimate is not None else r.estimate), r.speed
+    if layout is None and est is not None and est.fits is False and (more := more_gpus(spec, r)):
+        est.suggestions.append(more)
     return LocalRun(
         base_model=str(spec.base_model), method=spec.method, adapter=spec.adapter, lora=lora_kwargs(spec),
         quantization=Quantization(requested=spec.quantization, mode=r.quant.mode, reason=r.quant.reason),
@@ -174,6 +180,7 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
                                                         fits=est.fits, budget_bytes=r.budget_bytes,
                                                         suggestions=est.suggestions),
         estimate_skipped=r.estimate_skipped, speed=sp.to_dict() if sp else None, data=data,
+        layout=layout.to_dict() if layout is not None else None,
     )
 
 

@@ -24,6 +24,7 @@ from ...eval import during_training as _gen_eval
 from . import memory as _memory
 from ...adapters import provenance as _provenance
 from . import kernels as _kernels
+from . import ranks as _ranks
 from . import variants as _variants
 from .datasets import PreparedData, prepare
 from .peft_config import DeviceInfo, peft_error_to_config_error
@@ -229,6 +230,9 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     config = _load_config(run.base_model)
     dev = DeviceInfo(run.device.type, run.device.memory_bytes, run.device.name)
     on_gpu, micro, accum = dev.type == "cuda", hp.micro_batch_size, hp.gradient_accumulation_steps
+    layout = run.layout if _ranks.world_size(run.layout) > 1 else None
+    if layout:  # this rank's share of the global batch (the estimate is already the per-GPU one)
+        micro, accum = layout["micro_batch"], layout["grad_accum"]
     decision, speed = run.quantization, run.speed_plan()
     if run.memory_estimate is None or speed is None:
         raise ConfigError(f"the run of {run.base_model} was planned without its config.json "
@@ -240,7 +244,8 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     cb.on_event("info", f"quantization: {decision.mode} ({decision.reason}); memory estimate {est.summary()}")
     cb.on_event("info", speed.summary())
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "run.json").write_text(run.model_dump_json(indent=1))
+    if _ranks.local_rank() == 0:  # one writer per node
+        (output_dir / "run.json").write_text(run.model_dump_json(indent=1))
 
     # ---- tokenizer + data
     try:
@@ -266,11 +271,14 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     _quiet_progress_bars()
     # the run's mode, given as an explicit request: nothing is decided again
     bnb_cfg, _ = quantization_config(SimpleNamespace(quantization=decision.mode), dev)
+    if bnb_cfg is not None and (layout or {}).get("quant_storage"):  # FSDP2 shards 4-bit weights stored as bf16
+        bnb_cfg.bnb_4bit_quant_storage = torch.bfloat16
     load_kw: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
     if bnb_cfg is not None:
         load_kw["quantization_config"] = bnb_cfg
-    if on_gpu:
-        load_kw["device_map"] = {"": torch.device(run.options.device or "cuda").index or 0}
+    if on_gpu and (layout or {}).get("kind") != "fsdp2":  # FSDP2 places the shards itself
+        load_kw["device_map"] = {"": _ranks.local_rank() if layout
+                                 else torch.device(run.options.device or "cuda").index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(run.base_model, **load_kw)
     except Exception as exc:
@@ -311,6 +319,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # kernels.apply set it per layer
         checkpoint_steps=run.options.checkpoint_steps, keep_checkpoints=run.options.keep_checkpoints,
         max_steps=run.options.max_steps, eval_steps=run.options.eval_steps, logging_steps=run.options.logging_steps,
+        extra_args=_ranks.trainer_args(layout, model, on_gpu),
     )
     speed_applied["fp32_adapter_params"] = _kernels.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
@@ -341,10 +350,10 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     if not bridge.stopped:
         adapter_path = str(adapter_dir)
         save_kw = {"path_initial_model_for_weight_conversion": str(init_dir)} if mutating else {}
-        trainer.model.save_pretrained(str(adapter_dir), **save_kw)
-        check_finite_adapter(adapter_dir)
-        tokenizer.save_pretrained(str(adapter_dir))
-        cb.on_event("info", f"adapter saved to {adapter_dir}")
+        if _ranks.save_adapter(trainer.model, adapter_dir, save_kw):  # gathered from the ranks, if several
+            check_finite_adapter(adapter_dir)
+            tokenizer.save_pretrained(str(adapter_dir))
+            cb.on_event("info", f"adapter saved to {adapter_dir}")
 
     session_tokens = state.num_input_tokens_seen
     train_loss = _last_train_loss(state.log_history, result)
@@ -440,7 +449,7 @@ def _adapted_base_class(model: Any) -> str | None:
 def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData | None, *, ckpt_dir: Path,
                    micro: int, accum: int, on_gpu: bool, optim_name: str, optimizers, gradient_checkpointing: bool,
                    checkpoint_steps: int | None, keep_checkpoints: int | None, max_steps: int | None, eval_steps,
-                   logging_steps: int):
+                   logging_steps: int, extra_args: dict[str, Any] | None = None):
     from datasets import Dataset
 
     hp = spec.training
@@ -474,6 +483,7 @@ def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         max_length=hp.max_length,
+        **(extra_args or {}),
     )
     _set_checkpointing(common, gradient_checkpointing)
     train_ds = Dataset.from_list(data.records)

@@ -208,6 +208,8 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     """Load the stored run, check the facts it assumed, train it."""
     from pydantic import ValidationError
 
+    from .launch import launch
+    from .ranks import world_size
     from .run import LocalRun, check_facts
     from .train import train
 
@@ -229,6 +231,8 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     if changes:
         cb.store.update_job(record.id, request=run.model_dump(mode="json"))
         cb.event("warning", plan_changed_message(changes), type="plan_changed", changes=changes)
+    if world_size(run.layout) > 1:  # several ranks under torchrun (launch.py), each training this stored run
+        return launch(record, cb, run, resume_from)
     return train(run, cb, resume_from_checkpoint=resume_from)
 
 
@@ -364,7 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunekit.backends.local.worker")
     parser.add_argument("job_id")
     parser.add_argument("--resume", default=None, help="checkpoint directory to continue from")
+    parser.add_argument("--rank", action="store_true", help="one rank under torchrun (launch.py), not the job's worker")
     args = parser.parse_args(argv)
+    if args.rank:
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        from .launch import run_rank
+
+        return record(run_rank)(args.job_id, args.resume)
     print(f"tunekit worker for {args.job_id} (pid {__import__('os').getpid()}); job dir {job_dir(args.job_id)}",
           flush=True)
     return run(args.job_id, resume_from=args.resume)
