@@ -407,7 +407,7 @@ def test_hostile_sampling_params_get_a_400_and_their_batch_is_served(server, tin
 
 def test_a_row_whose_sampling_fails_in_the_engine_fails_alone(server, reference):
     """Past the HTTP checks (Engine API), a row that cannot be sampled gets an error; its batch goes on."""
-    from tunekit.serve.embedded.engine import GenRequest, SamplingParams
+    from tunekit.serve.embedded.requests import GenRequest, SamplingParams
 
     engine = server.engine
     events: dict[int, list] = {0: [], 1: [], 2: []}
@@ -646,7 +646,8 @@ def test_dora_adapter_served_next_to_lora_through_the_http_server(client, server
 def test_requests_arriving_mid_batch_join_at_the_next_step(tiny_model, adapters):
     """Continuous batching: a request submitted while a long batch decodes is served before that batch ends,
     with the output it gets alone (greedy); joiners longer and shorter than the running rows, other adapters."""
-    from tunekit.serve.embedded.engine import Engine, GenRequest, SamplingParams
+    from tunekit.serve.embedded.engine import Engine
+    from tunekit.serve.embedded.requests import GenRequest, SamplingParams
 
     engine = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0)
     try:
@@ -702,7 +703,8 @@ def test_requests_arriving_mid_batch_join_at_the_next_step(tiny_model, adapters)
 def test_unloading_an_adapter_mid_decode_fails_its_rows_only(tiny_model, adapters):
     """A request joining after an adapter was unloaded must not get that adapter's slot under running rows,
     nor fail them all: the unloaded adapter's rows get an error, the others and the joiner go on."""
-    from tunekit.serve.embedded.engine import Engine, GenRequest, SamplingParams
+    from tunekit.serve.embedded.engine import Engine
+    from tunekit.serve.embedded.requests import GenRequest, SamplingParams
 
     engine = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0)
     try:

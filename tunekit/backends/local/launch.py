@@ -82,7 +82,7 @@ def launch(record, cb: TrainCallbacks, run, resume_from: str | None) -> TrainOut
         raise TrainingError(f"the ranks were ended by {exc.sigval.name}") from None
     path = ranks / OUTCOME
     if not path.is_file() and cb.should_stop():
-        from .worker import CancelledBeforeStart
+        from .callbacks import CancelledBeforeStart
 
         raise CancelledBeforeStart()
     if not path.is_file():
@@ -122,7 +122,7 @@ class RankCallbacks(TrainCallbacks):
         self.inner, self.reporting = inner, reporting
 
     def on_start(self, total_steps: int) -> None:
-        from .worker import CancelledBeforeStart
+        from .callbacks import CancelledBeforeStart
 
         if self.should_stop():  # agreed: every rank leaves before the first step
             raise CancelledBeforeStart()
@@ -167,7 +167,7 @@ def run_rank(job_id: str, resume_from: str | None) -> int:
     from ...store import default_store
     from .run import LocalRun
     from .train import train
-    from .worker import CancelledBeforeStart, StoreCallbacks, one_line
+    from .callbacks import CancelledBeforeStart, StoreCallbacks, one_line
 
     _die_with_parent()
     store = default_store()

@@ -20,7 +20,8 @@ from starlette.requests import Request  # module level: FastAPI resolves route a
 
 from ..._exceptions import ConfigError, TunekitError
 from ...adapters.resolve import registered_at, registry_entry, resolve_adapter
-from .engine import Engine, GenRequest, SamplingParams
+from .engine import Engine
+from .requests import GenRequest, SamplingParams
 from .protocol import (
     APIErrorResponse,
     ChatCompletionRequest,

@@ -16,55 +16,14 @@ import inspect
 import logging
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from ..._exceptions import ConfigError
+from .requests import GenRequest, GenResult, SamplingParams, Sink
 from .running import Running, joinable
 
 logger = logging.getLogger(__name__)
-
-Sink = Callable[[int, str, Any], None]  # (row index, "delta"|"done"|"error", payload)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass
-class GenRequest:
-    """One generated sequence (a choice). ``sink`` gets text deltas, then done(finish_reason, n_tokens)."""
-
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    sink: Sink
-    index: int = 0
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    cancelled: bool = False
-    finished: bool = False  # done, failed or cancelled: nothing more is sent to its sink
-    # decoding state
-    generated: list[int] = field(default_factory=list)
-    emitted: int = 0
-    generator: Any = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class GenResult:
-    text: str
-    finish_reason: str
-    completion_tokens: int
-
 
 def _default_device_dtype(device: str | None, dtype: str | None):
     import torch

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .engine import GenRequest
+    from .requests import GenRequest
 
 
 def joinable(cache: Any) -> bool:
