@@ -155,7 +155,7 @@ def test_the_loss_plot_draws_the_generated_scores(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from tunekit.backends.local.plot import plot_metrics, score_series
+    from tunekit.plot import plot_metrics, score_series
 
     rows = [{"split": "train", "step": 1, "loss": 5.0}, {"split": "train", "step": 2, "loss": 4.0},
             {"split": "eval", "step": 2, "loss": 4.5, "exact_match": 0.25, "contains": 0.5, "generated_rows": 4},
