@@ -102,7 +102,8 @@ class StaticRunning:
 
     def keep(self, keep: list[int]) -> None:
         """Keep active rows ``keep``; the others' cache rows become free (masked, base slot)."""
-        gone = [w for i, w in enumerate(self.where) if i not in set(keep)]
+        kept = set(keep)
+        gone = [w for i, w in enumerate(self.where) if i not in kept]
         if gone:
             self.bias[gone] = torch.finfo(self.bias.dtype).min
         self.rows = [self.rows[i] for i in keep]
