@@ -253,6 +253,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each kind, alternated")
     ap.add_argument("--dora", action="store_true", help="DoRA adapters (served unmerged) instead of LoRA")
+    ap.add_argument("--decode", default="auto", choices=["auto", "graphs", "static", "eager"],
+                    help="the engine's decode step (auto: CUDA graphs over a static KV cache on a GPU)")
     args = ap.parse_args()
 
     import peft
@@ -276,8 +278,8 @@ def main() -> int:
     names = [f"ad{i:02d}" for i in range(len(adapters))]
     t = time.time()
     server = start_in_thread(str(base), dict(zip(names, map(str, adapters))), max_loras=len(names),
-                             max_batch_size=max(32, len(names)), batch_window_ms=0)
-    emit({"step": "server_start", "seconds": round(time.time() - t, 1)})
+                             max_batch_size=max(32, len(names)), batch_window_ms=0, decode=args.decode)
+    emit({"step": "server_start", "seconds": round(time.time() - t, 1), "decode": server.engine.stats()["decode"]})
     try:
         engine = server.engine
         engine.eos_ids = set()  # every request generates exactly max_tokens: equal work in both runs

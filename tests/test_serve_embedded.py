@@ -643,19 +643,26 @@ def test_dora_adapter_served_next_to_lora_through_the_http_server(client, server
         engine.remove_adapter("dora")
 
 
-def test_requests_arriving_mid_batch_join_at_the_next_step(tiny_model, adapters):
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_requests_arriving_mid_batch_join_at_the_next_step(tiny_model, adapters, decode):
     """Continuous batching: a request submitted while a long batch decodes is served before that batch ends,
-    with the output it gets alone (greedy); joiners longer and shorter than the running rows, other adapters."""
+    with the output it gets alone (greedy); joiners longer and shorter than the running rows, other adapters.
+    The static cache (the CUDA-graph path, without capture) gives the eager path's tokens: the long row
+    outgrows its first cache length (512 columns), the joiners take free rows of a larger bucket."""
     from tunekit.serve.embedded.engine import Engine
     from tunekit.serve.embedded.requests import GenRequest, SamplingParams
 
-    engine = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0)
+    engine = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0,
+                    decode=decode)
+    eager = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0,
+                   decode="eager")
     try:
-        engine.eos_ids = set()  # every request runs to max_tokens: the long one really is long
-        jobs = {"long": ("sql", "Hi", 160),
+        assert engine.stats()["decode"] == decode
+        engine.eos_ids = eager.eos_ids = set()  # every request runs to max_tokens: the long one really is long
+        jobs = {"long": ("sql", "Hi", 160 if decode == "eager" else 600),
                 "longer_prompt": (None, "The quick brown fox jumps over the lazy dog " * 3, 6),
                 "short_prompt": ("poem", "Yo", 6)}
-        alone = {k: engine.generate(p, a, max_tokens=n, temperature=0).text for k, (a, p, n) in jobs.items()}
+        alone = {k: eager.generate(p, a, max_tokens=n, temperature=0).text for k, (a, p, n) in jobs.items()}
         events: list[tuple[str, str]] = []
         texts = {k: [] for k in jobs}
         reqs = {}
@@ -696,6 +703,46 @@ def test_requests_arriving_mid_batch_join_at_the_next_step(tiny_model, adapters)
         stats = engine.stats()
         assert stats["joined_rows"] == 2 and stats.get("failed_batches", 0) == 0  # no step failed, not even unseen
         assert [b["joined"] for b in stats["recent_batches"][-3:]] == [0, 1, 2]
+    finally:
+        engine.close()
+        eager.close()
+
+
+def test_static_decode_serves_a_mixed_batch_like_eager_and_falls_back_cleanly(tiny_model, adapters, reference):
+    """One batch of base, LoRA and DoRA-free mixed rows through the static cache equals PEFT alone (greedy);
+    rows leaving mid-batch free their cache rows. CUDA graphs asked for on a CPU fall back to the static
+    cache, and /stats says so."""
+    from tunekit.serve.embedded.engine import Engine
+
+    engine = Engine(str(tiny_model), {k: str(v) for k, v in adapters.items()}, max_loras=2, batch_window_ms=0,
+                    decode="graphs" if not __import__("torch").cuda.is_available() else "static")
+    try:
+        stats = engine.stats()
+        assert stats["decode"] == "static"
+        if stats.get("decode_fallback"):
+            assert "CUDA" in stats["decode_fallback"]
+        out: dict = {}
+        jobs = [(a, p, n) for a in (None, "sql", "poem") for p in PROMPTS for n in (3, 8)]
+
+        def call(i: int, adapter, prompt, n) -> None:
+            out[i] = engine.generate(prompt, adapter, max_tokens=n, temperature=0).text
+
+        with engine.paused():
+            threads = [threading.Thread(target=call, args=(i, *job)) for i, job in enumerate(jobs)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while engine.pending() < len(jobs):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        for t in threads:
+            t.join(timeout=120)
+        for i, (a, p, n) in enumerate(jobs):
+            if n == 8:
+                assert out[i] == reference[(a, p)], (a, p)
+            else:
+                assert reference[(a, p)].startswith(out[i]), (a, p)
+        assert engine.stats()["recent_batches"][-1]["size"] == len(jobs)  # one batch: 12 rows in a 16-row bucket
     finally:
         engine.close()
 

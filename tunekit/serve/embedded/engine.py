@@ -22,6 +22,7 @@ from typing import Any, Iterator
 from ..._exceptions import ConfigError
 from .requests import GenRequest, GenResult, SamplingParams, Sink
 from .running import Running, joinable
+from .static import StaticRunning, bucket, initial_length, unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Engine:
     def __init__(self, base_model: str | Path, adapters: dict[str, str | Path] | None = None, *,
                  max_loras: int = 4, max_cpu_loras: int | None = None, max_lora_rank: int | None = None,
                  device: str | None = None, dtype: str | None = None, max_batch_size: int = 32,
-                 batch_window_ms: float = 2.0) -> None:
+                 batch_window_ms: float = 2.0, decode: str = "auto") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,6 +83,8 @@ class Engine:
         for name, path in (adapters or {}).items():
             self.pool.register(name, path)
         self.max_batch_size = max_batch_size
+        self.decode, self.decode_note = self._decode_mode(decode)
+        self._spare: StaticRunning | None = None  # the last static cache (and its graphs), reused by the next batch
         self.batch_window_s = batch_window_ms / 1000
         self._torch = torch
         self._cv = threading.Condition()
@@ -160,8 +163,24 @@ class Engine:
             out = dict(self._stats)
             out["recent_batches"] = list(self._batches)
             out["pending"] = len(self._pending)
+        out["decode"] = self.decode
+        if self.decode_note:
+            out["decode_fallback"] = self.decode_note
         out["adapters"] = self.pool.stats()
         return out
+
+    def _decode_mode(self, asked: str) -> tuple[str, str | None]:
+        """``auto``: CUDA graphs over a static cache on a GPU, the eager path elsewhere; why a mode fell back."""
+        if asked not in ("auto", "eager", "static", "graphs"):
+            raise ConfigError(f"decode {asked!r} is not one of auto, eager, static, graphs", field="decode")
+        if asked == "eager" or asked == "auto" and self.device.type != "cuda":
+            return "eager", None
+        reason = unsupported(self.model)
+        if reason:
+            return "eager", f"static cache unsupported: {reason}"
+        if asked in ("auto", "graphs") and self.device.type != "cuda":
+            return "static", "CUDA graphs need a CUDA device"
+        return ("graphs" if asked == "auto" else asked), None
 
     def close(self) -> None:
         with self._cv:
@@ -260,7 +279,7 @@ class Engine:
         rows = [r for r, ok in zip(rows, seeded) if ok]
         if not rows:
             if self._running is not None:  # rows may have left or moved slots above: route the others again
-                self.pool.slots.set_rows(self._running.slots)
+                self._route(self._running)
             return
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -280,23 +299,31 @@ class Engine:
         self._next(new, out.logits[:, -1, :])
         if new.rows and run is not None:
             run.join(new)
+        elif new.rows and self.decode != "eager":
+            self._running = self._static_for(new)
+            self._running.join(new)
         elif new.rows:
             self._running = new
         if self._running is not None:
-            self.pool.slots.set_rows(self._running.slots)
+            self._route(self._running)
             # Rows can join later only when every layer's cache can be padded and concatenated.
-            self._can_join = joinable(self._running.cache)
+            self._can_join = isinstance(self._running, StaticRunning) or joinable(self._running.cache)
 
     def _step(self) -> None:
         """One decode forward for every running row."""
         run = self._running
         with self._torch.inference_mode():
-            out = self.model(input_ids=run.ids, attention_mask=run.mask, position_ids=run.pos, use_cache=True,
-                             logits_to_keep=1, **{self._cache_kw: run.cache})
+            if isinstance(run, StaticRunning):
+                logits = run.forward(self._cache_kw, self.decode == "graphs")
+            else:
+                logits = self.model(input_ids=run.ids, attention_mask=run.mask, position_ids=run.pos, use_cache=True,
+                                    logits_to_keep=1, **{self._cache_kw: run.cache}).logits[:, -1, :]
         self._stats["forward_passes"] += 1
-        self._next(run, out.logits[:, -1, :])
+        self._next(run, logits)
         if not run.rows:
             self._running = None
+            if isinstance(run, StaticRunning):
+                self._spare = run
             self.pool.slots.set_rows([0])
 
     def _next(self, run: Running, logits) -> None:
@@ -312,11 +339,33 @@ class Engine:
         n = len(run.rows)
         run.keep(keep)
         if len(keep) < n and run.rows:
-            self.pool.slots.set_rows(run.slots)
-        if run.rows:
+            self._route(run)
+        if run.rows and isinstance(run, StaticRunning):
+            run.advance(torch.tensor([tokens[i] for i in keep]))
+        elif run.rows:
             run.ids = torch.tensor([tokens[i] for i in keep], device=self.device).unsqueeze(1)
             run.mask = torch.cat([run.mask, run.mask.new_ones((len(keep), 1))], dim=1)
             run.pos = run.pos + 1
+
+    def _static_for(self, first: Running) -> StaticRunning:
+        """A static cache for a new batch: the previous one (its graphs captured) when it is large enough."""
+        need = initial_length(first.mask.shape[1], max(r.params.max_tokens for r in first.rows), self.max_model_len)
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.cap >= bucket(len(first.rows)) and spare.length >= need:
+            return spare
+        del spare  # free its buffers and graphs before allocating new ones
+        run = StaticRunning(self.model, bucket(len(first.rows)), need, first.cache.layers[0].keys)
+        run.before_capture = self.pool.slots.regather
+        return run
+
+    def _route(self, run: Running | StaticRunning) -> None:
+        """Point the LoRA slots at ``run``'s rows (for graphs: through index tensors, the key of the capture)."""
+        if isinstance(run, StaticRunning):
+            graphs = self.decode == "graphs"
+            self.pool.slots.set_rows(run.batch_slots(), indexed=graphs)
+            run.graph_key = self.pool.slots.route_key if graphs else None
+        else:
+            self.pool.slots.set_rows(run.slots)
 
     def _seed(self, r: GenRequest) -> bool:
         """Give a seeded row its generator; a seed torch refuses fails that row only (False)."""

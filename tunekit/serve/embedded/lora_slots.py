@@ -363,10 +363,13 @@ class LoraSlots:
         self._state = _RowState()
         self._wrapped: dict[str, SlotLinear] = {}
         self._dora_slots: set[int] = set()
+        self._index: dict[int, torch.Tensor] = {}  # batch size -> slot indices read by captured steps
+        self.generation = 0  # bumped when the storage is re-allocated (captured steps read the old one)
 
     def apply_layout(self, layout: SlotLayout) -> None:
         """Re-allocate the storage for ``layout`` (all slots emptied) and wrap any new target modules."""
         self.storage = torch.zeros(self.num_slots + 1, layout.numel, device=self.device, dtype=self.dtype)
+        self.generation += 1
         self._dora_slots.clear()
         named = dict(self.model.named_modules())
         offsets, gain_offsets = layout.offsets, layout.gain_offsets
@@ -407,21 +410,41 @@ class LoraSlots:
         self.storage[slot].copy_(packed, non_blocking=True)
         (self._dora_slots.add if dora else self._dora_slots.discard)(slot)
 
-    def set_rows(self, slots: list[int]) -> None:
-        """Route batch row i through slot ``slots[i]`` for the following forwards."""
+    def set_rows(self, slots: list[int], *, indexed: bool = False) -> None:
+        """Route batch row i through slot ``slots[i]`` for the following forwards.
+
+        ``indexed`` (for CUDA graphs): any adapter row means "mixed", and the slot indices are written
+        into one tensor per batch size in place, so a captured step reads the current rows when replayed.
+        """
         st = self._state
-        st.version += 1
-        for w in self._wrapped.values():  # drop the previous batch's gathers now, not at the next forward
-            w._group.clear()
+        self.regather()
         distinct = set(slots)
         st.dora = not distinct.isdisjoint(self._dora_slots)
         if distinct == {0} or not self._wrapped:
             st.mode, st.rows = "base", None
-        elif len(distinct) == 1:
+        elif len(distinct) == 1 and not indexed:
             st.mode, st.slot, st.rows = "single", slots[0], None
         else:
             st.mode = "mixed"
-            st.rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+            rows = torch.tensor(slots, dtype=torch.long)
+            if indexed:
+                buf = self._index.get(len(slots))
+                if buf is None:
+                    buf = self._index[len(slots)] = torch.zeros(len(slots), dtype=torch.long, device=self.device)
+                st.rows = buf.copy_(rows)
+            else:
+                st.rows = rows.to(self.device)
+
+    def regather(self) -> None:
+        """Make the next forward gather each row's A/B again (a new batch composition, or a graph capture)."""
+        self._state.version += 1
+        for w in self._wrapped.values():  # drop the previous batch's gathers now, not at the next forward
+            w._group.clear()
+
+    @property
+    def route_key(self) -> tuple[str, bool, int]:
+        """What a captured decode step depends on besides its shapes: LoRA mode, DoRA, storage generation."""
+        return self._state.mode, self._state.dora, self.generation
 
     @property
     def wrapped_modules(self) -> list[str]:
