@@ -152,7 +152,8 @@ class StaticRunning:
                 setattr(layer, name, new)
             layer.max_batch_size = layer.batch_size = cap
             layer.max_cache_len = length
-        self.cache.max_cache_len = length
+        if not isinstance(getattr(type(self.cache), "max_cache_len", None), property):
+            self.cache.max_cache_len = length  # newer transformers keep it on the cache too; older ones read the layers
         bias = self.bias.new_full((cap, 1, 1, length), torch.finfo(self.bias.dtype).min)
         bias[:self.cap, :, :, lo + shift:t + shift] = self.bias[:, :, :, lo:t]
         ids, pos = self.ids.new_zeros(cap, 1), self.pos.new_zeros(cap, 1)
