@@ -130,10 +130,10 @@ def test_auto_decides_from_the_tokenized_rows(tiny_model, tmp_path):
     """'auto' packs rows averaging at most half of max_length, and leaves longer ones alone."""
     data = write_jsonl(tmp_path / "train.jsonl", mixed_rows())
     rec = Recorder()
-    short = train(make_spec(tiny_model), data, tmp_path / "a", max_steps=1, callbacks=rec)
+    short = train(make_spec(tiny_model), data, tmp_path / "a", max_steps=1, callbacks=rec, packing="auto")
     assert short.extra["packing"] is True
     assert any(m.startswith("packing: on (auto: rows average") for _, m in rec.events)
-    long = train(make_spec(tiny_model, hp={"max_length": 32}), data, tmp_path / "b", max_steps=1)
+    long = train(make_spec(tiny_model, hp={"max_length": 32}), data, tmp_path / "b", max_steps=1, packing="auto")
     assert long.extra["packing"] is False
 
 
@@ -146,3 +146,21 @@ def test_dpo_refuses_packing(tiny_model, tmp_path):
     assert err.value.field == "provider_options.local.packing" and "DPO" in str(err.value)
     auto = run_for_files(make_spec(tiny_model, method="dpo"), data, tmp_path / "o", packing="auto")
     assert auto.training.packing.enabled is False
+
+
+def test_resume_keeps_the_packing(tiny_model, tmp_path, capture_batches):
+    """A run stopped and resumed trains the same packed sequences in the same order as one uninterrupted run."""
+    data = write_jsonl(tmp_path / "train.jsonl", mixed_rows(24))
+    spec = make_spec(tiny_model, hp={"epochs": 1})
+    full = Recorder()
+    train(spec, data, tmp_path / "full", callbacks=full, packing=True)
+    whole = [b["input_ids"].tolist() for b in capture_batches]
+    assert full.total == len(whole) < 12  # 24 rows, 2 per unpacked step: packed, fewer steps
+    capture_batches.clear()
+
+    first = Recorder(stop_at=2)
+    assert train(spec, data, tmp_path / "split", callbacks=first, packing=True, checkpoint_steps=1).stopped
+    out = train(spec, data, tmp_path / "split", callbacks=Recorder(), packing=True, checkpoint_steps=1,
+                resume_from_checkpoint=True)
+    assert out.resumed_from.endswith("checkpoint-2") and out.extra["packing"] is True
+    assert [b["input_ids"].tolist() for b in capture_batches] == whole
