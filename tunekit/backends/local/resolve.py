@@ -177,11 +177,11 @@ def packing_decision(method: str, requested: bool | str, *, mean_tokens: float |
                               "and cannot be packed", field="provider_options.local.packing",
                               hint="drop packing (or set it to 'auto' or false) for method='dpo'")
         return False, "DPO does not pack (chosen/rejected pairs)"
-    if requested is not True and requested is not False and mean_tokens is None:
+    if isinstance(requested, bool):
+        return requested, "requested"
+    if mean_tokens is None:
         return None, (f"auto: decided once the rows are tokenized (on when their mean length is at most "
                       f"{PACK_BELOW:g} x max_length)")
-    if requested is True or requested is False:
-        return requested, "requested"
     on = mean_tokens <= PACK_BELOW * max_length
     return on, (f"auto: rows average {mean_tokens:.0f} tokens, {'at most' if on else 'more than'} "
                 f"{PACK_BELOW:g} x max_length={max_length}")

@@ -63,7 +63,7 @@ class Training(Hyperparameters):
     loraplus_lr_ratio: Optional[float] = None
     estimated_total_steps: Optional[int] = None
     checkpointing: Checkpointing
-    packing: Optional[Packing] = None
+    packing: Optional[Packing] = None  # None: a run stored before the option existed (trained unpacked)
     notes: list[str] = Field(default_factory=list)
 
 
