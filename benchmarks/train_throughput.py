@@ -1,8 +1,10 @@
 """Local training throughput: the plain recipe vs tunekit's local path, same shapes and data, in one run.
 
-    python benchmarks/train_throughput.py [--shape llama-3.1-8b|tiny] [--layers N] [--seq 2048] [--batch 4]
-        [--rank 16] [--variant qlora dora lora_bf16 auto] [--steps 5] [--warmup 2] [--qlora-budget-gib 20]
-        [--attribution] [--check-loss [--loss-steps 30]] [--out DIR]
+    python benchmarks/train_throughput.py [--shape llama-3.1-8b|tiny] [--layers N] [--seq 2048 [8192 ...]]
+        [--batch 4] [--rank 16] [--variant qlora dora lora_bf16 auto] [--steps 5] [--warmup 2]
+        [--qlora-budget-gib 20] [--mixed] [--attribution] [--check-loss [--loss-steps 30]] [--out DIR]
+
+--seq takes several lengths and runs everything at each (a sweep; one table per length).
 
 The model is a random-weight model built from the real config (Llama-3.1-8B: vocab 128256, hidden 4096,
 intermediate 14336, 32 layers, 32/8 heads) with tunekit's code-made byte tokenizer, saved once under /tmp and
@@ -19,6 +21,10 @@ Variants (each side in its own subprocess, so no kernel patch or allocator state
   dora       plain QLoRA + DoRA     vs tunekit nf4 + use_dora (same budget); also vs tunekit's own qlora
   lora_bf16  plain bf16 LoRA        vs tunekit quantization="none"
   auto       plain QLoRA            vs tunekit quantization="auto" (bf16 when it fits the device)
+--mixed: rows of mixed lengths like the bundled data (log-uniform from 64 to min(2048, --seq) tokens; --seq is
+max_length) instead of rows filling --seq; the plain recipe pads each batch to its longest row, tunekit runs
+unpacked (packing=false, padded as plain) and packed (packing=true: rows packed into --seq-token sequences,
+each row attending only to itself). Tokens/s counts the rows' tokens only (no padding) on both sides.
 Tokens/s is the median over --steps timed steps after --warmup; peak memory is torch.cuda.max_memory_allocated
 over the training steps. --attribution adds tunekit runs with provider_options.local.speedups="off" (the TRL path
 alone).
@@ -105,6 +111,13 @@ def make_rows(tok, n: int, lengths: list[int], seed: int) -> list[dict]:
     return rows
 
 
+def mixed_lengths(n: int, seq: int, seed: int) -> list[int]:
+    """--mixed: row lengths log-uniform in [64, min(2048, seq)], like the bundled data (short rows dominate)."""
+    rng = random.Random(seed)
+    hi = min(2048, seq)
+    return [min(hi, int(64 * (hi / 64) ** rng.random())) for _ in range(n)]
+
+
 def encode(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) the way TRL builds them: prompt tokens masked, EOS appended to the completion."""
     out = []
@@ -161,7 +174,8 @@ def plain_run(p: dict) -> dict:
     if p["check"]:
         batches = [collate(data, tok.pad_token_id)] * p["loss_steps"]
     else:
-        batches = [collate(data[i * B:(i + 1) * B], tok.pad_token_id) for i in range(len(data) // B)]
+        n = min(len(data) // B, p["warmup"] + p["steps"])  # --mixed writes more rows than the plain loop needs
+        batches = [collate(data[i * B:(i + 1) * B], tok.pad_token_id) for i in range(n)]
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -255,7 +269,7 @@ def tunekit_run(p: dict) -> dict:
     budget = p.get("budget_gib")
     run = run_for_files(spec, p["data"], tempfile.mkdtemp(prefix="tk-bench-"), max_steps=steps, device=p["device"],
                         logging_steps=1, memory_budget_gb=float(budget) if budget else None,
-                        speedups=p.get("speedups", "auto"))
+                        speedups=p.get("speedups", "auto"), packing=p.get("packing", False))
     out = train(run, rec)
     # logging_first_step adds a log at step 1; marks[0] is the start, so marks[i] ends step i
     times = [b[0] - a[0] for a, b in zip(rec.marks, rec.marks[1:])]
@@ -264,7 +278,7 @@ def tunekit_run(p: dict) -> dict:
            "step_tokens": tokens, "events": rec.events,
            "quantization": out.quantization, "speed": out.extra.get("speed"),
            "memory_estimate_bytes": out.memory_estimate.get("total_bytes"), "optimizer": out.optimizer,
-           "gradient_checkpointing": out.gradient_checkpointing}
+           "gradient_checkpointing": out.gradient_checkpointing, "packing": out.extra.get("packing")}
     if p["device"] == "cuda":
         import torch
 
@@ -319,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
-    ap.add_argument("--seq", type=int, default=None, help="tokens per example (default 2048; tiny: 128)")
+    ap.add_argument("--seq", type=int, nargs="+", default=None,
+                    help="tokens per example, or max_length with --mixed; several: a sweep (default 2048; tiny: 128)")
+    ap.add_argument("--mixed", action="store_true",
+                    help="rows of 64..2048 tokens; tunekit unpacked and packed (see above)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--variant", nargs="+", default=["qlora", "dora", "lora_bf16", "auto"],
@@ -356,10 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    seq = a.seq or (2048 if a.shape != "tiny" else 128)
+    seqs = a.seq or [2048 if a.shape != "tiny" else 128]
     layers = a.layers
     model_dir = f"/tmp/tunekit-bench/{a.shape}" + (f"-L{layers}" if layers else "") + f"-{device}"
-    base = {"model": model_dir, "shape": a.shape, "layers": layers, "device": device, "seq": seq,
+    base = {"model": model_dir, "shape": a.shape, "layers": layers, "device": device, "seq": seqs[0],
             "batch": a.batch, "rank": a.rank, "lr": a.lr, "seed": a.seed, "steps": a.steps, "warmup": a.warmup,
             "loss_steps": a.loss_steps, "check": a.check_loss, "profile": a.profile}
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
@@ -372,11 +389,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    rc = 0
+    for seq in seqs:
+        if len(seqs) > 1:
+            print(json.dumps({"seq": seq}), flush=True)
+        rc |= run_length(a, {**base, "seq": seq}, tok, meta, device)
+    return rc
+
+
+def run_length(a, base: dict, tok, meta: dict, device: str) -> int:
+    """Every variant at one --seq length (one table)."""
+    seq, n = base["seq"], a.batch * (a.warmup + a.steps)
     data = Path(tempfile.mkdtemp(prefix="tk-bench-data-")) / "train.jsonl"
     if a.check_loss:
         rows = check_rows(tok, a.batch, seq, a.seed)
+    elif a.mixed:  # enough rows for the packed run's steps too (each packed sequence holds several rows)
+        lengths = mixed_lengths(n, seq, a.seed)
+        per_row = sum(lengths) / len(lengths)
+        lengths = mixed_lengths(int(n * (seq / per_row) * 1.5) + n, seq, a.seed)
+        rows = make_rows(tok, len(lengths), lengths, a.seed)
     else:
-        rows = make_rows(tok, a.batch * (a.warmup + a.steps), [seq] * (a.batch * (a.warmup + a.steps)), a.seed)
+        rows = make_rows(tok, n, [seq] * n, a.seed)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base["data"] = str(data)
 
@@ -405,10 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     for v in a.variant:
         plain_variant = "qlora" if v == "auto" else v
         if not a.no_plain and plain_variant not in plain_cache:
-            plain_cache[plain_variant] = record(plain_variant, "plain", child("plain", {**base, "variant": plain_variant}))
+            plain_cache[plain_variant] = record(plain_variant, "plain", child("plain", {**base, "variant": plain_variant}),
+                                                {"seq": seq, "mixed": a.mixed})
         budget = a.qlora_budget_gib if (v in ("qlora", "dora") and a.qlora_budget_gib and device == "cuda") else None
         p = {**base, "variant": v, "budget_gib": budget}
-        tk = record(v, "tunekit", child("tunekit", p), {"budget_gib": budget})
+        tk = record(v, "tunekit", child("tunekit", p), {"budget_gib": budget, "seq": seq, "mixed": a.mixed})
+        if a.mixed:
+            packed = record(v, "tunekit_packed", child("tunekit", {**p, "packing": True}),
+                            {"budget_gib": budget, "seq": seq, "mixed": True})
+            if packed.get("tokens_per_s") and tk.get("tokens_per_s"):
+                packed["ratio_vs_unpacked"] = round(packed["tokens_per_s"] / tk["tokens_per_s"], 3)
         if a.attribution is not None and (not a.attribution or v in a.attribution):
             record(v, "tunekit_speedups_off", child("tunekit", {**p, "speedups": "off"}), {"budget_gib": budget})
         if v == "qlora":
@@ -430,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
 def table(results: list[dict], plain: dict, meta: dict) -> None:
     q = (plain.get("qlora") or {}).get("tokens_per_s")
     tk_q = next((r.get("tokens_per_s") for r in results if r["variant"] == "qlora" and r["impl"] == "tunekit"), None)
-    print(f"\n{meta['date']} commit {meta['commit']} on {meta['gpu'] or meta['device']}")
+    seq = next((r["seq"] for r in results if r.get("seq")), None)
+    print(f"\n{meta['date']} commit {meta['commit']} on {meta['gpu'] or meta['device']}, seq {seq}"
+          + (" (--mixed: rows of 64..2048 tokens)" if any(r.get("mixed") for r in results) else ""))
     print(f"{'variant':10} {'impl':30} {'tok/s':>9} {'peak GiB':>9} {'x plain':>8} {'x plain qlora':>13}  notes")
     for r in results:
         if "error" in r:

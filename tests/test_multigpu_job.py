@@ -36,10 +36,11 @@ def train(tmp_path):
 
 
 def _kw(model, **options):
-    # no dropout: each rank draws its own dropout masks, so only the dropout-free runs are comparable
+    # no dropout: each rank draws its own dropout masks, so only the dropout-free runs are comparable;
+    # packing off: these jobs count unpacked steps (rows / batch_size), and 'auto' would pack the tiny rows
     return dict(base_model=str(model), backend="local", adapter={"r": 8, "dropout": 0.0},
                 hyperparameters={"batch_size": 4, "max_length": 64, "epochs": 1},
-                provider_options={"local": {"checkpoint_steps": 4, **options}})
+                provider_options={"local": {"checkpoint_steps": 4, "packing": False, **options}})
 
 
 def _wait_for(job, predicate, timeout=120.0):

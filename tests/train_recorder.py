@@ -45,5 +45,8 @@ def train_files(spec, data, output_dir, *, callbacks=None, resume_from_checkpoin
 
     if memory_budget_bytes:
         options["memory_budget_gb"] = memory_budget_bytes / 2**30
+    # these tiny rows would be packed by 'auto'; the tests that use this helper check the unpacked batches,
+    # packing has its own (tests/test_local_packing.py, which asks for it)
+    options.setdefault("packing", False)
     run = run_for_files(spec, data, output_dir, validation_path=validation_path, **options)
     return train(run, callbacks, resume_from_checkpoint=resume_from_checkpoint)

@@ -128,6 +128,8 @@ class LocalBackend(Backend):
     def plan_notes(self, spec: TrainingSpec, ctx: PlanContext) -> list[str]:
         run = ctx.extra["run"]
         notes = [f"quantization: {run.quantization.mode} ({run.quantization.reason})"]
+        if (pk := run.training.packing) is not None:
+            notes.append(f"packing: {'auto' if pk.enabled is None else 'on' if pk.enabled else 'off'} ({pk.reason})")
         est = run.memory_estimate
         if est is None:
             notes.append(f"memory: no estimate ({run.estimate_skipped})")

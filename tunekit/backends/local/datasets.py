@@ -41,6 +41,11 @@ class PreparedData:
     masking: str | None = None  # how assistant tokens were found: markers | trl_training_template | prefix
     chat_template: str | None = None  # the template actually used for tokenizing (None: tokenizer's own)
     lines: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # tokens per SFT example (what packing decides from)
+
+    @property
+    def mean_tokens(self) -> float | None:
+        return sum(self.lengths) / len(self.lengths) if self.lengths else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -98,16 +103,17 @@ def prepare(
 # ---------------------------------------------------------------- prompt/response
 
 def build_prompt_completion(rows: list[tuple[int, dict]], tokenizer: Any, *, max_length: int) -> PreparedData:
-    records, truncated, no_loss = [], 0, 0
+    records, truncated, no_loss, lengths = [], 0, 0, []
     eos = tokenizer.eos_token or ""
     for _, row in rows:
         answer = row["response"] if "response" in row else row["completion"]
         records.append({"prompt": row["prompt"], "completion": answer})
         ex = prompt_completion_example(tokenizer, row["prompt"], answer + eos)
+        lengths.append(min(len(ex["input_ids"]), max_length))
         truncated += len(ex["input_ids"]) > max_length
         no_loss += not any(ex["completion_mask"][:max_length])
     return PreparedData(records, "prompt_response", "prompt_completion", truncated, no_loss,
-                        lines=[line for line, _ in rows])
+                        lines=[line for line, _ in rows], lengths=lengths)
 
 
 def prompt_completion_example(tokenizer: Any, prompt: str, completion: str) -> dict:
@@ -234,7 +240,8 @@ def build_chat(rows: list[tuple[int, dict]], tokenizer: Any, *, max_length: int)
         no_loss += not any(ex["assistant_masks"][:max_length])
         records.append(ex)
     return PreparedData(records, "chat", "tokenized_chat", truncated, no_loss, masking=masking,
-                        chat_template=template, lines=[line for line, _ in rows])
+                        chat_template=template, lines=[line for line, _ in rows],
+                        lengths=[min(len(r["input_ids"]), max_length) for r in records])
 
 
 # ---------------------------------------------------------------- preference (DPO)

@@ -162,3 +162,26 @@ def resolve_run(
         optimizer=optimizer_name(spec, quant.quantized, on_gpu), estimate=est, estimate_skipped=skipped, speed=speed,
         model_config=model_config, estimate_kwargs=est_kw,
     )
+
+
+PACK_BELOW = 0.5  # 'auto' packs when the rows' mean length is at most this share of max_length
+
+
+def packing_decision(method: str, requested: bool | str, *, mean_tokens: float | None = None,
+                     max_length: int | None = None) -> tuple[bool | None, str]:
+    """(packed?, why) for provider_options.local.packing. ``mean_tokens`` None: the rows are not tokenized
+    yet, so 'auto' on SFT is left to the worker (None), which calls this again with the tokenized mean."""
+    if method == "dpo":
+        if requested is True:
+            raise ConfigError("provider_options.local.packing=true: DPO trains chosen/rejected pairs of one prompt "
+                              "and cannot be packed", field="provider_options.local.packing",
+                              hint="drop packing (or set it to 'auto' or false) for method='dpo'")
+        return False, "DPO does not pack (chosen/rejected pairs)"
+    if isinstance(requested, bool):
+        return requested, "requested"
+    if mean_tokens is None:
+        return None, (f"auto: decided once the rows are tokenized (on when their mean length is at most "
+                      f"{PACK_BELOW:g} x max_length)")
+    on = mean_tokens <= PACK_BELOW * max_length
+    return on, (f"auto: rows average {mean_tokens:.0f} tokens, {'at most' if on else 'more than'} "
+                f"{PACK_BELOW:g} x max_length={max_length}")

@@ -45,6 +45,15 @@ class Checkpointing(_Part):
     reason: Optional[str] = None
 
 
+class Packing(_Part):
+    """SFT rows packed into sequences of max_length tokens (TRL's best-fit-decreasing packing, padding-free:
+    position ids restart at each row, so each row attends only to itself)."""
+
+    requested: Union[bool, Literal["auto"]]
+    enabled: Optional[bool]  # None: 'auto' on SFT, decided by the worker from the tokenized rows
+    reason: str
+
+
 class Training(Hyperparameters):
     """The spec's hyperparameters and what the plan decided from them."""
 
@@ -54,6 +63,7 @@ class Training(Hyperparameters):
     loraplus_lr_ratio: Optional[float] = None
     estimated_total_steps: Optional[int] = None
     checkpointing: Checkpointing
+    packing: Optional[Packing] = None  # None: a run stored before the option existed (trained unpacked)
     notes: list[str] = Field(default_factory=list)
 
 
@@ -144,15 +154,18 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     """Resolve ``spec`` into a run. ``spec.base_model`` is already resolved (catalog name -> id, directory ->
     absolute); ``rows`` (training rows) sizes the checkpoint interval when the run's length is known."""
     from .peft_config import lora_kwargs
-    from .resolve import resolve_run
+    from .resolve import packing_decision, resolve_run
 
     hp = spec.hyperparameters
+    packed, pack_reason = packing_decision(spec.method, options.packing)
     _gen_eval.check_plan(options.eval_generate, spec.validation_data)
     r = resolve_run(spec, device=options.device, gradient_checkpointing=options.gradient_checkpointing,
                     memory_budget_bytes=options.memory_budget_bytes, speedups=options.speedups)
     rows = data.train.rows if data is not None and data.train.rows else rows
-    total = options.max_steps or (math.ceil(rows / hp.batch_size) * hp.epochs if rows else None)
-    ckpt = options.checkpoint_steps or (max(1, math.ceil(total / 10)) if total else 50)
+    # packed, a step takes batch_size packed sequences of several rows each: the row count bounds the steps
+    most = math.ceil(rows / hp.batch_size) * hp.epochs if rows else None
+    total = options.max_steps or (most if packed is False else None)
+    ckpt = options.checkpoint_steps or (max(1, math.ceil((total or most) / 10)) if total or most else 50)
     run_options = RunOptions.model_validate({
         **options.model_dump(), "checkpoint_steps": ckpt,
         "eval_steps": options.eval_steps or (ckpt if spec.validation_data else None)})
@@ -173,6 +186,7 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
                 enabled=r.gradient_checkpointing,
                 layers=f"{sp.checkpointed_layers}/{sp.num_layers}" if sp else None,
                 reason=sp.reasons.get("checkpointing") if sp else None),
+            packing=Packing(requested=options.packing, enabled=packed, reason=pack_reason),
             notes=sp.notes if sp else []),
         device=Device(type=r.device.type, name=r.device.name, memory_bytes=r.device.total_memory),
         validation_data=spec.validation_data, output=Output(name=spec.suffix), options=run_options,

@@ -263,6 +263,13 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     if data.no_loss_count:
         cb.on_event("warning", f"{data.no_loss_count} training examples have no trained token left and are skipped")
 
+    packing = hp.packing.enabled if hp.packing is not None else False
+    if packing is None:  # 'auto' on SFT: the plan left it to the tokenized rows
+        from .resolve import packing_decision
+
+        packing, why = packing_decision(spec.method, "auto", mean_tokens=data.mean_tokens, max_length=hp.max_length)
+        cb.on_event("info", f"packing: {'on' if packing else 'off'} ({why})")
+
     resume = _resolve_resume(resume_from_checkpoint, ckpt_dir, cb)
     if resume:
         cb.on_event("info", f"resuming from {resume}")
@@ -319,7 +326,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         optim_name=optim_name, optimizers=optimizers, gradient_checkpointing=False,  # kernels.apply set it per layer
         checkpoint_steps=run.options.checkpoint_steps, keep_checkpoints=run.options.keep_checkpoints,
         max_steps=run.options.max_steps, eval_steps=run.options.eval_steps, logging_steps=run.options.logging_steps,
-        extra_args=_ranks.trainer_args(layout, model, on_gpu),
+        extra_args=_ranks.trainer_args(layout, model, on_gpu), packing=packing,
     )
     speed_applied["fp32_adapter_params"] = _kernels.after_trainer(trainer, speed)
     bridge = _make_bridge(cb, dev, ckpt_dir)
@@ -396,7 +403,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         chat_template_sha256=_provenance.text_sha256(
             tokenizer.chat_template if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template else None),
         base_model_revision=getattr(config, "_commit_hash", None),
-        extra={"row_kind": data.row_kind, "validation_examples": len(val) if val else 0,
+        extra={"row_kind": data.row_kind, "packing": packing, "validation_examples": len(val) if val else 0,
                "validation_truncated": val.truncated_count if val else 0,
                "base_linear_class": _adapted_base_class(trainer.model),
                "optimizer_lrs": _initial_lrs(trainer), "speed": {**speed.to_dict(), "applied": speed_applied}},
@@ -449,7 +456,7 @@ def _adapted_base_class(model: Any) -> str | None:
 def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData | None, *, ckpt_dir: Path,
                    micro: int, accum: int, on_gpu: bool, optim_name: str, optimizers, gradient_checkpointing: bool,
                    checkpoint_steps: int | None, keep_checkpoints: int | None, max_steps: int | None, eval_steps,
-                   logging_steps: int, extra_args: dict[str, Any] | None = None):
+                   logging_steps: int, extra_args: dict[str, Any] | None = None, packing: bool = False):
     from datasets import Dataset
 
     hp = spec.training
@@ -497,8 +504,11 @@ def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData
                               processing_class=tokenizer, optimizers=optimizers)
         from trl import SFTConfig, SFTTrainer
 
+        # packing: TRL's best-fit-decreasing packs whole rows (none split) and is padding-free: the collator
+        # restarts position_ids at each row, from which the attention (sdpa/eager mask, flash varlen) keeps
+        # rows apart; the completion/assistant mask is turned into labels before packing, so it is kept
         args = SFTConfig(**common, completion_only_loss=data.trl_format == "prompt_completion",
-                         assistant_only_loss=False, packing=False)
+                         assistant_only_loss=False, packing=packing, packing_strategy="bfd")
         return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, optimizers=optimizers)
     except ValueError as exc:
