@@ -107,7 +107,9 @@ def test_plan_records_and_shows_the_decision(tiny_model, tmp_path):
     from tunekit.backends.local.run import LocalRun, check_facts, run_for_files
 
     data = write_jsonl(tmp_path / "train.jsonl", mixed_rows())
-    auto = run_for_files(make_spec(tiny_model), data, tmp_path / "o1")
+    default = run_for_files(make_spec(tiny_model), data, tmp_path / "o0")
+    assert default.training.packing.requested is False and default.training.packing.enabled is False  # off unless asked
+    auto = run_for_files(make_spec(tiny_model), data, tmp_path / "o1", packing="auto")
     assert auto.training.packing.requested == "auto" and auto.training.packing.enabled is None
     assert auto.training.estimated_total_steps is None  # rows per step depend on how they pack
     on = run_for_files(make_spec(tiny_model), data, tmp_path / "o2", packing=True)

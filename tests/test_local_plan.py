@@ -100,12 +100,14 @@ def test_defaults_are_resolved_without_any_set_field(tiny_model):
     r = plan.request
     assert [d.field for d in plan.fields] == ["base_model"]
     assert r["training"]["micro_batch_size"] == 8
+    # packing is off unless asked: 100 rows / batch 8 = 13 steps
+    assert r["training"]["estimated_total_steps"] == 13 and r["training"]["packing"]["enabled"] is False
     # packing 'auto' is decided from the tokenized rows: rows per step, hence steps, are not known yet
-    assert r["training"]["estimated_total_steps"] is None and r["training"]["packing"]["enabled"] is None
-    unpacked = _spec(tiny_model, provider_options={"local": {"packing": False}})
-    plan_off = LocalBackend().plan(unpacked, context=PlanContext(spec=unpacked, rows=100))
-    assert plan_off.request["training"]["estimated_total_steps"] == 13
-    assert r["options"]["checkpoint_steps"] == 2  # ~10 checkpoints per run by default (packed: at most 13 steps)
+    auto = _spec(tiny_model, provider_options={"local": {"packing": "auto"}})
+    plan_auto = LocalBackend().plan(auto, context=PlanContext(spec=auto, rows=100))
+    assert plan_auto.request["training"]["estimated_total_steps"] is None
+    assert plan_auto.request["training"]["packing"]["enabled"] is None
+    assert r["options"]["checkpoint_steps"] == 2  # ~10 checkpoints per run by default
     assert r["options"]["keep_checkpoints"] == 3  # of which the newest 3 stay on disk
     assert r["lora"]["r"] == 32 and r["lora"]["init_lora_weights"] is True
     assert any(n.startswith("memory: ~") and "fits" in n for n in plan.notes)

@@ -59,10 +59,12 @@ class LocalOptions(BaseModel):
     speedups: Union[Literal["auto", "off"], Annotated[list[SpeedupOff], Field(min_length=1)]] = Field(
         "auto", description="'auto' (every speed-up the run can use), 'off', or the ones to leave out, e.g. "
                             "['-liger', '-fast_dora'] (default 'auto'; for diagnosis and benchmarks)")
+    # off by default: packing changes how many rows a step holds, hence the step count and the schedule, so
+    # it is the user's choice, not a silent change of what an existing spec trains
     packing: Union[Literal["auto"], bool] = Field(
-        "auto", description="SFT rows packed into sequences of max_length tokens, each row attending only to itself: "
-                            "true, false or 'auto' (on when the tokenized rows' mean length is at most half of "
-                            "max_length; never for DPO)")
+        False, description="SFT rows packed into sequences of max_length tokens, each row attending only to itself: "
+                           "true, false or 'auto' (on when the tokenized rows' mean length is at most half of "
+                           "max_length; never for DPO) (default false)")
 
     # several GPUs / nodes (docs/multi-gpu.md)
     gpus: Union[Literal["all"], Annotated[int, Field(ge=1, le=MAX_GPUS)]] = Field(
