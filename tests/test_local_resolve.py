@@ -121,3 +121,34 @@ def test_another_device_than_planned_is_a_plan_change(tiny_model):
     assert changes["facts"]["device"][0]["memory_bytes"] == 2**40
     assert changes["device.memory_bytes"] == [2**40, planned.device.memory_bytes]
     assert now == planned  # resolving again on the planning machine gives the plan back
+
+
+def test_a_hub_model_not_cached_at_plan_time_is_fetched_and_replanned_by_the_worker(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    """The plan never downloads: a hub model not yet in the cache is planned without its config. The worker
+    fetches config.json into the cache and re-plans with it (else train() could only refuse the run)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from tunekit.backends.local.run import check_facts
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo, fetched = "tunekit-test/tiny-llama", []
+
+    def hf_hub_download(repo_id, filename, **kw):  # the hub's cache layout, as a real download leaves it
+        fetched.append((repo_id, filename))
+        snap = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "abc123"
+        snap.mkdir(parents=True)
+        (snap.parent.parent / "refs").mkdir()
+        (snap.parent.parent / "refs" / "main").write_text("abc123")
+        (snap / filename).write_text((tiny_model / filename).read_text())
+        return str(snap / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    spec = TrainingSpec.model_validate({"base_model": repo, "provider_options": {"local": {"device": "cpu"}}})
+    planned = LocalRun.model_validate(LocalBackend().plan(spec).request)
+    assert planned.memory_estimate is None and planned.speed is None and fetched == []  # the plan read no network
+    now, changes = check_facts(planned, spec)
+    assert fetched == [(repo, "config.json")]
+    assert changes["facts"] == {"config": ["unreadable", "read"]}
+    assert now.memory_estimate is not None and now.memory_estimate.total_bytes > 0 and now.speed is not None

@@ -192,7 +192,7 @@ def check_facts(run: LocalRun, spec: TrainingSpec) -> tuple[LocalRun, dict[str, 
 
     dev = device_info(run.options.device)
     now = Device(type=dev.type, name=dev.name, memory_bytes=dev.total_memory)
-    config_known = read_config(run.base_model)[0] is not None
+    config_known = read_config(run.base_model, fetch=True)[0] is not None  # a hub model's, downloaded now
     moved = {}
     if now != run.device:
         moved["device"] = [run.device.model_dump(), now.model_dump()]
