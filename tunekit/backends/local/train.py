@@ -448,7 +448,7 @@ def _adapted_base_class(model: Any) -> str | None:
 
 def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData | None, *, ckpt_dir: Path,
                    micro: int, accum: int, on_gpu: bool, optim_name: str, optimizers, gradient_checkpointing: bool,
-                   checkpoint_steps: int | None, keep_checkpoints: int | None, max_steps: int | None, eval_steps,
+                   checkpoint_steps: int, keep_checkpoints: int | None, max_steps: int | None, eval_steps,
                    logging_steps: int, extra_args: dict[str, Any] | None = None):
     from datasets import Dataset
 
@@ -473,11 +473,11 @@ def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData
         logging_steps=logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a non-finite loss must be seen (check_finite_step), not averaged away
-        save_strategy="steps" if checkpoint_steps else "no",
-        save_steps=checkpoint_steps or 500,
+        save_strategy="steps",
+        save_steps=checkpoint_steps,
         save_total_limit=keep_checkpoints,  # older ones are deleted only after a newer one is fully written
         eval_strategy="steps" if val is not None else "no",
-        eval_steps=(eval_steps or checkpoint_steps or 0.1) if val is not None else None,
+        eval_steps=eval_steps if val is not None else None,  # the run's (run.plan_run sets its default)
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
