@@ -58,6 +58,7 @@ def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, monkeypatch, v
     stored = LocalRun.model_validate(req).model_copy(update={"data": RunData(train=snapshot)})
     record = SimpleNamespace(id="tk-resolve", request=stored.model_dump(mode="json"), spec=spec.model_dump())
     import tunekit.backends.local.resolve as resolve_mod
+    import tunekit.backends.local.peft_config as peft_config_mod
     import tunekit.backends.local.speed as speed_mod
 
     def resolved_again(*a, **kw):
@@ -65,6 +66,7 @@ def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, monkeypatch, v
 
     monkeypatch.setattr(resolve_mod, "resolve_run", resolved_again)  # the plan was the one pass
     monkeypatch.setattr(speed_mod, "plan", resolved_again)
+    monkeypatch.setattr(peft_config_mod, "resolve_quantization", resolved_again)  # train() loads the run's mode
     out = _train(record, TrainCallbacks(), None)
     trained = LocalRun.model_validate_json((tmp_path / "out" / "run.json").read_text())
     assert trained == stored == LocalRun.model_validate(record.request)  # the worker trained the stored run

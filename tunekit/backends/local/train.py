@@ -16,7 +16,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ..._exceptions import ConfigError, TrainingError
@@ -269,8 +268,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
 
     # ---- model
     _quiet_progress_bars()
-    # the run's mode, given as an explicit request: nothing is decided again
-    bnb_cfg, _ = quantization_config(SimpleNamespace(quantization=decision.mode), dev)
+    bnb_cfg = quantization_config(decision)  # the run's mode: nothing is decided again
     if bnb_cfg is not None and (layout or {}).get("quant_storage"):  # FSDP2 shards 4-bit weights stored as bf16
         bnb_cfg.bnb_4bit_quant_storage = torch.bfloat16
     load_kw: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
