@@ -315,3 +315,27 @@ def test_a_70b_bf16_plan_on_80gb_gpus_shards_and_names_the_gpus_it_needs(tmp_pat
     with pytest.raises(ResourceError) as exc:  # and refused at submit (its check) with the same suggestion
         check_fits(LocalRun.model_validate(one.request).memory_estimate.estimate())
     assert "gpus=4" in exc.value.hint
+
+
+def test_a_rank_process_is_not_taken_for_the_jobs_worker():
+    """find_remote records the worker's pid, never one of the torchrun ranks running the same module."""
+    import subprocess
+    import sys
+
+    from tunekit.backends.local.process import WORKER_MODULE, find_worker_pid
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)", "-m", WORKER_MODULE, "job-find-pid"]
+    rank = subprocess.Popen(sleep + ["--rank"])
+    try:
+        time.sleep(0.2)
+        assert find_worker_pid("job-find-pid") is None
+        worker = subprocess.Popen(sleep)
+        try:
+            time.sleep(0.2)
+            assert find_worker_pid("job-find-pid") == worker.pid
+        finally:
+            worker.kill()
+            worker.wait()
+    finally:
+        rank.kill()
+        rank.wait()
