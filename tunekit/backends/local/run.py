@@ -147,7 +147,6 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     from .resolve import resolve_run
 
     hp = spec.hyperparameters
-    _gen_eval.check_plan(options.eval_generate, spec.validation_data)
     r = resolve_run(spec, device=options.device, gradient_checkpointing=options.gradient_checkpointing,
                     memory_budget_bytes=options.memory_budget_bytes, speedups=options.speedups)
     rows = data.train.rows if data is not None and data.train.rows else rows
@@ -159,6 +158,7 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     from .layout import from_options, more_gpus
 
     layout = from_options(spec, r, options.model_dump())  # None: one process
+    _gen_eval.check_plan(options.eval_generate, spec.validation_data, layout.world_size if layout else 1)
     est, sp = (layout.estimate if layout is not None and layout.estimate is not None else r.estimate), r.speed
     if layout is None and est is not None and est.fits is False and (more := more_gpus(spec, r)):
         est.suggestions.append(more)
