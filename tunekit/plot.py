@@ -34,7 +34,7 @@ def loss_series(metrics: Iterable[dict[str, Any]]) -> dict[str, list[tuple[int, 
 
 def score_series(metrics: Iterable[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, score)]} of the eval rows' generated-answer scores, sorted by step."""
-    from ...eval.metrics import TEXT_METRICS
+    from .eval.metrics import TEXT_METRICS
 
     out: dict[str, list[tuple[int, float]]] = {}
     for row in metrics:
