@@ -154,3 +154,18 @@ def test_a_hub_model_not_cached_at_plan_time_is_fetched_and_replanned_by_the_wor
     assert fetched == [(repo, "config.json")]
     assert changes["facts"] == {"config": ["unreadable", "read"]}
     assert now.memory_estimate is not None and now.memory_estimate.total_bytes > 0 and now.speed is not None
+
+
+def test_a_plan_resolves_the_base_model_and_the_run_once(tiny_model, monkeypatch):
+    import tunekit.backends.local.backend as backend_mod
+    import tunekit.backends.local.resolve as resolve_mod
+
+    calls = []
+    base, run = backend_mod.resolve_base_model, resolve_mod.resolve_run
+    monkeypatch.setattr(backend_mod, "resolve_base_model", lambda v: calls.append("base_model") or base(v))
+    monkeypatch.setattr(resolve_mod, "resolve_run", lambda *a, **kw: calls.append("run") or run(*a, **kw))
+    spec = TrainingSpec.model_validate({"base_model": str(tiny_model), "quantization": "none", "suffix": "s"})
+    plan = LocalBackend().plan(spec)
+    assert calls == ["base_model", "run"]  # the field map shows the run's base model, it does not resolve it again
+    assert plan.request["base_model"] == str(tiny_model.resolve())
+    assert next(f for f in plan.fields if f.field == "base_model").disposition == "transformed"
