@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tunekit._exceptions import JobNotFoundError, StoreError
+from tunekit._exceptions import AdapterNotFoundError, JobNotFoundError, StoreError
 from tunekit.schemas.job import JobEvent, JobStatus
 from tunekit.store import Store
 from tunekit.store.migrations import MIGRATIONS
@@ -89,6 +89,9 @@ def test_adapter_registry_filters():
     assert store.get_adapter(a.id).merge_check == {"top1_agreement": 1.0}
     store.remove_adapter(a.id)
     assert len(store.list_adapters()) == 1
+    with pytest.raises(AdapterNotFoundError, match="no adapter") as info:  # not a missing job
+        store.get_adapter(a.id)
+    assert not isinstance(info.value, JobNotFoundError) and "tunekit adapters list" in info.value.hint
 
 
 def test_compare_and_set_refuses_a_stale_status():

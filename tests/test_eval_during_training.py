@@ -136,6 +136,12 @@ def test_the_plan_shows_the_cost_and_refuses_the_option_without_validation_data(
     with pytest.raises(ConfigError, match="no validation_data") as info:
         LocalBackend().plan(spec())
     assert info.value.field == "provider_options.local.eval_generate"
+    # several ranks (here 2 CPU processes): refused at plan time, not generated N times or hung under FSDP2
+    ranked = spec(validation_data=str(val))
+    ranked = ranked.model_copy(update={"provider_options": {"local": {**ranked.provider_options["local"], "gpus": 2}}})
+    with pytest.raises(ConfigError, match="runs in one process; this run trains on 2 ranks") as info:
+        LocalBackend().plan(ranked)
+    assert info.value.field == "provider_options.local.eval_generate"
 
 
 def test_generated_scores_and_validation_loss_at_the_same_step_share_its_row(tmp_path):

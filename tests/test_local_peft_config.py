@@ -74,11 +74,13 @@ def test_nf4_config_is_the_qlora_recipe():
 
     from tunekit.backends.local.peft_config import quantization_config
 
-    cfg, decision = quantization_config(spec(quantization="nf4"), GPU)
+    decision = resolve_quantization(spec(quantization="nf4"), GPU)
+    cfg = quantization_config(decision)
     assert decision.quantized
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
     assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
-    cfg, decision = quantization_config(spec(), CPU)
+    decision = resolve_quantization(spec(), CPU)
+    cfg = quantization_config(decision)
     assert cfg is None and decision.mode == "none"
 
 

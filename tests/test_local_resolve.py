@@ -58,6 +58,7 @@ def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, monkeypatch, v
     stored = LocalRun.model_validate(req).model_copy(update={"data": RunData(train=snapshot)})
     record = SimpleNamespace(id="tk-resolve", request=stored.model_dump(mode="json"), spec=spec.model_dump())
     import tunekit.backends.local.resolve as resolve_mod
+    import tunekit.backends.local.peft_config as peft_config_mod
     import tunekit.backends.local.speed as speed_mod
 
     def resolved_again(*a, **kw):
@@ -65,6 +66,7 @@ def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, monkeypatch, v
 
     monkeypatch.setattr(resolve_mod, "resolve_run", resolved_again)  # the plan was the one pass
     monkeypatch.setattr(speed_mod, "plan", resolved_again)
+    monkeypatch.setattr(peft_config_mod, "resolve_quantization", resolved_again)  # train() loads the run's mode
     out = _train(record, TrainCallbacks(), None)
     trained = LocalRun.model_validate_json((tmp_path / "out" / "run.json").read_text())
     assert trained == stored == LocalRun.model_validate(record.request)  # the worker trained the stored run
@@ -121,3 +123,49 @@ def test_another_device_than_planned_is_a_plan_change(tiny_model):
     assert changes["facts"]["device"][0]["memory_bytes"] == 2**40
     assert changes["device.memory_bytes"] == [2**40, planned.device.memory_bytes]
     assert now == planned  # resolving again on the planning machine gives the plan back
+
+
+def test_a_hub_model_not_cached_at_plan_time_is_fetched_and_replanned_by_the_worker(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    """The plan never downloads: a hub model not yet in the cache is planned without its config. The worker
+    fetches config.json into the cache and re-plans with it (else train() could only refuse the run)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from tunekit.backends.local.run import check_facts
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo, fetched = "tunekit-test/tiny-llama", []
+
+    def hf_hub_download(repo_id, filename, **kw):  # the hub's cache layout, as a real download leaves it
+        fetched.append((repo_id, filename))
+        snap = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "abc123"
+        snap.mkdir(parents=True)
+        (snap.parent.parent / "refs").mkdir()
+        (snap.parent.parent / "refs" / "main").write_text("abc123")
+        (snap / filename).write_text((tiny_model / filename).read_text())
+        return str(snap / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    spec = TrainingSpec.model_validate({"base_model": repo, "provider_options": {"local": {"device": "cpu"}}})
+    planned = LocalRun.model_validate(LocalBackend().plan(spec).request)
+    assert planned.memory_estimate is None and planned.speed is None and fetched == []  # the plan read no network
+    now, changes = check_facts(planned, spec)
+    assert fetched == [(repo, "config.json")]
+    assert changes["facts"] == {"config": ["unreadable", "read"]}
+    assert now.memory_estimate is not None and now.memory_estimate.total_bytes > 0 and now.speed is not None
+
+
+def test_a_plan_resolves_the_base_model_and_the_run_once(tiny_model, monkeypatch):
+    import tunekit.backends.local.backend as backend_mod
+    import tunekit.backends.local.resolve as resolve_mod
+
+    calls = []
+    base, run = backend_mod.resolve_base_model, resolve_mod.resolve_run
+    monkeypatch.setattr(backend_mod, "resolve_base_model", lambda v: calls.append("base_model") or base(v))
+    monkeypatch.setattr(resolve_mod, "resolve_run", lambda *a, **kw: calls.append("run") or run(*a, **kw))
+    spec = TrainingSpec.model_validate({"base_model": str(tiny_model), "quantization": "none", "suffix": "s"})
+    plan = LocalBackend().plan(spec)
+    assert calls == ["base_model", "run"]  # the field map shows the run's base model, it does not resolve it again
+    assert plan.request["base_model"] == str(tiny_model.resolve())
+    assert next(f for f in plan.fields if f.field == "base_model").disposition == "transformed"

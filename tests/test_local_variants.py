@@ -1,5 +1,5 @@
 """variants.py: one strategy per adapter choice, checked against what PEFT itself builds; and the local backend's
-modules import each other one way only."""
+speed plan sits below the patches."""
 
 from __future__ import annotations
 
@@ -28,21 +28,9 @@ def _local_imports(path: Path) -> set[str]:
     return out
 
 
-def test_the_local_backend_has_no_import_circle():
+def test_the_speed_plan_is_below_the_patches():
+    # (no circle anywhere in tunekit: tests/test_import_graph.py)
     graph = {p.stem: _local_imports(p) for p in LOCAL.glob("*.py")}
-    seen: dict[str, str] = {}  # "open" while on the current path, "done" after
-
-    def visit(mod: str, path: list[str]) -> None:
-        seen[mod] = "open"
-        for dep in sorted(graph.get(mod, ())):
-            assert seen.get(dep) != "open", f"import circle: {' -> '.join(path + [dep])}"
-            if dep not in seen:
-                visit(dep, path + [dep])
-        seen[mod] = "done"
-
-    for mod in sorted(graph):
-        if mod not in seen:
-            visit(mod, [mod])
     # the speed plan is pure, the patches use it and the 4-bit function, never the other way round
     assert "kernels" not in graph["speed"] | graph["nf4"] and "speed" not in graph["nf4"]
 

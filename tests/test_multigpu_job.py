@@ -21,7 +21,7 @@ from tunekit.backends.local.process import job_dir
 from tunekit.schemas.job import JobStatus
 from tunekit.schemas.spec import TrainingSpec
 from tunekit.store import default_store
-from tests.test_local_job import paced  # noqa: F401 - the fixture: workers (and their ranks) paced per step
+from tests.test_local_job import _wait_for, paced  # noqa: F401 - paced: the fixture pacing workers (and their ranks)
 from tests.tolerance import adam_scale, assert_close, rounding_eps
 
 ROWS = 32  # batch 4 -> 8 optimizer steps per epoch
@@ -41,17 +41,6 @@ def _kw(model, **options):
     return dict(base_model=str(model), backend="local", adapter={"r": 8, "dropout": 0.0},
                 hyperparameters={"batch_size": 4, "max_length": 64, "epochs": 1},
                 provider_options={"local": {"checkpoint_steps": 4, "packing": False, **options}})
-
-
-def _wait_for(job, predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job.refresh()
-        if predicate(job):
-            return job
-        assert not job.status.terminal, f"job ended early: {job.status} {job.error}"
-        time.sleep(0.1)
-    raise AssertionError(f"timed out; job {job.status} progress {job.progress}")
 
 
 def _adapter(job):
@@ -109,7 +98,7 @@ def test_two_ranks_train_the_one_process_run(tiny_model, train):
 def test_cancel_stops_every_rank_at_one_checkpoint(tiny_model, train, paced):
     with paced():  # every rank's steps are paced (the ranks inherit the worker's environment)
         job = tunekit.finetune(train, **_kw(tiny_model, gpus=2, checkpoint_steps=100))
-    _wait_for(job, lambda j: j.status == JobStatus.RUNNING and (j.progress.get("step") or 0) >= 2)
+    _wait_for(job, lambda j: j.status == JobStatus.RUNNING and (j.progress.get("step") or 0) >= 2, timeout=120.0)
     job.cancel()
     job.wait(timeout=120)
     assert job.status == JobStatus.CANCELLED and "cancel requested" in job.error
@@ -121,7 +110,7 @@ def test_cancel_stops_every_rank_at_one_checkpoint(tiny_model, train, paced):
 def test_a_killed_rank_fails_the_job_with_its_error_and_resume_finishes(tiny_model, train, paced):
     with paced():  # the resumed ranks run at full speed
         job = tunekit.finetune(train, **_kw(tiny_model, gpus=2))
-    _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5)
+    _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5, timeout=120.0)
     os.kill(_rank_pid(job.id, 1), signal.SIGKILL)
     job.wait(timeout=120)
     assert job.status == JobStatus.FAILED
@@ -241,7 +230,7 @@ def _running(pid: int) -> bool:
 def test_a_killed_worker_takes_its_ranks_with_it_and_resume_finishes(tiny_model, train, paced):
     with paced():
         job = tunekit.finetune(train, **_kw(tiny_model, gpus=2))
-    _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5)
+    _wait_for(job, lambda j: j.progress.get("last_checkpoint") and j.progress.get("step", 0) >= 5, timeout=120.0)
     ranks = [_rank_pid(job.id, r) for r in (0, 1)]
     os.kill(job.record.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -316,3 +305,27 @@ def test_a_70b_bf16_plan_on_80gb_gpus_shards_and_names_the_gpus_it_needs(tmp_pat
     with pytest.raises(ResourceError) as exc:  # and refused at submit (its check) with the same suggestion
         check_fits(LocalRun.model_validate(one.request).memory_estimate.estimate())
     assert "gpus=4" in exc.value.hint
+
+
+def test_a_rank_process_is_not_taken_for_the_jobs_worker():
+    """find_remote records the worker's pid, never one of the torchrun ranks running the same module."""
+    import subprocess
+    import sys
+
+    from tunekit.backends.local.process import WORKER_MODULE, find_worker_pid
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)", "-m", WORKER_MODULE, "job-find-pid"]
+    rank = subprocess.Popen(sleep + ["--rank"])
+    try:
+        time.sleep(0.2)
+        assert find_worker_pid("job-find-pid") is None
+        worker = subprocess.Popen(sleep)
+        try:
+            time.sleep(0.2)
+            assert find_worker_pid("job-find-pid") == worker.pid
+        finally:
+            worker.kill()
+            worker.wait()
+    finally:
+        rank.kill()
+        rank.wait()

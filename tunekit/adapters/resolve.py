@@ -39,7 +39,7 @@ def registry_entry(key: str) -> AdapterRecord | None:
 
     try:
         return default_store().get_adapter(str(key))
-    except JobNotFoundError:  # the store's "no such row", for adapters too
+    except AdapterNotFoundError:
         return None
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .._exceptions import ConfigError, JobNotFoundError, StaleWriteError, StoreError
+from .._exceptions import AdapterNotFoundError, ConfigError, JobNotFoundError, StaleWriteError, StoreError
 from .._secrets import mask, mask_data
 from .._settings import state_db_path
 from ..schemas.job import JobEvent, JobResult, JobStatus
@@ -351,7 +351,7 @@ class Store:
                 rows = self._conn.execute("SELECT * FROM adapters WHERE id LIKE ? LIMIT 2", (key + "%",)).fetchall()
                 row = rows[0] if len(rows) == 1 else None
         if row is None:
-            raise JobNotFoundError(f"no adapter {key!r} in the registry", hint="see `tunekit adapters list`")
+            raise AdapterNotFoundError(f"no adapter {key!r} in the registry", hint="see `tunekit adapters list`")
         return AdapterRecord._from_row(row)
 
     def list_adapters(self, *, base_model: str | None = None, backend: str | None = None,

@@ -70,7 +70,7 @@ def _init(value: Any, ctx: PlanContext) -> Any:
 
 
 def _base_model(value: Any, ctx: PlanContext) -> str:
-    return resolve_base_model(value)
+    return ctx.extra["run"].base_model  # resolved once, by base_request
 
 
 class LocalBackend(Backend):
@@ -120,7 +120,7 @@ class LocalBackend(Backend):
         """The run, resolved once with every default (run.LocalRun): what the worker will train."""
         from .run import plan_run
 
-        resolved = spec.model_copy(update={"base_model": _base_model(spec.base_model, ctx)})
+        resolved = spec.model_copy(update={"base_model": resolve_base_model(spec.base_model)})
         run = plan_run(resolved, self.provider_options(spec), rows=ctx.rows)
         ctx.extra["run"] = run
         return run.model_dump(mode="json")

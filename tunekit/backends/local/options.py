@@ -13,11 +13,11 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ...eval.during_training import GenerateEvalOptions
+from .memory import GiB
 
 MAX_STEPS = 10**9        # step counts above this are typos (a billion optimizer steps)
 MAX_BUDGET_GB = 2.0**20  # 1 PiB
 MAX_GPUS = 1024  # GPUs per node, nodes
-GiB = 1024**3
 
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 # one per optimisation of speed.OPTIMISATIONS (a test keeps the two in step)

@@ -66,21 +66,20 @@ def resolve_quantization(spec: Any, device: DeviceInfo, bf16_fits: bool | None =
     return QuantDecision("nf4", "auto: the bf16 model would not fit the device, so NF4 (QLoRA)")
 
 
-def quantization_config(spec: Any, device_info: DeviceInfo, bf16_fits: bool | None = None):
-    """(BitsAndBytesConfig | None, QuantDecision) for the spec on this device."""
-    decision = resolve_quantization(spec, device_info, bf16_fits)
-    if not decision.quantized:
-        return None, decision
+def quantization_config(quant: Any):
+    """The BitsAndBytesConfig that loads the base of a run whose quantization was decided (``quant.quantized``,
+    a QuantDecision or the run's Quantization), else None."""
+    if not quant.quantized:
+        return None
     import torch
     from transformers import BitsAndBytesConfig
 
-    cfg = BitsAndBytesConfig(
+    return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    return cfg, decision
 
 
 def check_combination(spec: Any, quant: QuantDecision | None = None) -> None:

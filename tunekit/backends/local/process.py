@@ -133,7 +133,8 @@ def terminate(rec: "JobRecord") -> str:
 
 
 def find_worker_pid(job_id: str) -> int | None:
-    """The pid of a running worker for ``job_id`` on this host (Linux /proc), if any."""
+    """The pid of a running worker for ``job_id`` on this host (Linux /proc), if any. Not one of its ranks
+    (``--rank``, started by torchrun under the worker): the worker is the job's process of record."""
     proc = Path("/proc")
     if not proc.is_dir():
         return None
@@ -144,7 +145,7 @@ def find_worker_pid(job_id: str) -> int | None:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if WORKER_MODULE.encode() in argv and job_id.encode() in argv:
+        if WORKER_MODULE.encode() in argv and job_id.encode() in argv and b"--rank" not in argv:
             return int(entry.name)
     return None
 

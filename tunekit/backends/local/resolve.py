@@ -88,17 +88,22 @@ def optimizer_name(spec: Any, quantized: bool, on_gpu: bool) -> str:
     return _variants.of(spec.adapter).optimizer.name(name, quantized)
 
 
-def read_config(base_model: str) -> tuple[dict[str, Any] | None, str | None]:
-    """config.json of the base model from a local dir or the Hugging Face cache; never downloads.
-    Returns (config, None) or (None, why it is unknown)."""
+def read_config(base_model: str, *, fetch: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+    """config.json of the base model from a local dir or the Hugging Face cache. The plan never downloads;
+    the worker (``fetch=True``) downloads the config of a hub model not yet cached, into the cache, so that
+    its run can be planned with it. Returns (config, None) or (None, why it is unknown)."""
     cfg = _memory.read_model_config(base_model)
     if cfg is not None:
         return cfg, None
     try:
-        from huggingface_hub import try_to_load_from_cache
+        import huggingface_hub
 
-        path = try_to_load_from_cache(base_model, "config.json")
-    except Exception:  # noqa: BLE001 - not a valid hub id: train() reports it when loading
+        path = huggingface_hub.try_to_load_from_cache(base_model, "config.json")
+        if fetch and not isinstance(path, str):
+            path = huggingface_hub.hf_hub_download(base_model, "config.json")
+    except Exception as exc:  # noqa: BLE001 - not a valid hub id, offline, gated: train() reports it when loading
+        if fetch:
+            return None, f"{base_model}: config.json could not be fetched ({type(exc).__name__}: {exc})"[:400]
         path = None
     if isinstance(path, str) and Path(path).is_file():
         return json.loads(Path(path).read_text()), None

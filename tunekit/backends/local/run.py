@@ -158,7 +158,6 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
 
     hp = spec.hyperparameters
     packed, pack_reason = packing_decision(spec.method, options.packing)
-    _gen_eval.check_plan(options.eval_generate, spec.validation_data)
     r = resolve_run(spec, device=options.device, gradient_checkpointing=options.gradient_checkpointing,
                     memory_budget_bytes=options.memory_budget_bytes, speedups=options.speedups)
     rows = data.train.rows if data is not None and data.train.rows else rows
@@ -172,6 +171,7 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     from .layout import from_options, more_gpus
 
     layout = from_options(spec, r, options.model_dump())  # None: one process
+    _gen_eval.check_plan(options.eval_generate, spec.validation_data, layout.world_size if layout else 1)
     est, sp = (layout.estimate if layout is not None and layout.estimate is not None else r.estimate), r.speed
     if layout is None and est is not None and est.fits is False and (more := more_gpus(spec, r)):
         est.suggestions.append(more)
@@ -206,7 +206,7 @@ def check_facts(run: LocalRun, spec: TrainingSpec) -> tuple[LocalRun, dict[str, 
 
     dev = device_info(run.options.device)
     now = Device(type=dev.type, name=dev.name, memory_bytes=dev.total_memory)
-    config_known = read_config(run.base_model)[0] is not None
+    config_known = read_config(run.base_model, fetch=True)[0] is not None  # a hub model's, downloaded now
     moved = {}
     if now != run.device:
         moved["device"] = [run.device.model_dump(), now.model_dump()]

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import variants as _variants
+from .memory import GiB
 
 OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters")
 OFF_BY = "disabled by provider_options.local.speedups"
@@ -157,12 +158,11 @@ def _checkpoint_layers(n: int, budget: int, estimate: Any) -> tuple[int, int, st
     room = HEADROOM * budget - full.total_bytes
     keep = int(max(0, min(n, room // per_layer)))  # layers that keep their activations
     peak = int(full.total_bytes + keep * per_layer)
-    gib = 2**30
     if keep == n:
-        reason = f"not needed: ~{none.total_bytes / gib:.1f} GiB without it fits {budget / gib:.1f} GiB"
+        reason = f"not needed: ~{none.total_bytes / GiB:.1f} GiB without it fits {budget / GiB:.1f} GiB"
     else:
-        reason = (f"{n - keep} of {n} layers so that ~{peak / gib:.1f} GiB fits {budget / gib:.1f} GiB "
-                  f"(~{per_layer / gib:.2f} GiB per un-checkpointed layer)")
+        reason = (f"{n - keep} of {n} layers so that ~{peak / GiB:.1f} GiB fits {budget / GiB:.1f} GiB "
+                  f"(~{per_layer / GiB:.2f} GiB per un-checkpointed layer)")
     return n - keep, peak, reason
 
 

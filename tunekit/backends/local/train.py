@@ -16,7 +16,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ..._exceptions import ConfigError, TrainingError
@@ -276,8 +275,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
 
     # ---- model
     _quiet_progress_bars()
-    # the run's mode, given as an explicit request: nothing is decided again
-    bnb_cfg, _ = quantization_config(SimpleNamespace(quantization=decision.mode), dev)
+    bnb_cfg = quantization_config(decision)  # the run's mode: nothing is decided again
     if bnb_cfg is not None and (layout or {}).get("quant_storage"):  # FSDP2 shards 4-bit weights stored as bf16
         bnb_cfg.bnb_4bit_quant_storage = torch.bfloat16
     load_kw: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
@@ -455,7 +453,7 @@ def _adapted_base_class(model: Any) -> str | None:
 
 def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData | None, *, ckpt_dir: Path,
                    micro: int, accum: int, on_gpu: bool, optim_name: str, optimizers, gradient_checkpointing: bool,
-                   checkpoint_steps: int | None, keep_checkpoints: int | None, max_steps: int | None, eval_steps,
+                   checkpoint_steps: int, keep_checkpoints: int | None, max_steps: int | None, eval_steps,
                    logging_steps: int, extra_args: dict[str, Any] | None = None, packing: bool = False):
     from datasets import Dataset
 
@@ -480,11 +478,11 @@ def _build_trainer(spec, model, tokenizer, data: PreparedData, val: PreparedData
         logging_steps=logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a non-finite loss must be seen (check_finite_step), not averaged away
-        save_strategy="steps" if checkpoint_steps else "no",
-        save_steps=checkpoint_steps or 500,
+        save_strategy="steps",
+        save_steps=checkpoint_steps,
         save_total_limit=keep_checkpoints,  # older ones are deleted only after a newer one is fully written
         eval_strategy="steps" if val is not None else "no",
-        eval_steps=(eval_steps or checkpoint_steps or 0.1) if val is not None else None,
+        eval_steps=eval_steps if val is not None else None,  # the run's (run.plan_run sets its default)
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",

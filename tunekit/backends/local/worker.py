@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..._exceptions import ConfigError, JobNotFoundError, StoreError
+from ..._exceptions import AdapterNotFoundError, ConfigError, StoreError
 from ...schemas.job import JobResult, JobStatus
 from ...schemas.spec import TrainingSpec
 from ...store import Store, default_store
@@ -265,7 +265,7 @@ def _register(store: Store, record, outcome: TrainOutcome, metrics: dict[str, An
         try:
             store.get_adapter(name)
             name = f"{name}-{record.id.removeprefix('tk-')[:6]}"  # names are unique in the registry
-        except JobNotFoundError:  # the name is free
+        except AdapterNotFoundError:  # the name is free
             pass
     return register(store, record, outcome.adapter_path, info, name=name)
 
