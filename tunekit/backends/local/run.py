@@ -310,7 +310,10 @@ def _replan_keeping(run: LocalRun, spec: TrainingSpec) -> LocalRun:
         "gpus": lay.get("gpus", 1), "nnodes": lay.get("nnodes", 1),
         "layout": lay["kind"] if lay.get("kind") in ("ddp", "fsdp2") else "auto"})
     kept = plan_run(pinned, options, data=run.data)
-    return kept.model_copy(update={"quantization": run.quantization, "lora": run.lora, "options": run.options})
+    # as recorded: a run stored before packing was an option has none (it trained unpacked)
+    training = kept.training.model_copy(update={"packing": run.training.packing})
+    return kept.model_copy(update={"quantization": run.quantization, "lora": run.lora, "options": run.options,
+                                   "training": training})
 
 
 def _refusal(run: LocalRun, fields: dict[str, list[Any]], checkpoint: str, job_id: str, why: str):
