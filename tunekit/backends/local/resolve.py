@@ -114,8 +114,8 @@ def read_config(base_model: str, *, fetch: bool = False) -> tuple[dict[str, Any]
 
 def hub_error(base_model: str, exc: BaseException) -> ConfigError:
     """A failed download of ``base_model``'s config.json as a ConfigError with its cause and the next step.
-    The huggingface_hub classes are tested most specific
-    first: GatedRepoError is a RepositoryNotFoundError, LocalEntryNotFoundError an EntryNotFoundError."""
+    The huggingface_hub classes are tested most specific first: GatedRepoError is a RepositoryNotFoundError,
+    LocalEntryNotFoundError an EntryNotFoundError."""
     from huggingface_hub import errors as e
 
     first = (str(exc).strip().splitlines() or [""])[0][:300]

@@ -14,6 +14,7 @@ or refuses to go on. Nothing else resolves: train() reads the run. Importing thi
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -319,10 +320,7 @@ def _replan_keeping(run: LocalRun, spec: TrainingSpec) -> LocalRun:
 def _refusal(run: LocalRun, fields: dict[str, list[Any]], checkpoint: str, job_id: str, why: str):
     from ..._exceptions import ConfigError
 
-    def show(value: Any) -> str:
-        return __import__("json").dumps(value)
-
-    what = "; ".join(f"{k}: recorded {show(a)}, here {show(b)}" for k, (a, b) in fields.items())
+    what = "; ".join(f"{k}: recorded {json.dumps(a)}, here {json.dumps(b)}" for k, (a, b) in fields.items())
     where = run.device.name or run.device.type
     if run.device.memory_bytes:
         from .memory import human_bytes
