@@ -91,7 +91,9 @@ def optimizer_name(spec: Any, quantized: bool, on_gpu: bool) -> str:
 def read_config(base_model: str, *, fetch: bool = False) -> tuple[dict[str, Any] | None, str | None]:
     """config.json of the base model from a local dir or the Hugging Face cache. The plan never downloads;
     the worker (``fetch=True``) downloads the config of a hub model not yet cached, into the cache, so that
-    its run can be planned with it. Returns (config, None) or (None, why it is unknown)."""
+    its run can be planned with it. Returns (config, None) or (None, why it is unknown); a download that fails
+    raises ``hub_error``'s ConfigError (loading the model would read the same file the same way, so the run
+    cannot proceed)."""
     cfg = _memory.read_model_config(base_model)
     if cfg is not None:
         return cfg, None
@@ -101,13 +103,47 @@ def read_config(base_model: str, *, fetch: bool = False) -> tuple[dict[str, Any]
         path = huggingface_hub.try_to_load_from_cache(base_model, "config.json")
         if fetch and not isinstance(path, str):
             path = huggingface_hub.hf_hub_download(base_model, "config.json")
-    except Exception as exc:  # noqa: BLE001 - not a valid hub id, offline, gated: train() reports it when loading
+    except Exception as exc:  # noqa: BLE001 - not a valid hub id, offline, gated: said at once when fetching
         if fetch:
-            return None, f"{base_model}: config.json could not be fetched ({type(exc).__name__}: {exc})"[:400]
+            raise hub_error(base_model, exc) from exc
         path = None
     if isinstance(path, str) and Path(path).is_file():
         return json.loads(Path(path).read_text()), None
     return None, f"{base_model}: config.json is neither a local directory nor in the Hugging Face cache yet"
+
+
+def hub_error(base_model: str, exc: BaseException) -> ConfigError:
+    """A failed download of ``base_model``'s config.json as a ConfigError with its cause and the next step.
+    The huggingface_hub classes are tested most specific first: GatedRepoError is a RepositoryNotFoundError,
+    LocalEntryNotFoundError an EntryNotFoundError."""
+    from huggingface_hub import errors as e
+
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    cause = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    page = f"https://huggingface.co/{base_model}"
+    if isinstance(exc, e.GatedRepoError):
+        hint = (f"{base_model} is gated: accept its terms on {page} and set HF_TOKEN to a token of that account "
+                f"(where the worker runs)")
+    elif isinstance(exc, e.RepositoryNotFoundError):
+        hint = (f"no model {base_model!r} on the Hugging Face Hub, or a private one: check the model id (a local "
+                f"directory must exist on this machine), or set HF_TOKEN to a token that can read it")
+    elif isinstance(exc, (e.LocalEntryNotFoundError, e.OfflineModeIsEnabled)):
+        hint = (f"the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1) and {base_model} is not in the Hugging "
+                f"Face cache: connect this machine (unset HF_HUB_OFFLINE), or download the model into this cache "
+                f"first (`hf download {base_model}`)")
+    elif isinstance(exc, e.EntryNotFoundError):
+        hint = f"{base_model} has no config.json: tunekit trains transformers causal LMs; check the model id"
+    elif isinstance(exc, e.HFValidationError):
+        hint = (f"{base_model!r} is neither a directory on this machine nor a Hugging Face model id: check the "
+                f"path or the id")
+    elif status in (401, 403):
+        hint = f"the Hub refused the request ({status}): set HF_TOKEN to a token that can read {base_model}"
+    else:
+        hint = (f"check the network, HF_TOKEN, HF_HUB_OFFLINE and the model id {base_model!r}"
+                + (f" (the Hub answered {status}; try again later)" if status else ""))
+    return ConfigError(f"config.json of base_model {base_model!r} could not be fetched from the Hugging Face Hub "
+                       f"({cause}); nothing was trained", field="base_model", hint=hint)
 
 
 def resolve_run(

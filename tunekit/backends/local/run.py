@@ -7,15 +7,17 @@
 
 The plan resolves with what it can see (``resolve.resolve_run``). When the worker sees a fact the plan could
 not (the base model's config.json now readable, another GPU or memory size), ``check_facts`` resolves again
-and says what changed; the worker records that as a ``plan_changed`` event and trains the new run. Nothing
-else resolves: train() reads the run. Importing this module does not import torch.
+and says what changed; the worker records that as a ``plan_changed`` event and trains the new run. A resume
+from a checkpoint keeps what the checkpoint was trained with (quantization, adapter, batch split, layout, ...)
+or refuses to go on. Nothing else resolves: train() reads the run. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -198,15 +200,30 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     )
 
 
-def check_facts(run: LocalRun, spec: TrainingSpec) -> tuple[LocalRun, dict[str, list[Any]]]:
+def check_facts(run: LocalRun, spec: TrainingSpec, *, checkpoint: str | None = None, job_id: str = "JOB",
+                warn: Callable[..., None] | None = None) -> tuple[LocalRun, dict[str, Any]]:
     """The run as it can be resolved on this machine now: ``(run, {})`` when the facts the plan assumed still
     hold, else the re-resolved run and what changed (``{"quantization.mode": [planned, now], ...}``, with
-    ``"facts"`` saying which fact moved)."""
+    ``"facts"`` saying which fact moved).
+
+    ``checkpoint``: the worker resumes from it. What the checkpoint was trained with (``_bound``) is then kept
+    from the stored run: under ``"kept"`` the changes say which of those a fresh plan would have changed
+    (``[recorded, fresh]``). When this machine cannot keep them (too little memory for the recorded
+    quantization and micro-batch, fewer GPUs than the recorded layout), a ConfigError names the field, both
+    values and the next step. A hub model whose config.json cannot be fetched raises ``resolve.hub_error``'s
+    ConfigError (the model could not be loaded either), told first to ``warn(message, type=, error=, hint=)``."""
+    from ..._exceptions import ConfigError
     from .resolve import device_info, read_config
 
     dev = device_info(run.options.device)
     now = Device(type=dev.type, name=dev.name, memory_bytes=dev.total_memory)
-    config_known = read_config(run.base_model, fetch=True)[0] is not None  # a hub model's, downloaded now
+    try:
+        config_known = read_config(run.base_model, fetch=True)[0] is not None  # a hub model's, downloaded now
+    except ConfigError as exc:
+        if warn is not None:
+            said = exc.message.removesuffix("; nothing was trained")
+            warn(f"{said}; hint: {exc.hint}", type="hub_error", error=said, hint=exc.hint)
+        raise
     moved = {}
     if now != run.device:
         moved["device"] = [run.device.model_dump(), now.model_dump()]
@@ -217,10 +234,103 @@ def check_facts(run: LocalRun, spec: TrainingSpec) -> tuple[LocalRun, dict[str, 
         return run, {}
     spec = spec.model_copy(update={"base_model": run.base_model})
     new = plan_run(spec, run.options, data=run.data)
-    before, after = run.flat(), new.flat()
-    changes = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after))
-               if before.get(k) != after.get(k)}
-    return new, {"facts": moved, **changes}
+    kept: dict[str, list[Any]] = {}
+    if checkpoint is not None:
+        new, kept = _keep_for_checkpoint(run, spec, new, checkpoint, job_id)
+    return new, {"facts": moved, **({"kept": kept} if kept else {}), **_diff(run.flat(), new.flat())}
+
+
+# What a checkpoint does not depend on: the facts, and what follows from them alone (the memory estimate, which
+# kernels run and which layers recompute activations, the compute precision, the reasons shown). Every other
+# field made the checkpoint's adapter, optimizer state and data position (quantization, adapter/PEFT config,
+# hyperparameters with micro-batch, seed, max_length and packing, the layout's ranks and per-rank batch, the
+# options): a resume keeps it. A field added to LocalRun is bound unless named here.
+_FREE = ("device", "memory_estimate", "estimate_skipped", "speed", "quantization.reason", "training.checkpointing",
+         "training.notes", "training.dtype")
+_LAYOUT_BOUND = ("kind", "world_size", "nnodes", "micro_batch", "grad_accum", "quant_storage")
+# one optimizer state, two implementations (fused or not, paged or not): the checkpoint's state loads in either
+_SAME_STATE = {"adamw_torch_fused": "adamw_torch", "paged_adamw_8bit": "adamw_bnb_8bit"}
+
+
+def _bound(run: LocalRun, *, as_state: bool = True) -> dict[str, Any]:
+    """The values a checkpoint of ``run`` depends on, by dotted path (the layout as one value); ``as_state``:
+    the optimizer by the state it keeps."""
+    out = {k: v for k, v in run.flat().items() if not k.startswith("layout")
+           and not any(k == p or k.startswith(p + ".") for p in _FREE)}
+    if as_state:
+        head, plus, name = out["training.optimizer"].rpartition("+")
+        out["training.optimizer"] = head + plus + _SAME_STATE.get(name, name)
+    out["layout"] = None if run.layout is None else {k: run.layout.get(k) for k in _LAYOUT_BOUND}
+    return out
+
+
+def _differ(before: LocalRun, after: LocalRun) -> dict[str, list[Any]]:
+    """The bound fields that differ, with their values as recorded."""
+    keys = _diff(_bound(before), _bound(after))
+    shown_before, shown_after = _bound(before, as_state=False), _bound(after, as_state=False)
+    return {k: [shown_before.get(k), shown_after.get(k)] for k in keys}
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list[Any]]:
+    return {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+
+
+def _keep_for_checkpoint(run: LocalRun, spec: TrainingSpec, fresh: LocalRun, checkpoint: str,
+                         job_id: str) -> tuple[LocalRun, dict[str, list[Any]]]:
+    """``fresh`` when it trains what the checkpoint was trained with; else the stored run's decisions planned
+    again on this machine (kept: ``{field: [recorded, fresh]}``), or a ConfigError when they cannot be kept."""
+    from ..._exceptions import ConfigError
+
+    differ = _differ(run, fresh)
+    if not differ:
+        return fresh, {}
+    try:
+        kept = _replan_keeping(run, spec)
+    except ConfigError as exc:
+        raise _refusal(run, differ, checkpoint, job_id, f"keeping it fails here: {exc}") from exc
+    lost = _differ(run, kept)
+    if lost:  # e.g. the per-rank micro-batch of the recorded layout does not fit a GPU here
+        raise _refusal(run, lost, checkpoint, job_id, "a plan here that keeps the rest cannot keep " + ", ".join(lost))
+    est = kept.memory_estimate
+    if est is not None and est.fits is False:
+        from .memory import HEADROOM, human_bytes
+
+        raise _refusal(run, differ, checkpoint, job_id,
+                       f"the recorded run needs {human_bytes(est.total_bytes)}, more than {HEADROOM:.0%} of this "
+                       f"device's {human_bytes(est.budget_bytes or 0)}")
+    return kept, differ
+
+
+def _replan_keeping(run: LocalRun, spec: TrainingSpec) -> LocalRun:
+    """The stored run's bound decisions, planned on this machine (memory, speed-ups, checkpointing anew)."""
+    hp = Hyperparameters.model_validate({f: getattr(run.training, f) for f in Hyperparameters.model_fields})
+    pinned = spec.model_copy(update={"method": run.method, "adapter": run.adapter, "hyperparameters": hp,
+                                     "quantization": run.quantization.mode})
+    lay = run.layout or {}
+    options = run.options.model_copy(update={
+        "gpus": lay.get("gpus", 1), "nnodes": lay.get("nnodes", 1),
+        "layout": lay["kind"] if lay.get("kind") in ("ddp", "fsdp2") else "auto"})
+    kept = plan_run(pinned, options, data=run.data)
+    # as recorded: a run stored before packing was an option has none (it trained unpacked)
+    training = kept.training.model_copy(update={"packing": run.training.packing})
+    return kept.model_copy(update={"quantization": run.quantization, "lora": run.lora, "options": run.options,
+                                   "training": training})
+
+
+def _refusal(run: LocalRun, fields: dict[str, list[Any]], checkpoint: str, job_id: str, why: str):
+    from ..._exceptions import ConfigError
+
+    what = "; ".join(f"{k}: recorded {json.dumps(a)}, here {json.dumps(b)}" for k, (a, b) in fields.items())
+    where = run.device.name or run.device.type
+    if run.device.memory_bytes:
+        from .memory import human_bytes
+
+        where += f" with {human_bytes(run.device.memory_bytes)}"
+    return ConfigError(
+        f"job {job_id} cannot resume from {Path(checkpoint).name} on this machine: {what} (its checkpoint was "
+        f"trained with the recorded values), and {why}; nothing was trained", field=next(iter(fields)),
+        hint=f"resume on a machine like the one that trained it ({where}), or start again from step 0 here with "
+             f"`tunekit finetune --from {job_id} --backend local` (planned for this machine)")
 
 
 def resolve_base_model(value: str) -> str:

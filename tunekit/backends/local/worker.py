@@ -133,7 +133,9 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     data_snapshot(run.data.train, "train")
     if run.data.validation is not None:
         data_snapshot(run.data.validation, "validation")
-    run, changes = check_facts(run, TrainingSpec.model_validate(record.spec))
+    # a resume keeps what its checkpoint was trained with, or fails here saying why (run.check_facts)
+    run, changes = check_facts(run, TrainingSpec.model_validate(record.spec), checkpoint=resume_from, job_id=record.id,
+                               warn=lambda message, **data: cb.event("warning", message, **data))
     if changes:
         cb.store.update_job(record.id, request=run.model_dump(mode="json"))
         cb.event("warning", plan_changed_message(changes), type="plan_changed", changes=changes)
@@ -150,11 +152,14 @@ _FIRST = ("quantization.", "training.", "device.", "memory_estimate.total_bytes"
 def plan_changed_message(changes: dict[str, list[Any]], shown: int = 6) -> str:
     facts = changes.get("facts") or {}
     why = ", ".join(f"{k}: {_short(v[0])} -> {_short(v[1])}" for k, v in facts.items())
-    rest = sorted(((k, v) for k, v in changes.items() if k != "facts"),
+    rest = sorted(((k, v) for k, v in changes.items() if k not in ("facts", "kept")),
                   key=lambda kv: next((i for i, p in enumerate(_FIRST) if kv[0].startswith(p)), len(_FIRST)))
     diff = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in rest[:shown])
     more = f" (+{len(rest) - shown} more)" if len(rest) > shown else ""
-    return f"plan changed ({why}): {diff or 'no decision changed'}{more}"
+    kept = "; ".join(f"{k}: {_short(a)} (a fresh plan: {_short(b)})"
+                     for k, (a, b) in (changes.get("kept") or {}).items())
+    return f"plan changed ({why}): {diff or 'no decision changed'}{more}" + (
+        f"; kept for the checkpoint: {kept}" if kept else "")
 
 
 def _short(value: Any, limit: int = 60) -> str:
