@@ -82,6 +82,15 @@ def after_trainer(trainer: Any, layout: dict[str, Any] | None) -> None:
         plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
+def fsdp_units(model: Any) -> int:
+    """How many modules of the trained model FSDP2 manages (0: not sharded): the record that it really was."""
+    if not hasattr(model, "modules"):
+        return 0
+    from torch.distributed.fsdp import FSDPModule
+
+    return sum(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def adapter_state(model: Any) -> dict[str, Any]:
     """The adapter's tensors, whole and on the CPU: FSDP2's DTensor shards gathered (a collective: every rank
     calls it, in the same order), plain tensors as they are."""

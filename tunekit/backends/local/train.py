@@ -411,6 +411,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         extra={"row_kind": data.row_kind, "packing": packing, "validation_examples": len(val) if val else 0,
                "validation_truncated": val.truncated_count if val else 0,
                "base_linear_class": _adapted_base_class(trainer.model),
+               "fsdp_units": _ranks.fsdp_units(trainer.model) if sharded else 0,
                "optimizer_lrs": _initial_lrs(trainer), "speed": {**speed.to_dict(), "applied": speed_applied}},
     )
 
