@@ -15,6 +15,7 @@ single-process and the FSDP2 jobs side by side:
   - the saved adapter is standard PEFT: ``PeftModel.from_pretrained`` loads it, and its logits are the
     one-process adapter's (within 5% of the distance training moved them from the base), the adapter tensors
     within Adam's bf16 rounding scale;
+  - its checkpoints hold the adapter's shards only, in torch.distributed.checkpoint's format;
   - ``merge_adapter`` merges it onto the 16-bit base (its own merge check passes).
 
 Skipped without CUDA. On failure the jobs' errors, rank errors and worker log tails are in the message.
@@ -60,7 +61,8 @@ def _kw(model: Path, quantization: str, **local) -> dict:
                 hyperparameters={"batch_size": BATCH, "max_length": 64, "epochs": 1, "learning_rate": LR,
                                  "warmup_ratio": 0.0, "lr_scheduler": "constant", "seed": 7},
                 # checkpointing on every layer: the speed plan's per-layer checkpointing runs inside FSDP2's units
-                provider_options={"local": {"packing": False, "gradient_checkpointing": True, **local}})
+                provider_options={"local": {"packing": False, "gradient_checkpointing": True, "checkpoint_steps": 4,
+                                            **local}})
 
 
 def _diagnose(job) -> str:
@@ -141,6 +143,16 @@ def test_fsdp2_on_one_gpu_trains_the_one_process_run(quantization, small_model, 
     for losses in (loss_a, loss_b):  # and training happened
         assert all(map(lambda x: x == x and abs(x) < float("inf"), losses))
         assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+    # ---- the checkpoints: the adapter's shards only (torch.distributed.checkpoint), readable in one process
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    assert [c["step"] for c in two.result.checkpoints] == [4, 8], two.result.checkpoints
+    ckpt = Path(two.result.checkpoints[0]["path"])
+    dcp_to_torch_save(ckpt / "pytorch_model_fsdp_0", tmp_path / "ckpt4.pt")
+    shards = torch.load(tmp_path / "ckpt4.pt", weights_only=True)["model"]
+    assert len(shards) == 7 * 2 * 2 and all("lora_" in k for k in shards), sorted(shards)[:4]
+    assert all(torch.isfinite(v).all() for v in shards.values())
 
     # ---- the adapter: standard PEFT files, the one-process adapter's tensors and logits
     pa, pb = Path(one.result.adapter_path), Path(two.result.adapter_path)
