@@ -189,7 +189,7 @@ def test_bad_multi_gpu_options_are_refused_with_the_field(tiny_model, options, f
 
 def test_trainer_arguments_of_each_layout(tiny_model):
     """DDP is the Trainer's own under torchrun; FSDP2 goes through accelerate's plugin (fsdp_version 2), one unit
-    per decoder layer. (FSDP2 itself needs GPU ranks: the GPU benchmark runs it.)"""
+    per decoder layer. (FSDP2 through the Trainer needs GPU ranks: tests/gpu/test_gpu_fsdp2.py runs it.)"""
     from transformers import AutoModelForCausalLM
 
     from tunekit.backends.local.ranks import trainer_args
@@ -200,7 +200,7 @@ def test_trainer_arguments_of_each_layout(tiny_model):
     assert ddp == {"ddp_backend": "gloo", "ddp_find_unused_parameters": False, "save_on_each_node": False}
     fsdp = trainer_args({"kind": "fsdp2", "world_size": 16, "nnodes": 2}, model, on_gpu=True)
     assert fsdp["ddp_backend"] == "nccl" and fsdp["save_on_each_node"] is True  # each node resumes from its own
-    assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2
     assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
 
 

@@ -57,8 +57,11 @@ def test_layout_for_8b_and_70b_shapes_on_1_2_4_8_gpus(case):
 
 def test_the_per_gpu_estimate_is_memory_estimate_with_its_sharding_term():
     lay = _choose("70B", "nf4", 2, GB80)
-    one = estimate(LLAMA_70B, micro_batch=4, device_memory_bytes=GB80, **_kw("nf4"), kbit_upcast=False)
-    two = estimate(LLAMA_70B, micro_batch=4, device_memory_bytes=GB80, **_kw("nf4"), kbit_upcast=False, shards=2)
+    # FSDP2 steps torch's AdamW (fp32 state, 8 bytes per adapter parameter): bitsandbytes' 8-bit ones cannot
+    # step DTensors (layout.optimizer_for)
+    fsdp = dict(kbit_upcast=False, optimizer_state_bytes=8)
+    one = estimate(LLAMA_70B, micro_batch=4, device_memory_bytes=GB80, **_kw("nf4"), **fsdp)
+    two = estimate(LLAMA_70B, micro_batch=4, device_memory_bytes=GB80, **_kw("nf4"), **fsdp, shards=2)
     assert lay.per_gpu_bytes == two.total_bytes
     b1, b2 = one.breakdown, two.breakdown
     assert b2["activations"] == b1["activations"]  # per rank, not split

@@ -97,18 +97,36 @@ def from_options(spec: Any, run: Any, options: dict[str, Any]) -> Layout | None:
     if (options.get("node_rank") or 0) >= nnodes:
         raise ConfigError(f"provider_options.local.node_rank={options['node_rank']} must be below nnodes={nnodes}",
                           field="provider_options.local.node_rank", hint=HINT)
-    if gpus * nnodes == 1:
-        if options.get("layout", "auto") != "auto":
-            raise ConfigError(f"provider_options.local.layout={options['layout']!r} needs more than one GPU",
+    asked = options.get("layout", "auto")
+    if gpus * nnodes == 1 and asked != "fsdp2":
+        if asked == "ddp":
+            raise ConfigError("provider_options.local.layout='ddp' needs more than one GPU",
                               field="provider_options.local.layout", hint=HINT)
-        return None
-    chosen = for_run(spec, run, gpus=gpus, nnodes=nnodes, layout=options.get("layout", "auto"))
+        return None  # one process, no torchrun
+    if asked == "fsdp2" and run.device.type != "cuda":
+        _refuse_fsdp2_on_cpu()
+    chosen = for_run(spec, run, gpus=gpus, nnodes=nnodes, layout=asked)
     if chosen.kind == "fsdp2" and run.device.type != "cuda":
-        # accelerate applies its FSDP plugin to GPU ranks only: on CPU the Trainer would run plain DDP
-        raise ConfigError("FSDP2 needs CUDA GPUs: accelerate shards GPU ranks only (CPU ranks would silently run "
-                          "DDP)", field="provider_options.local.layout",
-                          hint="on CPU use layout 'ddp' (a whole model per process), or run on GPUs")
+        _refuse_fsdp2_on_cpu()
     return chosen
+
+
+def _refuse_fsdp2_on_cpu() -> None:
+    # accelerate applies its FSDP plugin to GPU ranks only: on CPU the Trainer would run plain DDP
+    raise ConfigError("FSDP2 needs CUDA GPUs: accelerate shards GPU ranks only (CPU ranks would silently run DDP)",
+                      field="provider_options.local.layout",
+                      hint="on CPU use layout 'ddp' (a whole model per process), or run on GPUs")
+
+
+def optimizer_for(spec: Any, layout: "Layout | None", planned: str) -> str:
+    """The optimizer of a run in ``layout``. FSDP2 trains DTensor parameters, which bitsandbytes' 8-bit (paged)
+    optimizers cannot step (their kernels take plain CUDA tensors: bitsandbytes issue #1633): QLoRA under FSDP2
+    uses torch's fused AdamW (LoRA+ torch's AdamW), fp32 state for the (sharded) adapter only."""
+    if layout is None or layout.kind != "fsdp2" or "8bit" not in planned:
+        return planned
+    from .resolve import optimizer_name
+
+    return optimizer_name(spec, quantized=False, on_gpu=True)
 
 
 def more_gpus(spec: Any, run: Any) -> str | None:
@@ -149,8 +167,8 @@ def per_gpu_estimate(model_config: dict[str, Any], kind: str, n: int, *, batch_s
     """(memory estimate per GPU, micro-batch per rank, accumulation) of ``kind`` over ``n`` ranks."""
     micro, accum = split_batch(batch_size, micro_batch, n)
     kw = dict(estimate_kwargs)
-    if kind == "fsdp2":  # uniform compute-dtype storage: no fp32 upcast of the unquantized params
-        kw.update(shards=n, kbit_upcast=False)
+    if kind == "fsdp2":  # uniform compute-dtype storage: no fp32 upcast of the unquantized params; torch's
+        kw.update(shards=n, kbit_upcast=False, optimizer_state_bytes=8)  # AdamW (optimizer_for), fp32 state
     est = _memory.estimate(model_config, micro_batch=micro, device_memory_bytes=gpu_memory_bytes, **kw)
     return est, micro, accum
 
@@ -179,12 +197,13 @@ def choose(
                       gpu_memory_bytes=gpu_memory_bytes, estimate_kwargs=estimate_kwargs)
 
     def make(kind: str, est, micro: int, accum: int, reason: str) -> Layout:
-        return Layout(kind=kind if world > 1 else "single", gpus=gpus, nnodes=nnodes, micro_batch=micro,
+        return Layout(kind="single" if kind == "ddp" and world == 1 else kind, gpus=gpus, nnodes=nnodes, micro_batch=micro,
                       grad_accum=accum, per_gpu_bytes=est.total_bytes, reason=reason, estimate=est,
                       quant_storage="bf16" if kind == "fsdp2" and quantized else None)
 
     ddp, micro, accum = per_gpu("ddp", world)
-    if world == 1 or layout == "ddp" or (layout == "auto" and ddp.fits is not False):
+    # FSDP2 on one GPU is asked for only to run the sharded path (docs/multi-gpu.md): never DDP then
+    if layout != "fsdp2" and (world == 1 or layout == "ddp" or ddp.fits is not False):
         if ddp.fits is not False:
             why = ("one GPU" if world == 1 else "the model and its activations fit one GPU: a whole copy per rank")
             if ddp.fits is None:

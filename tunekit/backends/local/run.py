@@ -170,7 +170,7 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     run_options = RunOptions.model_validate({
         **options.model_dump(), "checkpoint_steps": ckpt,
         "eval_steps": options.eval_steps or (ckpt if spec.validation_data else None)})
-    from .layout import from_options, more_gpus
+    from .layout import from_options, more_gpus, optimizer_for
 
     layout = from_options(spec, r, options.model_dump())  # None: one process
     _gen_eval.check_plan(options.eval_generate, spec.validation_data, layout.world_size if layout else 1)
@@ -181,7 +181,8 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
         base_model=str(spec.base_model), method=spec.method, adapter=spec.adapter, lora=lora_kwargs(spec),
         quantization=Quantization(requested=spec.quantization, mode=r.quant.mode, reason=r.quant.reason),
         training=Training(
-            **hp.model_dump(), micro_batch_size=r.micro_batch, optimizer=r.optimizer, dtype=r.dtype,
+            **hp.model_dump(), micro_batch_size=r.micro_batch, optimizer=optimizer_for(spec, layout, r.optimizer),
+            dtype=r.dtype,
             loraplus_lr_ratio=spec.adapter.loraplus_lr_ratio, estimated_total_steps=total,
             checkpointing=Checkpointing(
                 requested="auto" if options.gradient_checkpointing is None else options.gradient_checkpointing,

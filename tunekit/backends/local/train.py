@@ -229,9 +229,10 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     config = _load_config(run.base_model)
     dev = DeviceInfo(run.device.type, run.device.memory_bytes, run.device.name)
     on_gpu, micro, accum = dev.type == "cuda", hp.micro_batch_size, hp.gradient_accumulation_steps
-    layout = run.layout if _ranks.world_size(run.layout) > 1 else None
+    layout, sharded = run.layout, _ranks.sharded(run.layout)  # None: one process; FSDP2 at any world size
     if layout:  # this rank's share of the global batch (the estimate is already the per-GPU one)
         micro, accum = layout["micro_batch"], layout["grad_accum"]
+    _ranks.init_device(layout, on_gpu)
     decision, speed = run.quantization, run.speed_plan()
     if run.memory_estimate is None or speed is None:
         raise ConfigError(f"the run of {run.base_model} was planned without its config.json "
@@ -281,7 +282,9 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     load_kw: dict[str, Any] = {"dtype": torch.bfloat16 if on_gpu else torch.float32}
     if bnb_cfg is not None:
         load_kw["quantization_config"] = bnb_cfg
-    if on_gpu and (layout or {}).get("kind") != "fsdp2":  # FSDP2 places the shards itself
+    # FSDP2 moves a bf16 model's shards to the GPU itself (fully_shard); a 4-bit one is quantized on its
+    # rank's GPU as it loads (accelerate shards Params4bit where they are)
+    if on_gpu and (not sharded or bnb_cfg is not None):
         load_kw["device_map"] = {"": _ranks.local_rank() if layout
                                  else torch.device(run.options.device or "cuda").index or 0}
     try:
@@ -289,7 +292,9 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     except Exception as exc:
         raise ConfigError(f"base_model {run.base_model!r} could not be loaded as a causal LM: {exc}",
                           field="base_model", hint="tunekit trains decoder-only (causal LM) models") from exc
-    if decision.quantized and not speed.on("bf16_kbit"):
+    # under FSDP2 never: its fp32 upcast would mix dtypes in the bf16-stored units (TRL skips it for sharded
+    # QLoRA too); the frozen base and non-reentrant checkpointing need nothing else from it
+    if decision.quantized and not speed.on("bf16_kbit") and not sharded:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -316,7 +321,8 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
 
     # ---- optimizer (named by the plan; LoRA+ builds it here with the same class)
     optim_name = hp.optimizer
-    optimizers = (variants.optimizer.build(model, hp, decision.quantized, on_gpu), None)
+    # LoRA+ builds bitsandbytes' 8-bit AdamW for QLoRA, torch's under FSDP2 (layout.optimizer_for)
+    optimizers = (variants.optimizer.build(model, hp, decision.quantized and not sharded, on_gpu), None)
 
     # ---- trainer
     trainer = _build_trainer(
@@ -327,6 +333,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         extra_args=_ranks.trainer_args(layout, model, on_gpu), packing=packing,
     )
     speed_applied["fp32_adapter_params"] = _kernels.after_trainer(trainer, speed)
+    _ranks.after_trainer(trainer, layout)
     bridge = _make_bridge(cb, dev, ckpt_dir)
     trainer.add_callback(bridge)
     _gen_eval.add_to_trainer(trainer, run.options.eval_generate, validation_path, tokenizer, cb.on_eval)
@@ -355,7 +362,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     if not bridge.stopped:
         adapter_path = str(adapter_dir)
         save_kw = {"path_initial_model_for_weight_conversion": str(init_dir)} if mutating else {}
-        if _ranks.save_adapter(trainer.model, adapter_dir, save_kw):  # gathered from the ranks, if several
+        if _ranks.save_adapter(trainer.model, adapter_dir, save_kw, layout):  # gathered from the shards
             check_finite_adapter(adapter_dir)
             tokenizer.save_pretrained(str(adapter_dir))
             cb.on_event("info", f"adapter saved to {adapter_dir}")
@@ -404,6 +411,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         extra={"row_kind": data.row_kind, "packing": packing, "validation_examples": len(val) if val else 0,
                "validation_truncated": val.truncated_count if val else 0,
                "base_linear_class": _adapted_base_class(trainer.model),
+               "fsdp_units": _ranks.fsdp_units(trainer.model) if sharded else 0,
                "optimizer_lrs": _initial_lrs(trainer), "speed": {**speed.to_dict(), "applied": speed_applied}},
     )
 

@@ -115,7 +115,7 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     from pydantic import ValidationError
 
     from .launch import launch
-    from .ranks import world_size
+    from .ranks import launched
     from .run import LocalRun, check_facts
     from .train import train
 
@@ -139,7 +139,7 @@ def _train(record, cb: StoreCallbacks, resume_from: str | None) -> TrainOutcome:
     if changes:
         cb.store.update_job(record.id, request=run.model_dump(mode="json"))
         cb.event("warning", plan_changed_message(changes), type="plan_changed", changes=changes)
-    if world_size(run.layout) > 1:  # several ranks under torchrun (launch.py), each training this stored run
+    if launched(run.layout):  # ranks under torchrun (launch.py; FSDP2 on one GPU too), each training this run
         return launch(record, cb, run, resume_from)
     return train(run, cb, resume_from_checkpoint=resume_from)
 
