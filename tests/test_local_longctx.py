@@ -212,6 +212,44 @@ def test_tiled_mlp_runs_untiled_when_short_or_without_grad(tiny_model, monkeypat
     assert calls == [torch.Size([2, 20, width])]
 
 
+def test_attention_gets_no_sequence_by_sequence_mask_for_unpadded_rows(tiny_model, monkeypatch):
+    """transformers' sdpa path: one unpadded row (the long-context case), with or without an all-ones attention
+    mask, and equal-length rows pass no mask and is_causal (the flash kernel); padded and packed rows (position ids
+    restarting) get a [batch, 1, S, S] mask, which docs/local.md says to avoid at long lengths."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    m.config.use_cache = False  # as in training (a cache turns the packed-row detection off)
+    m.train()
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        mask = k.get("attn_mask")
+        seen.append((None if mask is None else tuple(mask.shape), k.get("is_causal")))
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    S = 48
+
+    def first(ids, **kw):
+        seen.clear()
+        m(input_ids=ids, **kw)
+        return seen[0]
+
+    one = torch.randint(0, 200, (1, S))
+    assert first(one) == (None, True)
+    assert first(one, attention_mask=torch.ones(1, S, dtype=torch.long)) == (None, True)
+    assert first(torch.randint(0, 200, (2, S)), attention_mask=torch.ones(2, S, dtype=torch.long)) == (None, True)
+    padded = torch.ones(1, S, dtype=torch.long)
+    padded[0, -5:] = 0
+    assert first(one, attention_mask=padded) == ((1, 1, S, S), False)
+    packed = torch.cat([torch.arange(20), torch.arange(S - 20)]).unsqueeze(0)
+    assert first(one, position_ids=packed) == ((1, 1, S, S), False)
+
+
 # ----------------------------------------------------------------------------- memory terms
 
 def test_offload_and_tiled_mlp_terms():
