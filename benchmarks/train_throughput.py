@@ -4,7 +4,13 @@
         [--batch 4] [--rank 16] [--variant qlora dora lora_bf16 auto] [--steps 5] [--warmup 2]
         [--qlora-budget-gib 20] [--mixed] [--attribution] [--check-loss [--loss-steps 30]] [--out DIR]
 
---seq takes several lengths and runs everything at each (a sweep; one table per length).
+--seq takes several lengths and runs everything at each (a sweep; one table per length), then one sweep table:
+tokens/s and peak memory at each length, what the plan chose there (checkpointed layers, activation offload,
+tiled MLP) and the longest power-of-two length that trained. A length that fails (out of memory, or refused by
+tunekit's fit check with the longest length that fits) is reported and the sweep goes on; longer lengths of
+that variant are then skipped (they would fail too). For long context use --batch 1 and
+--qlora-budget-gib 0 (the whole device), e.g.
+    --seq 8192 16384 32768 65536 131072 262144 --batch 1 --steps 1 --warmup 1 --variant qlora --qlora-budget-gib 0
 
 The model is a random-weight model built from the real config (Llama-3.1-8B: vocab 128256, hidden 4096,
 intermediate 14336, 32 layers, 32/8 heads) with tunekit's code-made byte tokenizer, saved once under /tmp and
@@ -301,16 +307,27 @@ def child(job: str, p: dict) -> dict:
     t = time.time()
     r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=e)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode or not lines:
+    if not lines:  # killed (e.g. host memory) before it could say why
         return {"error": f"exit {r.returncode}", "stdout_tail": r.stdout[-2000:], "wall_s": round(time.time() - t, 1)}
     res = json.loads(lines[-1][7:])
     res["wall_s"] = round(time.time() - t, 1)
     return res
 
 
+def failure(exc: BaseException) -> str:
+    """One line: OOM (CUDA out of memory), refused (tunekit's fit check) or the exception."""
+    name = type(exc).__name__
+    msg = str(exc).splitlines()[0][:300] if str(exc) else ""
+    if name == "OutOfMemoryError" or "out of memory" in msg.lower():
+        return f"OOM: {msg}"
+    if name == "ResourceError":
+        return f"refused: {msg}"
+    return f"{name}: {msg}"
+
+
 def summarize(res: dict, warmup: int) -> dict:
     if "error" in res:
-        return {"error": res["error"]}
+        return {"error": res["error"], **({"hint": res["hint"]} if res.get("hint") else {})}
     times, toks = res["step_times"][warmup:], res["step_tokens"][warmup:]
     if not times:
         return {"error": "no timed steps"}
@@ -324,6 +341,10 @@ def summarize(res: dict, warmup: int) -> dict:
     if sp:
         out["speedups"] = [k for k, v in sp["enabled"].items() if v]
         out["checkpointed_layers"] = f'{sp["checkpointed_layers"]}/{sp["num_layers"]}'
+        out["offload_layers"] = sp.get("offload_layers", 0)
+        out["mlp_tile_tokens"] = sp.get("mlp_tile_tokens", 0)
+        if sp.get("host_bytes"):
+            out["host_gib"] = round(sp["host_bytes"] / GiB, 2)
         if sp.get("memory_estimate_bytes"):
             out["plan_estimate_gib"] = round(sp["memory_estimate_bytes"] / GiB, 2)
     return out
@@ -366,8 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     if a._job:
         p = json.loads(a._params)
         fn = {"build": build_model, "plain": plain_run, "tunekit": tunekit_run}[a._job]
-        print("RESULT " + json.dumps(fn(p)), flush=True)
-        return 0
+        try:
+            res = fn(p)
+        except Exception as exc:  # an OOM or a refused plan is a result of the sweep, not the end of it
+            import traceback
+
+            traceback.print_exc()
+            res = {"error": failure(exc), "hint": getattr(exc, "hint", None)}
+        print("RESULT " + json.dumps(res), flush=True)
+        return 1 if "error" in res else 0
 
     import torch
     from transformers import AutoTokenizer
@@ -390,15 +418,45 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rc = 0
+    swept: list[dict] = []
     for seq in seqs:
         if len(seqs) > 1:
             print(json.dumps({"seq": seq}), flush=True)
-        rc |= run_length(a, {**base, "seq": seq}, tok, meta, device)
+        rc |= run_length(a, {**base, "seq": seq}, tok, meta, device, swept)
+    if len(seqs) > 1 and not a.check_loss:
+        sweep_table(swept, meta)
     return rc
 
 
-def run_length(a, base: dict, tok, meta: dict, device: str) -> int:
-    """Every variant at one --seq length (one table)."""
+def sweep_table(results: list[dict], meta: dict) -> None:
+    """Tokens/s and peak at each length per variant and side, and the longest power-of-two length that trained."""
+    print(f"\nsweep {meta['date']} commit {meta['commit']} on {meta['gpu'] or meta['device']}")
+    print(f"{'variant':10} {'impl':22} {'seq':>8} {'tok/s':>8} {'peak GiB':>9} {'est GiB':>8} {'ckpt':>6} "
+          f"{'offload':>7} {'tile':>5}  status")
+    longest: dict[tuple, int] = {}
+    for r in results:
+        key = (r["variant"], r["impl"])
+        if "error" in r:
+            status = r["error"] + (f" (hint: {r['hint']})" if r.get("hint") else "")
+            print(f"{r['variant']:10} {r['impl']:22} {r['seq']:>8} {'-':>8} {'-':>9} {'-':>8} {'':>6} {'':>7} "
+                  f"{'':>5}  {status[:160]}")
+            continue
+        if r["seq"] & (r["seq"] - 1) == 0:
+            longest[key] = max(longest.get(key, 0), r["seq"])
+        est = r.get("fit_check_estimate_gib")
+        print(f"{r['variant']:10} {r['impl']:22} {r['seq']:>8} {r['tokens_per_s']:8.0f} "
+              f"{r['peak_gib'] if r['peak_gib'] is not None else '-':>9} {est if est else '-':>8} "
+              f"{r.get('checkpointed_layers') or '-':>6} {r.get('offload_layers', '-'):>7} "
+              f"{r.get('mlp_tile_tokens', '-'):>5}  ok")
+    for (v, impl), n in sorted(longest.items()):
+        print(json.dumps({"variant": v, "impl": impl, "longest_power_of_two_trained": n}))
+
+
+def run_length(a, base: dict, tok, meta: dict, device: str, swept: list | None = None) -> int:
+    """Every variant at one --seq length (one table). ``swept`` collects the records of a sweep: a side that
+    failed at a shorter length is not run again (it would fail longer too)."""
+    swept = swept if swept is not None else []
+    failed = {(r["variant"], r["impl"]) for r in swept if "error" in r}
     seq, n = base["seq"], a.batch * (a.warmup + a.steps)
     data = Path(tempfile.mkdtemp(prefix="tk-bench-data-")) / "train.jsonl"
     if a.check_loss:
@@ -416,7 +474,7 @@ def run_length(a, base: dict, tok, meta: dict, device: str) -> int:
     results = []
 
     def record(variant: str, impl: str, res: dict, extra: dict | None = None) -> dict:
-        rec = {"variant": variant, "impl": impl, **(extra or {})}
+        rec = {"variant": variant, "impl": impl, "seq": seq, **(extra or {})}
         if a.check_loss:
             rec["losses"] = res.get("losses")
             rec.update({k: res[k] for k in ("grad_norms", "learning_rates") if k in res})
@@ -428,8 +486,19 @@ def run_length(a, base: dict, tok, meta: dict, device: str) -> int:
             rec["stdout_tail"] = res.get("stdout_tail", "")[-800:]
         rec["wall_s"] = res.get("wall_s")
         results.append(rec)
+        swept.append(rec)
         print(json.dumps(rec), flush=True)
         return rec
+
+    def run(job: str, variant: str, impl: str, params: dict, extra: dict | None = None) -> dict:
+        if (variant, impl) in failed:  # failed at a shorter length of this sweep
+            rec = {"variant": variant, "impl": impl, "seq": seq, **(extra or {}),
+                   "error": "skipped: failed at a shorter length"}
+            results.append(rec)
+            swept.append(rec)
+            print(json.dumps(rec), flush=True)
+            return rec
+        return record(variant, impl, child(job, params), extra)
 
     if a.check_loss:
         return check_loss(a, base, record, meta)
@@ -438,11 +507,11 @@ def run_length(a, base: dict, tok, meta: dict, device: str) -> int:
     for v in a.variant:
         plain_variant = "qlora" if v == "auto" else v
         if not a.no_plain and plain_variant not in plain_cache:
-            plain_cache[plain_variant] = record(plain_variant, "plain", child("plain", {**base, "variant": plain_variant}),
-                                                {"seq": seq, "mixed": a.mixed})
+            plain_cache[plain_variant] = run("plain", plain_variant, "plain", {**base, "variant": plain_variant},
+                                             {"seq": seq, "mixed": a.mixed})
         budget = a.qlora_budget_gib if (v in ("qlora", "dora") and a.qlora_budget_gib and device == "cuda") else None
         p = {**base, "variant": v, "budget_gib": budget}
-        tk = record(v, "tunekit", child("tunekit", p), {"budget_gib": budget, "seq": seq, "mixed": a.mixed})
+        tk = run("tunekit", v, "tunekit", p, {"budget_gib": budget, "seq": seq, "mixed": a.mixed})
         if a.mixed:
             packed = record(v, "tunekit_packed", child("tunekit", {**p, "packing": True}),
                             {"budget_gib": budget, "seq": seq, "mixed": True})

@@ -1,4 +1,5 @@
-"""The speed plan applied to a PEFT model: Liger's kernels, the fused LoRA/DoRA forwards, per-layer checkpointing.
+"""The speed plan applied to a PEFT model: Liger's kernels, the fused LoRA/DoRA forwards, per-layer checkpointing
+(and, for long context, longctx.py's activation offload and tiled MLP).
 
 speed.py decides (`SpeedPlan`), this module acts on the loaded model (`apply`, then `after_trainer`). QLoRA
 layers (a bitsandbytes 4-bit base, LoRA or DoRA) run as one autograd function in nf4.py; this module holds the
@@ -23,6 +24,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import longctx as _longctx
 from . import nf4
 from .speed import SpeedPlan
 
@@ -59,6 +61,7 @@ def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
         done["fast_dora_modules"] = patch_dora(model, state)
         track_forward_passes(model, state)
     done["checkpointed_layers"] = set_checkpointing(base, sp.checkpointed_layers)
+    done.update(_longctx.apply(base, sp))  # activation offload, tiled MLP (long context)
     return done
 
 

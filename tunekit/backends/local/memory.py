@@ -54,6 +54,16 @@ CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 SHARDED_LAYERS = 2
 FRAGMENTATION = 0.05  # allocator slack, fraction of the allocated peak
 HEADROOM = 0.92  # a plan "fits" when its total is within this share of the device memory
+# Long context (longctx.py). Activation offload: an offloaded checkpointed layer's saved input (one hidden state)
+# waits in pinned host memory for its recompute; the GPU holds the one being brought back. CUDA's pinned-memory
+# allocator rounds each block up to a power of two.
+OFFLOAD_RESIDENT_STATES = 1
+# Tiled MLP: the MLP runs over tiles of this many tokens, so its [tokens, intermediate] activations (the
+# I_COEF term) exist for one tile at a time
+MLP_TILE_TOKENS = 8192
+# share of the host's physical memory the offloaded states may pin (pinned pages cannot be swapped out, and the
+# weights pass through host memory while loading)
+HOST_SHARE = 0.75
 
 
 @dataclass
@@ -64,10 +74,18 @@ class MemoryEstimate:
     device_bytes: int | None
     suggestions: list[str] = field(default_factory=list)
     assumptions: dict[str, Any] = field(default_factory=dict)
+    host_bytes: int = 0  # pinned host memory of the activation offload (not in total_bytes)
+    host_memory_bytes: int | None = None  # the host's physical memory the check assumed
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in self.breakdown.items())
-        return f"~{human_bytes(self.total_bytes)} ({parts})"
+        host = f"; host (offloaded activations) {human_bytes(self.host_bytes)}" if self.host_bytes else ""
+        return f"~{human_bytes(self.total_bytes)} ({parts}){host}"
+
+    @property
+    def host_fits(self) -> bool:
+        """Whether the offloaded activations fit HOST_SHARE of the host's memory (unknown host: assumed yes)."""
+        return not self.host_bytes or not self.host_memory_bytes or self.host_bytes <= HOST_SHARE * self.host_memory_bytes
 
 
 def human_bytes(n: float) -> str:
@@ -153,6 +171,9 @@ def _estimate(
     kbit_upcast: bool = True,
     fused_kernels: bool = False,
     shards: int = 1,
+    offload_layers: int = 0,
+    tiled_mlp: bool = False,
+    host_memory_bytes: int | None = None,
 ) -> MemoryEstimate:
     """The estimate alone (no suggestions). ``quantization`` is the resolved mode ('nf4'|'none').
 
@@ -165,6 +186,10 @@ def _estimate(
     never whole. ``kbit_upcast``: QLoRA's non-quantized params are upcast to fp32 (speed.py's bf16_kbit
     path keeps them bf16). ``fused_kernels``: Liger's kernels and the fused LoRA forward (CUDA), which keep
     fewer activations per layer (FUSED_LAYER_FACTOR).
+
+    Long context (longctx.py): ``offload_layers`` checkpointed layers keep their saved input in pinned host
+    memory instead of on the GPU (``host_bytes``; the estimate does not fit when that exceeds HOST_SHARE of
+    ``host_memory_bytes``); ``tiled_mlp`` runs the MLP over MLP_TILE_TOKENS-token tiles.
     """
     d = _dims(model_config)
     counts = count_params(model_config)
@@ -192,6 +217,9 @@ def _estimate(
     hidden_bytes = 4 if (up or dtype == "fp32") else 2  # QLoRA: fp32 embeddings make the residual stream fp32
     layer_bytes = 3 if up else (4 if dtype == "fp32" else 2)  # QLoRA: mixed bf16 matmuls / fp32 stream
     full_layer = tokens * act_elem * layer_bytes * (FUSED_LAYER_FACTOR if fused_kernels else 1)
+    if tiled_mlp and tokens > MLP_TILE_TOKENS:  # the MLP's intermediates exist for one tile at a time
+        full_layer -= ((tokens - MLP_TILE_TOKENS) * d["intermediate"] * I_COEF * layer_bytes
+                       * (FUSED_LAYER_FACTOR if fused_kernels else 1))
     # DoRA keeps every adapted layer's output for the magnitude's gradient, but measured on the H200 its
     # fused path peaks no higher per layer than LoRA's (72a9a4c: 11.59 GiB with 29/32 layers checkpointed
     # vs LoRA's 13.22 with 27/32), so no separate term
@@ -199,6 +227,11 @@ def _estimate(
         acts = d["layers"] * tokens * d["hidden"] * hidden_bytes + full_layer
     else:
         acts = d["layers"] * full_layer
+    state = tokens * d["hidden"] * hidden_bytes  # one layer's saved input
+    offloaded = min(offload_layers, d["layers"]) if gradient_checkpointing else 0
+    if offloaded:  # those inputs wait in host memory; the one being recomputed is back on the GPU
+        acts -= (offloaded - OFFLOAD_RESIDENT_STATES) * state
+    host = offloaded * _pow2_ceil(int(state))
     logit_bytes = LOGIT_BYTES["fp32" if dtype == "fp32" else ("fp32_head" if up else "bf16")]
     if fused_lm_head:  # one tile of FUSED_HEAD_TILE tokens x vocabulary columns at a time
         logits = min(tokens, FUSED_HEAD_TILE[0]) * min(d["vocab"], FUSED_HEAD_TILE[1]) * logit_bytes
@@ -216,18 +249,26 @@ def _estimate(
         "overhead": int(overhead),
     }
     fits = None if not device_memory_bytes else total <= HEADROOM * device_memory_bytes
+    if fits and host and host_memory_bytes and host > HOST_SHARE * host_memory_bytes:
+        fits = False  # the GPU would hold it, the host cannot pin the offloaded activations
     return MemoryEstimate(
         total_bytes=total,
         breakdown=breakdown,
         fits=fits,
         device_bytes=device_memory_bytes,
+        host_bytes=int(host),
+        host_memory_bytes=host_memory_bytes,
         assumptions={
             "micro_batch": micro_batch, "max_length": max_length, "quantization": quantization, "r": r,
             "gradient_checkpointing": gradient_checkpointing, "dtype": dtype, "lora_params": n_lora,
             "base_params": counts["total"], "fused_lm_head": fused_lm_head, "kbit_upcast": kbit_upcast,
-            "fused_kernels": fused_kernels, "shards": shards,
+            "fused_kernels": fused_kernels, "shards": shards, "offload_layers": offloaded, "tiled_mlp": tiled_mlp,
         },
     )
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length() if n > 0 else 0
 
 
 _ESTIMATE_SIGNATURE = inspect.signature(_estimate)
@@ -313,8 +354,9 @@ def _suggest(cfg: dict[str, Any], locals_: dict[str, Any]) -> list[str]:
 def check_fits(estimate_: MemoryEstimate, *, what: str = "this training plan") -> None:
     """Raise ResourceError when the estimate does not fit the device."""
     if estimate_.fits is False:
-        raise ResourceError(
-            f"{what} needs {estimate_.summary()}, more than {HEADROOM:.0%} of the device's "
-            f"{human_bytes(estimate_.device_bytes or 0)}",
-            hint="; or ".join(estimate_.suggestions),
-        )
+        if not estimate_.host_fits and estimate_.total_bytes <= HEADROOM * (estimate_.device_bytes or 0):
+            where = (f"more than {HOST_SHARE:.0%} of the host's {human_bytes(estimate_.host_memory_bytes or 0)} "
+                     f"for the activations offloaded to it")
+        else:
+            where = f"more than {HEADROOM:.0%} of the device's {human_bytes(estimate_.device_bytes or 0)}"
+        raise ResourceError(f"{what} needs {estimate_.summary()}, {where}", hint="; or ".join(estimate_.suggestions))

@@ -71,10 +71,30 @@ def device_info(device: str | None) -> DeviceInfo:
         idx = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(idx)
         return DeviceInfo("cuda", int(props.total_memory), props.name)
+    return DeviceInfo("cpu", host_memory_bytes(), "cpu")
+
+
+def host_memory_bytes() -> int | None:
+    """The host's physical memory (what the activation offload may pin a share of), None where unknown."""
     import os
 
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    return DeviceInfo("cpu", ram, "cpu")
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def longest_length_text(sp: _speed.SpeedPlan) -> str:
+    """The first suggestion of a run that does not fit even with every long-context means the plan could use."""
+    used = next((r for k in ("offload", "tiled_mlp") if (r := sp.reasons.get(k, "")).startswith("not enough")),
+                "not enough even with every layer checkpointed")
+    used = used.replace("not enough even with", "with")
+    more = ("; adapter.dropout=0 would allow the tiled MLP" if sp.reasons.get("tiled_mlp", "").startswith("not used")
+            else "")
+    if not sp.longest_length:
+        return f"no max_length of 128 tokens or more fits this device {used}: use a device with more memory{more}"
+    return (f"set hyperparameters.max_length to {sp.longest_length} or less: the longest power-of-two length "
+            f"that fits this device {used}{more}")
 
 
 def optimizer_name(spec: Any, quantized: bool, on_gpu: bool) -> str:
@@ -177,14 +197,16 @@ def resolve_run(
     off = _speed.disabled(speedups)
     est_kw = _speed.estimate_kwargs(spec, model_config, dev.type, off) if model_config is not None else {}
 
-    def estimate(quant: str, ckpt: bool | None = None) -> _memory.MemoryEstimate:
-        return _memory.estimate(
-            model_config, micro_batch=micro, max_length=hp.max_length, quantization=quant, r=a.r,
-            target_modules=a.target_modules, use_dora=a.use_dora,
-            gradient_checkpointing=gradient_checkpointing if ckpt is None else ckpt,
-            dtype=compute_dtype if quant != "nf4" else "bf16",
-            device_memory_bytes=budget, method=spec.method, device_type=dev.type, **est_kw,
-        )
+    host = host_memory_bytes() if on_gpu else None  # what the activation offload may pin
+
+    def estimate(quant: str, ckpt: bool | None = None, **long: Any) -> _memory.MemoryEstimate:
+        # long: the long-context terms (offload_layers, tiled_mlp) and, searching the longest length, max_length
+        kw = dict(micro_batch=micro, max_length=hp.max_length, quantization=quant, r=a.r,
+                  target_modules=a.target_modules, use_dora=a.use_dora,
+                  gradient_checkpointing=gradient_checkpointing if ckpt is None else ckpt,
+                  dtype=compute_dtype if quant != "nf4" else "bf16", device_memory_bytes=budget,
+                  method=spec.method, device_type=dev.type, host_memory_bytes=host, **est_kw)
+        return _memory.estimate(model_config, **{**kw, **long})
 
     bf16_fits = None
     if spec.quantization == "auto" and on_gpu and model_config is not None:
@@ -196,7 +218,15 @@ def resolve_run(
         est = estimate(quant.mode)
         speed = _speed.plan(spec, model_config, dev.type, quant.quantized,
                             gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt,
-                            budget_bytes=budget, estimate=lambda ck: estimate(quant.mode, ck), off=off)
+                            budget_bytes=budget, estimate=lambda ck, **kw: estimate(quant.mode, ck, **kw), off=off,
+                            max_length=hp.max_length)
+        if speed.offload_layers or speed.mlp_tile_tokens:  # the fit check is the long-context path's
+            est = estimate(quant.mode, True, offload_layers=speed.offload_layers,
+                           tiled_mlp=bool(speed.mlp_tile_tokens))
+        elif speed.longest_length is not None:  # nothing fits at this length: the longest that does, first
+            # (instead of the estimate's own shorter length, found without the long-context means)
+            est.suggestions[:] = [longest_length_text(speed)] + [
+                s for s in est.suggestions if not s.startswith("shorten hyperparameters.max_length")]
     return RunPlan(
         device=dev, micro_batch=micro, grad_accum=accum, compute_dtype=compute_dtype,
         gradient_checkpointing=gradient_checkpointing, budget_bytes=budget, quant=quant,

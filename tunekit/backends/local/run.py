@@ -83,11 +83,14 @@ class Memory(_Part):
     fits: Optional[bool]
     budget_bytes: Optional[int]
     suggestions: list[str] = Field(default_factory=list)
+    host_bytes: int = 0  # pinned host memory of the activation offload (long context)
+    host_memory_bytes: Optional[int] = None
 
     def estimate(self):
         from .memory import MemoryEstimate
 
-        return MemoryEstimate(self.total_bytes, self.breakdown, self.fits, self.budget_bytes, self.suggestions)
+        return MemoryEstimate(self.total_bytes, self.breakdown, self.fits, self.budget_bytes, self.suggestions,
+                              host_bytes=self.host_bytes, host_memory_bytes=self.host_memory_bytes)
 
 
 class RunOptions(LocalOptions):
@@ -195,7 +198,8 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
         validation_data=spec.validation_data, output=Output(name=spec.suffix), options=run_options,
         memory_estimate=None if est is None else Memory(total_bytes=est.total_bytes, breakdown=est.breakdown,
                                                         fits=est.fits, budget_bytes=r.budget_bytes,
-                                                        suggestions=est.suggestions),
+                                                        suggestions=est.suggestions, host_bytes=est.host_bytes,
+                                                        host_memory_bytes=est.host_memory_bytes),
         estimate_skipped=r.estimate_skipped, speed=sp.to_dict() if sp else None, data=data,
         layout=layout.to_dict() if layout is not None else None,
     )

@@ -15,6 +15,13 @@ tests/test_local_speed.py checks each one against the path without it). The opti
                without dropout the whole DoRA layer as one fused forward (kernels.py, nf4.py).
   checkpointing gradient checkpointing only on as many decoder layers as the memory budget needs (the rest
                keep their activations and skip the recompute); decided from memory.estimate.
+  offload      long context (longctx.py): the saved input of the first N checkpointed layers (one hidden state
+               each, all that checkpointing keeps of a layer) waits in pinned host memory for its recompute,
+               when the run does not fit with every layer checkpointed (CUDA only); N from the memory budget,
+               bounded by the host's memory.
+  tiled_mlp    long context (longctx.py): the MLP over token tiles, each recomputed in backward, so the
+               [tokens, intermediate] activations are never whole; when offload alone is not enough, and only
+               without adapter dropout (tiles would draw other masks than the untiled MLP).
   fp32_adapters not a speed-up but a numerics guard: TRL casts a quantized model's LoRA A/B to bf16, where
                AdamW steps of lr ~2e-4 are partly rounded away (the loss curve lags the plain recipe's, which
                keeps PEFT's fp32 adapters); they go back to fp32 (autocast still runs the matmuls in bf16).
@@ -29,10 +36,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import variants as _variants
-from .memory import GiB
+from .memory import HEADROOM, MLP_TILE_TOKENS, GiB
 
-OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters")
+OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters", "offload",
+                 "tiled_mlp")
 OFF_BY = "disabled by provider_options.local.speedups"
+# a tile's LoRA dropout masks are drawn per tile: other draws than the untiled MLP's, so not the same training
+TILE_DROPOUT = ("not used with adapter.dropout={} (its masks would be drawn per tile, unlike the untiled run's); "
+                "adapter.dropout=0 allows it")
 # model types Liger's instance patching covers and that were checked to share Llama's module layout
 LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
@@ -57,6 +68,10 @@ class SpeedPlan:
     checkpointed_layers: int  # decoder layers under gradient checkpointing (the first ones); 0 = none
     memory_estimate_bytes: int | None = None  # estimated peak with this checkpointing choice
     notes: list[str] = field(default_factory=list)
+    offload_layers: int = 0  # checkpointed layers (the first ones) whose saved input is offloaded to host memory
+    mlp_tile_tokens: int = 0  # tiled MLP: tokens per tile; 0 = untiled
+    host_bytes: int = 0  # pinned host memory the offload takes
+    longest_length: int | None = None  # nothing fits: the longest power-of-two max_length that does (0: none)
 
     def on(self, name: str) -> bool:
         return bool(self.enabled.get(name))
@@ -66,7 +81,8 @@ class SpeedPlan:
         ck = (f"checkpointing {self.checkpointed_layers}/{self.num_layers} layers" if self.checkpointed_layers
               else "no checkpointing")
         out = f"speed-ups: {', '.join(on) or 'none'}; {ck} ({self.reasons.get('checkpointing', '')})"
-        return "; ".join([out, *self.notes])
+        long = [f"{k}: {self.reasons[k]}" for k in ("offload", "tiled_mlp") if self.enabled.get(k)]
+        return "; ".join([out, *long, *self.notes])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,12 +124,16 @@ def plan(
     budget_bytes: int | None,
     estimate: Any = None,
     off: frozenset[str] = frozenset(),
+    max_length: int | None = None,
 ) -> SpeedPlan:
     """Decide the speed-ups of one run.
 
-    ``estimate(gradient_checkpointing: bool) -> MemoryEstimate`` is train()'s estimator for the resolved
-    quantization; with ``auto_checkpointing`` (the caller did not force it) and a known ``budget_bytes``, it
-    decides how many layers need checkpointing. ``device_type`` is "cuda" or "cpu"; ``off`` is `disabled(...)`.
+    ``estimate(gradient_checkpointing: bool, **kw) -> MemoryEstimate`` is train()'s estimator for the resolved
+    quantization (``kw``: memory._estimate's offload_layers, tiled_mlp, max_length); with ``auto_checkpointing``
+    (the caller did not force it) and a known ``budget_bytes``, it decides how many layers need checkpointing.
+    When the run does not fit even with every layer checkpointed, the long-context means are turned on from the
+    budget (`_long_context`). ``device_type`` is "cuda" or "cpu"; ``off`` is `disabled(...)`; ``max_length``
+    the run's (for the longest length that fits when nothing does).
     """
     cuda = device_type == "cuda"
     en: dict[str, bool] = {}
@@ -137,22 +157,104 @@ def plan(
 
     n = _layers(cfg)
     ckpt, est_bytes = (n if gradient_checkpointing else 0), None
+    known = bool(budget_bytes) and estimate is not None and n > 0
+    full = estimate(True) if gradient_checkpointing and known else None
+    long = LongContext()
     if not gradient_checkpointing:
         why["checkpointing"] = "off" + (" (CPU: tiny models train faster without)" if not cuda else "")
-    elif "checkpointing" in off or not auto_checkpointing or not budget_bytes or estimate is None or n == 0:
+    elif full is not None and full.fits is False:  # even every layer checkpointed does not fit: long context
+        long = _long_context(n, estimate, can_offload=cuda and "offload" not in off,
+                             can_tile="tiled_mlp" not in off and not spec.adapter.dropout, max_length=max_length)
+        est_bytes = long.estimate_bytes
+        why["checkpointing"] = f"all layers (with every layer checkpointed ~{full.total_bytes / GiB:.1f} GiB " \
+                               f"does not fit {budget_bytes / GiB:.1f} GiB)"
+    elif "checkpointing" in off or not auto_checkpointing or not known:
         why["checkpointing"] = ("all layers (" + (OFF_BY if "checkpointing" in off
                                                    else "requested" if not auto_checkpointing
                                                    else "no memory budget known") + ")")
     else:
         ckpt, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, estimate)
     en["checkpointing"] = ckpt > 0
-    return SpeedPlan(en, why, n, ckpt, est_bytes, notes)
+    for name, on, reason in (("offload", long.offload_layers > 0, long.offload_why),
+                             ("tiled_mlp", long.tiled, long.tiled_why)):
+        en[name] = on
+        why[name] = reason or (OFF_BY if name in off else "CUDA only (host memory is the device's)"
+                               if name == "offload" and not cuda else TILE_DROPOUT.format(spec.adapter.dropout)
+                               if name == "tiled_mlp" and spec.adapter.dropout else "not needed: the run fits without it")
+    return SpeedPlan(en, why, n, ckpt, est_bytes, notes, offload_layers=long.offload_layers,
+                     mlp_tile_tokens=MLP_TILE_TOKENS if long.tiled else 0, host_bytes=long.host_bytes,
+                     longest_length=long.longest_length)
+
+
+@dataclass
+class LongContext:
+    """What `_long_context` chose (nothing by default)."""
+
+    offload_layers: int = 0
+    tiled: bool = False
+    estimate_bytes: int | None = None
+    host_bytes: int = 0
+    offload_why: str = ""
+    tiled_why: str = ""
+    longest_length: int | None = None  # nothing fits at this length: the longest power of two that does (0: none)
+
+
+def _fewest_offloaded(n: int, estimate: Any, tiled: bool, offload: bool, **kw: Any) -> Any:
+    """The estimate with the fewest offloaded layers (0..n, or 0 without offload) that fits (GPU and host), or
+    None. GPU memory falls and host memory grows with the count, so the GPU-fitting counts are a suffix:
+    bisect for its start, where the host need is least."""
+    def at(k: int) -> Any:
+        return estimate(True, offload_layers=k, tiled_mlp=tiled, **kw)
+
+    def gpu_fits(e: Any) -> bool:
+        return e.total_bytes <= HEADROOM * e.device_bytes
+
+    lo, hi = 0, (n if offload else 0)
+    if not gpu_fits(at(hi)):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if gpu_fits(at(mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    e = at(lo)
+    return e if e.fits else None
+
+
+def _long_context(n: int, estimate: Any, *, can_offload: bool, can_tile: bool, max_length: int | None) -> LongContext:
+    """Offload first (it costs a copy per layer), then the tiled MLP as well (it recomputes the MLP), each only
+    as far as the budget needs; when nothing fits, the longest power-of-two max_length that fits with every
+    means on."""
+    tries = [(False, True)] if can_offload else []  # (tiled, offload)
+    if can_tile:
+        tries.append((True, can_offload))
+    for tiled, offload in tries:
+        e = _fewest_offloaded(n, estimate, tiled, offload)
+        if e is None:
+            continue
+        k = e.assumptions.get("offload_layers", 0)
+        fit = f"~{e.total_bytes / GiB:.1f} GiB fits {e.device_bytes / GiB:.1f} GiB"
+        return LongContext(
+            offload_layers=k, tiled=tiled, estimate_bytes=e.total_bytes, host_bytes=e.host_bytes,
+            offload_why=(f"the saved inputs of {k} of {n} checkpointed layers in pinned host memory "
+                         f"({e.host_bytes / GiB:.1f} GiB) so that {fit}") if k else "",
+            tiled_why=f"MLP over {MLP_TILE_TOKENS}-token tiles so that {fit}" if tiled else "")
+    means = " and ".join(m for m, ok in (("activation offload", can_offload), ("tiled MLP", can_tile)) if ok)
+    longest = 0
+    if max_length:
+        p = 1 << (max_length - 1).bit_length()  # the powers of two below max_length, longest first
+        while (p := p // 2) >= 128:
+            if _fewest_offloaded(n, estimate, can_tile, can_offload, max_length=p) is not None:
+                longest = p
+                break
+    why = f"not enough even with {means or 'every layer checkpointed'}"
+    return LongContext(offload_why=why if can_offload else "", tiled_why=why if can_tile else "",
+                       longest_length=longest)
 
 
 def _checkpoint_layers(n: int, budget: int, estimate: Any) -> tuple[int, int, str]:
     """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check)."""
-    from .memory import HEADROOM
-
     full, none = estimate(True), estimate(False)
     per_layer = max(1, (none.total_bytes - full.total_bytes) / n)
     room = HEADROOM * budget - full.total_bytes
