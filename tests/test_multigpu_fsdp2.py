@@ -213,7 +213,7 @@ def test_the_worker_starts_torchrun_for_a_one_gpu_fsdp2_run(monkeypatch):
     monkeypatch.setattr(worker, "discard_torn_checkpoints", lambda record: [])
     monkeypatch.setattr(worker, "data_snapshot", lambda file, split: None)
     monkeypatch.setattr("tunekit.backends.local.run.LocalRun.model_validate", staticmethod(lambda request: run))
-    monkeypatch.setattr("tunekit.backends.local.run.check_facts", lambda r, spec: (r, {}))
+    monkeypatch.setattr("tunekit.backends.local.run.check_facts", lambda r, spec, **kw: (r, {}))
     monkeypatch.setattr(worker.TrainingSpec, "model_validate", staticmethod(lambda s: s))
     monkeypatch.setattr(launch, "launch", lambda record, cb, r, resume: seen.setdefault("launched", r.layout))
     worker._train(SimpleNamespace(id="tk-1", request={}, spec={}), SimpleNamespace(event=None), None)
