@@ -142,6 +142,13 @@ def test_the_plan_shows_the_cost_and_refuses_the_option_without_validation_data(
     with pytest.raises(ConfigError, match="runs in one process; this run trains on 2 ranks") as info:
         LocalBackend().plan(ranked)
     assert info.value.field == "provider_options.local.eval_generate"
+    # FSDP2 at world size 1 (a GPU-only layout, so the plan's check is called directly): refused too
+    from tunekit.eval.during_training import GenerateEvalOptions, check_plan
+
+    with pytest.raises(ConfigError, match="shards the model with FSDP2") as info:
+        check_plan(GenerateEvalOptions(steps=10), str(val), ranks=1, sharded=True)
+    assert info.value.field == "provider_options.local.eval_generate"
+    check_plan(GenerateEvalOptions(steps=10), str(val), ranks=1)  # one unsharded process: allowed
 
 
 def test_generated_scores_and_validation_loss_at_the_same_step_share_its_row(tmp_path):

@@ -79,10 +79,12 @@ def check_options(value: Any) -> GenerateEvalOptions:
                           hint='e.g. {"steps": 50, "rows": 8, "max_tokens": 64, "metrics": ["exact_match"]}') from None
 
 
-def check_plan(options: GenerateEvalOptions | None, validation_data: str | None, ranks: int = 1) -> None:
-    """At plan time: the option needs held-out rows to generate from, and one process. Under several ranks
-    each would generate (the same answers, N times), and under FSDP2 a generate on one rank alone would
-    wait forever for the others' weight all-gathers."""
+def check_plan(options: GenerateEvalOptions | None, validation_data: str | None, ranks: int = 1,
+               sharded: bool = False) -> None:
+    """At plan time: the option needs held-out rows to generate from, and one unsharded process. Under several
+    ranks each would generate (the same answers, N times), and under FSDP2 a generate on one rank alone would
+    wait forever for the others' weight all-gathers; FSDP2 at world size 1 (a check of the sharded path) is
+    refused too: generating through the sharded modules has not been run on a GPU."""
     if options is not None and not validation_data:
         raise ConfigError(f"{FIELD} generates answers to validation rows, but the spec has no validation_data",
                           field=FIELD, hint="set validation_data (held-out rows), or drop eval_generate")
@@ -90,6 +92,10 @@ def check_plan(options: GenerateEvalOptions | None, validation_data: str | None,
         raise ConfigError(f"{FIELD} runs in one process; this run trains on {ranks} ranks", field=FIELD,
                           hint="drop eval_generate (the validation loss is still computed on every rank), or "
                                "train with gpus=1; `tunekit eval` scores the finished adapter the same way")
+    if options is not None and sharded:
+        raise ConfigError(f"{FIELD} runs in one unsharded process; this run shards the model with FSDP2",
+                          field=FIELD, hint="drop eval_generate or layout='fsdp2'; `tunekit eval` scores the "
+                                            "finished adapter the same way")
 
 
 def add_to_trainer(trainer: Any, options: Any, validation_path: str | Path | None, tokenizer: Any,

@@ -176,7 +176,8 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     from .layout import from_options, more_gpus, optimizer_for
 
     layout = from_options(spec, r, options.model_dump())  # None: one process
-    _gen_eval.check_plan(options.eval_generate, spec.validation_data, layout.world_size if layout else 1)
+    _gen_eval.check_plan(options.eval_generate, spec.validation_data, layout.world_size if layout else 1,
+                         sharded=bool(layout) and layout.kind == "fsdp2")
     est, sp = (layout.estimate if layout is not None and layout.estimate is not None else r.estimate), r.speed
     if layout is None and est is not None and est.fits is False and (more := more_gpus(spec, r)):
         est.suggestions.append(more)
