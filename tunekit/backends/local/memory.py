@@ -41,14 +41,12 @@ NF4_BYTES_PER_PARAM = 4.127 / 8  # NF4 + double-quantized absmax (block 64)
 # (attention inputs/outputs, RoPE copies, RMSNorm fp32 temporaries, LoRA inputs, MLP gate/up/act).
 H_COEF = 24
 I_COEF = 4
-# Liger's RMSNorm/SwiGLU/RoPE kernels with speed.py's fused LoRA forward keep fewer per-layer activations:
-# measured on the H200 (commit 6ae2d2a, bf16 LoRA without checkpointing, 8B shape, 4 x 2048): 58.5 GiB
-# allocated, i.e. 41.4 GiB over 32 layers against 76.0 GiB from the coefficients above -> 0.545.
-FUSED_LAYER_FACTOR = 0.55
 # Bytes per logit element over the step: the logits themselves + fp32 upcast/log-softmax/gradient.
 LOGIT_BYTES = {"bf16": 12, "fp32_head": 12, "fp32": 16}
 # TRL's chunked LM head (trl.trainer.utils.add_fused_lm_head): token x vocabulary tile of the logits
 FUSED_HEAD_TILE = (4096, 32768)
+# bitsandbytes' 4-bit block: one fp32 scale per NF4_BLOCK weights once double quantization is undone (nf4.py)
+NF4_BLOCK = 64
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 # FSDP2: full decoder layers resident on a rank besides its shard (the computing one + the prefetched one)
 SHARDED_LAYERS = 2
@@ -113,6 +111,22 @@ def _linear_shapes(d: dict[str, int]) -> list[tuple[int, int]]:
     return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
 
+def _fused_layer_elems(d: dict[str, int], r: int, dora16: bool = False) -> int:
+    """Elements per token one decoder layer keeps for backward on the fused CUDA path (Liger's RMSNorm/SwiGLU/RoPE,
+    the fused LoRA forward, SDPA's flash kernel), counted from what each op saves:
+      4 hidden         the layer input and mid-layer residual (RMSNorm inputs), both normed outputs (the
+                       shared input of q/k/v and of gate/up)
+      2 q + 2 kv       q, k, v (SDPA inputs; RoPE rotates in place) and the attention output (o_proj's input)
+      3 intermediate   gate and up outputs (SwiGLU inputs) and the SwiGLU output (down_proj's input)
+      7 r              A x of each adapted linear
+    8B shape: 69,744, i.e. 0.448 x the plain recipe's coefficients (H200, 72a9a4c: 50.16 GiB measured for bf16
+    LoRA without checkpointing). ``dora16``: the 16-bit DoRA forward (kernels.py) rescales each output with
+    addcmul, which saves it too (counted, not measured)."""
+    h, i, q, kv = d["hidden"], d["intermediate"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    elems = 4 * h + 2 * q + 2 * kv + 3 * i + 7 * r
+    return elems + (q + 2 * kv + 2 * h + 2 * i if dora16 else 0)
+
+
 def count_params(cfg: dict[str, Any]) -> dict[str, int]:
     """Parameter counts: 'linear' (decoder linears, quantizable), 'other' (embeddings, head, norms)."""
     d = _dims(cfg)
@@ -164,7 +178,7 @@ def _estimate(
     ``fused_lm_head``: the loss is computed in vocabulary tiles (TRL's chunked LM head), so the logits are
     never whole. ``kbit_upcast``: QLoRA's non-quantized params are upcast to fp32 (speed.py's bf16_kbit
     path keeps them bf16). ``fused_kernels``: Liger's kernels and the fused LoRA forward (CUDA), which keep
-    fewer activations per layer (FUSED_LAYER_FACTOR).
+    fewer activations per layer (`_fused_layer_elems`).
     """
     d = _dims(model_config)
     counts = count_params(model_config)
@@ -191,17 +205,31 @@ def _estimate(
     up = nf4 and kbit_upcast
     hidden_bytes = 4 if (up or dtype == "fp32") else 2  # QLoRA: fp32 embeddings make the residual stream fp32
     layer_bytes = 3 if up else (4 if dtype == "fp32" else 2)  # QLoRA: mixed bf16 matmuls / fp32 stream
-    full_layer = tokens * act_elem * layer_bytes * (FUSED_LAYER_FACTOR if fused_kernels else 1)
-    # DoRA keeps every adapted layer's output for the magnitude's gradient, but measured on the H200 its
-    # fused path peaks no higher per layer than LoRA's (72a9a4c: 11.59 GiB with 29/32 layers checkpointed
-    # vs LoRA's 13.22 with 27/32), so no separate term
+    cdt = 4 if dtype == "fp32" else 2  # compute dtype
+    if fused_kernels:
+        full_layer = tokens * _fused_layer_elems(d, r, use_dora and not nf4) * layer_bytes
+        if use_dora and nf4:
+            # nf4.py's DoRA saves each adapted layer's output for the magnitude's gradient: q/k/v/gate/up outputs
+            # are saved anyway (RoPE is in place, SDPA and SwiGLU keep them), o_proj's and down_proj's are extra;
+            # and it caches every 4-bit weight's fp32 block scales (measured: 14.36 GiB vs LoRA's 13.22, 27/32)
+            full_layer += tokens * 2 * d["hidden"] * layer_bytes
+            weights += counts["linear"] / NF4_BLOCK * 4
+    else:
+        full_layer = tokens * act_elem * layer_bytes
     if gradient_checkpointing:
         acts = d["layers"] * tokens * d["hidden"] * hidden_bytes + full_layer
     else:
         acts = d["layers"] * full_layer
     logit_bytes = LOGIT_BYTES["fp32" if dtype == "fp32" else ("fp32_head" if up else "bf16")]
-    if fused_lm_head:  # one tile of FUSED_HEAD_TILE tokens x vocabulary columns at a time
-        logits = min(tokens, FUSED_HEAD_TILE[0]) * min(d["vocab"], FUSED_HEAD_TILE[1]) * logit_bytes
+    if fused_lm_head:
+        # TRL's ChunkedLogProbFunction at the start of backward (every kept layer's activations still held): one
+        # FUSED_HEAD_TILE of logits in the compute dtype, the fp32 gradient of the hidden states it scores, their
+        # gathered copy (hidden[mask]) and the final norm's input; an fp32 head (QLoRA's upcast) also casts
+        # each tile's weight rows and hidden states to the compute dtype
+        tt, tv = min(tokens, FUSED_HEAD_TILE[0]), min(d["vocab"], FUSED_HEAD_TILE[1])
+        logits = tt * tv * cdt + tokens * d["hidden"] * (4 + 2 * hidden_bytes)
+        if up:
+            logits += (tv + tt) * d["hidden"] * cdt
     else:
         logits = tokens * d["vocab"] * logit_bytes
     activations = acts + logits
@@ -226,6 +254,8 @@ def _estimate(
             "gradient_checkpointing": gradient_checkpointing, "dtype": dtype, "lora_params": n_lora,
             "base_params": counts["total"], "fused_lm_head": fused_lm_head, "kbit_upcast": kbit_upcast,
             "fused_kernels": fused_kernels, "shards": shards,
+            # the one layer recomputed in backward (in the total when checkpointing): speed._checkpoint_layers
+            "recompute_bytes": int(full_layer) if gradient_checkpointing else 0,
         },
     )
 
@@ -308,6 +338,25 @@ def _suggest(cfg: dict[str, Any], locals_: dict[str, Any]) -> list[str]:
     else:
         out.append("use a smaller base model or a device with more memory (no change tunekit tried fits)")
     return out
+
+
+def kept_layers_peak(full: MemoryEstimate, none: MemoryEstimate, layers: int, keep: int, *,
+                     allocated: bool = False) -> int:
+    """Peak bytes when the first ``layers - keep`` decoder layers are checkpointed and the last ``keep`` keep their
+    activations, from the all-checkpointed (``full``) and no-checkpointing (``none``) estimates of one step.
+
+    Each kept layer adds its activations less its checkpointed input; the one layer recomputed in backward
+    (``full``'s "recompute_bytes") is live only after the kept layers have freed theirs (backward runs from the
+    last layer), so it counts only when none is kept. ``allocated``: without the CUDA context and fragmentation,
+    i.e. what torch.cuda.max_memory_allocated measures.
+    """
+    f, z = full.total_bytes, none.total_bytes
+    if allocated:
+        f, z = f - full.breakdown["overhead"], z - none.breakdown["overhead"]
+    if keep <= 0:
+        return f
+    r = full.assumptions.get("recompute_bytes", 0) * (1 if allocated else 1 + FRAGMENTATION)
+    return int(f - r + min(keep, layers) * (z - f + r) / layers)
 
 
 def check_fits(estimate_: MemoryEstimate, *, what: str = "this training plan") -> None:

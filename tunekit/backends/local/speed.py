@@ -150,14 +150,14 @@ def plan(
 
 
 def _checkpoint_layers(n: int, budget: int, estimate: Any) -> tuple[int, int, str]:
-    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check)."""
-    from .memory import HEADROOM
+    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check);
+    the peak of each choice is memory.kept_layers_peak (the kept layers are the last ones)."""
+    from .memory import HEADROOM, kept_layers_peak
 
     full, none = estimate(True), estimate(False)
-    per_layer = max(1, (none.total_bytes - full.total_bytes) / n)
-    room = HEADROOM * budget - full.total_bytes
-    keep = int(max(0, min(n, room // per_layer)))  # layers that keep their activations
-    peak = int(full.total_bytes + keep * per_layer)
+    keep = next((k for k in range(n, 0, -1) if kept_layers_peak(full, none, n, k) <= HEADROOM * budget), 0)
+    peak = kept_layers_peak(full, none, n, keep)
+    per_layer = (none.total_bytes - kept_layers_peak(full, none, n, 1)) / max(1, n - 1)
     if keep == n:
         reason = f"not needed: ~{none.total_bytes / GiB:.1f} GiB without it fits {budget / GiB:.1f} GiB"
     else:
