@@ -32,20 +32,81 @@ def test_calibrated_against_h200_measurements(quant, ckpt, measured):
     assert e.fits
 
 
-def test_fused_path_calibrated_and_never_below_what_was_measured():
-    """tunekit's CUDA path (Liger + fused LoRA forward + chunked head), H200 figures in docs/benchmarks.md:
-    bf16 LoRA without checkpointing 58.5 GiB (the calibration point); QLoRA with 30 of 32 layers checkpointed
-    10.96 GiB (the estimate of a partly checkpointed run errs high: the plan must not overshoot a budget)."""
-    kw = dict(micro_batch=4, max_length=2048, r=16, fused_lm_head=True, fused_kernels=True)
-    e = estimate(LLAMA_8B, quantization="none", gradient_checkpointing=False, **kw)
-    assert abs(allocated_gib(e) - 58.5) / 58.5 < 0.05
-    full = estimate(LLAMA_8B, quantization="nf4", gradient_checkpointing=True, kbit_upcast=False, **kw)
-    none = estimate(LLAMA_8B, quantization="nf4", gradient_checkpointing=False, kbit_upcast=False, **kw)
-    partial = allocated_gib(full) + 2 * (allocated_gib(none) - allocated_gib(full)) / 32
-    assert 10.96 <= partial < 1.3 * 10.96
-    # the unfused coefficients would keep 2 layers' activations where the fused path keeps ~4-5 in 20 GiB
-    plain = estimate(LLAMA_8B, quantization="none", gradient_checkpointing=False, **{**kw, "fused_kernels": False})
-    assert allocated_gib(plain) > 1.5 * allocated_gib(e)
+def _recorded():
+    """benchmarks/memory_estimate.py: every peak recorded in docs/benchmarks.md, with the estimate beside it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_estimate.py"
+    spec = importlib.util.spec_from_file_location("memory_estimate_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.rows()
+
+
+RECORDED = _recorded()
+
+
+@pytest.mark.parametrize("row", [r for r in RECORDED if r["status"] in ("derived", "held out")],
+                         ids=lambda r: r["name"])
+def test_estimate_within_10_percent_of_every_recorded_peak(row):
+    """Each H200 peak of the current code (tunekit's fused path and the plain recipe, docs/benchmarks.md) against
+    the estimate at the run's checkpointed layers. Held out (not looked at while counting the terms): bf16 at
+    16,384 tokens, the speedups-off path, DoRA at 29/32, the plain recipe's DoRA."""
+    if row["measured"] is None:  # measured: out of memory -> the plan must refuse it
+        assert row["fits"] is False, row
+        return
+    assert abs(row["error"]) < 0.10, row
+    # safe: the plan's figure (CUDA context + allocator slack on top) is never below what was measured
+    assert row["plan"] > row["measured"], row
+
+
+def test_recorded_peaks_outside_the_model_are_listed_with_their_reason():
+    """Old-code rows measure forwards since changed (each says what changed); the estimate describes today's
+    code and sits below them by about that change (the fp32 copy of the LoRA input: -14% for bf16 at 6ae2d2a)."""
+    statuses = {r["status"] for r in RECORDED}
+    assert statuses == {"derived", "held out", "old code", "no model", "not covered"}
+    for r in RECORDED:
+        assert r["source"], r
+        if r["status"] == "old code":
+            assert r["error"] is not None and -0.16 < r["error"] < 0.10, r
+    # the one recorded out-of-memory the estimate calls a fit: the plain recipe at 16k (attention scores)
+    (miss,) = [r for r in RECORDED if r["status"] == "not covered"]
+    assert miss["measured"] is None and miss["fits"] is True and miss["tokens"] == "1x16384"
+    assert len(RECORDED) == 20  # docs/benchmarks.md lists them all; a new figure goes into the table too
+
+
+def test_fused_layer_is_counted_from_what_the_kernels_save():
+    from tunekit.backends.local.memory import _dims, _fused_layer_elems
+
+    d = _dims(LLAMA_8B)
+    # 4 hidden (norm inputs/outputs) + 2 q + 2 kv (q, k, v, attention out) + 3 intermediate (gate, up, act) + 7 r
+    assert _fused_layer_elems(d, 16) == 4 * 4096 + 2 * 4096 + 2 * 1024 + 3 * 14336 + 7 * 16 == 69744
+    kw = dict(micro_batch=4, max_length=2048, r=16, fused_lm_head=True)
+    fused = estimate(LLAMA_8B, quantization="none", gradient_checkpointing=False, fused_kernels=True, **kw)
+    plain = estimate(LLAMA_8B, quantization="none", gradient_checkpointing=False, **kw)
+    assert allocated_gib(plain) > 1.5 * allocated_gib(fused)
+
+
+def test_kept_layers_peak_interpolates_between_the_two_estimates():
+    from tunekit.backends.local.memory import kept_layers_peak
+
+    kw = dict(micro_batch=4, max_length=2048, quantization="nf4", r=16, fused_lm_head=True, kbit_upcast=False,
+              fused_kernels=True)
+    full = estimate(LLAMA_8B, gradient_checkpointing=True, **kw)
+    none = estimate(LLAMA_8B, gradient_checkpointing=False, **kw)
+    assert kept_layers_peak(full, none, 32, 0) == full.total_bytes
+    assert kept_layers_peak(full, none, 32, 32) == none.total_bytes
+    peaks = [kept_layers_peak(full, none, 32, k) for k in range(1, 33)]
+    assert peaks == sorted(peaks)
+    # keeping one layer swaps the recomputed layer for the kept one, less its checkpointed input (64 MiB)
+    recompute = full.assumptions["recompute_bytes"]
+    step = (none.total_bytes - full.total_bytes) / 32
+    assert 0 < full.total_bytes - peaks[0] < 0.1 * GiB
+    assert peaks[1] - peaks[0] == pytest.approx(step + 1.05 * recompute / 32, rel=1e-6)
+    # the allocated figure (what max_memory_allocated measures) is the total less the context and slack
+    alloc = kept_layers_peak(full, none, 32, 5, allocated=True)
+    assert alloc < kept_layers_peak(full, none, 32, 5)
 
 
 def test_qlora_without_checkpointing_does_not_fit_an_h200():

@@ -21,6 +21,16 @@ torch.cuda.max_memory_allocated:
   QLoRA, no checkpointing      estimate 133.4 GiB, 140.8 with overhead > 139 GiB: refused; measured: OOM
 (tests/test_local_memory.py recomputes these.) Other architectures (MoE, very wide attention) are
 only approximated; the estimate errs on the high side on purpose.
+
+tunekit's fused CUDA path (Liger + fused LoRA forward, bf16 QLoRA, TRL's chunked head, the last layers
+un-checkpointed) is counted from what its kernels save, with no fitted factor (`_fused_layer_elems`, the
+head and DoRA terms in `_estimate`, `kept_layers_peak`). Against every H200 peak recorded for it (e.g. QLoRA
+4 x 2048 at 27/32 checkpointed layers 13.21 vs 13.22 GiB; bf16 LoRA 50.14 vs 50.16; bf16 at 16,384 tokens,
+held out, 84.44 vs 84.6): within 1%, the table of `python benchmarks/memory_estimate.py` (docs/benchmarks.md).
+Not counted: SDPA's K/V copies when a padding mask turns off its GQA path (about 9% of a layer; the plan's
+fragmentation and headroom cover it), and attention scores materialised by SDPA's math kernel: most likely why
+the plain recipe (fp32 stream) ran out of memory at 16,384 tokens asking for 32 GiB (= 32 heads x 16,384^2 fp32)
+where this estimate says it fits.
 """
 
 from __future__ import annotations

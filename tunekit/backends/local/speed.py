@@ -160,6 +160,8 @@ def _checkpoint_layers(n: int, budget: int, estimate: Any) -> tuple[int, int, st
     per_layer = (none.total_bytes - kept_layers_peak(full, none, n, 1)) / max(1, n - 1)
     if keep == n:
         reason = f"not needed: ~{none.total_bytes / GiB:.1f} GiB without it fits {budget / GiB:.1f} GiB"
+    elif peak > HEADROOM * budget:  # the fit check refuses the run
+        reason = f"all {n} layers, and ~{peak / GiB:.1f} GiB still exceeds {budget / GiB:.1f} GiB"
     else:
         reason = (f"{n - keep} of {n} layers so that ~{peak / GiB:.1f} GiB fits {budget / GiB:.1f} GiB "
                   f"(~{per_layer / GiB:.2f} GiB per un-checkpointed layer)")
