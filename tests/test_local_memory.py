@@ -224,3 +224,30 @@ def test_plan_with_the_longest_max_length_on_a_tiny_budget_is_quick(monkeypatch,
     plan = LocalBackend().plan(spec)
     assert plan.request["memory_estimate"]["fits"] is False
     assert any("suggestion" in n for n in plan.notes) and calls[0] <= 200
+
+
+def test_lora_dropout_is_counted_and_comes_from_the_spec():
+    """Dropout > 0 (the spec's default 0.05) gives each adapted linear a dropped copy of its input plus a 1-byte
+    mask: the fused path keeps ~1.7x per layer, so the plan checkpoints more layers than for the benchmark's
+    dropout 0 (counted from the forward, not measured yet: tests/gpu/test_gpu_memory.py measures it)."""
+    from tunekit.backends.local import speed
+
+    kw = dict(micro_batch=4, max_length=2048, quantization="nf4", r=16, fused_lm_head=True, kbit_upcast=False,
+              fused_kernels=True, gradient_checkpointing=False)
+    no, yes = estimate(LLAMA_8B, **kw), estimate(LLAMA_8B, lora_dropout=0.05, **kw)
+    per_token_layer = (yes.breakdown["activations"] - no.breakdown["activations"]) / (4 * 2048 * 32)
+    # inputs of q, k, v, gate, up (hidden each), o (q) and down (intermediate), bf16 + mask; less the 2 normed
+    assert per_token_layer == (5 * 4096 + 4096 + 14336) * 3 - 2 * 4096 * 2
+    spec = TrainingSpec(base_model="x", quantization="nf4", adapter={"r": 16})
+    assert spec.adapter.dropout == 0.05 and speed.estimate_kwargs(spec)["lora_dropout"] == 0.05
+
+    def plan(dropout):
+        s = TrainingSpec(base_model="x", quantization="nf4", hyperparameters={"batch_size": 4, "max_length": 2048},
+                         adapter={"r": 16, "dropout": dropout})
+        ekw = {**speed.estimate_kwargs(s), "fused_kernels": True}
+        est = lambda ck: estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization="nf4", r=16,  # noqa: E731
+                                  gradient_checkpointing=ck, device_memory_bytes=20 * GiB, **ekw)
+        return speed.plan(s, LLAMA_8B, "cuda", True, gradient_checkpointing=True, auto_checkpointing=True,
+                          budget_bytes=20 * GiB, estimate=est)
+
+    assert plan(0.05).checkpointed_layers > plan(0.0).checkpointed_layers

@@ -146,15 +146,19 @@ def count_params(cfg: dict[str, Any]) -> dict[str, int]:
     return {"linear": linear, "other": emb + norms, "total": linear + emb + norms}
 
 
-def lora_params(cfg: dict[str, Any], r: int, target_modules: Any = "all-linear", use_dora: bool = False) -> int:
-    """Trainable LoRA parameters for all-linear (or the named Llama-style modules)."""
-    d = _dims(cfg)
+def _adapted(d: dict[str, int], target_modules: Any) -> list[tuple[int, int]]:
+    """(in, out) of the adapted linears of one block: all-linear, or the named Llama-style modules."""
     names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     shapes = dict(zip(names, _linear_shapes(d)))
     chosen = names if target_modules == "all-linear" else [n for n in names if n in set(target_modules)] or names
+    return [shapes[n] for n in chosen]
+
+
+def lora_params(cfg: dict[str, Any], r: int, target_modules: Any = "all-linear", use_dora: bool = False) -> int:
+    """Trainable LoRA parameters for all-linear (or the named Llama-style modules)."""
+    d = _dims(cfg)
     form = form_of(use_dora)
-    per_layer = sum(form.trainable_params(r, *shapes[n]) for n in chosen)
-    return d["layers"] * per_layer
+    return d["layers"] * sum(form.trainable_params(r, i, o) for i, o in _adapted(d, target_modules))
 
 
 def _estimate(
@@ -177,6 +181,7 @@ def _estimate(
     kbit_upcast: bool = True,
     fused_kernels: bool = False,
     shards: int = 1,
+    lora_dropout: float = 0.0,
 ) -> MemoryEstimate:
     """The estimate alone (no suggestions). ``quantization`` is the resolved mode ('nf4'|'none').
 
@@ -188,7 +193,8 @@ def _estimate(
     ``fused_lm_head``: the loss is computed in vocabulary tiles (TRL's chunked LM head), so the logits are
     never whole. ``kbit_upcast``: QLoRA's non-quantized params are upcast to fp32 (speed.py's bf16_kbit
     path keeps them bf16). ``fused_kernels``: Liger's kernels and the fused LoRA forward (CUDA), which keep
-    fewer activations per layer (`_fused_layer_elems`).
+    fewer activations per layer (`_fused_layer_elems`). ``lora_dropout``: the adapter's dropout (> 0 gives each
+    adapted linear its own dropped copy of its input).
     """
     d = _dims(model_config)
     counts = count_params(model_config)
@@ -226,6 +232,13 @@ def _estimate(
             weights += counts["linear"] / NF4_BLOCK * 4
     else:
         full_layer = tokens * act_elem * layer_bytes
+    if lora_dropout > 0:
+        # each adapted linear's LoRA branch keeps its own dropped copy of its input and dropout's 1-byte mask
+        # (all-linear 8B: +38,912 elements per token, ~1.7x a fused layer); on the fused path the normed
+        # inputs the branches share are then no longer kept. The measured figures are all without dropout.
+        full_layer += tokens * sum(i for i, _ in _adapted(d, target_modules)) * (layer_bytes + 1)
+        if fused_kernels and target_modules == "all-linear":
+            full_layer -= tokens * 2 * d["hidden"] * layer_bytes
     if gradient_checkpointing:
         acts = d["layers"] * tokens * d["hidden"] * hidden_bytes + full_layer
     else:
@@ -263,7 +276,7 @@ def _estimate(
             "micro_batch": micro_batch, "max_length": max_length, "quantization": quantization, "r": r,
             "gradient_checkpointing": gradient_checkpointing, "dtype": dtype, "lora_params": n_lora,
             "base_params": counts["total"], "fused_lm_head": fused_lm_head, "kbit_upcast": kbit_upcast,
-            "fused_kernels": fused_kernels, "shards": shards,
+            "fused_kernels": fused_kernels, "shards": shards, "lora_dropout": lora_dropout,
             # the one layer recomputed in backward (in the total when checkpointing): speed._checkpoint_layers
             "recompute_bytes": int(full_layer) if gradient_checkpointing else 0,
         },

@@ -77,7 +77,8 @@ def estimate_kwargs(spec: Any, cfg: dict[str, Any] | None = None, device_type: s
     """memory.estimate arguments describing the path train() really takes (fused LM head, bf16 QLoRA, and
     on CUDA Liger's kernels with the fused LoRA forward, which keep fewer activations per layer)."""
     fused = bool(cfg) and _liger(cfg, device_type)[0] and not {"liger", "fast_lora"} & off
-    return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in off, "fused_kernels": fused}
+    return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in off, "fused_kernels": fused,
+            "lora_dropout": spec.adapter.dropout}
 
 
 def _liger(cfg: dict[str, Any], device_type: str) -> tuple[bool, str]:
