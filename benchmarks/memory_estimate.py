@@ -1,6 +1,8 @@
 """The memory estimate (tunekit/backends/local/memory.py) against every peak recorded in docs/benchmarks.md.
 
     python benchmarks/memory_estimate.py [--markdown]
+    python benchmarks/memory_estimate.py --run qlora 4 2048 24 [--dropout 0.05]   # one new run: variant (qlora dora
+        auto speedups_off), micro-batch, seq, checkpointed layers -> the estimate to put beside its measured peak
 
 Pure arithmetic, no GPU. Every row is a run recorded in docs/benchmarks.md on the H200: Llama-3.1-8B shape, r=16
 all-linear, peak = torch.cuda.max_memory_allocated(), compared with the estimate's allocated part (weights +
@@ -69,10 +71,13 @@ POINTS = [
 ]
 
 
-def estimate_point(path: dict, quant: str, dora: bool, mb: int, seq: int, ckpt: int) -> tuple[float, float, bool]:
+def estimate_point(path: dict, quant: str, dora: bool, mb: int, seq: int, ckpt: int,
+                   dropout: float = 0.0) -> tuple[float, float, bool]:
     """(allocated GiB, plan GiB with context and slack, fits the H200) at ``ckpt`` of 32 checkpointed layers."""
     kw = dict(micro_batch=mb, max_length=seq, quantization=quant, r=16, use_dora=dora, device_memory_bytes=H200,
               dtype="bf16", **path)
+    if dropout:
+        kw["lora_dropout"] = dropout
     full, none = _estimate(LLAMA_8B, gradient_checkpointing=True, **kw), _estimate(LLAMA_8B, gradient_checkpointing=False, **kw)
     n = LLAMA_8B["num_hidden_layers"]
     alloc = kept_layers_peak(full, none, n, n - ckpt, allocated=True)
@@ -97,7 +102,19 @@ def rows() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--markdown", action="store_true", help="a docs/benchmarks.md table")
-    md = ap.parse_args().markdown
+    ap.add_argument("--run", nargs=4, metavar=("VARIANT", "MICRO_BATCH", "SEQ", "CHECKPOINTED"),
+                    help="the estimate of one run of benchmarks/train_throughput.py (tunekit's side)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="with --run: the run's --dropout")
+    a = ap.parse_args()
+    if a.run:
+        v, mb, seq, ck = a.run[0], *map(int, a.run[1:])
+        path, quant, dora = {"qlora": (FUSED, "nf4", False), "dora": (FUSED, "nf4", True),
+                             "auto": (FUSED, "none", False), "speedups_off": (SPEEDUPS_OFF, "nf4", False)}[v]
+        alloc, plan, _ = estimate_point(path, quant, dora, mb, seq, ck, a.dropout)
+        print(f"{v} {mb}x{seq} {ck}/32 checkpointed, dropout {a.dropout}: estimate {alloc:.2f} GiB allocated "
+              f"(compare with the run's peak), {plan:.2f} GiB with context and slack")
+        return
+    md = a.markdown
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
