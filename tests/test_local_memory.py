@@ -227,17 +227,18 @@ def test_plan_with_the_longest_max_length_on_a_tiny_budget_is_quick(monkeypatch,
 
 
 def test_lora_dropout_is_counted_and_comes_from_the_spec():
-    """Dropout > 0 (the spec's default 0.05) gives each adapted linear a dropped copy of its input plus a 1-byte
-    mask: the fused path keeps ~1.7x per layer, so the plan checkpoints more layers than for the benchmark's
-    dropout 0 (counted from the forward, not measured yet: tests/gpu/test_gpu_memory.py measures it)."""
+    """Dropout > 0 (the spec's default 0.05): each adapted linear keeps a dropped copy of its input plus a mask,
+    and the shared inputs are freed (+0.51x a fused layer on the 8B shape), so the plan checkpoints more layers
+    than for the benchmark's dropout 0. Not measured on a GPU yet; the next test counts it on CPU."""
     from tunekit.backends.local import speed
 
     kw = dict(micro_batch=4, max_length=2048, quantization="nf4", r=16, fused_lm_head=True, kbit_upcast=False,
-              fused_kernels=True, gradient_checkpointing=False)
+              fused_kernels=True, gradient_checkpointing=False, device_type="cuda")
     no, yes = estimate(LLAMA_8B, **kw), estimate(LLAMA_8B, lora_dropout=0.05, **kw)
     per_token_layer = (yes.breakdown["activations"] - no.breakdown["activations"]) / (4 * 2048 * 32)
-    # inputs of q, k, v, gate, up (hidden each), o (q) and down (intermediate), bf16 + mask; less the 2 normed
-    assert per_token_layer == (5 * 4096 + 4096 + 14336) * 3 - 2 * 4096 * 2
+    # inputs of q, k, v, gate, up (hidden each), o (q) and down (intermediate): bf16 copy + 1-byte mask; less
+    # the two normed hidden states and the SwiGLU output no longer kept
+    assert per_token_layer == (5 * 4096 + 4096 + 14336) * 3 - (2 * 4096 + 14336) * 2
     spec = TrainingSpec(base_model="x", quantization="nf4", adapter={"r": 16})
     assert spec.adapter.dropout == 0.05 and speed.estimate_kwargs(spec)["lora_dropout"] == 0.05
 
@@ -246,8 +247,43 @@ def test_lora_dropout_is_counted_and_comes_from_the_spec():
                          adapter={"r": 16, "dropout": dropout})
         ekw = {**speed.estimate_kwargs(s), "fused_kernels": True}
         est = lambda ck: estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization="nf4", r=16,  # noqa: E731
-                                  gradient_checkpointing=ck, device_memory_bytes=20 * GiB, **ekw)
+                                  gradient_checkpointing=ck, device_memory_bytes=20 * GiB, device_type="cuda", **ekw)
         return speed.plan(s, LLAMA_8B, "cuda", True, gradient_checkpointing=True, auto_checkpointing=True,
                           budget_bytes=20 * GiB, estimate=est)
 
     assert plan(0.05).checkpointed_layers > plan(0.0).checkpointed_layers
+
+
+def test_dropout_term_is_what_autograd_saves(tiny_model):
+    """The bytes one decoder layer saves for backward (distinct storages, through saved_tensors_hooks) with
+    LoRA dropout minus without, on the fused LoRA forward (kernels.patch_lora), CPU fp32: exactly
+    memory._dropout_bytes per token (CPU's dropout mask has the input's dtype)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.backends.local import kernels
+    from tunekit.backends.local.memory import _dims, _dropout_bytes
+
+    def saved(dropout):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
+        kernels.patch_lora(m)
+        m.train()
+        inner = m.get_base_model().model
+        ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+        x = inner.embed_tokens(ids).detach().requires_grad_()
+        rope = inner.rotary_emb(x, torch.arange(16)[None])
+        storages = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inner.layers[0](x, position_embeddings=rope)
+        return sum(storages.values())
+
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    assert saved(0.1) - saved(0.0) == 2 * 16 * _dropout_bytes(_dims(cfg), "all-linear", 4, 4)
