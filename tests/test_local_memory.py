@@ -287,3 +287,44 @@ def test_dropout_term_is_what_autograd_saves(tiny_model):
 
     cfg = json.loads((tiny_model / "config.json").read_text())
     assert saved(0.1) - saved(0.0) == 2 * 16 * _dropout_bytes(_dims(cfg), "all-linear", 4, 4)
+
+
+def test_dora_with_dropout_term_is_what_autograd_saves(tiny_model):
+    """DoRA with dropout runs PEFT's DoRA layer (kernels.py's cached-norm forward), which keeps each adapted
+    linear's base output of the dropped input and its LoRA output: per token 2 x the adapted outputs more than
+    LoRA with dropout. Measured as the slope over the token count (CPU fp32; the [out] vectors do not grow), and
+    the estimate's difference on the fused 16-bit path is that."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.backends.local import kernels
+
+    def saved(dora, tokens):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, use_dora=dora))
+        state = kernels.FastState(fuse_dora=True)
+        kernels.patch_lora(m, state)
+        kernels.patch_dora(m, state)
+        m.train()
+        inner = m.get_base_model().model
+        x = inner.embed_tokens(torch.zeros(1, tokens, dtype=torch.long)).detach().requires_grad_()
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inner.layers[0](x, position_embeddings=inner.rotary_emb(x, torch.arange(tokens)[None]))
+        return sum(storages.values())
+
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    outs = 64 + 32 + 32 + 64 + 128 + 128 + 64  # q, k, v, o, gate, up, down of the tiny Llama
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"]) == (64, 128, 2)
+    slope = ((saved(True, 64) - saved(False, 64)) - (saved(True, 32) - saved(False, 32))) / 32
+    assert slope == 2 * outs * 4
+    kw = dict(micro_batch=1, max_length=1024, quantization="none", r=16, fused_kernels=True, lora_dropout=0.1,
+              gradient_checkpointing=False, dtype="fp32")
+    dora, lora = estimate(cfg, use_dora=True, **kw), estimate(cfg, **kw)
+    assert (dora.breakdown["activations"] - lora.breakdown["activations"]) / (1024 * 2) == 2 * outs * 4

@@ -234,9 +234,17 @@ def _estimate(
     hidden_bytes = 4 if (up or dtype == "fp32") else 2  # QLoRA: fp32 embeddings make the residual stream fp32
     layer_bytes = 3 if up else (4 if dtype == "fp32" else 2)  # QLoRA: mixed bf16 matmuls / fp32 stream
     cdt = 4 if dtype == "fp32" else 2  # compute dtype
+    dora_peft = use_dora and lora_dropout > 0  # DoRA with dropout is not fused: PEFT's layer (kernels.py's norm)
     if fused_kernels:
-        full_layer = tokens * _fused_layer_elems(d, r, use_dora and not nf4) * layer_bytes
-        if use_dora and nf4:
+        full_layer = tokens * _fused_layer_elems(d, r, use_dora and not nf4 and not dora_peft) * layer_bytes
+        if dora_peft:
+            # it keeps, per adapted linear, the base output of the dropped input and the LoRA output (for the
+            # magnitude's gradient) and, on a 4-bit base, the dequantized weight its F.linear needs for dL/dx
+            adapted = _adapted(d, target_modules)
+            full_layer += tokens * 2 * sum(o for _, o in adapted) * layer_bytes
+            if nf4:
+                full_layer += sum(i * o for i, o in adapted) * cdt
+        elif use_dora and nf4:
             # nf4.py's DoRA saves each adapted layer's output for the magnitude's gradient: q/k/v/gate/up outputs
             # are saved anyway (RoPE is in place, SDPA and SwiGLU keep them), o_proj's and down_proj's are extra;
             # and it caches every 4-bit weight's fp32 block scales (measured: 14.36 GiB vs LoRA's 13.22, 27/32)
