@@ -7,7 +7,8 @@ Pure arithmetic over the base model's config.json (no torch). The model of a ste
                not quantized (embeddings, lm_head, norms) to fp32.
   adapter      trainable LoRA params: weight + grad (fp32) + optimizer state (AdamW: 8 B, 8-bit paged: 2 B).
   activations  with gradient checkpointing: each layer's input hidden state, plus one layer's full
-               activations being recomputed; without it: every layer's full activations. Plus the logits
+               activations being recomputed (`kept_layers_peak`: only while no layer keeps its own);
+               without it: every layer's full activations. Plus the logits
                (B*S*V) with their fp32 loss copies and gradient, which dominate at 128k vocab.
                QLoRA's fp32 embeddings/norms make the hidden stream fp32 (hence a larger factor).
   overhead     CUDA context + allocator fragmentation (not in torch's max_memory_allocated).
@@ -24,9 +25,11 @@ only approximated; the estimate errs on the high side on purpose.
 
 tunekit's fused CUDA path (Liger + fused LoRA forward, bf16 QLoRA, TRL's chunked head, the last layers
 un-checkpointed) is counted from what its kernels save, with no fitted factor (`_fused_layer_elems`, the
-head and DoRA terms in `_estimate`, `kept_layers_peak`). Against every H200 peak recorded for it (e.g. QLoRA
+head and DoRA terms in `_estimate`, `kept_layers_peak`). Against every H200 peak of today's code (e.g. QLoRA
 4 x 2048 at 27/32 checkpointed layers 13.21 vs 13.22 GiB; bf16 LoRA 50.14 vs 50.16; bf16 at 16,384 tokens,
-held out, 84.44 vs 84.6): within 1%, the table of `python benchmarks/memory_estimate.py` (docs/benchmarks.md).
+held out, 84.44 vs 84.6): within 1% (two held-out runs of older code +3.5% and +9%), the table of
+`python benchmarks/memory_estimate.py` (docs/benchmarks.md). LoRA dropout and DoRA with dropout are counted
+(checked on CPU against what autograd saves), not yet measured on the GPU.
 Not counted: SDPA's K/V copies when a padding mask turns off its GQA path (about 9% of a layer; the plan's
 fragmentation and headroom cover it), and attention scores materialised by SDPA's math kernel: most likely why
 the plain recipe (fp32 stream) ran out of memory at 16,384 tokens asking for 32 GiB (= 32 heads x 16,384^2 fp32)
