@@ -26,8 +26,8 @@ only approximated; the estimate errs on the high side on purpose.
 tunekit's fused CUDA path (Liger + fused LoRA forward, bf16 QLoRA, TRL's chunked head, the last layers
 un-checkpointed) is counted from what its kernels save, with no fitted factor (`_fused_layer_elems`, the
 head and DoRA terms in `_estimate`, `kept_layers_peak`). Against every H200 peak of today's code (e.g. QLoRA
-4 x 2048 at 27/32 checkpointed layers 13.21 vs 13.22 GiB; bf16 LoRA 50.14 vs 50.16; bf16 at 16,384 tokens,
-held out, 84.44 vs 84.6): within 1% (two held-out runs of older code +3.5% and +9%), the table of
+4 x 2048 at 27/32 checkpointed layers 13.27 vs 13.22 GiB; bf16 LoRA 50.14 vs 50.16; bf16 at 16,384 tokens,
+held out, 84.44 vs 84.6): within 0.4% (two held-out runs of older code +3.9% and +9%), the table of
 `python benchmarks/memory_estimate.py` (docs/benchmarks.md). LoRA dropout and DoRA with dropout are counted
 (checked on CPU against what autograd saves), not yet measured on the GPU.
 Not counted: SDPA's K/V copies when a padding mask turns off its GQA path (about 9% of a layer; the plan's
@@ -247,7 +247,9 @@ def _estimate(
             full_layer += tokens * 2 * sum(o for _, o in adapted) * layer_bytes
             if nf4:
                 full_layer += sum(i * o for i, o in adapted) * cdt
-        elif use_dora and nf4:
+        elif nf4:  # nf4.py's function saves each call's fp32 block scales (one per NF4_BLOCK weights)
+            full_layer += counts["linear"] / d["layers"] / NF4_BLOCK * 4
+        if use_dora and nf4 and not dora_peft:
             # nf4.py's DoRA saves each adapted layer's output for the magnitude's gradient: q/k/v/gate/up outputs
             # are saved anyway (RoPE is in place, SDPA and SwiGLU keep them), o_proj's and down_proj's are extra;
             # and it caches every 4-bit weight's fp32 block scales (measured: 14.36 GiB vs LoRA's 13.22, 27/32)
