@@ -78,7 +78,8 @@ def estimate_point(path: dict, quant: str, dora: bool, mb: int, seq: int, ckpt: 
               dtype="bf16", **path)
     if dropout:
         kw["lora_dropout"] = dropout
-    full, none = _estimate(LLAMA_8B, gradient_checkpointing=True, **kw), _estimate(LLAMA_8B, gradient_checkpointing=False, **kw)
+    full = _estimate(LLAMA_8B, gradient_checkpointing=True, **kw)
+    none = _estimate(LLAMA_8B, gradient_checkpointing=False, **kw)
     n = LLAMA_8B["num_hidden_layers"]
     alloc = kept_layers_peak(full, none, n, n - ckpt, allocated=True)
     plan = kept_layers_peak(full, none, n, n - ckpt)
