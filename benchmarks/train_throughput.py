@@ -238,7 +238,8 @@ def tunekit_run(p: dict) -> dict:
         base_model=p["model"], quantization=quant,
         hyperparameters={"batch_size": B, "max_length": p["seq"], "learning_rate": p["lr"], "warmup_ratio": 0.0,
                          "lr_scheduler": "constant", "epochs": steps if p["check"] else 1, "seed": p["seed"]},
-        adapter={"r": p["rank"], "alpha": 2 * p["rank"], "dropout": 0.0, "target_modules": "all-linear",
+        adapter={"r": p["rank"], "alpha": 2 * p["rank"], "dropout": p.get("dropout", 0.0),
+                 "target_modules": "all-linear",
                  "use_dora": p["variant"] == "dora"},
     )
 
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="rows of 64..2048 tokens; tunekit unpacked and packed (see above)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="tunekit's LoRA dropout (the plain recipe keeps 0); for the memory estimate's dropout term")
     ap.add_argument("--variant", nargs="+", default=["qlora", "dora", "lora_bf16", "auto"],
                     choices=["qlora", "dora", "lora_bf16", "auto"])
     ap.add_argument("--steps", type=int, default=5)
@@ -405,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     layers = a.layers
     model_dir = f"/tmp/tunekit-bench/{a.shape}" + (f"-L{layers}" if layers else "") + f"-{device}"
     base = {"model": model_dir, "shape": a.shape, "layers": layers, "device": device, "seq": seqs[0],
-            "batch": a.batch, "rank": a.rank, "lr": a.lr, "seed": a.seed, "steps": a.steps, "warmup": a.warmup,
+            "batch": a.batch, "rank": a.rank, "dropout": a.dropout, "lr": a.lr, "seed": a.seed, "steps": a.steps,
+            "warmup": a.warmup,
             "loss_steps": a.loss_steps, "check": a.check_loss, "profile": a.profile}
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
             "argv": " ".join(sys.argv), "device": device,

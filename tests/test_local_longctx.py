@@ -314,17 +314,19 @@ def test_plan_on_an_h200_256k_offloads_the_fewest_layers_that_fit():
     assert "pinned host memory" in sp.reasons["offload"] and "offload" in sp.summary()
 
 
-def test_plan_on_an_h200_512k_needs_the_tiled_mlp_and_more_host_memory_than_128_gib():
-    sp, est = _plan(524288)  # 128 GiB of host memory: offloading enough layers would pin more than 96 GiB
-    assert not sp.on("offload") and not sp.on("tiled_mlp")
-    assert sp.longest_length == 262144
-    assert "not enough even with activation offload and tiled MLP" in sp.reasons["offload"]
-    big, est = _plan(524288, host=512 * GiB)  # a host with 512 GiB: offload plus the tiled MLP
-    assert big.on("offload") and big.on("tiled_mlp") and big.mlp_tile_tokens == memory.MLP_TILE_TOKENS
-    assert _fits(est(True, offload_layers=big.offload_layers, tiled_mlp=True))
+def test_plan_on_an_h200_384k_needs_the_tiled_mlp_and_512k_is_refused():
+    sp, est = _plan(393216)
+    assert sp.on("offload") and sp.on("tiled_mlp") and sp.mlp_tile_tokens == memory.MLP_TILE_TOKENS
+    assert _fits(est(True, offload_layers=sp.offload_layers, tiled_mlp=True))
     assert not _fits(est(True, offload_layers=32))  # offload alone would not do
+    # 512k: every layer offloaded with the tiled MLP still exceeds the card, whatever the host holds
+    refused, est = _plan(524288, host=1024 * GiB)
+    assert not refused.on("offload") and not refused.on("tiled_mlp")
+    assert refused.longest_length == 262144
+    assert "not enough even with activation offload and tiled MLP" in refused.reasons["offload"]
+    assert not _fits(est(True, offload_layers=32, tiled_mlp=True))
     # adapter dropout: the tiled MLP would draw other masks than the untiled run, so the plan does not use it
-    drop, _ = _plan(524288, host=512 * GiB, dropout=0.05)
+    drop, _ = _plan(393216, dropout=0.05)
     assert not drop.on("tiled_mlp") and "adapter.dropout=0" in drop.reasons["tiled_mlp"]
 
 

@@ -32,20 +32,81 @@ def test_calibrated_against_h200_measurements(quant, ckpt, measured):
     assert e.fits
 
 
-def test_fused_path_calibrated_and_never_below_what_was_measured():
-    """tunekit's CUDA path (Liger + fused LoRA forward + chunked head), H200 figures in docs/benchmarks.md:
-    bf16 LoRA without checkpointing 58.5 GiB (the calibration point); QLoRA with 30 of 32 layers checkpointed
-    10.96 GiB (the estimate of a partly checkpointed run errs high: the plan must not overshoot a budget)."""
-    kw = dict(micro_batch=4, max_length=2048, r=16, fused_lm_head=True, fused_kernels=True)
-    e = estimate(LLAMA_8B, quantization="none", gradient_checkpointing=False, **kw)
-    assert abs(allocated_gib(e) - 58.5) / 58.5 < 0.05
-    full = estimate(LLAMA_8B, quantization="nf4", gradient_checkpointing=True, kbit_upcast=False, **kw)
-    none = estimate(LLAMA_8B, quantization="nf4", gradient_checkpointing=False, kbit_upcast=False, **kw)
-    partial = allocated_gib(full) + 2 * (allocated_gib(none) - allocated_gib(full)) / 32
-    assert 10.96 <= partial < 1.3 * 10.96
-    # the unfused coefficients would keep 2 layers' activations where the fused path keeps ~4-5 in 20 GiB
-    plain = estimate(LLAMA_8B, quantization="none", gradient_checkpointing=False, **{**kw, "fused_kernels": False})
-    assert allocated_gib(plain) > 1.5 * allocated_gib(e)
+def _recorded():
+    """benchmarks/memory_estimate.py: every peak recorded in docs/benchmarks.md, with the estimate beside it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_estimate.py"
+    spec = importlib.util.spec_from_file_location("memory_estimate_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.rows()
+
+
+RECORDED = _recorded()
+
+
+@pytest.mark.parametrize("row", [r for r in RECORDED if r["status"] in ("derived", "held out")],
+                         ids=lambda r: r["name"])
+def test_estimate_within_10_percent_of_every_recorded_peak(row):
+    """Each H200 peak of the current code (tunekit's fused path and the plain recipe, docs/benchmarks.md) against
+    the estimate at the run's checkpointed layers. Held out (not looked at while counting the terms): bf16 at
+    16,384 tokens, the speedups-off path, DoRA at 29/32, the plain recipe's DoRA."""
+    if row["measured"] is None:  # measured: out of memory -> the plan must refuse it
+        assert row["fits"] is False, row
+        return
+    assert abs(row["error"]) < 0.10, row
+    # safe: the plan's figure (CUDA context + allocator slack on top) is never below what was measured
+    assert row["plan"] > row["measured"], row
+
+
+def test_recorded_peaks_outside_the_model_are_listed_with_their_reason():
+    """Old-code rows measure forwards since changed (each says what changed); the estimate describes today's
+    code and sits below them by about that change (the fp32 copy of the LoRA input: -14% for bf16 at 6ae2d2a)."""
+    statuses = {r["status"] for r in RECORDED}
+    assert statuses == {"derived", "held out", "old code", "no model", "not covered"}
+    for r in RECORDED:
+        assert r["source"], r
+        if r["status"] == "old code":
+            assert r["error"] is not None and -0.16 < r["error"] < 0.10, r
+    # the one recorded out-of-memory the estimate calls a fit: the plain recipe at 16k (attention scores)
+    (miss,) = [r for r in RECORDED if r["status"] == "not covered"]
+    assert miss["measured"] is None and miss["fits"] is True and miss["tokens"] == "1x16384"
+    assert len(RECORDED) == 20  # docs/benchmarks.md lists them all; a new figure goes into the table too
+
+
+def test_fused_layer_is_counted_from_what_the_kernels_save():
+    from tunekit.backends.local.memory import _dims, _fused_layer_elems
+
+    d = _dims(LLAMA_8B)
+    # 4 hidden (norm inputs/outputs) + 2 q + 2 kv (q, k, v, attention out) + 3 intermediate (gate, up, act) + 7 r
+    assert _fused_layer_elems(d, 16) == 4 * 4096 + 2 * 4096 + 2 * 1024 + 3 * 14336 + 7 * 16 == 69744
+    kw = dict(micro_batch=4, max_length=2048, r=16, fused_lm_head=True)
+    fused = estimate(LLAMA_8B, quantization="none", gradient_checkpointing=False, fused_kernels=True, **kw)
+    plain = estimate(LLAMA_8B, quantization="none", gradient_checkpointing=False, **kw)
+    assert allocated_gib(plain) > 1.5 * allocated_gib(fused)
+
+
+def test_kept_layers_peak_interpolates_between_the_two_estimates():
+    from tunekit.backends.local.memory import kept_layers_peak
+
+    kw = dict(micro_batch=4, max_length=2048, quantization="nf4", r=16, fused_lm_head=True, kbit_upcast=False,
+              fused_kernels=True)
+    full = estimate(LLAMA_8B, gradient_checkpointing=True, **kw)
+    none = estimate(LLAMA_8B, gradient_checkpointing=False, **kw)
+    assert kept_layers_peak(full, none, 32, 0) == full.total_bytes
+    assert kept_layers_peak(full, none, 32, 32) == none.total_bytes
+    peaks = [kept_layers_peak(full, none, 32, k) for k in range(1, 33)]
+    assert peaks == sorted(peaks)
+    # keeping one layer swaps the recomputed layer for the kept one, less its checkpointed input (64 MiB)
+    recompute = full.assumptions["recompute_bytes"]
+    step = (none.total_bytes - full.total_bytes) / 32
+    assert 0 < full.total_bytes - peaks[0] < 0.1 * GiB
+    assert peaks[1] - peaks[0] == pytest.approx(step + 1.05 * recompute / 32, rel=1e-6)
+    # the allocated figure (what max_memory_allocated measures) is the total less the context and slack
+    alloc = kept_layers_peak(full, none, 32, 5, allocated=True)
+    assert alloc < kept_layers_peak(full, none, 32, 5)
 
 
 def test_qlora_without_checkpointing_does_not_fit_an_h200():
@@ -163,3 +224,107 @@ def test_plan_with_the_longest_max_length_on_a_tiny_budget_is_quick(monkeypatch,
     plan = LocalBackend().plan(spec)
     assert plan.request["memory_estimate"]["fits"] is False
     assert any("suggestion" in n for n in plan.notes) and calls[0] <= 200
+
+
+def test_lora_dropout_is_counted_and_comes_from_the_spec():
+    """Dropout > 0 (the spec's default 0.05): each adapted linear keeps a dropped copy of its input plus a mask,
+    and the shared inputs are freed (+0.51x a fused layer on the 8B shape), so the plan checkpoints more layers
+    than for the benchmark's dropout 0. Not measured on a GPU yet; the next test counts it on CPU."""
+    from tunekit.backends.local import speed
+
+    kw = dict(micro_batch=4, max_length=2048, quantization="nf4", r=16, fused_lm_head=True, kbit_upcast=False,
+              fused_kernels=True, gradient_checkpointing=False, device_type="cuda")
+    no, yes = estimate(LLAMA_8B, **kw), estimate(LLAMA_8B, lora_dropout=0.05, **kw)
+    per_token_layer = (yes.breakdown["activations"] - no.breakdown["activations"]) / (4 * 2048 * 32)
+    # inputs of q, k, v, gate, up (hidden each), o (q) and down (intermediate): bf16 copy + 1-byte mask; less
+    # the two normed hidden states and the SwiGLU output no longer kept
+    assert per_token_layer == (5 * 4096 + 4096 + 14336) * 3 - (2 * 4096 + 14336) * 2
+    spec = TrainingSpec(base_model="x", quantization="nf4", adapter={"r": 16})
+    assert spec.adapter.dropout == 0.05 and speed.estimate_kwargs(spec)["lora_dropout"] == 0.05
+
+    def plan(dropout):
+        s = TrainingSpec(base_model="x", quantization="nf4", hyperparameters={"batch_size": 4, "max_length": 2048},
+                         adapter={"r": 16, "dropout": dropout})
+        ekw = {**speed.estimate_kwargs(s), "fused_kernels": True}
+        est = lambda ck: estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization="nf4", r=16,  # noqa: E731
+                                  gradient_checkpointing=ck, device_memory_bytes=20 * GiB, device_type="cuda", **ekw)
+        return speed.plan(s, LLAMA_8B, "cuda", True, gradient_checkpointing=True, auto_checkpointing=True,
+                          budget_bytes=20 * GiB, estimate=est)
+
+    assert plan(0.05).checkpointed_layers > plan(0.0).checkpointed_layers
+
+
+def test_dropout_term_is_what_autograd_saves(tiny_model):
+    """The bytes one decoder layer saves for backward (distinct storages, through saved_tensors_hooks) with
+    LoRA dropout minus without, on the fused LoRA forward (kernels.patch_lora), CPU fp32: exactly
+    memory._dropout_bytes per token (CPU's dropout mask has the input's dtype)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.backends.local import kernels
+    from tunekit.backends.local.memory import _dims, _dropout_bytes
+
+    def saved(dropout):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
+        kernels.patch_lora(m)
+        m.train()
+        inner = m.get_base_model().model
+        ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+        x = inner.embed_tokens(ids).detach().requires_grad_()
+        rope = inner.rotary_emb(x, torch.arange(16)[None])
+        storages = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inner.layers[0](x, position_embeddings=rope)
+        return sum(storages.values())
+
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    assert saved(0.1) - saved(0.0) == 2 * 16 * _dropout_bytes(_dims(cfg), "all-linear", 4, 4)
+
+
+def test_dora_with_dropout_term_is_what_autograd_saves(tiny_model):
+    """DoRA with dropout runs PEFT's DoRA layer (kernels.py's cached-norm forward), which keeps each adapted
+    linear's base output of the dropped input and its LoRA output: per token 2 x the adapted outputs more than
+    LoRA with dropout. Measured as the slope over the token count (CPU fp32; the [out] vectors do not grow), and
+    the estimate's difference on the fused 16-bit path is that."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.backends.local import kernels
+
+    def saved(dora, tokens):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, use_dora=dora))
+        state = kernels.FastState(fuse_dora=True)
+        kernels.patch_lora(m, state)
+        kernels.patch_dora(m, state)
+        m.train()
+        inner = m.get_base_model().model
+        x = inner.embed_tokens(torch.zeros(1, tokens, dtype=torch.long)).detach().requires_grad_()
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inner.layers[0](x, position_embeddings=inner.rotary_emb(x, torch.arange(tokens)[None]))
+        return sum(storages.values())
+
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    outs = 64 + 32 + 32 + 64 + 128 + 128 + 64  # q, k, v, o, gate, up, down of the tiny Llama
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"]) == (64, 128, 2)
+    slope = ((saved(True, 64) - saved(False, 64)) - (saved(True, 32) - saved(False, 32))) / 32
+    assert slope == 2 * outs * 4
+    kw = dict(micro_batch=1, max_length=1024, quantization="none", r=16, fused_kernels=True, lora_dropout=0.1,
+              gradient_checkpointing=False, dtype="fp32")
+    dora, lora = estimate(cfg, use_dora=True, **kw), estimate(cfg, **kw)
+    assert (dora.breakdown["activations"] - lora.breakdown["activations"]) / (1024 * 2) == 2 * outs * 4

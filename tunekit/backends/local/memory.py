@@ -7,7 +7,8 @@ Pure arithmetic over the base model's config.json (no torch). The model of a ste
                not quantized (embeddings, lm_head, norms) to fp32.
   adapter      trainable LoRA params: weight + grad (fp32) + optimizer state (AdamW: 8 B, 8-bit paged: 2 B).
   activations  with gradient checkpointing: each layer's input hidden state, plus one layer's full
-               activations being recomputed; without it: every layer's full activations. Plus the logits
+               activations being recomputed (`kept_layers_peak`: only while no layer keeps its own);
+               without it: every layer's full activations. Plus the logits
                (B*S*V) with their fp32 loss copies and gradient, which dominate at 128k vocab.
                QLoRA's fp32 embeddings/norms make the hidden stream fp32 (hence a larger factor).
   overhead     CUDA context + allocator fragmentation (not in torch's max_memory_allocated).
@@ -21,6 +22,18 @@ torch.cuda.max_memory_allocated:
   QLoRA, no checkpointing      estimate 133.4 GiB, 140.8 with overhead > 139 GiB: refused; measured: OOM
 (tests/test_local_memory.py recomputes these.) Other architectures (MoE, very wide attention) are
 only approximated; the estimate errs on the high side on purpose.
+
+tunekit's fused CUDA path (Liger + fused LoRA forward, bf16 QLoRA, TRL's chunked head, the last layers
+un-checkpointed) is counted from what its kernels save, with no fitted factor (`_fused_layer_elems`, the
+head and DoRA terms in `_estimate`, `kept_layers_peak`). Against every H200 peak of today's code (e.g. QLoRA
+4 x 2048 at 27/32 checkpointed layers 13.27 vs 13.22 GiB; bf16 LoRA 50.14 vs 50.16; bf16 at 16,384 tokens,
+held out, 84.44 vs 84.6): within 0.4% (two held-out runs of older code +3.9% and +9%), the table of
+`python benchmarks/memory_estimate.py` (docs/benchmarks.md). LoRA dropout and DoRA with dropout are counted
+(checked on CPU against what autograd saves), not yet measured on the GPU.
+Not counted: SDPA's K/V copies when a padding mask turns off its GQA path (about 9% of a layer; the plan's
+fragmentation and headroom cover it), and attention scores materialised by SDPA's math kernel: most likely why
+the plain recipe (fp32 stream) ran out of memory at 16,384 tokens asking for 32 GiB (= 32 heads x 16,384^2 fp32)
+where this estimate says it fits.
 """
 
 from __future__ import annotations
@@ -41,14 +54,12 @@ NF4_BYTES_PER_PARAM = 4.127 / 8  # NF4 + double-quantized absmax (block 64)
 # (attention inputs/outputs, RoPE copies, RMSNorm fp32 temporaries, LoRA inputs, MLP gate/up/act).
 H_COEF = 24
 I_COEF = 4
-# Liger's RMSNorm/SwiGLU/RoPE kernels with speed.py's fused LoRA forward keep fewer per-layer activations:
-# measured on the H200 (commit 6ae2d2a, bf16 LoRA without checkpointing, 8B shape, 4 x 2048): 58.5 GiB
-# allocated, i.e. 41.4 GiB over 32 layers against 76.0 GiB from the coefficients above -> 0.545.
-FUSED_LAYER_FACTOR = 0.55
 # Bytes per logit element over the step: the logits themselves + fp32 upcast/log-softmax/gradient.
 LOGIT_BYTES = {"bf16": 12, "fp32_head": 12, "fp32": 16}
 # TRL's chunked LM head (trl.trainer.utils.add_fused_lm_head): token x vocabulary tile of the logits
 FUSED_HEAD_TILE = (4096, 32768)
+# bitsandbytes' 4-bit block: one fp32 scale per NF4_BLOCK weights once double quantization is undone (nf4.py)
+NF4_BLOCK = 64
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)
 # FSDP2: full decoder layers resident on a rank besides its shard (the computing one + the prefetched one)
 SHARDED_LAYERS = 2
@@ -59,7 +70,7 @@ HEADROOM = 0.92  # a plan "fits" when its total is within this share of the devi
 # allocator rounds each block up to a power of two.
 OFFLOAD_RESIDENT_STATES = 1
 # Tiled MLP: the MLP runs over tiles of this many tokens, so its [tokens, intermediate] activations (the
-# I_COEF term) exist for one tile at a time
+# gate/up/SwiGLU outputs) exist for one tile at a time
 MLP_TILE_TOKENS = 8192
 # share of the host's physical memory the offloaded states may pin (pinned pages cannot be swapped out, and the
 # weights pass through host memory while loading)
@@ -131,6 +142,34 @@ def _linear_shapes(d: dict[str, int]) -> list[tuple[int, int]]:
     return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
 
+def _fused_layer_elems(d: dict[str, int], r: int, dora16: bool = False) -> int:
+    """Elements per token one decoder layer keeps for backward on the fused CUDA path (Liger's RMSNorm/SwiGLU/RoPE,
+    the fused LoRA forward, SDPA's flash kernel), counted from what each op saves:
+      4 hidden         the layer input and mid-layer residual (RMSNorm inputs), both normed outputs (the
+                       shared input of q/k/v and of gate/up)
+      2 q + 2 kv       q, k, v (SDPA inputs; RoPE rotates in place) and the attention output (o_proj's input)
+      3 intermediate   gate and up outputs (SwiGLU inputs) and the SwiGLU output (down_proj's input)
+      7 r              A x of each adapted linear
+    8B shape: 69,744, i.e. 0.448 x the plain recipe's coefficients (H200, 72a9a4c: 50.16 GiB measured for bf16
+    LoRA without checkpointing). ``dora16``: the 16-bit DoRA forward (kernels.py) rescales each output with
+    addcmul, which saves it too (counted, not measured)."""
+    h, i, q, kv = d["hidden"], d["intermediate"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    elems = 4 * h + 2 * q + 2 * kv + 3 * i + 7 * r
+    return elems + (q + 2 * kv + 2 * h + 2 * i if dora16 else 0)
+
+
+def _dropout_bytes(d: dict[str, int], target_modules: Any, act_bytes: int, mask_bytes: int) -> int:
+    """Bytes per token and layer that LoRA dropout adds: each adapted linear's branch keeps its own dropped copy
+    of its input and the mask (1 byte from CUDA's fused dropout, the input's dtype on CPU); with all-linear the
+    inputs it then no longer keeps (the two normed hidden states, the SwiGLU output) are freed. All-linear 8B
+    on CUDA: 38,912 elements at 3 bytes less 22,528 at 2, +0.51x a fused layer (tests/test_local_memory.py
+    counts what autograd saves on CPU)."""
+    extra = sum(i for i, _ in _adapted(d, target_modules)) * (act_bytes + mask_bytes)
+    if target_modules == "all-linear":
+        extra -= (2 * d["hidden"] + d["intermediate"]) * act_bytes
+    return extra
+
+
 def count_params(cfg: dict[str, Any]) -> dict[str, int]:
     """Parameter counts: 'linear' (decoder linears, quantizable), 'other' (embeddings, head, norms)."""
     d = _dims(cfg)
@@ -140,15 +179,19 @@ def count_params(cfg: dict[str, Any]) -> dict[str, int]:
     return {"linear": linear, "other": emb + norms, "total": linear + emb + norms}
 
 
-def lora_params(cfg: dict[str, Any], r: int, target_modules: Any = "all-linear", use_dora: bool = False) -> int:
-    """Trainable LoRA parameters for all-linear (or the named Llama-style modules)."""
-    d = _dims(cfg)
+def _adapted(d: dict[str, int], target_modules: Any) -> list[tuple[int, int]]:
+    """(in, out) of the adapted linears of one block: all-linear, or the named Llama-style modules."""
     names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     shapes = dict(zip(names, _linear_shapes(d)))
     chosen = names if target_modules == "all-linear" else [n for n in names if n in set(target_modules)] or names
+    return [shapes[n] for n in chosen]
+
+
+def lora_params(cfg: dict[str, Any], r: int, target_modules: Any = "all-linear", use_dora: bool = False) -> int:
+    """Trainable LoRA parameters for all-linear (or the named Llama-style modules)."""
+    d = _dims(cfg)
     form = form_of(use_dora)
-    per_layer = sum(form.trainable_params(r, *shapes[n]) for n in chosen)
-    return d["layers"] * per_layer
+    return d["layers"] * sum(form.trainable_params(r, i, o) for i, o in _adapted(d, target_modules))
 
 
 def _estimate(
@@ -171,6 +214,7 @@ def _estimate(
     kbit_upcast: bool = True,
     fused_kernels: bool = False,
     shards: int = 1,
+    lora_dropout: float = 0.0,
     offload_layers: int = 0,
     tiled_mlp: bool = False,
     host_memory_bytes: int | None = None,
@@ -185,7 +229,8 @@ def _estimate(
     ``fused_lm_head``: the loss is computed in vocabulary tiles (TRL's chunked LM head), so the logits are
     never whole. ``kbit_upcast``: QLoRA's non-quantized params are upcast to fp32 (speed.py's bf16_kbit
     path keeps them bf16). ``fused_kernels``: Liger's kernels and the fused LoRA forward (CUDA), which keep
-    fewer activations per layer (FUSED_LAYER_FACTOR).
+    fewer activations per layer (`_fused_layer_elems`). ``lora_dropout``: the adapter's dropout (> 0 gives each
+    adapted linear its own dropped copy of its input).
 
     Long context (longctx.py): ``offload_layers`` checkpointed layers keep their saved input in pinned host
     memory instead of on the GPU (``host_bytes``; the estimate does not fit when that exceeds HOST_SHARE of
@@ -216,13 +261,32 @@ def _estimate(
     up = nf4 and kbit_upcast
     hidden_bytes = 4 if (up or dtype == "fp32") else 2  # QLoRA: fp32 embeddings make the residual stream fp32
     layer_bytes = 3 if up else (4 if dtype == "fp32" else 2)  # QLoRA: mixed bf16 matmuls / fp32 stream
-    full_layer = tokens * act_elem * layer_bytes * (FUSED_LAYER_FACTOR if fused_kernels else 1)
+    cdt = 4 if dtype == "fp32" else 2  # compute dtype
+    dora_peft = use_dora and lora_dropout > 0  # DoRA with dropout is not fused: PEFT's layer (kernels.py's norm)
+    if fused_kernels:
+        full_layer = tokens * _fused_layer_elems(d, r, use_dora and not nf4 and not dora_peft) * layer_bytes
+        if dora_peft:
+            # it keeps, per adapted linear, the base output of the dropped input and the LoRA output (for the
+            # magnitude's gradient) and, on a 4-bit base, the dequantized weight its F.linear needs for dL/dx
+            adapted = _adapted(d, target_modules)
+            full_layer += tokens * 2 * sum(o for _, o in adapted) * layer_bytes
+            if nf4:
+                full_layer += sum(i * o for i, o in adapted) * cdt
+        elif nf4:  # nf4.py's function saves each call's fp32 block scales (one per NF4_BLOCK weights)
+            full_layer += counts["linear"] / d["layers"] / NF4_BLOCK * 4
+        if use_dora and nf4 and not dora_peft:
+            # nf4.py's DoRA saves each adapted layer's output for the magnitude's gradient: q/k/v/gate/up outputs
+            # are saved anyway (RoPE is in place, SDPA and SwiGLU keep them), o_proj's and down_proj's are extra;
+            # and it caches every 4-bit weight's fp32 block scales (measured: 14.36 GiB vs LoRA's 13.22, 27/32)
+            full_layer += tokens * 2 * d["hidden"] * layer_bytes
+            weights += counts["linear"] / NF4_BLOCK * 4
+    else:
+        full_layer = tokens * act_elem * layer_bytes
     if tiled_mlp and tokens > MLP_TILE_TOKENS:  # the MLP's intermediates exist for one tile at a time
-        full_layer -= ((tokens - MLP_TILE_TOKENS) * d["intermediate"] * I_COEF * layer_bytes
-                       * (FUSED_LAYER_FACTOR if fused_kernels else 1))
-    # DoRA keeps every adapted layer's output for the magnitude's gradient, but measured on the H200 its
-    # fused path peaks no higher per layer than LoRA's (72a9a4c: 11.59 GiB with 29/32 layers checkpointed
-    # vs LoRA's 13.22 with 27/32), so no separate term
+        mlp_elems = 3 * d["intermediate"] if fused_kernels else I_COEF * d["intermediate"]
+        full_layer -= (tokens - MLP_TILE_TOKENS) * mlp_elems * layer_bytes
+    if lora_dropout > 0:  # the measured H200 figures are all without dropout; this term is counted on CPU
+        full_layer += tokens * _dropout_bytes(d, target_modules, layer_bytes, 1 if device_type == "cuda" else cdt)
     if gradient_checkpointing:
         acts = d["layers"] * tokens * d["hidden"] * hidden_bytes + full_layer
     else:
@@ -233,8 +297,15 @@ def _estimate(
         acts -= (offloaded - OFFLOAD_RESIDENT_STATES) * state
     host = offloaded * _pow2_ceil(int(state))
     logit_bytes = LOGIT_BYTES["fp32" if dtype == "fp32" else ("fp32_head" if up else "bf16")]
-    if fused_lm_head:  # one tile of FUSED_HEAD_TILE tokens x vocabulary columns at a time
-        logits = min(tokens, FUSED_HEAD_TILE[0]) * min(d["vocab"], FUSED_HEAD_TILE[1]) * logit_bytes
+    if fused_lm_head:
+        # TRL's ChunkedLogProbFunction at the start of backward (every kept layer's activations still held): one
+        # FUSED_HEAD_TILE of logits in the compute dtype, the fp32 gradient of the hidden states it scores, their
+        # gathered copy (hidden[mask]) and the final norm's input; an fp32 head (QLoRA's upcast) also casts
+        # each tile's weight rows and hidden states to the compute dtype
+        tt, tv = min(tokens, FUSED_HEAD_TILE[0]), min(d["vocab"], FUSED_HEAD_TILE[1])
+        logits = tt * tv * cdt + tokens * d["hidden"] * (4 + 2 * hidden_bytes)
+        if up:
+            logits += (tv + tt) * d["hidden"] * cdt
     else:
         logits = tokens * d["vocab"] * logit_bytes
     activations = acts + logits
@@ -262,7 +333,10 @@ def _estimate(
             "micro_batch": micro_batch, "max_length": max_length, "quantization": quantization, "r": r,
             "gradient_checkpointing": gradient_checkpointing, "dtype": dtype, "lora_params": n_lora,
             "base_params": counts["total"], "fused_lm_head": fused_lm_head, "kbit_upcast": kbit_upcast,
-            "fused_kernels": fused_kernels, "shards": shards, "offload_layers": offloaded, "tiled_mlp": tiled_mlp,
+            "fused_kernels": fused_kernels, "shards": shards, "lora_dropout": lora_dropout,
+            "offload_layers": offloaded, "tiled_mlp": tiled_mlp,
+            # the one layer recomputed in backward (in the total when checkpointing): speed._checkpoint_layers
+            "recompute_bytes": int(full_layer) if gradient_checkpointing else 0,
         },
     )
 
@@ -349,6 +423,25 @@ def _suggest(cfg: dict[str, Any], locals_: dict[str, Any]) -> list[str]:
     else:
         out.append("use a smaller base model or a device with more memory (no change tunekit tried fits)")
     return out
+
+
+def kept_layers_peak(full: MemoryEstimate, none: MemoryEstimate, layers: int, keep: int, *,
+                     allocated: bool = False) -> int:
+    """Peak bytes when the first ``layers - keep`` decoder layers are checkpointed and the last ``keep`` keep their
+    activations, from the all-checkpointed (``full``) and no-checkpointing (``none``) estimates of one step.
+
+    Each kept layer adds its activations less its checkpointed input; the one layer recomputed in backward
+    (``full``'s "recompute_bytes") is live only after the kept layers have freed theirs (backward runs from the
+    last layer), so it counts only when none is kept. ``allocated``: without the CUDA context and fragmentation,
+    i.e. what torch.cuda.max_memory_allocated measures.
+    """
+    f, z = full.total_bytes, none.total_bytes
+    if allocated:
+        f, z = f - full.breakdown["overhead"], z - none.breakdown["overhead"]
+    if keep <= 0:
+        return f
+    r = full.assumptions.get("recompute_bytes", 0) * (1 if allocated else 1 + FRAGMENTATION)
+    return int(f - r + min(keep, layers) * (z - f + r) / layers)
 
 
 def check_fits(estimate_: MemoryEstimate, *, what: str = "this training plan") -> None:

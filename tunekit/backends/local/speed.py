@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import variants as _variants
-from .memory import HEADROOM, MLP_TILE_TOKENS, GiB
+from .memory import HEADROOM, MLP_TILE_TOKENS, GiB, kept_layers_peak
 
 OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters", "offload",
                  "tiled_mlp")
@@ -93,7 +93,8 @@ def estimate_kwargs(spec: Any, cfg: dict[str, Any] | None = None, device_type: s
     """memory.estimate arguments describing the path train() really takes (fused LM head, bf16 QLoRA, and
     on CUDA Liger's kernels with the fused LoRA forward, which keep fewer activations per layer)."""
     fused = bool(cfg) and _liger(cfg, device_type)[0] and not {"liger", "fast_lora"} & off
-    return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in off, "fused_kernels": fused}
+    return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in off, "fused_kernels": fused,
+            "lora_dropout": spec.adapter.dropout}
 
 
 def _liger(cfg: dict[str, Any], device_type: str) -> tuple[bool, str]:
@@ -254,14 +255,16 @@ def _long_context(n: int, estimate: Any, *, can_offload: bool, can_tile: bool, m
 
 
 def _checkpoint_layers(n: int, budget: int, estimate: Any) -> tuple[int, int, str]:
-    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check)."""
+    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check);
+    the peak of each choice is memory.kept_layers_peak (the kept layers are the last ones)."""
     full, none = estimate(True), estimate(False)
-    per_layer = max(1, (none.total_bytes - full.total_bytes) / n)
-    room = HEADROOM * budget - full.total_bytes
-    keep = int(max(0, min(n, room // per_layer)))  # layers that keep their activations
-    peak = int(full.total_bytes + keep * per_layer)
+    keep = next((k for k in range(n, 0, -1) if kept_layers_peak(full, none, n, k) <= HEADROOM * budget), 0)
+    peak = kept_layers_peak(full, none, n, keep)
+    per_layer = (none.total_bytes - kept_layers_peak(full, none, n, 1)) / max(1, n - 1)
     if keep == n:
         reason = f"not needed: ~{none.total_bytes / GiB:.1f} GiB without it fits {budget / GiB:.1f} GiB"
+    elif peak > HEADROOM * budget:  # the fit check refuses the run
+        reason = f"all {n} layers, and ~{peak / GiB:.1f} GiB still exceeds {budget / GiB:.1f} GiB"
     else:
         reason = (f"{n - keep} of {n} layers so that ~{peak / GiB:.1f} GiB fits {budget / GiB:.1f} GiB "
                   f"(~{per_layer / GiB:.2f} GiB per un-checkpointed layer)")

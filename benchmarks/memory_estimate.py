@@ -1,0 +1,138 @@
+"""The memory estimate (tunekit/backends/local/memory.py) against every peak recorded in docs/benchmarks.md.
+
+    python benchmarks/memory_estimate.py [--markdown]
+    python benchmarks/memory_estimate.py --run qlora 4 2048 24 [--dropout 0.05]   # one new run: variant (qlora dora
+        auto speedups_off), micro-batch, seq, checkpointed layers -> the estimate to put beside its measured peak
+
+Pure arithmetic, no GPU. Every row is a run recorded in docs/benchmarks.md on the H200: Llama-3.1-8B shape, r=16
+all-linear, peak = torch.cuda.max_memory_allocated(), compared with the estimate's allocated part (weights +
+adapter + activations, at the run's recorded number of checkpointed layers: memory.kept_layers_peak); the plan's
+own figure adds the CUDA context and allocator slack (the "plan" column). tests/test_local_memory.py asserts the
+same table.
+
+Status of a row:
+  derived   looked at while the estimate's terms were counted (nothing is fitted: no free factor)
+  held out  not looked at: a check of the terms
+  old code  measured on code since changed in a way the estimate no longer describes (what changed is said)
+  no model  a configuration tunekit does not run (the estimate has no arguments for it)
+  not covered  a cost the estimate does not count (said where; the estimate is below the measurement there)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tunekit.backends.local.memory import GiB, _estimate, kept_layers_peak  # noqa: E402
+
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+H200 = 143771 * 2**20  # torch's total_memory of the H200 the figures were taken on
+# the estimate arguments of each path: the plain recipe (prepare_model_for_kbit_training, full logits), tunekit's
+# CUDA path (speed.estimate_kwargs: chunked head, bf16 QLoRA, Liger + fused LoRA) and tunekit with speedups off
+PLAIN = dict(fused_lm_head=False, kbit_upcast=True, fused_kernels=False)
+FUSED = dict(fused_lm_head=True, kbit_upcast=False, fused_kernels=True)
+SPEEDUPS_OFF = dict(fused_lm_head=True, kbit_upcast=True, fused_kernels=False)
+
+# (name, path, quantization, dora, micro-batch, seq, checkpointed layers, measured GiB (None: out of memory),
+#  status, source: docs/benchmarks.md section / commit)
+POINTS = [
+    ("plain qlora", PLAIN, "nf4", False, 4, 2048, 32, 27.3, "derived", "Reference figures; 27.31 in each run"),
+    ("plain bf16 lora", PLAIN, "none", False, 4, 2048, 32, 31.3, "derived", "Reference figures"),
+    ("plain bf16 lora, no ckpt", PLAIN, "none", False, 4, 2048, 0, 104.7, "derived", "Reference figures"),
+    ("plain qlora, no ckpt", PLAIN, "nf4", False, 4, 2048, 0, None, "derived", "Reference figures: out of memory"),
+    ("plain qlora+dora", PLAIN, "nf4", True, 4, 2048, 32, 27.32, "held out", "72a9a4c, a589fb1"),
+    ("tunekit qlora", FUSED, "nf4", False, 4, 2048, 27, 13.22, "derived", "72a9a4c, 6a13560; 13.23 a589fb1"),
+    ("tunekit auto (bf16)", FUSED, "none", False, 4, 2048, 0, 50.16, "derived", "72a9a4c; 50.2 c86653f"),
+    ("tunekit dora", FUSED, "nf4", True, 4, 2048, 27, 14.36, "derived", "6a13560, a589fb1"),
+    ("tunekit qlora 16k", FUSED, "nf4", False, 1, 16384, 31, 12.48, "derived", "Long context, tree of 897443e"),
+    ("tunekit auto (bf16) 16k", FUSED, "none", False, 1, 16384, 0, 84.6, "held out",
+     "issue 16 (c86653f; 0/32: the plan of that code)"),
+    ("tunekit qlora, speedups off", SPEEDUPS_OFF, "nf4", False, 4, 2048, 32, 14.80, "held out",
+     "6ae2d2a (its LoRA weights bf16: TRL's cast, since undone: +0.16 GiB now)"),
+    ("tunekit dora 29/32 (per-call norms)", FUSED, "nf4", True, 4, 2048, 29, 11.59, "held out",
+     "72a9a4c (DoRA values per call, batched per pass since 6a13560)"),
+    ("tunekit qlora (fp32 LoRA input copy)", FUSED, "nf4", False, 4, 2048, 30, 10.96, "old code",
+     "aab2307: bitsandbytes + PEFT forward with an fp32 copy of x, removed in 72a9a4c"),
+    ("tunekit dora (fp32 LoRA input copy)", FUSED, "nf4", True, 4, 2048, 30, 12.75, "old code", "aab2307: same"),
+    ("tunekit qlora (bf16 adapters, fp32 copy)", FUSED, "nf4", False, 4, 2048, 30, 10.06, "old code",
+     "6ae2d2a: also bf16 LoRA weights (fp32 since 4bfadd4)"),
+    ("tunekit dora (stale norm, fp32 copy)", FUSED, "nf4", True, 4, 2048, 30, 12.71, "old code", "6ae2d2a"),
+    ("tunekit auto (bf16, fp32 copy)", FUSED, "none", False, 4, 2048, 0, 58.50, "old code",
+     "6ae2d2a: fp32 copy of the LoRA input (8.3 GiB over 32 layers), removed in 72a9a4c"),
+    ("plain qlora + Liger", None, "nf4", False, 4, 2048, 32, 20.2, "no model",
+     "Reference figures: Liger's fused linear cross-entropy with PEFT's LoRA forward"),
+    ("plain bf16 lora, no ckpt, + Liger", None, "none", False, 4, 2048, 0, 78.2, "no model", "Reference figures"),
+    ("plain qlora 16k", PLAIN, "nf4", False, 1, 16384, 32, None, "not covered",
+     "Long context: OOM asking 32 GiB = 32 heads x 16384^2 fp32, likely SDPA math-kernel scores (not counted)"),
+]
+
+
+def estimate_point(path: dict, quant: str, dora: bool, mb: int, seq: int, ckpt: int,
+                   dropout: float = 0.0) -> tuple[float, float, bool]:
+    """(allocated GiB, plan GiB with context and slack, fits the H200) at ``ckpt`` of 32 checkpointed layers."""
+    kw = dict(micro_batch=mb, max_length=seq, quantization=quant, r=16, use_dora=dora, device_memory_bytes=H200,
+              dtype="bf16", **path)
+    if dropout:
+        kw["lora_dropout"] = dropout
+    full = _estimate(LLAMA_8B, gradient_checkpointing=True, **kw)
+    none = _estimate(LLAMA_8B, gradient_checkpointing=False, **kw)
+    n = LLAMA_8B["num_hidden_layers"]
+    alloc = kept_layers_peak(full, none, n, n - ckpt, allocated=True)
+    plan = kept_layers_peak(full, none, n, n - ckpt)
+    return alloc / GiB, plan / GiB, plan <= 0.92 * H200
+
+
+def rows() -> list[dict]:
+    out = []
+    for name, path, quant, dora, mb, seq, ckpt, measured, status, source in POINTS:
+        row = {"name": name, "tokens": f"{mb}x{seq}", "ckpt": f"{ckpt}/32", "measured": measured, "status": status,
+               "source": source, "estimate": None, "plan": None, "error": None, "fits": None}
+        if path is not None:
+            alloc, plan, fits = estimate_point(path, quant, dora, mb, seq, ckpt)
+            row.update(estimate=alloc, plan=plan, fits=fits)
+            if measured:
+                row["error"] = alloc / measured - 1
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--markdown", action="store_true", help="a docs/benchmarks.md table")
+    ap.add_argument("--run", nargs=4, metavar=("VARIANT", "MICRO_BATCH", "SEQ", "CHECKPOINTED"),
+                    help="the estimate of one run of benchmarks/train_throughput.py (tunekit's side)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="with --run: the run's --dropout")
+    a = ap.parse_args()
+    if a.run:
+        v, mb, seq, ck = a.run[0], *map(int, a.run[1:])
+        path, quant, dora = {"qlora": (FUSED, "nf4", False), "dora": (FUSED, "nf4", True),
+                             "auto": (FUSED, "none", False), "speedups_off": (SPEEDUPS_OFF, "nf4", False)}[v]
+        alloc, plan, _ = estimate_point(path, quant, dora, mb, seq, ck, a.dropout)
+        print(f"{v} {mb}x{seq} {ck}/32 checkpointed, dropout {a.dropout}: estimate {alloc:.2f} GiB allocated "
+              f"(compare with the run's peak), {plan:.2f} GiB with context and slack")
+        return
+    md = a.markdown
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    if md:
+        print("| configuration | tokens | checkpointed | estimate GiB | plan GiB | measured GiB | error | status |")
+        print("|---|---|---|---|---|---|---|---|")
+    for r in rows():
+        measured = "OOM" if r["measured"] is None else f(r["measured"], ".2f")
+        err = f(r["error"], "+.1%") if r["error"] is not None else (
+            ("refused" if r["fits"] is False else "fits: MISS") if measured == "OOM" else "-")
+        cells = [r["name"], r["tokens"], r["ckpt"], f(r["estimate"], ".2f"), f(r["plan"], ".2f"), measured, err,
+                 r["status"]]
+        print("| " + " | ".join(cells) + " |" if md else
+              f"{cells[0]:42} {cells[1]:>8} {cells[2]:>6} {cells[3]:>8} {cells[4]:>8} {cells[5]:>8} {cells[6]:>9}  "
+              f"{cells[7]:9} {r['source']}")
+
+
+if __name__ == "__main__":
+    main()
