@@ -242,7 +242,7 @@ def _make():
                     raise RuntimeError(
                         "a kernel after this DoRA layer wrote its gradient into the layer's output, which the "
                         "magnitude's gradient reads (Liger's SwiGLU does): the layer must return a copy "
-                        "(kernels.FastState.copy_out) or the kernel keep its inputs (kernels.keep_swiglu_inputs)")
+                        "(kernels.FastState.copy_out) or the kernel keep its inputs (kernels.guard_dora_outputs)")
                 gm = ((g2 * y).sum(0, dtype=torch.float32) * inv_mag).to(ctx.dtypes[2])
             return gx, gxd, gA, gB, gm, None, None, None, None, None
 
