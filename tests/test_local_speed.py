@@ -451,3 +451,41 @@ def test_nf4_forward_rounds_base_plus_update_once(tiny_model, monkeypatch, dora,
     # each off by up to u|b| (uniform: std u|b|/sqrt(3)), averaged over the outputs. A lost half is 0.5.
     spread = math.sqrt(2 / 3) * unit_roundoff("bfloat16") / UPDATE_REL / math.sqrt(base.numel())
     assert abs(kept - 1) <= bound(spread, 1.0), (kept, spread)
+
+
+def test_liger_with_4bit_dora_gives_peft_gradients_on_cuda(tiny_model):
+    """Liger's RoPE rotates the q/k outputs in place and its SwiGLU writes the gate/up gradients over the gate/up
+    outputs; the 4-bit DoRA function saves its outputs for the magnitude's gradient (kernels.guard_dora_outputs
+    keeps them apart). With the real kernels every gradient is PEFT's DoRA without Liger, to fp32 rounding (an
+    overwritten output is off by O(1); tests/test_local_dora_inplace.py has the CPU stand-ins)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("Liger's kernels are Triton (CUDA only); tests/test_local_dora_inplace.py emulates them on CPU")
+    pytest.importorskip("liger_kernel")
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    ids = torch.randint(0, 200, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    grads, done = [], {}
+    for liger in (False, True):
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q,
+                                                 device_map={"": 0})
+        m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian",
+                                         lora_dropout=0.0, use_dora=True))
+        if liger:
+            done = kernels.apply(m, speed.SpeedPlan({"liger": True, "fast_lora": True, "fast_dora": True}, {}, 2, 0))
+        m.train()
+        with torch.no_grad():  # magnitudes off their init, so m/n - 1 is not ~0
+            for n, p in m.named_parameters():
+                if "magnitude" in n:
+                    p.mul_(1.0 + 0.1 * torch.rand(p.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3)))
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.float().cpu() for n, p in m.named_parameters() if p.requires_grad})
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    assert done["dora_copied_outputs"] == 2 * layers and done["dora_swiglu_keeping_inputs"] == layers, done
+    n_reduce = max(ids.numel(), json.loads((tiny_model / "config.json").read_text())["intermediate_size"])
+    for n, g in grads[0].items():
+        assert_close(grads[1][n], g, rounding_eps("float32", n_reduce), what=n)

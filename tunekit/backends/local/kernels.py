@@ -16,6 +16,13 @@ layers (a bitsandbytes 4-bit base, LoRA or DoRA) run as one autograd function in
                DoRA layer is (m/n) * (base + s*B A x): on a 4-bit base (nf4.py) m/n is folded into the block
                scales and into B, with the norms of all layers computed together once per pass; on a 16-bit
                base it is one GEMM epilogue plus one addcmul, kept in the activations' dtype.
+
+Liger's RoPE rotates q/k in place (forward) and its SwiGLU writes the gate/up gradients over the gate/up outputs
+(backward), in Triton, unseen by autograd's version counters. The 4-bit DoRA function saves its output for the
+magnitude's gradient, so with Liger on (`guard_dora_outputs`) the DoRA layers feeding RoPE return a copy and the
+MLPs with DoRA gate/up get a SwiGLU whose backward writes into new tensors (a transient [tokens, 2 x
+intermediate] per layer in backward, where Liger's is in place). The 16-bit DoRA forward needs neither: what
+autograd saves there (the addmm output) is not the tensor it returns.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class FastState:
     passes: int | None = None  # forward passes of the decoder so far (`track_forward_passes`); None: not counted
     nf4_dora: list = field(default_factory=list)  # (LoRA layer, adapter): DoRA layers nf4.py computes per pass
     cache: dict = field(default_factory=dict)  # (module, what) -> (key, value): per-pass and frozen-weight values
+    copy_out: set = field(default_factory=set)  # LoRA layers whose DoRA output a later kernel rewrites in place
 
 
 def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
@@ -60,6 +68,10 @@ def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
     if sp.on("fast_dora"):
         done["fast_dora_modules"] = patch_dora(model, state)
         track_forward_passes(model, state)
+        if sp.on("liger"):
+            from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+            done.update(guard_dora_outputs(model, state, _liger_silu_mul_keep(), LigerSwiGLUMLP.forward))
     done["checkpointed_layers"] = set_checkpointing(base, sp.checkpointed_layers)
     done.update(_longctx.apply(base, sp))  # activation offload, tiled MLP (long context)
     return done
@@ -178,6 +190,48 @@ def _fusable_dora(layer: Any, name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ DoRA
+
+# the projections whose outputs Liger's RoPE rotates in place (Llama-family names, as Liger's own patches use)
+ROPE_INPUTS = ("q_proj", "k_proj")
+
+
+def guard_dora_outputs(model: Any, state: FastState, silu_mul: Any, swiglu_forward: Any) -> dict[str, int]:
+    """Keep the 4-bit DoRA outputs that the magnitude's gradient reads away from Liger's in-place kernels: the
+    DoRA layers feeding RoPE return a copy (``state.copy_out``), and every MLP whose bound forward is
+    ``swiglu_forward`` (Liger's SwiGLU MLP) and whose gate/up are 4-bit DoRA layers runs ``silu_mul`` instead
+    (an autograd Function (a, b) -> silu(a) * b that leaves a and b alone). Call after Liger and
+    `track_forward_passes`; returns the counts."""
+    dora = {m for m, _ in state.nf4_dora if nf4.eligible(m.get_base_layer())}
+    state.copy_out = {m for name, m in model.named_modules() if m in dora and name.rsplit(".", 1)[-1] in ROPE_INPUTS}
+    mlps = 0
+    for m in model.modules():
+        bound = getattr(vars(m).get("forward"), "__func__", None)
+        if bound is swiglu_forward and (getattr(m, "gate_proj", None) in dora or getattr(m, "up_proj", None) in dora):
+            m.forward = functools.partial(_swiglu_forward, m, silu_mul)
+            mlps += 1
+    return {"dora_copied_outputs": len(state.copy_out), "dora_swiglu_keeping_inputs": mlps}
+
+
+def _swiglu_forward(mlp: Any, silu_mul: Any, x: Any) -> Any:
+    return mlp.down_proj(silu_mul.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+@functools.cache
+def _liger_silu_mul_keep() -> Any:
+    """Liger's SwiGLU function with a backward that writes the gradients into new tensors, not over a and b."""
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction, swiglu_backward
+
+    class SiLUMulKeepInputs(LigerSiLUMulFunction):
+        @staticmethod
+        def backward(ctx: Any, dc: Any) -> Any:
+            if ctx.dtensor_metadata is not None:  # sharded activations: Liger's own (nf4.py refuses an overwrite)
+                return LigerSiLUMulFunction.backward(ctx, dc)
+            a, b = ctx.saved_tensors
+            dc = dc.contiguous() if ctx.down_multiplier == 1.0 else dc * ctx.down_multiplier
+            da, db = swiglu_backward(a.clone(), b.clone(), dc, ctx.gate_multiplier)
+            return da, db, None, None
+
+    return SiLUMulKeepInputs
 
 def track_forward_passes(model: Any, state: FastState) -> FastState:
     """Count forward passes of the decoder in ``state.passes`` (a pre-hook on the backbone, which the checkpoint

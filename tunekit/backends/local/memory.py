@@ -279,10 +279,12 @@ def _estimate(
         elif nf4:  # nf4.py's function saves each call's fp32 block scales (one per NF4_BLOCK weights)
             full_layer += counts["linear"] / d["layers"] / NF4_BLOCK * 4
         if use_dora and nf4 and not dora_peft:
-            # nf4.py's DoRA saves each adapted layer's output for the magnitude's gradient: q/k/v/gate/up outputs
-            # are saved anyway (RoPE is in place, SDPA and SwiGLU keep them), o_proj's and down_proj's are extra;
-            # and it caches every 4-bit weight's fp32 block scales (measured: 14.36 GiB vs LoRA's 13.22, 27/32)
-            full_layer += tokens * 2 * d["hidden"] * layer_bytes
+            # nf4.py's DoRA saves each adapted layer's output for the magnitude's gradient: v/gate/up outputs are
+            # saved anyway (SDPA and SwiGLU keep them), o_proj's and down_proj's are extra, and so are q's and k's
+            # (they return a copy for Liger's in-place RoPE, kernels.guard_dora_outputs); and it caches every 4-bit
+            # weight's fp32 block scales (measured before the q/k copy: 14.36 GiB vs LoRA's 13.22, 27/32)
+            full_layer += tokens * (2 * d["hidden"] + d["heads"] * d["head_dim"] + d["kv_heads"] * d["head_dim"]) \
+                * layer_bytes
             weights += counts["linear"] / NF4_BLOCK * 4
     else:
         full_layer = tokens * act_elem * layer_bytes

@@ -11,6 +11,13 @@ before the single rounding to the compute dtype, so m/n - 1 ~ 1e-4 is not lost t
 16-bit factor. The norm n = ||W + s B A|| (detached, as in PEFT) and everything derived from it are computed
 once per forward pass for all DoRA layers together, batched over the layers of one shape (a step is bound by
 per-op overhead, not by these small products); the checkpoint recompute reuses them.
+
+The magnitude's gradient reads the layer's output y (saved; it is also what the layer returns, which costs
+nothing where the next op keeps it anyway). Liger's Triton kernels rewrite tensors in place without bumping
+autograd's version counters, so neither a saved tensor's check nor anything else would notice: its RoPE rotates
+the q/k outputs in the forward (those layers, ``state.copy_out``, return a copy instead), its SwiGLU writes the
+gate/up gradients into the gate/up outputs in the backward (kernels.py gives those MLPs a SwiGLU that leaves its
+inputs alone); a gradient that arrives in y's own storage is refused here rather than used.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ def lora_forward(layer: Any, x: Any, name: str, dora: Any, state: Any) -> Any:
     if dora is None:
         with torch.no_grad():
             pre = Pre(a=A.to(cdt), absmax=block_scales(base.weight.quant_state), bs=(B.float() * s).to(cdt))
-        return fn.apply(x, layer.lora_dropout[name](x), A, B, None, base.weight, pre, s, cdt)
-    return fn.apply(x, x, A, B, dora.weight, base.weight, dora_pass(layer, name, cdt, state), s, cdt)
+        return fn.apply(x, layer.lora_dropout[name](x), A, B, None, base.weight, pre, s, cdt, False)
+    copy = layer in getattr(state, "copy_out", ())  # a later kernel rewrites this output in place (RoPE)
+    return fn.apply(x, x, A, B, dora.weight, base.weight, dora_pass(layer, name, cdt, state), s, cdt, copy)
 
 
 def eligible(base: Any) -> bool:
@@ -187,10 +195,11 @@ def _make():
 
     class Nf4Lora(torch.autograd.Function):
         """y = x W^T + (xd a^T) bs^T, xd = dropout(x), bs = s B; DoRA: W's block scales times m/n and
-        bs = s diag(m/n) B, so y = diag(m/n) (x W^T + s (x A^T) B^T). W is 4-bit and frozen."""
+        bs = s diag(m/n) B, so y = diag(m/n) (x W^T + s (x A^T) B^T). W is 4-bit and frozen. ``copy``: return a
+        copy of y, not y (DoRA saves y; a later kernel rewrites the output in place)."""
 
         @staticmethod
-        def forward(ctx, x, xd, A, B, mag, weight, pre, s, cdt):
+        def forward(ctx, x, xd, A, B, mag, weight, pre, s, cdt, copy):
             out_f = weight.quant_state.shape[0]
             absmax = pre.absmax
             if pre.scale is not None:
@@ -203,7 +212,8 @@ def _make():
             ctx.weight, ctx.s, ctx.coef, ctx.cdt, ctx.same = weight, s, pre.coef, cdt, xd is x
             ctx.shapes = (x.shape, x.dtype, xd.shape, xd.dtype)
             ctx.dtypes = (A.dtype, B.dtype, None if mag is None else mag.dtype)
-            return y.view(*x.shape[:-1], out_f).to(x.dtype)
+            out = y.view(*x.shape[:-1], out_f).to(x.dtype)
+            return out.clone() if copy and out.data_ptr() == y.data_ptr() else out
 
         @staticmethod
         def backward(ctx, g):
@@ -228,7 +238,20 @@ def _make():
             if need_m:
                 # dL/dm = (1/n) sum_t g * y/(m/n) = sum_t g*y / m  (y = (m/n) y0; rows with m == 0 get 0)
                 y, inv_mag = dora
+                if _overlaps(g, y):
+                    raise RuntimeError(
+                        "a kernel after this DoRA layer wrote its gradient into the layer's output, which the "
+                        "magnitude's gradient reads (Liger's SwiGLU does): the layer must return a copy "
+                        "(kernels.FastState.copy_out) or the kernel keep its inputs (kernels.guard_dora_outputs)")
                 gm = ((g2 * y).sum(0, dtype=torch.float32) * inv_mag).to(ctx.dtypes[2])
-            return gx, gxd, gA, gB, gm, None, None, None, None
+            return gx, gxd, gA, gB, gm, None, None, None, None, None
 
     return Nf4Lora
+
+
+def _overlaps(a: Any, b: Any) -> bool:
+    """Whether two tensors share memory (same storage, overlapping byte ranges)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    lo_a, lo_b = a.data_ptr(), b.data_ptr()
+    return lo_a < lo_b + b.numel() * b.element_size() and lo_b < lo_a + a.numel() * a.element_size()
