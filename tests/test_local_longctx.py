@@ -459,3 +459,127 @@ def test_offload_uses_pinned_memory_and_tiled_mlp_matches_on_cuda(tiny_model):
     assert_close(loss.cpu(), ref_loss.cpu(), eps, what="loss")
     for k in ref:
         assert_close(got[k].cpu(), ref[k].cpu(), eps, what=k)
+
+
+# ----------------------------------------------------------------------------- attention masks (padded, packed rows)
+
+def _sdpa_calls(model, monkeypatch, **inputs):
+    """(mask bytes, key elements, value elements, query heads) of the first SDPA call of one forward."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        mask = kw.get("attn_mask")
+        seen.append((0 if mask is None else mask.numel() * mask.element_size(), k.numel(), v.numel(), q.shape[1]))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model(**inputs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", real)
+    return seen[0]
+
+
+def test_mask_term_is_the_mask_transformers_builds(tiny_model, monkeypatch):
+    """memory.py's attention terms against the tensors transformers' sdpa path really builds, at S = 512 on the tiny
+    (grouped-KV) Llama: padded rows get a [rows, 1, S, S] bool mask and K/V repeated to every query head; a packed
+    micro-batch (TRL's padding-free collator: one row of all its tokens) a [1, 1, T, T] one; one row none."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from tunekit.backends.local.memory import _attention_terms, _dims, attention_mask_shape
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    m.config.use_cache = False
+    m.train()
+    d = _dims(m.config.to_dict())
+    S, hd = 512, d["head_dim"]
+
+    def terms(micro, kind):
+        return _attention_terms(d, micro, S, kind, False, cdt=4, layer_bytes=4, score_bytes=4)
+
+    # padded: two rows, the second shorter
+    mask = torch.ones(2, S, dtype=torch.long)
+    mask[1, S // 3:] = 0
+    got, k, v, heads = _sdpa_calls(m, monkeypatch, input_ids=torch.randint(0, 200, (2, S)), attention_mask=mask)
+    assert attention_mask_shape(2, S, "padded") == (2, S)
+    assert got == terms(2, "padded")["mask"] == 2 * S * S
+    # the K/V copies the term keeps per layer: every query head instead of the KV heads
+    assert heads == d["heads"] > d["kv_heads"]
+    copies = (k + v - 2 * 2 * d["kv_heads"] * S * hd) * 4
+    bias = 2 * S * S * 4  # S is a multiple of SDPA_BIAS_ALIGN: the bias is as wide as the mask
+    assert terms(2, "padded")["saved"] == bias + copies > bias
+    # packed: two sequences of S tokens through TRL's padding-free collator
+    rows = [{"input_ids": [1 + i % 199 for i in range(S)]}, {"input_ids": [1 + i % 97 for i in range(S)]}]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    assert batch["input_ids"].shape == (1, 2 * S)
+    got, *_ = _sdpa_calls(m, monkeypatch, input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    assert got == terms(2, "packed")["mask"] == (2 * S) ** 2
+    # one row: no mask, no term; "padded" with one row is that case (the micro-batch of 1)
+    got, k, v, heads = _sdpa_calls(m, monkeypatch, input_ids=torch.randint(0, 200, (1, S)))
+    assert got == 0 and k == v == d["kv_heads"] * S * hd
+    assert terms(1, "padded") == {"kind": "none", "mask": 0, "saved": 0, "transient": 0}
+    assert attention_mask_shape(1, S, "padded", method="dpo") == (2, S)  # chosen + rejected: padded
+
+
+def _plan_on_h200(monkeypatch, max_length: int, batch_size: int, packing):
+    from tunekit.backends.local import resolve
+    from tunekit.backends.local.peft_config import DeviceInfo
+
+    monkeypatch.setattr(resolve, "device_info", lambda device: DeviceInfo("cuda", H200, "H200"))
+    monkeypatch.setattr(resolve, "host_memory_bytes", lambda: H200_HOST)
+    spec = TrainingSpec(base_model="x", quantization="nf4", adapter={"r": 16, "dropout": 0.0},
+                        hyperparameters={"batch_size": batch_size, "max_length": max_length})
+    return resolve.resolve_run(spec, model_config=LLAMA_8B, packing=packing)
+
+
+def test_packing_at_long_lengths_is_decided_from_its_mask(monkeypatch):
+    """At 131,072 tokens a packed micro-batch's mask (16 GiB of bool, 32 GiB of SDPA's bf16 bias per layer
+    computing, 16 GiB while converting it) does not fit one H200 where the unpacked row does: 'auto' does not pack
+    (and says why), true is refused on provider_options.local.packing. At 2048 x 4, 'auto' is left to the rows, and
+    the fit check counts the packed mask."""
+    from tunekit._exceptions import ConfigError
+
+    auto = _plan_on_h200(monkeypatch, 131072, 1, "auto")
+    assert auto.packing is False and auto.packing_reason.startswith("auto: not packed: the packed micro-batch's")
+    assert "does not fit (unpacked it does)" in auto.packing_reason
+    assert auto.estimate.fits and auto.estimate.assumptions["attention_mask"] == "none"  # one unpadded row
+    assert auto.estimate_kwargs["attention_mask"] == "padded"
+    with pytest.raises(ConfigError) as e:
+        _plan_on_h200(monkeypatch, 131072, 1, True)
+    assert e.value.field == "provider_options.local.packing"
+    assert "packing to false" in e.value.hint and "max_length" in e.value.hint
+    assert _plan_on_h200(monkeypatch, 131072, 1, False).packing is False
+    short = _plan_on_h200(monkeypatch, 2048, 4, "auto")
+    assert short.packing is None and short.estimate.assumptions["attention_mask"] == "packed"
+    assert short.estimate.fits and _plan_on_h200(monkeypatch, 2048, 4, True).packing is True
+
+
+def test_auto_does_not_pack_when_the_mask_takes_a_large_share():
+    """The share rule alone: a packed plan that fits but whose attention is over PACK_MASK_SHARE of the budget."""
+    from tunekit.backends.local.resolve import PACK_MASK_SHARE, packing_decision
+
+    kw = dict(micro_batch=1, max_length=98304, quantization="nf4", r=16, fused_lm_head=True, kbit_upcast=False,
+              device_memory_bytes=120 * GiB)
+    packed = memory.estimate(LLAMA_8B, **kw, attention_mask="packed")
+    unpacked = memory.estimate(LLAMA_8B, **kw, attention_mask="padded")
+    assert packed.fits and packed.assumptions["attention_bytes"] > PACK_MASK_SHARE * 120 * GiB
+    on, why = packing_decision("sft", "auto", memory=(packed, unpacked))
+    assert on is False and f"more than {PACK_MASK_SHARE:.0%}" in why
+    assert packing_decision("sft", True, memory=(packed, unpacked)) == (True, "requested")  # asked for, and fits
+
+
+def test_the_micro_batch_suggested_at_long_lengths_counts_the_padding_mask():
+    """Two padded rows of 65,536 tokens: the estimate counts their mask (and the bf16 bias and K/V copies of the
+    computing layer) and no longer fits an 80 GiB budget; the micro-batch it suggests is 1, where there is no mask."""
+    kw = dict(max_length=65536, quantization="nf4", r=16, fused_lm_head=True, kbit_upcast=False, fused_kernels=True,
+              device_memory_bytes=80 * GiB)
+    padded = memory.estimate(LLAMA_8B, micro_batch=2, **kw, attention_mask="padded")
+    bare = memory.estimate(LLAMA_8B, micro_batch=2, **kw)
+    assert bare.fits and padded.fits is False
+    assert padded.total_bytes - bare.total_bytes > 2 * 65536**2  # at least the bool mask
+    assert any(s.startswith("lower the micro-batch to 1 ") for s in padded.suggestions)
+    one = memory.estimate(LLAMA_8B, micro_batch=1, **kw, attention_mask="padded")
+    assert one.fits and one.total_bytes == memory.estimate(LLAMA_8B, micro_batch=1, **kw).total_bytes

@@ -30,10 +30,9 @@ head and DoRA terms in `_estimate`, `kept_layers_peak`). Against every H200 peak
 held out, 84.44 vs 84.6): within 0.4% (two held-out runs of older code +3.9% and +9%), the table of
 `python benchmarks/memory_estimate.py` (docs/benchmarks.md). LoRA dropout and DoRA with dropout are counted
 (checked on CPU against what autograd saves), not yet measured on the GPU.
-Not counted: SDPA's K/V copies when a padding mask turns off its GQA path (about 9% of a layer; the plan's
-fragmentation and headroom cover it), and attention scores materialised by SDPA's math kernel: most likely why
-the plain recipe (fp32 stream) ran out of memory at 16,384 tokens asking for 32 GiB (= 32 heads x 16,384^2 fp32)
-where this estimate says it fits.
+Attention (`_attention_terms`), counted where it exists: the [rows, 1, S, S] boolean mask of padded or packed
+rows and what SDPA makes of it (``attention_mask``), and the S x S scores of a kernel that materialises them
+(``attention_scores``: SDPA's math kernel, which the plain recipe's fp32 q/k/v with grouped KV heads fall to).
 """
 
 from __future__ import annotations
@@ -75,6 +74,9 @@ MLP_TILE_TOKENS = 8192
 # share of the host's physical memory the offloaded states may pin (pinned pages cannot be swapped out, and the
 # weights pass through host memory while loading)
 HOST_SHARE = 0.75
+# SDPA's memory-efficient kernel reads its additive bias in blocks of this many keys: torch pads the bias's last
+# dimension up to a multiple of it (preprocess_mask), so the bias it keeps is that wide
+SDPA_BIAS_ALIGN = 16
 
 
 @dataclass
@@ -218,6 +220,8 @@ def _estimate(
     offload_layers: int = 0,
     tiled_mlp: bool = False,
     host_memory_bytes: int | None = None,
+    attention_mask: str = "none",
+    attention_scores: bool = False,
 ) -> MemoryEstimate:
     """The estimate alone (no suggestions). ``quantization`` is the resolved mode ('nf4'|'none').
 
@@ -310,7 +314,16 @@ def _estimate(
             logits += (tv + tt) * d["hidden"] * cdt
     else:
         logits = tokens * d["vocab"] * logit_bytes
-    activations = acts + logits
+    attn = _attention_terms(d, micro_batch * (2 if method == "dpo" else 1), max_length, attention_mask,
+                            attention_scores, cdt=cdt, layer_bytes=layer_bytes, score_bytes=hidden_bytes)
+    kept_layers = 0 if gradient_checkpointing else d["layers"]
+    # the mask lives through the step (checkpointed layers keep it for their recompute) and each layer not
+    # checkpointed keeps what its attention saved; the computing layer's attention peak (its saved tensors when
+    # recomputed, plus the transients) and the loss's logits are never live at once (the head's backward is done
+    # before the first layer's), so the larger of the two counts
+    attention = attn["mask"] + kept_layers * attn["saved"]
+    phase = attn["transient"] + (attn["saved"] if gradient_checkpointing else 0)
+    activations = acts + attention + max(logits, phase)
 
     allocated = weights + adapter + activations
     overhead = (CUDA_CONTEXT_BYTES if device_type == "cuda" else 0) + FRAGMENTATION * allocated
@@ -336,11 +349,61 @@ def _estimate(
             "gradient_checkpointing": gradient_checkpointing, "dtype": dtype, "lora_params": n_lora,
             "base_params": counts["total"], "fused_lm_head": fused_lm_head, "kbit_upcast": kbit_upcast,
             "fused_kernels": fused_kernels, "shards": shards, "lora_dropout": lora_dropout,
-            "offload_layers": offloaded, "tiled_mlp": tiled_mlp,
+            "offload_layers": offloaded, "tiled_mlp": tiled_mlp, "attention_mask": attn["kind"],
+            "attention_scores": attention_scores,
+            # what attention adds to the peak: the mask, the layers' saved attention and its phase over the logits
+            "attention_bytes": int(attention + max(0, phase - logits)),
             # the one layer recomputed in backward (in the total when checkpointing): speed._checkpoint_layers
             "recompute_bytes": int(full_layer) if gradient_checkpointing else 0,
         },
     )
+
+
+def attention_mask_shape(micro_batch: int, max_length: int, kind: str, method: str = "sft") -> tuple[int, int]:
+    """(rows, S) of the [rows, 1, S, S] boolean mask transformers' sdpa path builds, (0, 0) when it builds none.
+    Padded: one row per example (DPO: chosen + rejected), and no mask for a single row (nothing to pad). Packed:
+    TRL's padding-free collator lays the micro-batch out as one row of micro_batch x max_length tokens, whose
+    restarting position ids give a block-diagonal mask over all of them."""
+    rows = micro_batch * (2 if method == "dpo" else 1)
+    if kind == "packed":
+        return 1, rows * max_length
+    if kind == "padded" and rows > 1:
+        return rows, max_length
+    if kind not in ("none", "padded", "packed"):
+        raise ValueError(f"attention_mask={kind!r}: 'none', 'padded' or 'packed'")
+    return 0, 0
+
+
+def _attention_terms(d: dict[str, int], rows: int, length: int, kind: str, scores: bool, *, cdt: int,
+                     layer_bytes: float, score_bytes: int) -> dict[str, Any]:
+    """Bytes of attention beyond what the layer terms count (those assume no mask: the flash kernel, which keeps
+    only q, k, v and its output). Conservative where torch's sources leave a choice:
+
+      mask       rows x S x S bool, built once per forward, held by every checkpointed layer for its recompute
+      saved      per layer, kept for backward: SDPA turns the bool mask into an additive bias in the compute
+                 dtype (convert_boolean_attn_mask; under the Trainer's autocast, bf16), padded to SDPA_BIAS_ALIGN
+                 keys, which the memory-efficient kernel saves; transformers repeats K and V to every query head
+                 when a mask is passed (no GQA path with a mask), and SDPA saves those copies. Materialised scores
+                 (math kernel): the softmax probabilities, rows x heads x S x S in q's dtype
+      transient  while one layer's attention runs: the bool `logical_not` of the mask the bias is made from;
+                 with scores, two more score tensors (forward: the raw scores beside the softmax output and the
+                 result of _safe_softmax's where(); backward: the gradients of the probabilities and of the
+                 scores) and _safe_softmax's bool test of -inf (one byte per score), plus is_causal's [S, S] mask
+    """
+    r, s = attention_mask_shape(rows, length, kind)
+    out: dict[str, Any] = {"kind": kind if r else "none", "mask": 0, "saved": 0, "transient": 0}
+    if r:
+        s_keys = -(-s // SDPA_BIAS_ALIGN) * SDPA_BIAS_ALIGN
+        out["mask"] = r * s * s
+        kv_copies = 2 * (d["heads"] - d["kv_heads"]) * d["head_dim"]
+        out["saved"] = r * s * s_keys * cdt + r * s * kv_copies * layer_bytes
+        out["transient"] = r * s * s
+    if scores:
+        rr, ss = (r, s) if r else (rows, length)
+        n = rr * d["heads"] * ss * ss
+        out["saved"] += n * score_bytes
+        out["transient"] += 2 * n * score_bytes + n + (0 if r else ss * ss * (1 + score_bytes))
+    return out
 
 
 def _pow2_ceil(n: int) -> int:

@@ -38,6 +38,8 @@ class RunPlan:
     speed: _speed.SpeedPlan | None = None
     model_config: dict[str, Any] | None = None  # what the estimate read (layout.py estimates per GPU from it)
     estimate_kwargs: dict[str, Any] | None = None  # the speed path's memory.estimate arguments
+    packing: bool | None = False  # None: 'auto' on SFT, left to the worker's tokenized rows (memory allows it)
+    packing_reason: str = "requested"
 
     @property
     def dtype(self) -> str:
@@ -174,12 +176,14 @@ def resolve_run(
     memory_budget_bytes: int | None = None,
     model_config: dict[str, Any] | None = None,
     speedups: str | list[str] = "auto",
+    packing: bool | str = False,
 ) -> RunPlan:
     """Resolve every pre-load decision of a run of ``spec``.
 
     ``model_config`` None reads config.json from a local directory or the HF cache (never downloads, never
-    needs torch beyond the device). ``speedups`` is provider_options.local.speedups. Raises ConfigError for a
-    bad batch split or a refused combination (PiSSA on NF4).
+    needs torch beyond the device). ``speedups`` is provider_options.local.speedups, ``packing``
+    provider_options.local.packing (decided here with the memory its attention mask takes: `packing_decision`).
+    Raises ConfigError for a bad batch split, a refused combination (PiSSA on NF4) or packing that cannot fit.
     The memory fit is estimated here but not enforced: callers decide when to refuse (`memory.check_fits`).
     """
     hp, a = spec.hyperparameters, spec.adapter
@@ -198,6 +202,10 @@ def resolve_run(
     est_kw = _speed.estimate_kwargs(spec, model_config, dev.type, off) if model_config is not None else {}
 
     host = host_memory_bytes() if on_gpu else None  # what the activation offload may pin
+    packed, pack_reason = packing_decision(spec.method, packing)
+    # rows of a micro-batch are padded unless packed (their lengths are not known before tokenizing): the mask
+    # of the conservative case until packing is decided; 'auto' decides the quantization unpacked
+    est_kw["attention_mask"] = "packed" if packed is True else "padded"
 
     def estimate(quant: str, ckpt: bool | None = None, **long: Any) -> _memory.MemoryEstimate:
         # long: the long-context terms (offload_layers, tiled_mlp) and, searching the longest length, max_length
@@ -214,6 +222,13 @@ def resolve_run(
     quant = resolve_quantization(spec, dev, bf16_fits)
     check_combination(spec, quant)  # e.g. PiSSA on a 4-bit base: refused before anything loads
     est = speed = None
+    if model_config is not None and packed is not False:
+        packed, pack_reason = packing_decision(
+            spec.method, packing, mean_tokens=None, max_length=hp.max_length,
+            memory=(estimate(quant.mode, True, attention_mask="packed"),
+                    estimate(quant.mode, True, attention_mask="padded")))
+        # 'auto' left undecided (None) may still pack: the fit is checked with the packed mask
+        est_kw["attention_mask"] = "padded" if packed is False else "packed"
     if model_config is not None:
         est = estimate(quant.mode)
         speed = _speed.plan(spec, model_config, dev.type, quant.quantized,
@@ -231,23 +246,52 @@ def resolve_run(
         device=dev, micro_batch=micro, grad_accum=accum, compute_dtype=compute_dtype,
         gradient_checkpointing=gradient_checkpointing, budget_bytes=budget, quant=quant,
         optimizer=optimizer_name(spec, quant.quantized, on_gpu), estimate=est, estimate_skipped=skipped, speed=speed,
-        model_config=model_config, estimate_kwargs=est_kw,
+        model_config=model_config, estimate_kwargs=est_kw, packing=packed, packing_reason=pack_reason,
     )
 
 
 PACK_BELOW = 0.5  # 'auto' packs when the rows' mean length is at most this share of max_length
+# 'auto' does not pack when the packed micro-batch's attention (its block-diagonal mask over micro_batch x max_length
+# tokens, SDPA's bias of it, the K/V copies: memory.py's attention terms) would take more than this share of the
+# memory budget: memory the unpacked run does not need, which grows with the square of the packed length
+PACK_MASK_SHARE = 0.25
 
 
 def packing_decision(method: str, requested: bool | str, *, mean_tokens: float | None = None,
-                     max_length: int | None = None) -> tuple[bool | None, str]:
+                     max_length: int | None = None,
+                     memory: tuple[_memory.MemoryEstimate, _memory.MemoryEstimate] | None = None,
+                     ) -> tuple[bool | None, str]:
     """(packed?, why) for provider_options.local.packing. ``mean_tokens`` None: the rows are not tokenized
-    yet, so 'auto' on SFT is left to the worker (None), which calls this again with the tokenized mean."""
+    yet, so 'auto' on SFT is left to the worker (None), which calls this again with the tokenized mean.
+    ``memory``: the (packed, unpacked) estimates of the run with every layer checkpointed (resolve_run's): where the
+    packed one does not fit and the unpacked one does, 'auto' does not pack and true is refused; 'auto' does not pack
+    either where the packed attention takes more than PACK_MASK_SHARE of the budget."""
     if method == "dpo":
         if requested is True:
             raise ConfigError("provider_options.local.packing=true: DPO trains chosen/rejected pairs of one prompt "
                               "and cannot be packed", field="provider_options.local.packing",
                               hint="drop packing (or set it to 'auto' or false) for method='dpo'")
         return False, "DPO does not pack (chosen/rejected pairs)"
+    if requested is False:
+        return False, "requested"
+    if memory is not None:
+        packed, unpacked = memory
+        attn = packed.assumptions.get("attention_bytes", 0)
+        tokens = packed.assumptions["micro_batch"] * packed.assumptions["max_length"]
+        what = (f"the packed micro-batch's attention mask over {tokens} tokens (one row, block-diagonal) takes "
+                f"~{_memory.human_bytes(attn)}")
+        if packed.fits is False and unpacked.fits is not False:
+            if requested is True:
+                raise ConfigError(
+                    f"provider_options.local.packing=true: {what} and the run no longer fits "
+                    f"({packed.summary()}; unpacked {_memory.human_bytes(unpacked.total_bytes)})",
+                    field="provider_options.local.packing",
+                    hint="set packing to false (or 'auto'), or a shorter hyperparameters.max_length or micro-batch")
+            return False, f"auto: not packed: {what}, which does not fit (unpacked it does)"
+        budget = packed.device_bytes
+        if requested == "auto" and budget and attn > PACK_MASK_SHARE * budget:
+            return False, (f"auto: not packed: {what}, more than {PACK_MASK_SHARE:.0%} of the "
+                           f"{_memory.human_bytes(budget)} budget")
     if isinstance(requested, bool):
         return requested, "requested"
     if mean_tokens is None:

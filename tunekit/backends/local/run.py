@@ -159,12 +159,13 @@ def plan_run(spec: TrainingSpec, options: LocalOptions, *, rows: int | None = No
     """Resolve ``spec`` into a run. ``spec.base_model`` is already resolved (catalog name -> id, directory ->
     absolute); ``rows`` (training rows) sizes the checkpoint interval when the run's length is known."""
     from .peft_config import lora_kwargs
-    from .resolve import packing_decision, resolve_run
+    from .resolve import resolve_run
 
     hp = spec.hyperparameters
-    packed, pack_reason = packing_decision(spec.method, options.packing)
     r = resolve_run(spec, device=options.device, gradient_checkpointing=options.gradient_checkpointing,
-                    memory_budget_bytes=options.memory_budget_bytes, speedups=options.speedups)
+                    memory_budget_bytes=options.memory_budget_bytes, speedups=options.speedups,
+                    packing=options.packing)
+    packed, pack_reason = r.packing, r.packing_reason
     rows = data.train.rows if data is not None and data.train.rows else rows
     # packed, a step takes batch_size packed sequences of several rows each: the row count bounds the steps
     most = math.ceil(rows / hp.batch_size) * hp.epochs if rows else None
