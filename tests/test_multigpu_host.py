@@ -66,11 +66,11 @@ def test_70b_bf16_fsdp2_on_4_ranks_converting_its_checkpoint_is_refused_on_512_g
         _host("70B", "none", 4, H200_HOST_4X, stored="float32")
     e = exc.value
     assert e.field == "provider_options.local.gpus"
-    # 4 ranks x (70.55e9 x 2 B + the fp32 adapter), each its own copy: 526.4 GiB > 75% of 512 GiB
+    # 4 ranks x (70.55e9 x 2 B + the fp32 adapter), each its own copy: 528.8 GiB > 75% of 512 GiB
     private = 4 * (PARAMS["70B"] * 2 + LORA16["70B"] * 4)
     assert f"~{private / GiB:.2f} GiB of host memory" in str(e) and "512.00 GiB" in str(e)
     assert "per GPU" in str(e)  # shown with the per-GPU figure
-    # 2 ranks are 263.2 GiB <= 384 GiB: the hint names them, and the other ways out
+    # 2 ranks are 264.4 GiB <= 384 GiB: the hint names them, and the other ways out
     assert "provider_options.local.gpus=2" in e.hint and "QLoRA" in e.hint
     assert "nnodes" in e.hint and "more memory" in e.hint
     # a config.json that does not name its dtype is taken as converted: the same refusal
