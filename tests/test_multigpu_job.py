@@ -283,6 +283,7 @@ def test_a_70b_bf16_plan_on_80gb_gpus_shards_and_names_the_gpus_it_needs(tmp_pat
     (model / "config.json").write_text(json.dumps({**LLAMA_70B, "model_type": "llama"}))
     monkeypatch.setattr(resolve_mod, "device_info", lambda device=None: DeviceInfo("cuda", 80 * 10**9, "H100"))
     monkeypatch.setattr(layout_mod, "_visible_gpus", lambda: 8)
+    monkeypatch.setattr(resolve_mod, "host_memory_bytes", lambda: 2048 * 2**30)  # the GPUs are the question here
     spec = TrainingSpec(base_model=str(model), quantization="none", adapter={"r": 16},
                         hyperparameters={"batch_size": 16, "gradient_accumulation_steps": 4, "max_length": 2048})
 

@@ -11,7 +11,7 @@ rate and the examples of each optimizer step are those of one GPU.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -33,6 +33,9 @@ class Layout:
     per_gpu_bytes: int
     reason: str
     quant_storage: str | None = None  # FSDP2 QLoRA: bnb_4bit_quant_storage (the compute dtype)
+    host_bytes: int = 0  # host memory this node's ranks hold while loading, what must fit (memory.host_loading)
+    host_memory_bytes: int | None = None  # the node's memory it was checked against (None: not checked)
+    host_note: str = ""
     estimate: _memory.MemoryEstimate | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -51,7 +54,8 @@ class Layout:
     def summary(self) -> str:
         where = f"{self.gpus} GPU(s)" + (f" x {self.nnodes} nodes" if self.nnodes > 1 else "")
         return (f"{self.kind} on {where}: micro-batch {self.micro_batch} per rank x {self.world_size} ranks x "
-                f"{self.grad_accum} accumulation, ~{_memory.human_bytes(self.per_gpu_bytes)} per GPU ({self.reason})")
+                f"{self.grad_accum} accumulation, ~{_memory.human_bytes(self.per_gpu_bytes)} per GPU ({self.reason})"
+                + (f"; host memory while loading {self.host_note}" if self.host_note else ""))
 
 
 def estimate_kwargs(spec: Any, run: Any) -> dict[str, Any]:
@@ -108,7 +112,48 @@ def from_options(spec: Any, run: Any, options: dict[str, Any]) -> Layout | None:
     chosen = for_run(spec, run, gpus=gpus, nnodes=nnodes, layout=asked)
     if chosen.kind == "fsdp2" and run.device.type != "cuda":
         _refuse_fsdp2_on_cpu()
+    if run.device.type == "cuda" and run.model_config is not None:
+        from .resolve import host_memory_bytes
+        from .variants import of
+
+        chosen = with_host(chosen, run.model_config, host_memory_bytes=host_memory_bytes() if nnodes == 1 else None,
+                           quantized=run.quant.quantized, r=spec.adapter.r, use_dora=spec.adapter.use_dora,
+                           mutates_base=of(spec.adapter).init.mutates_base, target_modules=spec.adapter.target_modules,
+                           offload_bytes=run.speed.host_bytes if run.speed is not None else 0)
     return chosen
+
+
+def with_host(lay: Layout, model_config: dict[str, Any], *, host_memory_bytes: int | None, quantized: bool,
+              r: int = 0, use_dora: bool = False, mutates_base: bool = False, target_modules: Any = "all-linear",
+              offload_bytes: int = 0) -> Layout:
+    """``lay`` with the host memory its ranks on one node need while loading (memory.host_loading), refused with a
+    ConfigError when that exceeds memory.HOST_SHARE of ``host_memory_bytes`` (None: another node's host, not known
+    here: the figure is shown, not checked). Each rank loads the model itself: FSDP2 bf16 LoRA loads it whole into
+    host memory (accelerate's cpu_ram_efficient_loading stays off: docs/multi-gpu.md), the rest onto the GPU."""
+    def need(ranks: int) -> _memory.HostLoading:
+        return _memory.host_loading(model_config, ranks=ranks, whole_on_host=lay.kind == "fsdp2" and not quantized,
+                                    quantized=quantized, r=r, use_dora=use_dora, mutates_base=mutates_base,
+                                    target_modules=target_modules,
+                                    offload_bytes=offload_bytes, host_memory_bytes=host_memory_bytes)
+
+    host = need(lay.gpus)
+    note = host.summary() + ("" if host.fits is not None else
+                             "; not checked: the host memory of the nodes is not known here" if lay.nnodes > 1 else
+                             "; not checked: this host's memory is unknown")
+    if host.fits is False:
+        fewer = max((n for n in range(1, lay.gpus) if need(n).fits), default=0)
+        hint = (f"fewer ranks per node (provider_options.local.gpus={fewer} loads within this host's memory)"
+                if fewer else "not even one rank's loading fits this host")
+        if not quantized:
+            hint += "; or QLoRA (quantization='nf4': each rank loads onto its GPU, tensor by tensor)"
+        hint += ("; or the same ranks over more nodes (provider_options.local.nnodes, fewer gpus each); or a host "
+                 f"with more memory ({HINT})")
+        raise ConfigError(
+            f"{lay.kind} on {lay.gpus} GPU(s) of this node needs ~{_memory.human_bytes(host.private_bytes)} of host "
+            f"memory while its ranks load the model, more than {_memory.HOST_SHARE:.0%} of this host's "
+            f"{_memory.human_bytes(host_memory_bytes or 0)} (host: {host.summary()}; per GPU: "
+            f"~{_memory.human_bytes(lay.per_gpu_bytes)})", field="provider_options.local.gpus", hint=hint)
+    return replace(lay, host_bytes=host.private_bytes, host_memory_bytes=host_memory_bytes, host_note=note)
 
 
 def _refuse_fsdp2_on_cpu() -> None:
