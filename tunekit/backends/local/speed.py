@@ -174,7 +174,7 @@ def plan(
                                                    else "requested" if not auto_checkpointing
                                                    else "no memory budget known") + ")")
     else:
-        ckpt, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, estimate)
+        ckpt, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, full, estimate(False))
     en["checkpointing"] = ckpt > 0
     for name, on, reason in (("offload", long.offload_layers > 0, long.offload_why),
                              ("tiled_mlp", long.tiled, long.tiled_why)):
@@ -254,10 +254,10 @@ def _long_context(n: int, estimate: Any, *, can_offload: bool, can_tile: bool, m
                        longest_length=longest)
 
 
-def _checkpoint_layers(n: int, budget: int, estimate: Any) -> tuple[int, int, str]:
-    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check);
-    the peak of each choice is memory.kept_layers_peak (the kept layers are the last ones)."""
-    full, none = estimate(True), estimate(False)
+def _checkpoint_layers(n: int, budget: int, full: Any, none: Any) -> tuple[int, int, str]:
+    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check), from
+    the all-checkpointed (``full``) and no-checkpointing (``none``) estimates; the peak of each choice is
+    memory.kept_layers_peak (the kept layers are the last ones)."""
     keep = next((k for k in range(n, 0, -1) if kept_layers_peak(full, none, n, k) <= HEADROOM * budget), 0)
     peak = kept_layers_peak(full, none, n, keep)
     per_layer = (none.total_bytes - kept_layers_peak(full, none, n, 1)) / max(1, n - 1)
