@@ -96,6 +96,11 @@ class MemoryEstimate:
         return f"~{human_bytes(self.total_bytes)} ({parts}){host}"
 
     @property
+    def device_fits(self) -> bool | None:
+        """Whether the total is within HEADROOM of the device's memory (None: the device is unknown)."""
+        return None if not self.device_bytes else self.total_bytes <= HEADROOM * self.device_bytes
+
+    @property
     def host_fits(self) -> bool:
         """Whether the offloaded activations fit HOST_SHARE of the host's memory (unknown host: assumed yes)."""
         return not self.host_bytes or not self.host_memory_bytes or self.host_bytes <= HOST_SHARE * self.host_memory_bytes
@@ -334,13 +339,10 @@ def _estimate(
         "activations": int(activations),
         "overhead": int(overhead),
     }
-    fits = None if not device_memory_bytes else total <= HEADROOM * device_memory_bytes
-    if fits and host and host_memory_bytes and host > HOST_SHARE * host_memory_bytes:
-        fits = False  # the GPU would hold it, the host cannot pin the offloaded activations
-    return MemoryEstimate(
+    est = MemoryEstimate(
         total_bytes=total,
         breakdown=breakdown,
-        fits=fits,
+        fits=None,
         device_bytes=device_memory_bytes,
         host_bytes=int(host),
         host_memory_bytes=host_memory_bytes,
@@ -357,6 +359,8 @@ def _estimate(
             "recompute_bytes": int(full_layer) if gradient_checkpointing else 0,
         },
     )
+    est.fits = est.device_fits and est.host_fits  # None where the device is unknown
+    return est
 
 
 def attention_mask_shape(micro_batch: int, max_length: int, kind: str, method: str = "sft") -> tuple[int, int]:
@@ -512,7 +516,7 @@ def kept_layers_peak(full: MemoryEstimate, none: MemoryEstimate, layers: int, ke
 def check_fits(estimate_: MemoryEstimate, *, what: str = "this training plan") -> None:
     """Raise ResourceError when the estimate does not fit the device."""
     if estimate_.fits is False:
-        if not estimate_.host_fits and estimate_.total_bytes <= HEADROOM * (estimate_.device_bytes or 0):
+        if estimate_.device_fits and not estimate_.host_fits:
             where = (f"more than {HOST_SHARE:.0%} of the host's {human_bytes(estimate_.host_memory_bytes or 0)} "
                      f"for the activations offloaded to it")
         else:

@@ -207,15 +207,12 @@ def _fewest_offloaded(n: int, estimate: Any, tiled: bool, offload: bool, **kw: A
     def at(k: int) -> Any:
         return estimate(True, offload_layers=k, tiled_mlp=tiled, **kw)
 
-    def gpu_fits(e: Any) -> bool:
-        return e.total_bytes <= HEADROOM * e.device_bytes
-
     lo, hi = 0, (n if offload else 0)
-    if not gpu_fits(at(hi)):
+    if not at(hi).device_fits:
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if gpu_fits(at(mid)):
+        if at(mid).device_fits:
             hi = mid
         else:
             lo = mid + 1
