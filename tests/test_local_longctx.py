@@ -280,7 +280,7 @@ def test_offload_and_tiled_mlp_terms():
 def _plan(max_length: int, budget: int = H200, host: int = H200_HOST, off=frozenset(), dropout: float = 0.0):
     spec = TrainingSpec(base_model="x", quantization="nf4", adapter={"r": 16, "dropout": dropout},
                         hyperparameters={"batch_size": 1, "max_length": max_length})
-    kw = speed.estimate_kwargs(spec)  # the fused LM head, bf16 QLoRA (Liger's factor only where installed)
+    kw = speed.estimate_kwargs(spec)  # the fused LM head, bf16 QLoRA (no config given: Liger's kernels not counted)
 
     def est(ck, **long):
         return memory.estimate(LLAMA_8B, **{**dict(micro_batch=1, max_length=max_length, quantization="nf4",
