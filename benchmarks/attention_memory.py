@@ -1,4 +1,5 @@
-"""What one attention call costs on the GPU: the terms memory.py's ``attention_mask`` / ``attention_scores`` count.
+"""What one attention call costs on the GPU: the terms tunekit/backends/local/attention.py counts (the memory
+estimate's ``attention_mask`` / ``attention_scores``).
 
     python benchmarks/attention_memory.py [--seq 2048 16384] [--batch 4 1]     # CUDA only
 

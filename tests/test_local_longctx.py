@@ -280,7 +280,7 @@ def test_offload_and_tiled_mlp_terms():
 def _plan(max_length: int, budget: int = H200, host: int = H200_HOST, off=frozenset(), dropout: float = 0.0):
     spec = TrainingSpec(base_model="x", quantization="nf4", adapter={"r": 16, "dropout": dropout},
                         hyperparameters={"batch_size": 1, "max_length": max_length})
-    kw = speed.estimate_kwargs(spec)  # the fused LM head, bf16 QLoRA (Liger's factor only where installed)
+    kw = speed.estimate_kwargs(spec)  # the fused LM head, bf16 QLoRA (no config given: Liger's kernels not counted)
 
     def est(ck, **long):
         return memory.estimate(LLAMA_8B, **{**dict(micro_batch=1, max_length=max_length, quantization="nf4",
@@ -482,14 +482,15 @@ def _sdpa_calls(model, monkeypatch, **inputs):
 
 
 def test_mask_term_is_the_mask_transformers_builds(tiny_model, monkeypatch):
-    """memory.py's attention terms against the tensors transformers' sdpa path really builds, at S = 512 on the tiny
+    """attention.py's terms against the tensors transformers' sdpa path really builds, at S = 512 on the tiny
     (grouped-KV) Llama: padded rows get a [rows, 1, S, S] bool mask and K/V repeated to every query head; a packed
     micro-batch (TRL's padding-free collator: one row of all its tokens) a [1, 1, T, T] one; one row none."""
     import torch
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tunekit.backends.local.memory import _attention_terms, _dims, attention_mask_shape
+    from tunekit.backends.local.attention import attention_mask_shape, attention_terms
+    from tunekit.backends.local.memory import _dims
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     m.config.use_cache = False
@@ -498,7 +499,7 @@ def test_mask_term_is_the_mask_transformers_builds(tiny_model, monkeypatch):
     S, hd = 512, d["head_dim"]
 
     def terms(micro, kind):
-        return _attention_terms(d, micro, S, kind, False, cdt=4, layer_bytes=4, score_bytes=4)
+        return attention_terms(d, micro, S, kind, False, cdt=4, layer_bytes=4, score_bytes=4)
 
     # padded: two rows, the second shorter
     mask = torch.ones(2, S, dtype=torch.long)

@@ -242,13 +242,13 @@ def choose(
                       gpu_memory_bytes=gpu_memory_bytes, estimate_kwargs=estimate_kwargs)
 
     def make(kind: str, est, micro: int, accum: int, reason: str) -> Layout:
-        return Layout(kind="single" if kind == "ddp" and world == 1 else kind, gpus=gpus, nnodes=nnodes, micro_batch=micro,
-                      grad_accum=accum, per_gpu_bytes=est.total_bytes, reason=reason, estimate=est,
+        return Layout(kind="single" if kind == "ddp" and world == 1 else kind, gpus=gpus, nnodes=nnodes,
+                      micro_batch=micro, grad_accum=accum, per_gpu_bytes=est.total_bytes, reason=reason, estimate=est,
                       quant_storage="bf16" if kind == "fsdp2" and quantized else None)
 
-    ddp, micro, accum = per_gpu("ddp", world)
-    # FSDP2 on one GPU is asked for only to run the sharded path (docs/multi-gpu.md): never DDP then
-    if layout != "fsdp2" and (world == 1 or layout == "ddp" or ddp.fits is not False):
+    # FSDP2 asked for (on one GPU: to run the sharded path, docs/multi-gpu.md) is never DDP: no DDP estimate then
+    if layout != "fsdp2":
+        ddp, micro, accum = per_gpu("ddp", world)
         if ddp.fits is not False:
             why = ("one GPU" if world == 1 else "the model and its activations fit one GPU: a whole copy per rank")
             if ddp.fits is None:

@@ -39,9 +39,9 @@ def apply(base: Any, sp: Any) -> dict[str, Any]:
     """Offload the saved inputs of the first ``sp.offload_layers`` checkpointed layers; tile the MLPs when
     ``sp.mlp_tile_tokens``. Call after kernels.set_checkpointing (it reads which layers are checkpointed)."""
     done: dict[str, Any] = {}
-    if getattr(sp, "offload_layers", 0):
+    if sp.offload_layers:
         done["offloaded_layers"] = offload_checkpointed_inputs(base, sp.offload_layers)[0]
-    if getattr(sp, "mlp_tile_tokens", 0):
+    if sp.mlp_tile_tokens:
         done["tiled_mlp_modules"] = tile_mlps(base, sp.mlp_tile_tokens)
     return done
 

@@ -30,7 +30,7 @@ head and DoRA terms in `_estimate`, `kept_layers_peak`). Against every H200 peak
 held out, 84.44 vs 84.6): within 0.4% (two held-out runs of older code +3.9% and +9%), the table of
 `python benchmarks/memory_estimate.py` (docs/benchmarks.md). LoRA dropout and DoRA with dropout are counted
 (checked on CPU against what autograd saves), not yet measured on the GPU.
-Attention (`_attention_terms`), counted where it exists: the [rows, 1, S, S] boolean mask of padded or packed
+Attention (attention.py), counted where it exists: the [rows, 1, S, S] boolean mask of padded or packed
 rows and what SDPA makes of it (``attention_mask``), and the S x S scores of a kernel that materialises them
 (``attention_scores``: SDPA's math kernel, which the plain recipe's fp32 q/k/v with grouped KV heads fall to).
 """
@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from ..._exceptions import ResourceError
+from . import suggest as _suggest
+from .attention import attention_terms
 from .variants import form_of
 
 GiB = 1024**3
@@ -74,9 +76,6 @@ MLP_TILE_TOKENS = 8192
 # share of the host's physical memory the offloaded states may pin (pinned pages cannot be swapped out, and the
 # weights pass through host memory while loading)
 HOST_SHARE = 0.75
-# SDPA's memory-efficient kernel reads its additive bias in blocks of this many keys: torch pads the bias's last
-# dimension up to a multiple of it (preprocess_mask), so the bias it keeps is that wide
-SDPA_BIAS_ALIGN = 16
 
 
 @dataclass
@@ -94,6 +93,11 @@ class MemoryEstimate:
         parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in self.breakdown.items())
         host = f"; host (offloaded activations) {human_bytes(self.host_bytes)}" if self.host_bytes else ""
         return f"~{human_bytes(self.total_bytes)} ({parts}){host}"
+
+    @property
+    def device_fits(self) -> bool | None:
+        """Whether the total is within HEADROOM of the device's memory (None: the device is unknown)."""
+        return None if not self.device_bytes else self.total_bytes <= HEADROOM * self.device_bytes
 
     @property
     def host_fits(self) -> bool:
@@ -314,7 +318,7 @@ def _estimate(
             logits += (tv + tt) * d["hidden"] * cdt
     else:
         logits = tokens * d["vocab"] * logit_bytes
-    attn = _attention_terms(d, micro_batch * (2 if method == "dpo" else 1), max_length, attention_mask,
+    attn = attention_terms(d, micro_batch * (2 if method == "dpo" else 1), max_length, attention_mask,
                             attention_scores, cdt=cdt, layer_bytes=layer_bytes, score_bytes=hidden_bytes)
     kept_layers = 0 if gradient_checkpointing else d["layers"]
     # the mask lives through the step (checkpointed layers keep it for their recompute) and each layer not
@@ -334,13 +338,10 @@ def _estimate(
         "activations": int(activations),
         "overhead": int(overhead),
     }
-    fits = None if not device_memory_bytes else total <= HEADROOM * device_memory_bytes
-    if fits and host and host_memory_bytes and host > HOST_SHARE * host_memory_bytes:
-        fits = False  # the GPU would hold it, the host cannot pin the offloaded activations
-    return MemoryEstimate(
+    est = MemoryEstimate(
         total_bytes=total,
         breakdown=breakdown,
-        fits=fits,
+        fits=None,
         device_bytes=device_memory_bytes,
         host_bytes=int(host),
         host_memory_bytes=host_memory_bytes,
@@ -357,53 +358,8 @@ def _estimate(
             "recompute_bytes": int(full_layer) if gradient_checkpointing else 0,
         },
     )
-
-
-def attention_mask_shape(micro_batch: int, max_length: int, kind: str, method: str = "sft") -> tuple[int, int]:
-    """(rows, S) of the [rows, 1, S, S] boolean mask transformers' sdpa path builds, (0, 0) when it builds none.
-    Padded: one row per example (DPO: chosen + rejected), and no mask for a single row (nothing to pad). Packed:
-    TRL's padding-free collator lays the micro-batch out as one row of micro_batch x max_length tokens, whose
-    restarting position ids give a block-diagonal mask over all of them."""
-    rows = micro_batch * (2 if method == "dpo" else 1)
-    if kind == "packed":
-        return 1, rows * max_length
-    if kind == "padded" and rows > 1:
-        return rows, max_length
-    if kind not in ("none", "padded", "packed"):
-        raise ValueError(f"attention_mask={kind!r}: 'none', 'padded' or 'packed'")
-    return 0, 0
-
-
-def _attention_terms(d: dict[str, int], rows: int, length: int, kind: str, scores: bool, *, cdt: int,
-                     layer_bytes: float, score_bytes: int) -> dict[str, Any]:
-    """Bytes of attention beyond what the layer terms count (those assume no mask: the flash kernel, which keeps
-    only q, k, v and its output). Conservative where torch's sources leave a choice:
-
-      mask       rows x S x S bool, built once per forward, held by every checkpointed layer for its recompute
-      saved      per layer, kept for backward: SDPA turns the bool mask into an additive bias in the compute
-                 dtype (convert_boolean_attn_mask; under the Trainer's autocast, bf16), padded to SDPA_BIAS_ALIGN
-                 keys, which the memory-efficient kernel saves; transformers repeats K and V to every query head
-                 when a mask is passed (no GQA path with a mask), and SDPA saves those copies. Materialised scores
-                 (math kernel): the softmax probabilities, rows x heads x S x S in q's dtype
-      transient  while one layer's attention runs: the bool `logical_not` of the mask the bias is made from;
-                 with scores, two more score tensors (forward: the raw scores beside the softmax output and the
-                 result of _safe_softmax's where(); backward: the gradients of the probabilities and of the
-                 scores) and _safe_softmax's bool test of -inf (one byte per score), plus is_causal's [S, S] mask
-    """
-    r, s = attention_mask_shape(rows, length, kind)
-    out: dict[str, Any] = {"kind": kind if r else "none", "mask": 0, "saved": 0, "transient": 0}
-    if r:
-        s_keys = -(-s // SDPA_BIAS_ALIGN) * SDPA_BIAS_ALIGN
-        out["mask"] = r * s * s
-        kv_copies = 2 * (d["heads"] - d["kv_heads"]) * d["head_dim"]
-        out["saved"] = r * s * s_keys * cdt + r * s * kv_copies * layer_bytes
-        out["transient"] = r * s * s
-    if scores:
-        rr, ss = (r, s) if r else (rows, length)
-        n = rr * d["heads"] * ss * ss
-        out["saved"] += n * score_bytes
-        out["transient"] += 2 * n * score_bytes + n + (0 if r else ss * ss * (1 + score_bytes))
-    return out
+    est.fits = est.device_fits and est.host_fits  # None where the device is unknown
+    return est
 
 
 def _pow2_ceil(n: int) -> int:
@@ -421,73 +377,10 @@ def estimate(model_config: dict[str, Any], **kwargs: Any) -> MemoryEstimate:
     if est.fits is False:
         bound = _ESTIMATE_SIGNATURE.bind(model_config, **kwargs)
         bound.apply_defaults()
-        est.suggestions = _suggest(model_config, {k: v for k, v in bound.arguments.items() if k != "model_config"})
+        args = {k: v for k, v in bound.arguments.items() if k != "model_config"}
+        est.suggestions = _suggest.changes(
+            lambda **change: bool(_estimate(model_config, **{**args, **change}).fits), args)
     return est
-
-
-def _largest_fitting(start: int, floor: int, fits: Any) -> int | None:
-    """The largest of start//2, start//4, ... (down to the first value <= floor) that fits, or None.
-    Peak memory grows with batch and length, so ``fits`` is monotone along the halvings: bisect them."""
-    halvings = []
-    v = start
-    while v > floor:
-        v //= 2
-        halvings.append(v)
-    lo, hi = 0, len(halvings)  # the first fitting index lies in [lo, hi); hi = none fits
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(halvings[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return halvings[lo] if lo < len(halvings) else None
-
-
-def _suggest(cfg: dict[str, Any], locals_: dict[str, Any]) -> list[str]:
-    """Concrete changes that would fit, each checked by re-running the estimate (singles, then combined)."""
-
-    def fits(**change: Any) -> bool:
-        return bool(_estimate(cfg, **{**locals_, **change}).fits)
-
-    def smallest_micro(**base: Any) -> int | None:
-        return _largest_fitting(locals_["micro_batch"], 1, lambda mb: fits(micro_batch=mb, **base))
-
-    def shortest_len(**base: Any) -> int | None:
-        return _largest_fitting(locals_["max_length"], 128, lambda ml: fits(max_length=ml, **base))
-
-    def micro_text(mb: int) -> str:
-        return (f"lower the micro-batch to {mb} (raise hyperparameters.gradient_accumulation_steps so that "
-                f"batch_size / gradient_accumulation_steps = {mb})")
-
-    def len_text(ml: int) -> str:
-        return f"shorten hyperparameters.max_length to {ml} (longer examples are truncated and counted)"
-
-    out: list[str] = []
-    nf4 = {"quantization": "nf4", "dtype": "bf16"}
-    can_quantize = locals_["quantization"] != "nf4"
-    if can_quantize and fits(**nf4):
-        out.append("use QLoRA: quantization='nf4'")
-    if not locals_["gradient_checkpointing"] and fits(gradient_checkpointing=True):
-        out.append("enable gradient checkpointing")
-    if (mb := smallest_micro()) is not None:
-        out.append(micro_text(mb))
-    if (ml := shortest_len()) is not None:
-        out.append(len_text(ml))
-    if out:
-        return out
-    # nothing alone is enough: combine, QLoRA first (the largest single saving)
-    base = dict(nf4) if can_quantize else {}
-    if not locals_["gradient_checkpointing"]:
-        base["gradient_checkpointing"] = True
-    prefix = ("use QLoRA (quantization='nf4') and " if can_quantize else "") + (
-        "enable gradient checkpointing and " if not locals_["gradient_checkpointing"] else "")
-    if (mb := smallest_micro(**base)) is not None:
-        out.append(prefix + micro_text(mb))
-    elif (ml := shortest_len(micro_batch=1, **base)) is not None:
-        out.append(prefix + micro_text(1) + " and " + len_text(ml))
-    else:
-        out.append("use a smaller base model or a device with more memory (no change tunekit tried fits)")
-    return out
 
 
 def kept_layers_peak(full: MemoryEstimate, none: MemoryEstimate, layers: int, keep: int, *,
@@ -512,7 +405,7 @@ def kept_layers_peak(full: MemoryEstimate, none: MemoryEstimate, layers: int, ke
 def check_fits(estimate_: MemoryEstimate, *, what: str = "this training plan") -> None:
     """Raise ResourceError when the estimate does not fit the device."""
     if estimate_.fits is False:
-        if not estimate_.host_fits and estimate_.total_bytes <= HEADROOM * (estimate_.device_bytes or 0):
+        if estimate_.device_fits and not estimate_.host_fits:
             where = (f"more than {HOST_SHARE:.0%} of the host's {human_bytes(estimate_.host_memory_bytes or 0)} "
                      f"for the activations offloaded to it")
         else:

@@ -252,7 +252,7 @@ def resolve_run(
 
 PACK_BELOW = 0.5  # 'auto' packs when the rows' mean length is at most this share of max_length
 # 'auto' does not pack when the packed micro-batch's attention (its block-diagonal mask over micro_batch x max_length
-# tokens, SDPA's bias of it, the K/V copies: memory.py's attention terms) would take more than this share of the
+# tokens, SDPA's bias of it, the K/V copies: attention.py) would take more than this share of the
 # memory budget: memory the unpacked run does not need, which grows with the square of the packed length
 PACK_MASK_SHARE = 0.25
 

@@ -21,8 +21,10 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..._exceptions import ConfigError
 from ...eval import during_training as _gen_eval
 from ...schemas.spec import AdapterConfig, Hyperparameters, TrainingSpec
+from .memory import HEADROOM, MemoryEstimate, human_bytes
 from .options import LocalOptions, Steps
 
 
@@ -87,8 +89,6 @@ class Memory(_Part):
     host_memory_bytes: Optional[int] = None
 
     def estimate(self):
-        from .memory import MemoryEstimate
-
         return MemoryEstimate(self.total_bytes, self.breakdown, self.fits, self.budget_bytes, self.suggestions,
                               host_bytes=self.host_bytes, host_memory_bytes=self.host_memory_bytes)
 
@@ -219,7 +219,6 @@ def check_facts(run: LocalRun, spec: TrainingSpec, *, checkpoint: str | None = N
     quantization and micro-batch, fewer GPUs than the recorded layout), a ConfigError names the field, both
     values and the next step. A hub model whose config.json cannot be fetched raises ``resolve.hub_error``'s
     ConfigError (the model could not be loaded either), told first to ``warn(message, type=, error=, hint=)``."""
-    from ..._exceptions import ConfigError
     from .resolve import device_info, read_config
 
     dev = device_info(run.options.device)
@@ -286,8 +285,6 @@ def _keep_for_checkpoint(run: LocalRun, spec: TrainingSpec, fresh: LocalRun, che
                          job_id: str) -> tuple[LocalRun, dict[str, list[Any]]]:
     """``fresh`` when it trains what the checkpoint was trained with; else the stored run's decisions planned
     again on this machine (kept: ``{field: [recorded, fresh]}``), or a ConfigError when they cannot be kept."""
-    from ..._exceptions import ConfigError
-
     differ = _differ(run, fresh)
     if not differ:
         return fresh, {}
@@ -300,8 +297,6 @@ def _keep_for_checkpoint(run: LocalRun, spec: TrainingSpec, fresh: LocalRun, che
         raise _refusal(run, lost, checkpoint, job_id, "a plan here that keeps the rest cannot keep " + ", ".join(lost))
     est = kept.memory_estimate
     if est is not None and est.fits is False:
-        from .memory import HEADROOM, human_bytes
-
         raise _refusal(run, differ, checkpoint, job_id,
                        f"the recorded run needs {human_bytes(est.total_bytes)}, more than {HEADROOM:.0%} of this "
                        f"device's {human_bytes(est.budget_bytes or 0)}")
@@ -325,13 +320,9 @@ def _replan_keeping(run: LocalRun, spec: TrainingSpec) -> LocalRun:
 
 
 def _refusal(run: LocalRun, fields: dict[str, list[Any]], checkpoint: str, job_id: str, why: str):
-    from ..._exceptions import ConfigError
-
     what = "; ".join(f"{k}: recorded {json.dumps(a)}, here {json.dumps(b)}" for k, (a, b) in fields.items())
     where = run.device.name or run.device.type
     if run.device.memory_bytes:
-        from .memory import human_bytes
-
         where += f" with {human_bytes(run.device.memory_bytes)}"
     return ConfigError(
         f"job {job_id} cannot resume from {Path(checkpoint).name} on this machine: {what} (its checkpoint was "

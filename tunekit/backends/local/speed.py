@@ -174,7 +174,7 @@ def plan(
                                                    else "requested" if not auto_checkpointing
                                                    else "no memory budget known") + ")")
     else:
-        ckpt, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, estimate)
+        ckpt, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, full, estimate(False))
     en["checkpointing"] = ckpt > 0
     for name, on, reason in (("offload", long.offload_layers > 0, long.offload_why),
                              ("tiled_mlp", long.tiled, long.tiled_why)):
@@ -207,15 +207,12 @@ def _fewest_offloaded(n: int, estimate: Any, tiled: bool, offload: bool, **kw: A
     def at(k: int) -> Any:
         return estimate(True, offload_layers=k, tiled_mlp=tiled, **kw)
 
-    def gpu_fits(e: Any) -> bool:
-        return e.total_bytes <= HEADROOM * e.device_bytes
-
     lo, hi = 0, (n if offload else 0)
-    if not gpu_fits(at(hi)):
+    if not at(hi).device_fits:
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if gpu_fits(at(mid)):
+        if at(mid).device_fits:
             hi = mid
         else:
             lo = mid + 1
@@ -254,10 +251,10 @@ def _long_context(n: int, estimate: Any, *, can_offload: bool, can_tile: bool, m
                        longest_length=longest)
 
 
-def _checkpoint_layers(n: int, budget: int, estimate: Any) -> tuple[int, int, str]:
-    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check);
-    the peak of each choice is memory.kept_layers_peak (the kept layers are the last ones)."""
-    full, none = estimate(True), estimate(False)
+def _checkpoint_layers(n: int, budget: int, full: Any, none: Any) -> tuple[int, int, str]:
+    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check), from
+    the all-checkpointed (``full``) and no-checkpointing (``none``) estimates; the peak of each choice is
+    memory.kept_layers_peak (the kept layers are the last ones)."""
     keep = next((k for k in range(n, 0, -1) if kept_layers_peak(full, none, n, k) <= HEADROOM * budget), 0)
     peak = kept_layers_peak(full, none, n, keep)
     per_layer = (none.total_bytes - kept_layers_peak(full, none, n, 1)) / max(1, n - 1)
