@@ -71,6 +71,24 @@ def test_the_per_gpu_estimate_is_memory_estimate_with_its_sharding_term():
     assert b2["weights"] == pytest.approx(b1["weights"] - linear / 2 + 2 * linear / 80, rel=1e-6)
 
 
+def test_fsdp2_qlora_is_estimated_with_bitsandbytes_forward_not_the_fused_one():
+    """Under FSDP2 the gathered 4-bit weight has no quant state for nf4.py, so bitsandbytes' own forward runs and
+    keeps the plain per-layer activations: the per-GPU estimate must not count the fused path's smaller ones."""
+    fused = {**_kw("nf4"), "fused_kernels": True}
+    lay = choose(LLAMA_70B, gpus=2, gpu_memory_bytes=GB141, batch_size=16, micro_batch=4, estimate_kwargs=fused,
+                 layout="fsdp2")
+    plain = estimate(LLAMA_70B, micro_batch=4, device_memory_bytes=GB141, **_kw("nf4"), kbit_upcast=False,
+                     optimizer_state_bytes=8, shards=2, fused_kernels=False)
+    assert lay.kind == "fsdp2" and lay.per_gpu_bytes == plain.total_bytes
+    as_fused = estimate(LLAMA_70B, micro_batch=4, device_memory_bytes=GB141, **fused, kbit_upcast=False,
+                        optimizer_state_bytes=8, shards=2)
+    assert as_fused.total_bytes < plain.total_bytes  # the difference the test guards
+    # only the 4-bit case changes: a bf16 LoRA under FSDP2 keeps the estimate of the fused path
+    bf16 = choose(LLAMA_70B, gpus=4, gpu_memory_bytes=GB141, batch_size=16, micro_batch=4,
+                  estimate_kwargs={**_kw("none"), "fused_kernels": True}, layout="fsdp2")
+    assert bf16.estimate.assumptions["fused_kernels"] is True
+
+
 def _linears(c):
     h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["hidden_size"] // c[
         "num_attention_heads"]

@@ -214,6 +214,8 @@ def per_gpu_estimate(model_config: dict[str, Any], kind: str, n: int, *, batch_s
     kw = dict(estimate_kwargs)
     if kind == "fsdp2":  # uniform compute-dtype storage: no fp32 upcast of the unquantized params; torch's
         kw.update(shards=n, kbit_upcast=False, optimizer_state_bytes=8)  # AdamW (optimizer_for), fp32 state
+        if kw.get("quantization") == "nf4":  # the gathered 4-bit weight has no quant state for nf4.py's fused
+            kw["fused_kernels"] = False  # forward: bitsandbytes' own runs, keeping the plain per-layer activations
     est = _memory.estimate(model_config, micro_batch=micro, device_memory_bytes=gpu_memory_bytes, **kw)
     return est, micro, accum
 
