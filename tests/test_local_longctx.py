@@ -584,3 +584,15 @@ def test_the_micro_batch_suggested_at_long_lengths_counts_the_padding_mask():
     assert any(s.startswith("lower the micro-batch to 1 ") for s in padded.suggestions)
     one = memory.estimate(LLAMA_8B, micro_batch=1, **kw, attention_mask="padded")
     assert one.fits and one.total_bytes == memory.estimate(LLAMA_8B, micro_batch=1, **kw).total_bytes
+
+
+def test_the_refusal_hint_names_the_means_tried_and_what_dropout_blocks():
+    sp, _ = _plan(524288)
+    assert sp.longest_length_hint == ("set hyperparameters.max_length to 262144 or less: the longest power-of-two "
+                                      "length that fits this device with activation offload and tiled MLP")
+    drop, _ = _plan(524288, dropout=0.05)  # the tiled MLP is not tried with dropout: the hint says how to allow it
+    assert "with activation offload;" in drop.longest_length_hint
+    assert drop.longest_length_hint.endswith("adapter.dropout=0 would allow the tiled MLP")
+    bare, _ = _plan(524288, off=frozenset({"offload", "tiled_mlp"}))
+    assert "with every layer checkpointed" in bare.longest_length_hint and "dropout" not in bare.longest_length_hint
+    assert _plan(131072)[0].longest_length_hint == ""  # it fits: no hint

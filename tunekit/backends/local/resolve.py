@@ -18,6 +18,7 @@ from . import memory as _memory
 from . import speed as _speed
 from . import variants as _variants
 from .peft_config import DeviceInfo, QuantDecision, check_combination, resolve_quantization
+from .suggest import LENGTH_CHANGE
 
 
 @dataclass
@@ -84,19 +85,6 @@ def host_memory_bytes() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
-
-
-def longest_length_text(sp: _speed.SpeedPlan) -> str:
-    """The first suggestion of a run that does not fit even with every long-context means the plan could use."""
-    used = next((r for k in ("offload", "tiled_mlp") if (r := sp.reasons.get(k, "")).startswith("not enough")),
-                "not enough even with every layer checkpointed")
-    used = used.replace("not enough even with", "with")
-    more = ("; adapter.dropout=0 would allow the tiled MLP" if sp.reasons.get("tiled_mlp", "").startswith("not used")
-            else "")
-    if not sp.longest_length:
-        return f"no max_length of 128 tokens or more fits this device {used}: use a device with more memory{more}"
-    return (f"set hyperparameters.max_length to {sp.longest_length} or less: the longest power-of-two length "
-            f"that fits this device {used}{more}")
 
 
 def optimizer_name(spec: Any, quantized: bool, on_gpu: bool) -> str:
@@ -240,8 +228,8 @@ def resolve_run(
                            tiled_mlp=bool(speed.mlp_tile_tokens))
         elif speed.longest_length is not None:  # nothing fits at this length: the longest that does, first
             # (instead of the estimate's own shorter length, found without the long-context means)
-            est.suggestions[:] = [longest_length_text(speed)] + [
-                s for s in est.suggestions if not s.startswith("shorten hyperparameters.max_length")]
+            est.suggestions[:] = [speed.longest_length_hint] + [
+                s for s in est.suggestions if not s.startswith(LENGTH_CHANGE)]
     return RunPlan(
         device=dev, micro_batch=micro, grad_accum=accum, compute_dtype=compute_dtype,
         gradient_checkpointing=gradient_checkpointing, budget_bytes=budget, quant=quant,

@@ -72,6 +72,7 @@ class SpeedPlan:
     mlp_tile_tokens: int = 0  # tiled MLP: tokens per tile; 0 = untiled
     host_bytes: int = 0  # pinned host memory the offload takes
     longest_length: int | None = None  # nothing fits: the longest power-of-two max_length that does (0: none)
+    longest_length_hint: str = ""  # then the first suggestion of the refusal (resolve.py puts it there)
 
     def on(self, name: str) -> bool:
         return bool(self.enabled.get(name))
@@ -182,9 +183,22 @@ def plan(
         why[name] = reason or (OFF_BY if name in off else "CUDA only (host memory is the device's)"
                                if name == "offload" and not cuda else TILE_DROPOUT.format(spec.adapter.dropout)
                                if name == "tiled_mlp" and spec.adapter.dropout else "not needed: the run fits without it")
+    tile_blocked = bool(spec.adapter.dropout) and "tiled_mlp" not in off
     return SpeedPlan(en, why, n, ckpt, est_bytes, notes, offload_layers=long.offload_layers,
                      mlp_tile_tokens=MLP_TILE_TOKENS if long.tiled else 0, host_bytes=long.host_bytes,
-                     longest_length=long.longest_length)
+                     longest_length=long.longest_length, longest_length_hint=_length_hint(long, tile_blocked))
+
+
+def _length_hint(long: "LongContext", tile_blocked: bool) -> str:
+    """The first suggestion of a run that does not fit even with every long-context means the plan could use."""
+    if long.longest_length is None:
+        return ""
+    more = "; adapter.dropout=0 would allow the tiled MLP" if tile_blocked else ""
+    if not long.longest_length:
+        return f"no max_length of 128 tokens or more fits this device with {long.means}: use a device with more " \
+               f"memory{more}"
+    return (f"set hyperparameters.max_length to {long.longest_length} or less: the longest power-of-two length "
+            f"that fits this device with {long.means}{more}")
 
 
 @dataclass
@@ -198,6 +212,7 @@ class LongContext:
     offload_why: str = ""
     tiled_why: str = ""
     longest_length: int | None = None  # nothing fits at this length: the longest power of two that does (0: none)
+    means: str = ""  # then: the means that were not enough
 
 
 def _fewest_offloaded(n: int, estimate: Any, tiled: bool, offload: bool, **kw: Any) -> Any:
@@ -246,9 +261,10 @@ def _long_context(n: int, estimate: Any, *, can_offload: bool, can_tile: bool, m
             if _fewest_offloaded(n, estimate, can_tile, can_offload, max_length=p) is not None:
                 longest = p
                 break
-    why = f"not enough even with {means or 'every layer checkpointed'}"
+    means = means or "every layer checkpointed"
+    why = f"not enough even with {means}"
     return LongContext(offload_why=why if can_offload else "", tiled_why=why if can_tile else "",
-                       longest_length=longest)
+                       longest_length=longest, means=means)
 
 
 def _checkpoint_layers(n: int, budget: int, full: Any, none: Any) -> tuple[int, int, str]:

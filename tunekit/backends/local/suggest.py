@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+LENGTH_CHANGE = "shorten hyperparameters.max_length"  # how the length suggestion starts (resolve.py replaces it)
+
 
 def _largest_fitting(start: int, floor: int, fits: Any) -> int | None:
     """The largest of start//2, start//4, ... (down to the first value <= floor) that fits, or None.
@@ -42,7 +44,7 @@ def changes(fits: Callable[..., bool], args: dict[str, Any]) -> list[str]:
                 f"batch_size / gradient_accumulation_steps = {mb})")
 
     def len_text(ml: int) -> str:
-        return f"shorten hyperparameters.max_length to {ml} (longer examples are truncated and counted)"
+        return f"{LENGTH_CHANGE} to {ml} (longer examples are truncated and counted)"
 
     out: list[str] = []
     nf4 = {"quantization": "nf4", "dtype": "bf16"}
