@@ -9,9 +9,9 @@
 #
 # Environment: OUT (where logs go; default $TMPDIR/tunekit-gpu-out), TUNEKIT_GPU_SITE, TUNEKIT_GPU_NO_INSTALL=1
 # (the wheels are installed already), TUNEKIT_GPU_LAYERS (default 32),
-# TUNEKIT_GPU_TESTS_TIMEOUT (seconds for pytest, default 270), TUNEKIT_GPU_PYTEST_X (default -x; "" runs every
+# TUNEKIT_GPU_TESTS_TIMEOUT (seconds for pytest, default 420: the five 8B recipes, the serving graphs and FSDP2 at world size 1), TUNEKIT_GPU_PYTEST_X (default -x; "" runs every
 # test), TUNEKIT_GPU_DEADLINE (seconds for the whole script:
-# the benchmark gets what is left, default 460), TUNEKIT_SERVE_BENCH_ARGS (extra benchmark arguments),
+# the benchmark gets what is left, default 540), TUNEKIT_SERVE_BENCH_ARGS (extra benchmark arguments),
 # TUNEKIT_SERVE_BENCH_DIR (the benchmark's work directory, default $TMPDIR/tunekit-serve-bench).
 # Files under $OUT: env.txt, build.log, gpu_tests.log, gpu_report.jsonl (one JSON line of figures per test),
 # serve_hotswap.log (the benchmark's JSON lines). Exit status: pytest's.
@@ -47,11 +47,12 @@ torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft._
 # the base model, once (idempotent): random weights from the config, bf16, save_pretrained
 python3 -m tests.gpu.model 2>&1 | tee "$OUT/build.log" || exit 1
 
-timeout -k 10 "${TUNEKIT_GPU_TESTS_TIMEOUT:-270}" \
+timeout -k 10 "${TUNEKIT_GPU_TESTS_TIMEOUT:-420}" \
   python3 -m pytest tests/gpu -m gpu -s ${TUNEKIT_GPU_PYTEST_X--x} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
-# the CUDA-only cases of the CPU suite (Liger's kernels; the 4-bit function's rounding on cuBLAS)
-python3 -m pytest tests/test_local_speed.py -k cuda -q -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log"
+# the CUDA-only cases of the CPU suite (Liger's kernels, also with 4-bit DoRA; the 4-bit function's rounding on
+# cuBLAS; pinned-memory offload and the tiled MLP)
+python3 -m pytest tests/test_local_speed.py tests/test_local_longctx.py -k cuda -q -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || [ "$tests_rc" != 0 ] || tests_rc=1
 echo "pytest exit status $tests_rc after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/gpu_tests.log"
 
@@ -67,7 +68,7 @@ if [ "${TUNEKIT_SERVE_BENCH:-0}" = 1 ]; then
     python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from serve_hotswap import big_vocab_tokenizer
 big_vocab_tokenizer(128256).save_pretrained('$BENCH/llama8b-random')" && cp "$M/config.json" "$BENCH/llama8b-random/"
   fi
-  left=$(( ${TUNEKIT_GPU_DEADLINE:-460} - ($(date +%s) - T0) ))
+  left=$(( ${TUNEKIT_GPU_DEADLINE:-540} - ($(date +%s) - T0) ))
   [ "$left" -lt 60 ] && left=60
   echo "serve_hotswap: ${left}s left" | tee "$OUT/serve_hotswap.log"
   timeout -k 10 "$left" python3 benchmarks/serve_hotswap.py --work "$BENCH" ${TUNEKIT_SERVE_BENCH_ARGS:-} 2>&1 \
