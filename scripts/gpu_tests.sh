@@ -9,8 +9,8 @@
 #
 # Environment: OUT (where logs go; default $TMPDIR/tunekit-gpu-out), TUNEKIT_GPU_SITE, TUNEKIT_GPU_NO_INSTALL=1
 # (the wheels are installed already), TUNEKIT_GPU_LAYERS (default 32),
-# TUNEKIT_GPU_TESTS_TIMEOUT (seconds for pytest, default 420: the five 8B recipes, the serving graphs and FSDP2 at world size 1), TUNEKIT_GPU_PYTEST_X (default -x; "" runs every
-# test), TUNEKIT_GPU_DEADLINE (seconds for the whole script:
+# TUNEKIT_GPU_TESTS_TIMEOUT (seconds for pytest, default 420: the five 8B recipes, the serving graphs and FSDP2
+# at world size 1), TUNEKIT_GPU_PYTEST_X (default -x; "" runs every test), TUNEKIT_GPU_DEADLINE (seconds for the whole script:
 # the benchmark gets what is left, default 540), TUNEKIT_SERVE_BENCH_ARGS (extra benchmark arguments),
 # TUNEKIT_SERVE_BENCH_DIR (the benchmark's work directory, default $TMPDIR/tunekit-serve-bench).
 # Files under $OUT: env.txt, build.log, gpu_tests.log, gpu_report.jsonl (one JSON line of figures per test),
