@@ -1,5 +1,5 @@
 """Host memory of the ranks' loading (issue 17): what each rank of one node holds in host memory while it loads the
-base model, planned (memory.host_loading, layout.with_host) and refused when it does not fit the node, instead of
+base model, planned (hostload.host_loading, layout.with_host) and refused when it does not fit the node, instead of
 found by the OOM killer. The figures are recomputed here from the published parameter counts of the Llama-3.1
 shapes, not from memory.py."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_multigpu_layout import GB141, LLAMA_8B, LLAMA_70B
 from tunekit._exceptions import ConfigError
-from tunekit.backends.local import memory
+from tunekit.backends.local import hostload, memory
 from tunekit.backends.local.layout import choose, with_host
 
 GiB = memory.GiB
@@ -44,7 +44,7 @@ def test_the_host_figure_of_8b_and_70b_on_1_2_4_8_ranks(shape, quant, stored):
     for gpus in (1, 2, 4, 8):
         # 70B bf16 LoRA does not fit one GPU of 141 GB in any layout: its host figure is that of one sharded rank
         kind = "fsdp2" if (shape, quant, gpus) == ("70B", "none", 1) else _layout(shape, quant, gpus, stored).kind
-        host = memory.host_loading(_cfg(shape, stored), ranks=gpus, quantized=quant == "nf4", r=16,
+        host = hostload.host_loading(_cfg(shape, stored), ranks=gpus, quantized=quant == "nf4", r=16,
                                    whole_on_host=kind == "fsdp2" and quant == "none")
         # the checkpoint is read once per node, whatever the number of ranks: its page cache is shared
         assert host.shared_bytes == PARAMS[shape] * (2 if stored == "bfloat16" else 4)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..._exceptions import ConfigError
 from . import memory as _memory
+from . import hostload as _hostload
 
 LAYOUTS = ("auto", "ddp", "fsdp2")
 MAX_GPUS = 1024  # the search for the smallest fitting layout stops here
@@ -33,7 +34,7 @@ class Layout:
     per_gpu_bytes: int
     reason: str
     quant_storage: str | None = None  # FSDP2 QLoRA: bnb_4bit_quant_storage (the compute dtype)
-    host_bytes: int = 0  # host memory this node's ranks hold while loading, what must fit (memory.host_loading)
+    host_bytes: int = 0  # host memory this node's ranks hold while loading, what must fit (hostload.host_loading)
     host_memory_bytes: int | None = None  # the node's memory it was checked against (None: not checked)
     host_note: str = ""
     estimate: _memory.MemoryEstimate | None = field(default=None, repr=False, compare=False)
@@ -126,12 +127,12 @@ def from_options(spec: Any, run: Any, options: dict[str, Any]) -> Layout | None:
 def with_host(lay: Layout, model_config: dict[str, Any], *, host_memory_bytes: int | None, quantized: bool,
               r: int = 0, use_dora: bool = False, mutates_base: bool = False, target_modules: Any = "all-linear",
               offload_bytes: int = 0) -> Layout:
-    """``lay`` with the host memory its ranks on one node need while loading (memory.host_loading), refused with a
+    """``lay`` with the host memory its ranks on one node need while loading (hostload.host_loading), refused with a
     ConfigError when that exceeds memory.HOST_SHARE of ``host_memory_bytes`` (None: another node's host, not known
     here: the figure is shown, not checked). Each rank loads the model itself: FSDP2 bf16 LoRA loads it whole into
     host memory (accelerate's cpu_ram_efficient_loading stays off: docs/multi-gpu.md), the rest onto the GPU."""
-    def need(ranks: int) -> _memory.HostLoading:
-        return _memory.host_loading(model_config, ranks=ranks, whole_on_host=lay.kind == "fsdp2" and not quantized,
+    def need(ranks: int) -> _hostload.HostLoading:
+        return _hostload.host_loading(model_config, ranks=ranks, whole_on_host=lay.kind == "fsdp2" and not quantized,
                                     quantized=quantized, r=r, use_dora=use_dora, mutates_base=mutates_base,
                                     target_modules=target_modules,
                                     offload_bytes=offload_bytes, host_memory_bytes=host_memory_bytes)
