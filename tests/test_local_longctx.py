@@ -77,6 +77,31 @@ def test_offload_gives_the_checkpointed_paths_gradients_exactly(tiny_model):
         assert torch.equal(got[k], ref[k]), k  # the same values come back: bit for bit
 
 
+def test_offload_hooks_move_only_tensors_with_data():
+    """Empty saved tensors (torch's checkpoint saves placeholders on CUDA) stay where they are, uncounted."""
+    import torch
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, empty):
+            ctx.save_for_backward(x, empty)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            x, empty = ctx.saved_tensors
+            assert empty.numel() == 0 and x.shape == g.shape
+            return g * 2, None
+
+    stats = longctx.OffloadStats()
+    x = torch.randn(3, requires_grad=True)
+    with longctx.offload_hooks(stats):
+        y = Double.apply(x, torch.empty(0))
+    y.sum().backward()
+    assert (stats.tensors, stats.restored, stats.bytes) == (1, 1, 12)
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+
+
 def test_offload_is_routed_once_and_only_through_checkpointed_layers(tiny_model):
     m = _peft_model(tiny_model)
     base = m.get_base_model()
@@ -452,7 +477,9 @@ def test_offload_uses_pinned_memory_and_tiled_mlp_matches_on_cuda(tiny_model):
 
     ref_loss, ref, _ = arm(False, 0)
     loss, got, stats = arm(True, 0)
-    assert stats.tensors == stats.restored == 2
+    hidden = json.loads((tiny_model / "config.json").read_text())["hidden_size"]
+    # one tensor moved per offloaded layer, its input hidden state (bf16), and every one brought back
+    assert (stats.tensors, stats.restored, stats.bytes) == (2, 2, 2 * ids.numel() * hidden * 2), stats
     assert torch.equal(loss, ref_loss) and all(torch.equal(got[k], ref[k]) for k in ref)
     loss, got, _ = arm(True, 32)
     eps = rounding_eps("bfloat16", ids.numel())

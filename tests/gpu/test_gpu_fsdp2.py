@@ -100,7 +100,7 @@ def test_fsdp2_on_one_gpu_trains_the_one_process_run(quantization, small_model, 
     if quantization == "nf4":
         pytest.importorskip("bitsandbytes")
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i % 4}: fact {i % 4}?", "response": " " + ANSWERS[i % 4]})
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: fact {i % 4}?", "response": " " + ANSWERS[i % 4]})
                             + "\n" for i in range(ROWS)))
     t0 = time.perf_counter()
     # both at once (separate worker processes): the GPU has room, the imports overlap

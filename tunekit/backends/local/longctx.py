@@ -58,6 +58,8 @@ def offload_hooks(stats: OffloadStats | None = None) -> Any:
     stats = stats if stats is not None else OffloadStats()
 
     def pack(t: Any) -> Any:
+        if t.numel() == 0:  # e.g. the checkpoint's empty placeholders on CUDA: nothing to move
+            return t
         host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=t.is_cuda)
         host.copy_(t, non_blocking=t.is_cuda)
         stats.tensors += 1
@@ -65,6 +67,8 @@ def offload_hooks(stats: OffloadStats | None = None) -> Any:
         return t.device, host
 
     def unpack(packed: Any) -> Any:
+        if not isinstance(packed, tuple):
+            return packed
         device, host = packed
         stats.restored += 1
         return host.to(device, non_blocking=host.is_pinned())
