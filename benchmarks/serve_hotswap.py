@@ -242,6 +242,80 @@ def throughput(server, kinds: dict[str, list[str]], prompt: str, max_tokens: int
             for kind, names in kinds.items()}
 
 
+def step_phases(server, kinds: dict[str, list[str]], prompt: str, max_tokens: int) -> dict[str, dict]:
+    """Where a decode step's time goes, per kind of batch (one more run of each, timed by phase), in ms per step:
+    step (the scheduler's whole step), forward (host time to launch the forward: the graph replay or the eager
+    forward), gpu_forward (the forward's GPU time, CUDA events around the replay; graphs only), sample (argmax and
+    the copy to the host: waits for the GPU), rows (per-row work: detokenize, stop checks, hand-off to the HTTP
+    side), and the wall per step of the whole run (steps = decode forwards, prefill excluded)."""
+    import collections
+
+    import torch
+
+    from tunekit.serve.embedded import static
+
+    engine = server.engine
+    acc: dict[str, float] = collections.defaultdict(float)
+    events: list = []
+    cuda = engine.device.type == "cuda"
+
+    span: list[float] = []  # start of the first step, end of the last
+
+    def timed(key: str, f):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            if key == "step" and not span:
+                span.append(t)
+            try:
+                return f(*a, **kw)
+            finally:
+                acc[key] += time.perf_counter() - t
+                if key == "step":
+                    span[1:] = [time.perf_counter()]
+        return wrapper
+
+    real_forward, real_replay = static.StaticRunning.forward, static.StaticRunning._replay
+
+    def replay(self, cache_kw):
+        if not cuda:
+            return real_replay(self, cache_kw)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = real_replay(self, cache_kw)
+        end.record()
+        events.append((start, end))
+        return out
+
+    out = {}
+    engine._step, engine._sample, engine._advance = (timed("step", engine._step), timed("sample", engine._sample),
+                                                     timed("rows", engine._advance))
+    static.StaticRunning.forward, static.StaticRunning._replay = timed("forward", real_forward), replay
+    try:
+        for kind, names in kinds.items():
+            acc.clear()
+            events.clear()
+            span.clear()
+            before = engine.stats().get("forward_passes", 0)
+            rate, _ = timed_run(server, names, prompt, max_tokens)
+            steps = engine.stats().get("forward_passes", 0) - before - 1  # minus the prefill
+            if cuda:
+                torch.cuda.synchronize()
+            gpu = sum(s.elapsed_time(e) for s, e in events) / len(events) if events else None
+            wall = max_tokens * len(names) / rate
+            out[kind] = {"tokens_per_s": round(rate, 1), "steps": steps,
+                         "wall_ms_per_step": round(wall * 1000 / max(steps, 1), 3),
+                         # from the first decode step's start to the last one's end: the gap to step_ms is time
+                         # between steps (the scheduler loop, waiting for the GIL)
+                         "decode_span_ms_per_step": round((span[-1] - span[0]) * 1000 / max(steps, 1), 3),
+                         "outside_decode_ms": round((wall - (span[-1] - span[0])) * 1000, 1),
+                         **{f"{k}_ms": round(v * 1000 / max(steps, 1), 3) for k, v in acc.items()},
+                         "gpu_forward_ms": round(gpu, 3) if gpu is not None else None}
+    finally:
+        del engine._step, engine._sample, engine._advance
+        static.StaticRunning.forward, static.StaticRunning._replay = real_forward, real_replay
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
@@ -252,6 +326,7 @@ def main() -> int:
     ap.add_argument("--peft-loads", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each kind, alternated")
+    ap.add_argument("--phases", action="store_true", help="also time each decode step by phase (see step_phases)")
     ap.add_argument("--dora", action="store_true", help="DoRA adapters (served unmerged) instead of LoRA")
     ap.add_argument("--decode", default="auto", choices=["auto", "graphs", "static", "eager"],
                     help="the engine's decode step (auto: CUDA graphs over a static KV cache on a GPU)")
@@ -309,6 +384,10 @@ def main() -> int:
         emit({"figure": "throughput_ratio", "value": round(ratio, 3), "target": 0.6, "meets_target": ratio >= 0.6,
               "of": "median adapters tokens/s / median base tokens/s",
               "paired_median": round(statistics.median(paired), 3), "paired": [round(r, 3) for r in paired]})
+        if args.phases:
+            for kind, rec in step_phases(server, {"base": [str(base)] * len(names), "adapters": names}, prompt,
+                                         max_tokens).items():
+                emit({"figure": "step_phases", "kind": kind, "decode": engine.stats()["decode"], **rec})
     finally:
         server.stop()
     return 0
