@@ -213,6 +213,7 @@ class _RowState:
         self.rows: torch.Tensor | None = None
         self.dora = False  # some row of the batch uses a DoRA adapter: apply the gains
         self.version = 0  # bumped whenever the rows change: invalidates the per-group gathers
+        self.indexed = False  # rows routed for CUDA graphs: gathers go to fixed buffers, outside the captured step
         self.shared_shrinks = 0  # mixed-mode shrinks served from a sibling's bmm (no bmm of their own)
 
 
@@ -235,11 +236,12 @@ class _ShrinkGroup:
     The input is dropped once every member has used it: nothing outlives the round (the step).
     """
 
-    __slots__ = ("members", "version", "rank", "At", "parts", "BT", "G", "x", "hs", "used", "full")
+    __slots__ = ("members", "version", "rank", "At", "parts", "BT", "G", "x", "hs", "used", "full", "fixed")
 
     def __init__(self, members: list["SlotLinear"]) -> None:
         self.members = members
         self.full = (1 << len(members)) - 1
+        self.fixed: dict[tuple, tuple] = {}  # (batch, dora, storage) -> persistent buffers read by captured steps
         self.clear()
 
     def clear(self) -> None:
@@ -247,14 +249,31 @@ class _ShrinkGroup:
         self.At = self.parts = self.BT = self.G = self.x = self.hs = None
         self.used = 0
 
-    def gather(self, st: _RowState) -> None:
+    def gather(self, st: _RowState, *, fixed: bool = False) -> None:
+        """The rows' A (concatenated, transposed), B and DoRA gains of every member.
+
+        ``fixed`` (CUDA graphs): copy them into buffers kept per batch size, so a captured step reads whatever
+        was gathered last, and the gather itself runs once per batch composition, outside the graph."""
         rows = st.rows
         self.rank = self.members[0].A.shape[1]  # one layout: every member has the same (padded) rank
         a = [m.A.index_select(0, rows) for m in self.members]
-        self.At = (torch.cat(a, dim=1) if len(a) > 1 else a[0]).transpose(1, 2)  # [batch, in, r*k]
+        at = torch.cat(a, dim=1) if len(a) > 1 else a[0]  # [batch, r*k, in]
+        bt = [m.BT.index_select(0, rows) for m in self.members]
+        g = [m.G.index_select(0, rows) if st.dora else None for m in self.members]  # [batch, 1, out]
+        if fixed:
+            key = (len(rows), st.dora, self.members[0].A.data_ptr(), at.shape)
+            bufs = self.fixed.get(key)
+            if bufs is None:
+                bufs = self.fixed[key] = (at.clone(), [b.clone() for b in bt],
+                                          [None if x is None else x.clone() for x in g])
+            else:
+                for dst, src in zip((bufs[0], *bufs[1], *bufs[2]), (at, *bt, *g)):
+                    if dst is not None:
+                        dst.copy_(src)
+            at, bt, g = bufs
+        self.At = at.transpose(1, 2)  # [batch, in, r*k]
         self.parts = self.At.split(self.rank, dim=2)  # each member's [batch, in, r] view
-        self.BT = [m.BT.index_select(0, rows) for m in self.members]
-        self.G = [m.G.index_select(0, rows) if st.dora else None for m in self.members]  # [batch, 1, out]
+        self.BT, self.G = bt, g
         self.x = self.hs = None
         self.used = 0
         self.version = st.version
@@ -370,6 +389,8 @@ class LoraSlots:
         """Re-allocate the storage for ``layout`` (all slots emptied) and wrap any new target modules."""
         self.storage = torch.zeros(self.num_slots + 1, layout.numel, device=self.device, dtype=self.dtype)
         self.generation += 1
+        for w in self._wrapped.values():  # the steps captured over the old storage are not replayed again
+            w._group.fixed.clear()
         self._dora_slots.clear()
         named = dict(self.model.named_modules())
         offsets, gain_offsets = layout.offsets, layout.gain_offsets
@@ -413,11 +434,11 @@ class LoraSlots:
     def set_rows(self, slots: list[int], *, indexed: bool = False) -> None:
         """Route batch row i through slot ``slots[i]`` for the following forwards.
 
-        ``indexed`` (for CUDA graphs): any adapter row means "mixed", and the slot indices are written
-        into one tensor per batch size in place, so a captured step reads the current rows when replayed.
+        ``indexed`` (for CUDA graphs): any adapter row means "mixed", and each row's A/B are gathered now into
+        buffers kept per batch size, which a captured step reads when replayed (the gathers stay out of it).
+        Call it again after writing a slot that a row uses.
         """
         st = self._state
-        self.regather()
         distinct = set(slots)
         st.dora = not distinct.isdisjoint(self._dora_slots)
         if distinct == {0} or not self._wrapped:
@@ -434,12 +455,18 @@ class LoraSlots:
                 st.rows = buf.copy_(rows)
             else:
                 st.rows = rows.to(self.device)
+        st.indexed = indexed
+        self.regather()
 
     def regather(self) -> None:
-        """Make the next forward gather each row's A/B again (a new batch composition, or a graph capture)."""
-        self._state.version += 1
-        for w in self._wrapped.values():  # drop the previous batch's gathers now, not at the next forward
-            w._group.clear()
+        """Gather each row's A/B again: now into the fixed buffers (indexed rows), else at the next forward."""
+        st = self._state
+        st.version += 1
+        groups = {id(w._group): w._group for w in self._wrapped.values()}.values()
+        for g in groups:  # drop the previous batch's gathers now, not at the next forward
+            g.clear()
+            if st.indexed and st.mode == "mixed":
+                g.gather(st, fixed=True)
 
     @property
     def route_key(self) -> tuple[str, bool, int]:

@@ -172,7 +172,7 @@ class StaticRunning:
         if entry is None:
             # Warm up on a side stream (lazy inits, cuBLAS workspaces), then capture. Warm-up and capture
             # each write this step's column; it is written again by the replay below, so nothing is lost.
-            self.before_capture()  # the captured step must gather each row's A/B itself
+            self.before_capture()  # fresh LoRA gathers (fixed buffers) and no input held from an eager step
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
