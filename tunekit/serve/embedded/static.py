@@ -59,6 +59,7 @@ class StaticRunning:
             layer.k_head_dim = layer.v_head_dim = like.shape[3]
             layer.device, layer.is_initialized = dev, True
         self.cap, self.length, self.t = rows_cap, length, 0
+        self._lengths = -1  # the write column every layer's cumulative_length holds (-1: unknown)
         self.rows: list = []
         self.slots: list[int] = []
         self.where: list[int] = []  # cache row of each active row
@@ -79,21 +80,32 @@ class StaticRunning:
 
     def forward(self, cache_kw: str, use_graphs: bool) -> torch.Tensor:
         """Logits [active rows, vocab] of one decode step over every row of the bucket."""
-        for layer in self.cache.layers:
-            layer.cumulative_length.fill_(self.t)
+        if self._lengths != self.t:  # each layer's write column; a step adds 1 itself, so only after a re-layout
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(self.t)
         self.bias[:, :, :, self.t] = 0  # each row attends to the token it writes now (free rows too: no NaN)
         if use_graphs and self.graph_key is not None:
             logits = self._replay(cache_kw)
         else:
             logits = self._eager(cache_kw)
         self.t += 1
-        return logits[self.where]
+        self._lengths = self.t  # every layer's cache update added this step's token
+        return logits[:len(self.where)] if self._prefix() else logits[self.where]
+
+    def _prefix(self) -> bool:
+        """Whether the active rows are cache rows 0..n-1 in order (slices then do without an index tensor)."""
+        return all(i == w for i, w in enumerate(self.where))
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Next inputs of the active rows (``tokens`` [active]); grow the length before it runs out."""
-        idx = torch.tensor(self.where, device=self.ids.device)
-        self.ids[idx, 0] = tokens.to(self.ids.device)
-        self.pos[idx] += 1
+        if self._prefix():
+            n = len(self.where)
+            self.ids[:n, 0].copy_(tokens)
+            self.pos[:n] += 1
+        else:
+            idx = torch.tensor(self.where, device=self.ids.device)
+            self.ids[idx, 0] = tokens.to(self.ids.device)
+            self.pos[idx] += 1
         if self.t >= self.length:  # drop the columns no row uses any more, double the length if still short
             used = (self.bias[self.where, 0, 0, :self.t] == 0).any(0).nonzero()
             cut = int(used[0]) if len(used) else self.t
