@@ -330,6 +330,8 @@ def main() -> int:
     ap.add_argument("--dora", action="store_true", help="DoRA adapters (served unmerged) instead of LoRA")
     ap.add_argument("--decode", default="auto", choices=["auto", "graphs", "static", "eager"],
                     help="the engine's decode step (auto: CUDA graphs over a static KV cache on a GPU)")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "liger", "off"],
+                    help="fused kernels of the base (auto: Liger's on a GPU when installed)")
     args = ap.parse_args()
 
     import peft
@@ -353,8 +355,9 @@ def main() -> int:
     names = [f"ad{i:02d}" for i in range(len(adapters))]
     t = time.time()
     server = start_in_thread(str(base), dict(zip(names, map(str, adapters))), max_loras=len(names),
-                             max_batch_size=max(32, len(names)), batch_window_ms=0, decode=args.decode)
-    emit({"step": "server_start", "seconds": round(time.time() - t, 1), "decode": server.engine.stats()["decode"]})
+                             max_batch_size=max(32, len(names)), batch_window_ms=0, decode=args.decode, kernels=args.kernels)
+    emit({"step": "server_start", "seconds": round(time.time() - t, 1), "decode": server.engine.stats()["decode"],
+          "kernels": server.engine.stats()["kernels"]})
     try:
         engine = server.engine
         engine.eos_ids = set()  # every request generates exactly max_tokens: equal work in both runs

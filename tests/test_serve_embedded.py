@@ -830,3 +830,29 @@ def test_indexed_rows_gather_once_into_fixed_buffers(tiny_model, monkeypatch):
     assert_close(logits([3, 3, 1, 0], True), want, eps)
     assert (q._group.At.data_ptr(), q._group.BT[0].data_ptr()) == first
     assert torch.equal(q._group.At[0], torch.zeros_like(q._group.At[0]))  # row 0 uses slot 3: now zero
+
+
+def test_fused_kernels_option_is_checked_and_reported(tiny_model):
+    """`kernels`: Liger's kernels where they can run (CUDA), refused when asked for where they cannot, and what
+    runs (or why not) shown in the stats, so the setting is never silently ignored."""
+    import torch
+
+    from tunekit._exceptions import ConfigError
+    from tunekit.serve.embedded.engine import Engine
+    from tunekit.serve.embedded.fused import apply_fused_kernels
+
+    model = type("M", (), {"config": type("C", (), {"model_type": "llama"})()})()
+    with pytest.raises(ConfigError, match="not one of auto, liger, off"):
+        apply_fused_kernels(model, torch.device("cpu"), "fast")
+    with pytest.raises(ConfigError, match="kernels='liger' cannot run here: CUDA only") as err:
+        apply_fused_kernels(model, torch.device("cpu"), "liger")
+    assert err.value.field == "kernels" and "kernels='auto'" in err.value.hint
+    assert apply_fused_kernels(model, torch.device("cpu"), "off") == ("off", None)
+    other = type("M", (), {"config": type("C", (), {"model_type": "gpt2"})()})()
+    assert apply_fused_kernels(other, torch.device("cuda"), "auto") == ("off", "model type 'gpt2' not covered by Liger")
+    engine = Engine(str(tiny_model), device="cpu", decode="eager")
+    try:
+        stats = engine.stats()
+        assert (stats["kernels"], stats["kernels_note"]) == ("off", "CUDA only (Triton kernels)")
+    finally:
+        engine.close()

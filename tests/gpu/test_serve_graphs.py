@@ -22,6 +22,8 @@ pytest.importorskip("peft")
 from tests.conftest_serve import make_adapter  # noqa: E402
 
 pytestmark = pytest.mark.gpu
+# transformers' own RoPE, taken when the tests are collected (before any test applies Liger's, which replaces it)
+PLAIN_ROPE = __import__("transformers.models.llama.modeling_llama", fromlist=["x"]).apply_rotary_pos_emb
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog", "Yo"]
 
 
@@ -76,3 +78,29 @@ def test_graph_decode_equals_the_reference_path(tiny_model, adapters, dtype, ref
         finally:
             engine.close()
     assert texts["graphs"] == texts[reference]
+
+
+def test_liger_kernels_decode_like_the_plain_model(tiny_model, adapters, monkeypatch):
+    """Liger's RMSNorm/RoPE/SwiGLU under the CUDA graphs give the plain model's greedy tokens (fp32: the kernels
+    round differently only at fp32's ~1e-7), with mixed adapters and a join; `kernels` is reported."""
+    from tunekit.serve.embedded.engine import Engine
+
+    pytest.importorskip("liger_kernel")
+    jobs = [(a, p, 40) for a in (None, "a", "b") for p in PROMPTS[:2]]
+    late = [("c", PROMPTS[2], 10), (None, PROMPTS[1] * 3, 10)]
+    texts = {}
+    import transformers.models.llama.modeling_llama as llama
+
+    for kernels, decode in (("off", "eager"), ("liger", "graphs")):
+        if kernels == "off":  # Liger's RoPE is process-wide: an earlier test of this session may have installed it
+            monkeypatch.setattr(llama, "apply_rotary_pos_emb", PLAIN_ROPE)
+        engine = Engine(str(tiny_model), adapters, max_loras=3, device="cuda", dtype="fp32", batch_window_ms=0,
+                        decode=decode, kernels=kernels)
+        try:
+            engine.eos_ids = set()
+            assert engine.stats()["kernels"] == kernels
+            texts[kernels] = _serve(engine, jobs, late)
+            assert engine.stats().get("failed_batches", 0) == 0
+        finally:
+            engine.close()
+    assert texts["liger"] == texts["off"]

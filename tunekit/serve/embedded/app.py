@@ -111,12 +111,13 @@ def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.
                max_loras: int = 4, api_key: str | None = None, device: str | None = None, dtype: str | None = None,
                served_model_name: str | None = None, allowed_adapter_dirs: tuple[str, ...] = (),
                max_cpu_loras: int | None = None, max_lora_rank: int | None = None, max_batch_size: int = 32,
-               batch_window_ms: float = 2.0, max_request_rows: int = 16, decode: str = "auto"):
+               batch_window_ms: float = 2.0, max_request_rows: int = 16, decode: str = "auto", kernels: str = "auto"):
     """Build the app and load the base once. ``adapters`` maps served names to directories or registry keys.
 
     ``max_request_rows`` caps the sequences one request may ask for (prompts x n), so no single
     client can fill the batch for everyone else. ``decode`` picks the decode step: ``auto`` (CUDA graphs over a
-    static KV cache on a GPU, eager elsewhere), ``graphs``, ``static`` or ``eager`` (see docs/serving.md).
+    static KV cache on a GPU, eager elsewhere), ``graphs``, ``static`` or ``eager`` (see docs/serving.md);
+    ``kernels`` the fused kernels of the base: ``auto`` (Liger's on a GPU when installed), ``liger`` or ``off``.
     """
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -127,7 +128,7 @@ def create_app(base_model: str | os.PathLike[str], adapters: dict[str, str | os.
     start = {name: resolve_adapter(ref)[0] for name, ref in (adapters or {}).items()}
     engine = Engine(base_model, start, max_loras=max_loras, device=device, dtype=dtype, max_cpu_loras=max_cpu_loras,
                     max_lora_rank=max_lora_rank, max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
-                    decode=decode)
+                    decode=decode, kernels=kernels)
     base_name = served_model_name or str(base_model)
     access = _Access(start, tuple(allowed_adapter_dirs))
 

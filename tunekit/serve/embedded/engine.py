@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..._exceptions import ConfigError
+from .fused import apply_fused_kernels
 from .requests import GenRequest, GenResult, SamplingParams, Sink
 from .running import Running, joinable
 from .static import StaticRunning, bucket, initial_length, unsupported
@@ -56,7 +57,7 @@ class Engine:
     def __init__(self, base_model: str | Path, adapters: dict[str, str | Path] | None = None, *,
                  max_loras: int = 4, max_cpu_loras: int | None = None, max_lora_rank: int | None = None,
                  device: str | None = None, dtype: str | None = None, max_batch_size: int = 32,
-                 batch_window_ms: float = 2.0, decode: str = "auto") -> None:
+                 batch_window_ms: float = 2.0, decode: str = "auto", kernels: str = "auto") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,6 +70,7 @@ class Engine:
         placement = {"device_map": {"": str(self.device)}} if self.device.type == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype, **placement)
         self.model = model.to(self.device).eval()
+        self.kernels, self.kernels_note = apply_fused_kernels(self.model, self.device, kernels)
         # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
@@ -166,6 +168,9 @@ class Engine:
         out["decode"] = self.decode
         if self.decode_note:
             out["decode_fallback"] = self.decode_note
+        out["kernels"] = self.kernels
+        if self.kernels_note:
+            out["kernels_note"] = self.kernels_note
         out["adapters"] = self.pool.stats()
         return out
 
