@@ -238,3 +238,25 @@ def test_killed_run_resumes_without_duplicates(chat_server, tmp_path):
     assert report.validation.valid and len(rows) == 92
     assert sorted(r["messages"][0]["content"] for r in rows) == sorted(p["prompt"] for p in _rows(TRAIN))
     assert len(srv.asked) <= 92 + 2  # only the answers in flight at the kill were asked again
+
+
+def test_at_most_concurrency_prompts_are_asked_and_unwritten(chat_server, tmp_path, monkeypatch):
+    """Prompts are asked through a window of `concurrency`: while the writer is slow, no more calls start, so a
+    kill can only ever lose (and a resume re-ask) that many answers."""
+    from tunekit.data import distill as mod
+
+    srv = chat_server(delay=0.0)  # answers come back at once; the writing side is the slow one
+    out = tmp_path / "out.jsonl"
+    gaps = []
+    real_row = mod._row
+
+    def slow_row(prompt, completion):
+        written = len(out.read_text().splitlines()) if out.exists() else 0
+        gaps.append(len(srv.asked) - written)  # asked so far, minus answers already in the file
+        time.sleep(0.05)
+        return real_row(prompt, completion)
+
+    monkeypatch.setattr(mod, "_row", slow_row)
+    report = _distill(srv.url, TRAIN, out, concurrency=3)
+    assert report.written == 92 and len(srv.asked) == 92
+    assert max(gaps) <= 3, gaps

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -249,19 +249,22 @@ def _run(report: DistillReport, pending: list[_Prompt], model: str, client: Any,
 
     failure: BaseException | None = None
     report.out.parent.mkdir(parents=True, exist_ok=True)
+    # At most `concurrency` prompts are asked and not yet written at any time (a window, not every prompt
+    # submitted up front): a kill re-asks at most that many on resume, and a million prompts hold no million futures.
+    todo = iter(pending)
+    window: dict[Any, _Prompt] = {}
     with open(report.out, "a", encoding="utf-8") as f, ThreadPoolExecutor(concurrency) as pool:
-        futures = {pool.submit(ask, p): p for p in pending}
-        for future in as_completed(futures):
-            if future.cancelled():
-                continue
-            prompt = futures[future]
+        while True:
+            while failure is None and len(window) < concurrency and (prompt := next(todo, None)) is not None:
+                window[pool.submit(ask, prompt)] = prompt
+            if not window:
+                break
+            future = next(iter(wait(window, return_when=FIRST_COMPLETED)[0]))
+            prompt = window.pop(future)
             try:
                 completion = future.result()
             except Exception as exc:  # stop asking; answers already in flight are still written
-                if failure is None:
-                    failure = exc
-                    for other in futures:
-                        other.cancel()
+                failure = failure or exc
                 continue
             row, reason = _row(prompt, completion)
             problems = check_row(row, RowKind.CHAT) if row is not None else []
