@@ -274,8 +274,10 @@ def tunekit_run(p: dict) -> dict:
 
     rec = Rec()
     budget = p.get("budget_gib")
+    # checkpoint_steps past the last step: a job checkpoints about 10 times per run, which in a run this short
+    # would be a save after every timed step (the adapter and the optimizer state to disk), not training speed
     run = run_for_files(spec, p["data"], tempfile.mkdtemp(prefix="tk-bench-"), max_steps=steps, device=p["device"],
-                        logging_steps=1, memory_budget_gb=float(budget) if budget else None,
+                        logging_steps=1, checkpoint_steps=steps + 1, memory_budget_gb=float(budget) if budget else None,
                         speedups=p.get("speedups", "auto"), packing=p.get("packing", False))
     out = train(run, rec)
     # logging_first_step adds a log at step 1; marks[0] is the start, so marks[i] ends step i
