@@ -856,3 +856,54 @@ def test_fused_kernels_option_is_checked_and_reported(tiny_model):
         assert (stats["kernels"], stats["kernels_note"]) == ("off", "CUDA only (Triton kernels)")
     finally:
         engine.close()
+
+
+def test_gqa_decode_attention_equals_sdpa_without_repeating_kv(monkeypatch):
+    """One query per row: the query heads of a KV head become its rows, so K/V are never repeated per head;
+    the result is transformers' sdpa attention's (fp32 rounding of one softmax-weighted sum)."""
+    import torch
+    from transformers.integrations import sdpa_attention
+
+    from tunekit.serve.embedded.attention import _gqa_decode
+
+    gen = torch.Generator().manual_seed(0)
+    rows, heads, kv, length, dim = 3, 8, 2, 11, 16
+    q = torch.randn(rows, heads, 1, dim, generator=gen)
+    k, v = (torch.randn(rows, kv, length, dim, generator=gen) for _ in range(2))
+    mask = torch.zeros(rows, 1, 1, length)
+    mask[0, ..., :4] = torch.finfo(torch.float32).min  # left padding
+    mask[2, ..., 7:] = float("-inf")  # free columns
+    module = type("Attn", (), {"num_key_value_groups": heads // kv, "is_causal": True, "training": False})()
+    want, _ = sdpa_attention.sdpa_attention_forward(module, q, k, v, mask, scaling=dim ** -0.5)
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *a: pytest.fail("K/V repeated for a decode step"))
+    got, _ = _gqa_decode(module, q, k, v, mask, scaling=dim ** -0.5)
+    assert got.shape == want.shape == (rows, 1, heads, dim)
+    assert_close(got, want, rounding_eps("float32", length * dim))
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_engine_decode_steps_repeat_no_kv(tiny_model, monkeypatch, decode):
+    """Decode steps never repeat K/V per query head. Where transformers' sdpa path would (no `pack_gqa`, as in
+    5.17: simulated here by removing it), the engine attends through its grouped decode, with the same greedy
+    tokens as transformers' own grouping. The prefill of one unpadded row has no mask (SDPA's grouped-query flag)."""
+    from transformers.integrations import sdpa_attention
+
+    from tunekit.serve.embedded.attention import NAME
+    from tunekit.serve.embedded.engine import Engine
+
+    calls = []
+    real = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *a: calls.append(1) or real(*a))
+    texts = {}
+    for upstream in (True, False):
+        if not upstream:
+            monkeypatch.delattr(sdpa_attention, "pack_gqa", raising=False)
+        engine = Engine(str(tiny_model), device="cpu", decode=decode, batch_window_ms=0)
+        try:
+            engine.eos_ids = set()
+            assert engine.stats()["attention"] == ("sdpa" if hasattr(sdpa_attention, "pack_gqa") else NAME)
+            texts[upstream] = engine.generate("Hello there", None, max_tokens=12, temperature=0).text
+            assert calls == []
+        finally:
+            engine.close()
+    assert texts[False] == texts[True]

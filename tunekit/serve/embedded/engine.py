@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..._exceptions import ConfigError
+from .attention import use_gqa_decode
 from .fused import apply_fused_kernels
 from .requests import GenRequest, GenResult, SamplingParams, Sink
 from .running import Running, joinable
@@ -71,6 +72,7 @@ class Engine:
         model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype, **placement)
         self.model = model.to(self.device).eval()
         self.kernels, self.kernels_note = apply_fused_kernels(self.model, self.device, kernels)
+        self.gqa_decode = use_gqa_decode(self.model)  # decode attention without repeating K/V per query head
         # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
@@ -169,6 +171,7 @@ class Engine:
         if self.decode_note:
             out["decode_fallback"] = self.decode_note
         out["kernels"] = self.kernels
+        out["attention"] = self.model.config._attn_implementation
         if self.kernels_note:
             out["kernels_note"] = self.kernels_note
         out["adapters"] = self.pool.stats()

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .attention import NAME as GQA_DECODE
+
 if TYPE_CHECKING:
     from .running import Running
 
@@ -36,7 +38,7 @@ def unsupported(model: Any) -> str | None:
     types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
     if types != {"full_attention"} or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return "sliding-window attention layers"
-    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+    if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", GQA_DECODE):
         return f"attention implementation {model.config._attn_implementation!r}"
     return None
 
