@@ -270,8 +270,8 @@ def test_unservable_adapters_are_refused(tiny_model, adapters, tmp_path, server)
         create_app(str(tiny_model), {"x": str(tmp_path)})
 
 
-def _random_slots(tiny_model, num_slots: int = 3, rank: int = 4):
-    """The tiny Llama with every linear layer (but lm_head) in random LoRA slots."""
+def _random_slots(tiny_model, num_slots: int = 3, rank: int = 4, dora: bool = False):
+    """The tiny Llama with every linear layer (but lm_head) in random LoRA slots (with DoRA gains: ``dora``)."""
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -282,8 +282,10 @@ def _random_slots(tiny_model, num_slots: int = 3, rank: int = 4):
     mods = tuple(sorted((n, m.in_features, m.out_features) for n, m in model.named_modules()
                         if isinstance(m, nn.Linear) and n != "lm_head"))
     slots = LoraSlots(model, num_slots, device=torch.device("cpu"), dtype=torch.float32)
-    slots.apply_layout(SlotLayout(rank=rank, modules=mods))
+    slots.apply_layout(SlotLayout(rank=rank, modules=mods, dora=dora))
     slots.storage[1:].copy_(torch.randn(slots.storage[1:].shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    if dora:  # every slot is a DoRA adapter (its gains g - 1 are the random tail of the slot)
+        slots._dora_slots.update(range(1, num_slots + 1))
     return model, slots
 
 
@@ -790,14 +792,15 @@ def test_unloading_an_adapter_mid_decode_fails_its_rows_only(tiny_model, adapter
         engine.close()
 
 
-def test_indexed_rows_gather_once_into_fixed_buffers(tiny_model, monkeypatch):
+@pytest.mark.parametrize("dora", [False, True])
+def test_indexed_rows_gather_once_into_fixed_buffers(tiny_model, monkeypatch, dora):
     """For CUDA graphs the rows' A/B are gathered when the rows are set, into buffers kept per batch size: a
     captured step then reads them (no gather inside it), and a new composition or a rewritten slot of the same
     size lands in the same memory. Checked on CPU: the forward equals the ordinary mixed path, gathers nothing,
     and the buffers keep their addresses."""
     import torch
 
-    model, slots = _random_slots(tiny_model)
+    model, slots = _random_slots(tiny_model, dora=dora)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(10, 200, (4, 5), generator=gen)
 
@@ -812,6 +815,7 @@ def test_indexed_rows_gather_once_into_fixed_buffers(tiny_model, monkeypatch):
         want = logits(rows, False)
         slots.set_rows(rows, indexed=True)
         ptrs = (q._group.At.data_ptr(), q._group.BT[0].data_ptr())
+        assert (q._group.G[0] is not None) == dora
         calls = []
         real = torch.Tensor.index_select
         monkeypatch.setattr(torch.Tensor, "index_select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
