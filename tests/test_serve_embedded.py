@@ -845,15 +845,18 @@ def test_fused_kernels_option_is_checked_and_reported(tiny_model):
     from tunekit.serve.embedded.engine import Engine
     from tunekit.serve.embedded.fused import apply_fused_kernels
 
-    model = type("M", (), {"config": type("C", (), {"model_type": "llama"})()})()
+    def fake(model_type: str):
+        config = type("C", (), {"to_dict": lambda self: {"model_type": model_type}})()
+        return type("M", (), {"config": config})()
+
+    model = fake("llama")
     with pytest.raises(ConfigError, match="not one of auto, liger, off"):
         apply_fused_kernels(model, torch.device("cpu"), "fast")
     with pytest.raises(ConfigError, match="kernels='liger' cannot run here: CUDA only") as err:
         apply_fused_kernels(model, torch.device("cpu"), "liger")
     assert err.value.field == "kernels" and "kernels='auto'" in err.value.hint
     assert apply_fused_kernels(model, torch.device("cpu"), "off") == ("off", None)
-    other = type("M", (), {"config": type("C", (), {"model_type": "gpt2"})()})()
-    assert apply_fused_kernels(other, torch.device("cuda"), "auto") == ("off", "model type 'gpt2' not covered by Liger")
+    assert apply_fused_kernels(fake("gpt2"), torch.device("cuda"), "auto") == ("off", "model type 'gpt2' not covered")
     engine = Engine(str(tiny_model), device="cpu", decode="eager")
     try:
         stats = engine.stats()

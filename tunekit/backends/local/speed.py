@@ -93,12 +93,12 @@ def estimate_kwargs(spec: Any, cfg: dict[str, Any] | None = None, device_type: s
                     off: frozenset[str] = frozenset()) -> dict[str, Any]:
     """memory.estimate arguments describing the path train() really takes (fused LM head, bf16 QLoRA, and
     on CUDA Liger's kernels with the fused LoRA forward, which keep fewer activations per layer)."""
-    fused = bool(cfg) and _liger(cfg, device_type)[0] and not {"liger", "fast_lora"} & off
+    fused = bool(cfg) and liger_support(cfg, device_type)[0] and not {"liger", "fast_lora"} & off
     return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in off, "fused_kernels": fused,
             "lora_dropout": spec.adapter.dropout}
 
 
-def _liger(cfg: dict[str, Any], device_type: str) -> tuple[bool, str]:
+def liger_support(cfg: dict[str, Any], device_type: str) -> tuple[bool, str]:
     """Whether Liger's kernels can run on this model and device, and why (not)."""
     if device_type != "cuda":
         return False, "CUDA only (Triton kernels)"
@@ -145,7 +145,7 @@ def plan(
         en[name] = ok and name not in off
         why[name] = OFF_BY if (ok and name in off) else reason
 
-    liger_ok, liger_why = _liger(cfg, device_type)
+    liger_ok, liger_why = liger_support(cfg, device_type)
     decide("liger", liger_ok, liger_why)
     decide("bf16_kbit", quantized, "QLoRA: embeddings/LM head/norms stay bf16 (no fp32 upcast)" if quantized
            else "not quantized")

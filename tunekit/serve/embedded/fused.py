@@ -9,18 +9,18 @@ every model of that type in the process), RMSNorm and SwiGLU on this model's mod
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from typing import Any
 
 from ..._exceptions import ConfigError
 
 KERNELS = ("auto", "liger", "off")
-_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # the ones Liger patches (speed.LIGER_MODEL_TYPES)
 
 
 def apply_fused_kernels(model: Any, device: Any, asked: str) -> tuple[str, str | None]:
     """Apply what ``asked`` allows to ``model``; returns (what runs: "liger" | "off", why not, when not)."""
+    from ...backends.local.speed import liger_support  # the training plan's own check: device, model type, install
+
     if asked not in KERNELS:
         raise ConfigError(f"kernels {asked!r} is not one of {', '.join(KERNELS)}", field="kernels")
     if asked == "off":
@@ -29,16 +29,8 @@ def apply_fused_kernels(model: Any, device: Any, asked: str) -> tuple[str, str |
         if getattr(rope, "__module__", "").startswith("liger_kernel"):
             return "off", "Liger's RoPE stays on: an earlier model in this process installed it for its model type"
         return "off", None
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    if device.type != "cuda":
-        why = "CUDA only (Triton kernels)"
-    elif getattr(cfg, "model_type", "") not in _MODEL_TYPES:
-        why = f"model type {getattr(cfg, 'model_type', '')!r} not covered by Liger"
-    elif importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None:
-        why = "liger-kernel is not installed (pip install liger-kernel)"
-    else:
-        why = None
-    if why:
+    ok, why = liger_support(model.config.to_dict(), device.type)
+    if not ok:
         if asked == "liger":
             raise ConfigError(f"kernels='liger' cannot run here: {why}", field="kernels",
                               hint="use kernels='auto' (Liger where it can run) or 'off'")

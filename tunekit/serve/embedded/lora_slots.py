@@ -241,7 +241,7 @@ class _ShrinkGroup:
     def __init__(self, members: list["SlotLinear"]) -> None:
         self.members = members
         self.full = (1 << len(members)) - 1
-        self.fixed: dict[tuple, tuple] = {}  # (batch, dora, storage) -> persistent buffers read by captured steps
+        self.fixed: dict[tuple, tuple] = {}  # (batch, dora) -> persistent buffers read by captured steps
         self.clear()
 
     def clear(self) -> None:
@@ -261,7 +261,7 @@ class _ShrinkGroup:
         bt = [m.BT.index_select(0, rows) for m in self.members]
         g = [m.G.index_select(0, rows) if st.dora else None for m in self.members]  # [batch, 1, out]
         if fixed:
-            key = (len(rows), st.dora, self.members[0].A.data_ptr(), at.shape)
+            key = (len(rows), st.dora)  # apply_layout empties them: a new storage is a new capture
             bufs = self.fixed.get(key)
             if bufs is None:
                 bufs = self.fixed[key] = (at.clone(), [b.clone() for b in bt],
@@ -382,7 +382,6 @@ class LoraSlots:
         self._state = _RowState()
         self._wrapped: dict[str, SlotLinear] = {}
         self._dora_slots: set[int] = set()
-        self._index: dict[int, torch.Tensor] = {}  # batch size -> slot indices read by captured steps
         self.generation = 0  # bumped when the storage is re-allocated (captured steps read the old one)
 
     def apply_layout(self, layout: SlotLayout) -> None:
@@ -447,14 +446,7 @@ class LoraSlots:
             st.mode, st.slot, st.rows = "single", slots[0], None
         else:
             st.mode = "mixed"
-            rows = torch.tensor(slots, dtype=torch.long)
-            if indexed:
-                buf = self._index.get(len(slots))
-                if buf is None:
-                    buf = self._index[len(slots)] = torch.zeros(len(slots), dtype=torch.long, device=self.device)
-                st.rows = buf.copy_(rows)
-            else:
-                st.rows = rows.to(self.device)
+            st.rows = torch.tensor(slots, dtype=torch.long).to(self.device)
         st.indexed = indexed
         self.regather()
 
