@@ -914,3 +914,57 @@ def test_engine_decode_steps_repeat_no_kv(tiny_model, monkeypatch, decode):
         finally:
             engine.close()
     assert texts[False] == texts[True]
+
+
+def test_incremental_detokenization_is_the_whole_decode_and_linear(tiny_model):
+    """A row's text grows by a short window per step: at every step it is a prefix of the whole output's decode
+    (bytes of an unfinished character held back), at the end it equals it, and the tokens decoded over a row
+    grow linearly with its length (the whole output at every step: quadratically)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from tunekit.serve.embedded.detok import grow_text
+    from tunekit.serve.embedded.requests import GenRequest, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    decoded = []
+    real = tok.decode
+
+    def counting(ids, **kw):
+        decoded.append(len(ids))
+        return real(ids, **kw)
+
+    tok.decode = counting
+    rng = random.Random(0)
+    text_ids = tok("naïve café – 日本語 🙂 plain words, then more: ünïcödé 🙂🙂", add_special_tokens=False)["input_ids"]
+    specials = set(tok.all_special_ids)
+    for trial in range(20):  # real text (multi-byte characters split over byte tokens) and random ids
+        ids = text_ids * 3 if trial == 0 else [rng.randrange(tok.vocab_size) for _ in range(300)]
+        r = GenRequest([1], None, SamplingParams(), lambda *a: None)
+        decoded.clear()
+        for i in ids:
+            r.generated.append(i)
+            text = grow_text(tok, r)
+            assert real(r.generated, skip_special_tokens=True).startswith(text)
+        whole = real(ids, skip_special_tokens=True)
+        assert text == whole or (whole.startswith(text) and set(whole[len(text):]) == {"\ufffd"})
+        assert sum(decoded) < 12 * len(ids), (trial, sum(decoded))  # whole-output decodes: ~len^2 / 2
+        if trial == 0:
+            assert text == whole and "日本語 🙂" in text and not specials & set(ids)
+
+
+def test_engine_detokenizes_each_row_in_linear_time(tiny_model):
+    from tunekit.serve.embedded.engine import Engine
+
+    engine = Engine(str(tiny_model), device="cpu", decode="eager", batch_window_ms=0)
+    try:
+        engine.eos_ids = set()
+        decoded = []
+        real = engine.tokenizer.decode
+        engine.tokenizer.decode = lambda ids, **kw: decoded.append(len(ids)) or real(ids, **kw)
+        out = engine.generate("Hello there", None, max_tokens=300, temperature=0)
+        assert out.completion_tokens == 300
+        assert sum(decoded) < 13 * 300, sum(decoded)  # decoding the whole output every step: ~45,000 tokens
+    finally:
+        engine.close()

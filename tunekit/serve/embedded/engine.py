@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from ..._exceptions import ConfigError
 from .attention import use_gqa_decode
+from .detok import grow_text
 from .fused import apply_fused_kernels
 from .requests import GenRequest, GenResult, SamplingParams, Sink
 from .running import Running, joinable
@@ -425,12 +426,13 @@ class Engine:
             reason = "stop"
         else:
             r.generated.append(token)
-        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        text = grow_text(self.tokenizer, r)
+        cut = False
         if p.stop:
             start = max(0, r.emitted - max(len(s) for s in p.stop))
             hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
             if hits:
-                text, reason = text[:min(hits)], "stop"
+                text, reason, cut = text[:min(hits)], "stop", True
         if reason is None and (len(r.generated) >= p.max_tokens
                                or len(r.prompt_ids) + len(r.generated) >= self.max_model_len):
             reason = "length"
@@ -444,6 +446,8 @@ class Engine:
                 r.sink(r.index, "delta", text[r.emitted:safe])
                 r.emitted = safe
             return False
+        if not cut:  # the whole output, decoded once (with any bytes grow_text still held back)
+            text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
         if len(text) > r.emitted:
             r.sink(r.index, "delta", text[r.emitted:])
             r.emitted = len(text)

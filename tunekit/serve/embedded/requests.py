@@ -36,6 +36,9 @@ class GenRequest:
     # decoding state
     generated: list[int] = field(default_factory=list)
     emitted: int = 0
+    text: str = ""  # the text of `generated` so far, grown by detok.grow_text
+    prefix_offset: int = 0  # detok.grow_text's window: context tokens from here,
+    read_offset: int = 0  # new tokens from here
     generator: Any = None
 
     def cancel(self) -> None:
