@@ -73,7 +73,7 @@ class Engine:
         model = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=self.dtype, **placement)
         self.model = model.to(self.device).eval()
         self.kernels, self.kernels_note = apply_fused_kernels(self.model, self.device, kernels)
-        self.gqa_decode = use_gqa_decode(self.model)  # decode attention without repeating K/V per query head
+        use_gqa_decode(self.model)  # decode attention without repeating K/V per query head (stats: attention)
         # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
