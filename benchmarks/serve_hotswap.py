@@ -316,6 +316,40 @@ def step_phases(server, kinds: dict[str, list[str]], prompt: str, max_tokens: in
     return out
 
 
+def step_profile(server, names: list[str], prompt: str, max_tokens: int, steps: int = 5) -> str:
+    """A torch.profiler table (by device time) of ``steps`` decode steps of one batch of ``names``, run eagerly over
+    the static cache: the kernels a CUDA graph of that step replays (a replayed graph shows as one launch). For a
+    mixed batch the eager static path also gathers the rows' A/B in every step, which the graph path does not."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = server.engine
+    cuda = engine.device.type == "cuda"
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    seen: list[int] = []
+    real_step, real_decode = engine._step, engine.decode
+    first = 10  # past the prefill and the first steps
+
+    def step():
+        if len(seen) == first:
+            prof.__enter__()
+        real_step()
+        if len(seen) == first + steps - 1:
+            if cuda:
+                torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+        seen.append(1)
+
+    engine._step, engine.decode = step, "static"
+    try:
+        timed_run(server, names, prompt, max_tokens)
+    finally:
+        del engine._step
+        engine.decode = real_decode
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
@@ -327,6 +361,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each kind, alternated")
     ap.add_argument("--phases", action="store_true", help="also time each decode step by phase (see step_phases)")
+    ap.add_argument("--profile-step", action="store_true",
+                    help="also print a kernel table of 5 base decode steps (see step_profile; to stderr)")
     ap.add_argument("--dora", action="store_true", help="DoRA adapters (served unmerged) instead of LoRA")
     ap.add_argument("--decode", default="auto", choices=["auto", "graphs", "static", "eager"],
                     help="the engine's decode step (auto: CUDA graphs over a static KV cache on a GPU)")
@@ -391,6 +427,9 @@ def main() -> int:
             for kind, rec in step_phases(server, {"base": [str(base)] * len(names), "adapters": names}, prompt,
                                          max_tokens).items():
                 emit({"figure": "step_phases", "kind": kind, "decode": engine.stats()["decode"], **rec})
+        if args.profile_step:
+            print(f"[profile] 5 decode steps, {len(names)} base rows, static cache run eagerly\n"
+                  + step_profile(server, [str(base)] * len(names), prompt, max_tokens), file=sys.stderr, flush=True)
     finally:
         server.stop()
     return 0
