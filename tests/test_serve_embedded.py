@@ -968,3 +968,23 @@ def test_engine_detokenizes_each_row_in_linear_time(tiny_model):
         assert sum(decoded) < 13 * 300, sum(decoded)  # decoding the whole output every step: ~45,000 tokens
     finally:
         engine.close()
+
+
+def test_incremental_detokenization_redecodes_when_context_changes_earlier_text():
+    """A decoder whose later tokens rewrite earlier text ("a" then "b" reads "X"): the window's text is no longer
+    an extension of the text so far, so the whole output is decoded once and the text is the whole decode."""
+    from tunekit.serve.embedded.detok import grow_text
+    from tunekit.serve.embedded.requests import GenRequest, SamplingParams
+
+    class Merging:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("abcd"[i] for i in ids).replace("ab", "X")
+
+    tok = Merging()
+    r = GenRequest([1], None, SamplingParams(), lambda *a: None)
+    seen = []
+    for i in (0, 1, 2, 3):  # a, b, c, d
+        r.generated.append(i)
+        seen.append(grow_text(tok, r))
+    assert seen == ["a", "a", "Xc", "Xcd"]  # "b" held (the window shrank), then the whole decode "Xc"
+    assert (r.prefix_offset, r.read_offset) == (3, 4)

@@ -40,9 +40,8 @@ def _gqa_decode(module: Any, query: Any, key: Any, value: Any, attention_mask: A
 def use_gqa_decode(model: Any) -> bool:
     """Switch ``model`` from transformers' sdpa attention to the grouped decode above (True when it did)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     from transformers.integrations import sdpa_attention
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if getattr(model.config, "_attn_implementation", None) != "sdpa" or hasattr(sdpa_attention, "pack_gqa"):
         return False  # another attention, or transformers' sdpa path groups the heads of a decode step itself
