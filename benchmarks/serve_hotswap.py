@@ -319,7 +319,8 @@ def step_phases(server, kinds: dict[str, list[str]], prompt: str, max_tokens: in
 def step_profile(server, names: list[str], prompt: str, max_tokens: int, steps: int = 5) -> str:
     """A torch.profiler table (by device time) of ``steps`` decode steps of one batch of ``names``, run eagerly over
     the static cache: the kernels a CUDA graph of that step replays (a replayed graph shows as one launch). For a
-    mixed batch the eager static path also gathers the rows' A/B in every step, which the graph path does not."""
+    mixed batch on the bmm path (no Triton) the eager static path also gathers the rows' A/B in every step, which the
+    graph path does not; lora_triton's kernels gather nothing."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -362,7 +363,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each kind, alternated")
     ap.add_argument("--phases", action="store_true", help="also time each decode step by phase (see step_phases)")
     ap.add_argument("--profile-step", action="store_true",
-                    help="also print a kernel table of 5 base decode steps (see step_profile; to stderr)")
+                    help="also print kernel tables of 5 base and 5 mixed-adapter decode steps (see step_profile; to stderr)")
     ap.add_argument("--dora", action="store_true", help="DoRA adapters (served unmerged) instead of LoRA")
     ap.add_argument("--decode", default="auto", choices=["auto", "graphs", "static", "eager"],
                     help="the engine's decode step (auto: CUDA graphs over a static KV cache on a GPU)")
@@ -428,8 +429,9 @@ def main() -> int:
                                          max_tokens).items():
                 emit({"figure": "step_phases", "kind": kind, "decode": engine.stats()["decode"], **rec})
         if args.profile_step:
-            print(f"[profile] 5 decode steps, {len(names)} base rows, static cache run eagerly\n"
-                  + step_profile(server, [str(base)] * len(names), prompt, max_tokens), file=sys.stderr, flush=True)
+            for kind, rows in (("base", [str(base)] * len(names)), ("adapter", names)):
+                print(f"[profile] 5 decode steps, {len(names)} {kind} rows, static cache run eagerly\n"
+                      + step_profile(server, rows, prompt, max_tokens), file=sys.stderr, flush=True)
     finally:
         server.stop()
     return 0

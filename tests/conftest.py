@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# Triton kernels (tunekit/serve/embedded/lora_triton.py) run in Triton's CPU interpreter where no GPU can compile
+# them. Decided here, before anything imports triton: its own @jit helpers (tl.sum, tl.zeros) are built at import.
+if "TRITON_INTERPRET" not in os.environ and not _cuda():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

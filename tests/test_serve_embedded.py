@@ -836,6 +836,57 @@ def test_indexed_rows_gather_once_into_fixed_buffers(tiny_model, monkeypatch, do
     assert torch.equal(q._group.At[0], torch.zeros_like(q._group.At[0]))  # row 0 uses slot 3: now zero
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_decode_lora_kernels_equal_the_bmm_path(tiny_model, monkeypatch, dora):
+    """lora_triton's shrink/expand (run here by Triton's CPU interpreter; on CUDA by tests/gpu/test_serve_graphs.py)
+    give a mixed decode step the logits of the gathers + bmm path, read each row's adapter from the storage itself
+    (indexed rows gather nothing), and keep one slot-index buffer per batch size for captured steps. Rank 6 is not a
+    power of two, so the kernels' masks are exercised."""
+    pytest.importorskip("triton")
+    import os
+
+    import torch
+
+    from tunekit.serve.embedded import lora_triton
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a CUDA machine: tests/gpu/test_serve_graphs.py runs the compiled kernels")
+    try:
+        model, slots = _random_slots(tiny_model, rank=6, dora=dora)
+        gen = torch.Generator().manual_seed(7)
+        ids = torch.randint(10, 200, (5, 6), generator=gen)
+        nxt = torch.randint(10, 200, (5, 1), generator=gen)
+        rows = [1, 2, 0, 3, 1]
+
+        def step(kernels, indexed=False):  # prefill (bmm path: several tokens per row) + one decode step
+            slots.kernels = kernels
+            slots.set_rows(rows)
+            with torch.inference_mode():
+                out = model(input_ids=ids, use_cache=True)
+                slots.set_rows(rows, indexed=indexed)
+                return model(input_ids=nxt, cache=out.past_key_values).logits
+
+        want = step(False)
+        before = slots.shared_shrinks
+        got = step(True)
+        layers = model.config.num_hidden_layers
+        assert slots.shared_shrinks - before == 3 * layers * 2  # prefill's bmm and the kernel shrink both shared
+        # fp32 both ways; the kernels sum in another order (split-K partials)
+        assert_close(got, want, rounding_eps("float32", model.config.intermediate_size))
+        q = model.model.layers[0].self_attn.q_proj
+        got_indexed = step(True, indexed=True)
+        assert q._group.At is None  # nothing gathered for the captured step: the kernels read the storage
+        assert_close(got_indexed, want, rounding_eps("float32", model.config.intermediate_size))
+        buf = slots._state.rows
+        rows[0] = 3
+        slots.set_rows(rows, indexed=True)
+        assert slots._state.rows is buf and buf.tolist() == rows  # the same buffer, refreshed in place
+        slots.kernels = False
+        assert rel_diff(step(True), want) > 1e-3  # the kernels' delta matters: a changed row changes logits
+    finally:
+        slots.kernels = False
+
+
 def test_fused_kernels_option_is_checked_and_reported(tiny_model):
     """`kernels`: Liger's kernels where they can run (CUDA), refused when asked for where they cannot, and what
     runs (or why not) shown in the stats, so the setting is never silently ignored."""

@@ -104,3 +104,25 @@ def test_liger_kernels_decode_like_the_plain_model(tiny_model, adapters, monkeyp
         finally:
             engine.close()
     assert texts["liger"] == texts["off"]
+
+
+def test_lora_decode_kernels_give_the_bmm_paths_tokens(tiny_model, adapters):
+    """On CUDA mixed-adapter decode steps run lora_triton's kernels (reported as `lora_decode`); in fp32, with
+    graphs, a join and rows leaving, they give the greedy tokens of the gathers + bmm path (eager)."""
+    from tunekit.serve.embedded.engine import Engine
+
+    jobs = [(a, p, 40) for a in (None, "a", "b", "c") for p in PROMPTS[:2]]
+    late = [("c", PROMPTS[2], 10), ("b", PROMPTS[1] * 3, 10)]
+    texts = {}
+    for kernels, decode in ((False, "eager"), (True, "graphs")):
+        engine = Engine(str(tiny_model), adapters, max_loras=3, device="cuda", dtype="fp32", batch_window_ms=0,
+                        decode=decode)
+        try:
+            assert engine.stats()["lora_decode"] == "triton"
+            engine.pool.slots.kernels = kernels
+            engine.eos_ids = set()
+            texts[kernels] = _serve(engine, jobs, late)
+            assert engine.stats().get("failed_batches", 0) == 0
+        finally:
+            engine.close()
+    assert texts[True] == texts[False]

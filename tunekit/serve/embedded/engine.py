@@ -173,6 +173,7 @@ class Engine:
             out["decode_fallback"] = self.decode_note
         out["kernels"] = self.kernels
         out["attention"] = self.model.config._attn_implementation
+        out["lora_decode"] = "triton" if self.pool.slots.kernels else "bmm"  # mixed-adapter decode steps
         if self.kernels_note:
             out["kernels_note"] = self.kernels_note
         out["adapters"] = self.pool.stats()

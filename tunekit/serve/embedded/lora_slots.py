@@ -34,6 +34,7 @@ from torch import nn
 
 from ..._exceptions import ConfigError
 from ...adapters.info import AdapterInfo
+from . import lora_triton
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weight"
                   r"|(?P<m>magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$")
@@ -215,6 +216,8 @@ class _RowState:
         self.version = 0  # bumped whenever the rows change: invalidates the per-group gathers
         self.indexed = False  # rows routed for CUDA graphs: gathers go to fixed buffers, outside the captured step
         self.shared_shrinks = 0  # mixed-mode shrinks served from a sibling's bmm (no bmm of their own)
+        self.kernels = False  # decode rows go through lora_triton's kernels (CUDA + Triton), not gathers + bmm
+        self.fixed_rows: dict[int, torch.Tensor] = {}  # batch size -> slot index buffer read by captured steps
 
 
 # Siblings that read the same input tensor in common HF architectures (Llama, Mistral, Qwen, Gemma, ...:
@@ -236,13 +239,45 @@ class _ShrinkGroup:
     The input is dropped once every member has used it: nothing outlives the round (the step).
     """
 
-    __slots__ = ("members", "version", "rank", "At", "parts", "BT", "G", "x", "hs", "used", "full", "fixed")
+    __slots__ = ("members", "version", "rank", "At", "parts", "BT", "G", "x", "hs", "used", "full", "fixed",
+                 "a_base", "a_offs")
 
     def __init__(self, members: list["SlotLinear"]) -> None:
         self.members = members
         self.full = (1 << len(members)) - 1
         self.fixed: dict[tuple, tuple] = {}  # (batch, dora) -> persistent buffers read by captured steps
+        self.a_base: torch.Tensor | None = None  # for the kernels: the member A view lowest in the slot row
+        self.a_offs: torch.Tensor | None = None  # each member's A offset from it (device int64)
         self.clear()
+
+    def locate(self) -> None:
+        """Where each member's A sits in a slot's row of the storage, for lora_triton.shrink."""
+        base = min(self.members, key=lambda m: m.A.storage_offset()).A
+        self.a_base = base
+        self.a_offs = torch.tensor([m.A.storage_offset() - base.storage_offset() for m in self.members],
+                                   dtype=torch.int64, device=base.device)
+
+    def kernel_shrink(self, i: int, x: torch.Tensor, st: _RowState) -> torch.Tensor:
+        """Every member's ``x @ A_row^T`` as fp32 split-K partials [splits, batch, members*rank], computed once per
+        input (the first member to see ``x``) by the Triton kernel, straight from the slot storage."""
+        bit = 1 << i
+        if x is self.x and not self.used & bit:
+            h = self.hs
+            st.shared_shrinks += 1
+            self.used |= bit
+            if self.used == self.full:
+                self.x = self.hs = None
+            return h
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        rank = self.members[0].A.shape[1]
+        h = torch.empty(lora_triton.splits_for(x2.shape[1]), x2.shape[0], rank * len(self.members),
+                        dtype=torch.float32, device=x2.device)
+        lora_triton.shrink(x2, self.a_base, self.a_offs, rank, st.rows, h)
+        if self.full != 1:
+            self.x, self.hs, self.used = x, h, bit
+        return h
 
     def clear(self) -> None:
         self.version = self.rank = -1
@@ -349,6 +384,8 @@ class SlotLinear(nn.Module):
                 y2 = self._dora(y2, self.G[st.slot], inplace)
             return y2.reshape(y.shape)
         g = self._group
+        if st.kernels and inplace and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] == st.rows.shape[0]:
+            return self._kernel_delta(x, y, st)  # a decode step: one token per row
         if g.version != st.version:
             g.gather(st)
         bt = g.BT[self._gidx]
@@ -361,6 +398,13 @@ class SlotLinear(nn.Module):
         y3 = y.reshape(b, -1, y.shape[-1])
         y3 = y3.baddbmm_(h, bt) if inplace else torch.baddbmm(y3, h, bt)
         return (self._dora(y3, g.G[self._gidx], inplace) if st.dora else y3).reshape(y.shape)
+
+    def _kernel_delta(self, x: torch.Tensor, y: torch.Tensor, st: _RowState) -> torch.Tensor:
+        """The mixed-batch delta by lora_triton (decode: x [batch, 1, in]); y [batch, 1, out] is updated in place."""
+        h = self._group.kernel_shrink(self._gidx, x, st)
+        rank = self.A.shape[1]
+        lora_triton.expand(h, self._gidx * rank, rank, self.BT, st.rows, y.view(y.shape[0], y.shape[-1]))
+        return self._dora(y, self.G.index_select(0, st.rows), True) if st.dora else y
 
     def _dora(self, y: torch.Tensor, gm1: torch.Tensor, inplace: bool) -> torch.Tensor:
         """DoRA: ``bias + g * (y - bias)`` as ``y + (g - 1) * (y - bias)`` (exact for LoRA rows: g - 1 = 0)."""
@@ -383,6 +427,8 @@ class LoraSlots:
         self._wrapped: dict[str, SlotLinear] = {}
         self._dora_slots: set[int] = set()
         self.generation = 0  # bumped when the storage is re-allocated (captured steps read the old one)
+        # Mixed-batch decode through lora_triton where it runs (CUDA with Triton); gathers + bmm elsewhere.
+        self.kernels = lora_triton.available(device)
 
     def apply_layout(self, layout: SlotLayout) -> None:
         """Re-allocate the storage for ``layout`` (all slots emptied) and wrap any new target modules."""
@@ -420,6 +466,7 @@ class LoraSlots:
             groups.setdefault(key, []).append(w)
         for members in groups.values():
             group = _ShrinkGroup(members)
+            group.locate()
             for i, w in enumerate(members):
                 w._group, w._gidx = group, i
 
@@ -446,8 +493,19 @@ class LoraSlots:
             st.mode, st.slot, st.rows = "single", slots[0], None
         else:
             st.mode = "mixed"
-            st.rows = torch.tensor(slots, dtype=torch.long).to(self.device)
+            rows = torch.tensor(slots, dtype=torch.long)
+            if indexed:  # captured steps read the index buffer of their batch size: refresh it in place
+                buf = st.fixed_rows.get(len(slots))
+                if buf is None:
+                    with torch.inference_mode(False):  # a normal tensor: refreshed in and out of inference mode
+                        buf = st.fixed_rows[len(slots)] = torch.tensor(slots, dtype=torch.long, device=self.device)
+                else:
+                    buf.copy_(rows)
+                st.rows = buf
+            else:
+                st.rows = rows.to(self.device)
         st.indexed = indexed
+        st.kernels = self.kernels
         self.regather()
 
     def regather(self) -> None:
@@ -457,7 +515,7 @@ class LoraSlots:
         groups = {id(w._group): w._group for w in self._wrapped.values()}.values()
         for g in groups:  # drop the previous batch's gathers now, not at the next forward
             g.clear()
-            if st.indexed and st.mode == "mixed":
+            if st.indexed and st.mode == "mixed" and not st.kernels:  # the kernels read the storage itself
                 g.gather(st, fixed=True)
 
     @property
