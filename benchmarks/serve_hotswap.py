@@ -362,6 +362,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each kind, alternated")
     ap.add_argument("--phases", action="store_true", help="also time each decode step by phase (see step_phases)")
+    ap.add_argument("--lora-tuning", default=None, metavar="JSON",
+                    help="launch shapes for lora_triton's kernels (see benchmarks/serve_lora_kernels.py)")
     ap.add_argument("--profile-step", action="store_true",
                     help="also print kernel tables of 5 base and 5 mixed-adapter decode steps (see step_profile; to stderr)")
     ap.add_argument("--dora", action="store_true", help="DoRA adapters (served unmerged) instead of LoRA")
@@ -370,6 +372,10 @@ def main() -> int:
     ap.add_argument("--kernels", default="auto", choices=["auto", "liger", "off"],
                     help="fused kernels of the base (auto: Liger's on a GPU when installed)")
     args = ap.parse_args()
+    if args.lora_tuning:
+        from tunekit.serve.embedded import lora_triton
+
+        lora_triton.TUNING.update(json.loads(args.lora_tuning))
 
     import peft
     import torch

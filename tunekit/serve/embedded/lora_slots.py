@@ -240,49 +240,76 @@ class _ShrinkGroup:
     """
 
     __slots__ = ("members", "version", "rank", "At", "parts", "BT", "G", "x", "hs", "used", "full", "fixed",
-                 "a_base", "a_offs")
+                 "storage", "a_offs", "metas", "kx", "kouts", "kused", "kernels", "biased")
 
     def __init__(self, members: list["SlotLinear"]) -> None:
         self.members = members
         self.full = (1 << len(members)) - 1
         self.fixed: dict[tuple, tuple] = {}  # (batch, dora) -> persistent buffers read by captured steps
-        self.a_base: torch.Tensor | None = None  # for the kernels: the member A view lowest in the slot row
-        self.a_offs: torch.Tensor | None = None  # each member's A offset from it (device int64)
+        # lora_triton's decode path: the slot storage, members' A offsets, expand tables per (batch, DoRA), the round
+        self.storage: torch.Tensor | None = None
+        self.a_offs: torch.Tensor | None = None
+        self.metas: dict[tuple, tuple] = {}
+        self.kx = self.kouts = None
+        self.kused = 0
+        # plain nn.Linear members only (the kernels run their base GEMMs); DoRA with a bias takes the bmm path
+        self.kernels = all(type(m.base_layer) is nn.Linear for m in members)
+        self.biased = any(m.base_layer.bias is not None for m in members)
         self.clear()
 
-    def locate(self) -> None:
-        """Where each member's A sits in a slot's row of the storage, for lora_triton.shrink."""
-        base = min(self.members, key=lambda m: m.A.storage_offset()).A
-        self.a_base = base
-        self.a_offs = torch.tensor([m.A.storage_offset() - base.storage_offset() for m in self.members],
-                                   dtype=torch.int64, device=base.device)
+    def locate(self, storage: torch.Tensor) -> None:
+        """Where each member's A sits in a slot's row of ``storage``, for lora_triton's shrink."""
+        self.storage = storage
+        self.a_offs = torch.tensor([m.A.storage_offset() - storage.storage_offset() for m in self.members],
+                                   dtype=torch.int64, device=storage.device)
+        self.metas = {}
 
-    def kernel_shrink(self, i: int, x: torch.Tensor, st: _RowState) -> torch.Tensor:
-        """Every member's ``x @ A_row^T`` as fp32 split-K partials [splits, batch, members*rank], computed once per
-        input (the first member to see ``x``) by the Triton kernel, straight from the slot storage."""
+    def kernel_outputs(self, i: int, x: torch.Tensor, st: _RowState) -> torch.Tensor:
+        """Member ``i``'s output for a decode step (``x`` [batch, 1, in]) by lora_triton's kernels. The first member
+        to see ``x`` computes the round for all: each member's base GEMM into one flat buffer, one shrink, one
+        expand (with DoRA's gains); the others take their part (HF calls q, k, v with the same tensor)."""
         bit = 1 << i
-        if x is self.x and not self.used & bit:
-            h = self.hs
+        if x is self.kx and not self.kused & bit:
+            out = self.kouts[i]
             st.shared_shrinks += 1
-            self.used |= bit
-            if self.used == self.full:
-                self.x = self.hs = None
-            return h
+            self.kused |= bit
+            if self.kused == self.full:
+                self.kx = self.kouts = None
+            return out
         x2 = x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        rank = self.members[0].A.shape[1]
-        h = torch.empty(lora_triton.splits_for(x2.shape[1]), x2.shape[0], rank * len(self.members),
-                        dtype=torch.float32, device=x2.device)
-        lora_triton.shrink(x2, self.a_base, self.a_offs, rank, st.rows, h)
+        batch, members = x2.shape[0], self.members
+        outs = [m.base_layer.out_features for m in members]
+        flat = torch.empty(batch * sum(outs), dtype=x2.dtype, device=x2.device)
+        ys, off = [], 0
+        for m, n in zip(members, outs):
+            y = flat[off:off + batch * n].view(batch, n)
+            w, bias = m.base_layer.weight, m.base_layer.bias
+            torch.mm(x2, w.t(), out=y) if bias is None else torch.addmm(bias, x2, w.t(), out=y)
+            ys.append(y.view(*x.shape[:-1], n))
+            off += batch * n
+        rank = members[0].A.shape[1]
+        h = torch.empty(lora_triton.splits_for(x2.shape[1]), batch, rank * len(members), dtype=torch.float32,
+                        device=x2.device)
+        lora_triton.shrink(x2, self.storage, self.a_offs, rank, st.rows, h)
+        meta = self.metas.get((batch, st.dora))
+        if meta is None:
+            y_offs = [batch * sum(outs[:j]) for j in range(len(outs))]
+            g_offs = [m.G.storage_offset() for m in members] if st.dora else None
+            meta = self.metas[(batch, st.dora)] = lora_triton.expand_meta(
+                outs, y_offs, [m.BT.storage_offset() for m in members], g_offs, x2.device)
+        lora_triton.expand(h, rank, self.storage, *meta, st.rows, flat, gain=st.dora)
         if self.full != 1:
-            self.x, self.hs, self.used = x, h, bit
-        return h
+            self.kx, self.kouts, self.kused = x, ys, bit
+        return ys[i]
 
     def clear(self) -> None:
         self.version = self.rank = -1
         self.At = self.parts = self.BT = self.G = self.x = self.hs = None
         self.used = 0
+        self.kx = self.kouts = None
+        self.kused = 0
 
     def gather(self, st: _RowState, *, fixed: bool = False) -> None:
         """The rows' A (concatenated, transposed), B and DoRA gains of every member.
@@ -369,9 +396,13 @@ class SlotLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A decode step is bound by Python/launch overhead, not FLOPs: every op here counts (x 224 modules).
+        st = self._state
+        if (st.kernels and st.mode == "mixed" and x.dim() == 3 and x.shape[1] == 1 and self._group.kernels
+                and x.shape[0] == st.rows.shape[0] and not torch.is_grad_enabled()
+                and not (st.dora and self._group.biased)):
+            return self._group.kernel_outputs(self._gidx, x, st)  # a decode step: one token per row
         base = self.base_layer
         y = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
-        st = self._state
         if st.mode == "base" or self.A is None:
             return y
         inplace = not torch.is_grad_enabled()  # y is fresh; fold the delta in without another kernel
@@ -384,8 +415,6 @@ class SlotLinear(nn.Module):
                 y2 = self._dora(y2, self.G[st.slot], inplace)
             return y2.reshape(y.shape)
         g = self._group
-        if st.kernels and inplace and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] == st.rows.shape[0]:
-            return self._kernel_delta(x, y, st)  # a decode step: one token per row
         if g.version != st.version:
             g.gather(st)
         bt = g.BT[self._gidx]
@@ -398,13 +427,6 @@ class SlotLinear(nn.Module):
         y3 = y.reshape(b, -1, y.shape[-1])
         y3 = y3.baddbmm_(h, bt) if inplace else torch.baddbmm(y3, h, bt)
         return (self._dora(y3, g.G[self._gidx], inplace) if st.dora else y3).reshape(y.shape)
-
-    def _kernel_delta(self, x: torch.Tensor, y: torch.Tensor, st: _RowState) -> torch.Tensor:
-        """The mixed-batch delta by lora_triton (decode: x [batch, 1, in]); y [batch, 1, out] is updated in place."""
-        h = self._group.kernel_shrink(self._gidx, x, st)
-        rank = self.A.shape[1]
-        lora_triton.expand(h, self._gidx * rank, rank, self.BT, st.rows, y.view(y.shape[0], y.shape[-1]))
-        return self._dora(y, self.G.index_select(0, st.rows), True) if st.dora else y
 
     def _dora(self, y: torch.Tensor, gm1: torch.Tensor, inplace: bool) -> torch.Tensor:
         """DoRA: ``bias + g * (y - bias)`` as ``y + (g - 1) * (y - bias)`` (exact for LoRA rows: g - 1 = 0)."""
@@ -466,7 +488,7 @@ class LoraSlots:
             groups.setdefault(key, []).append(w)
         for members in groups.values():
             group = _ShrinkGroup(members)
-            group.locate()
+            group.locate(self.storage)
             for i, w in enumerate(members):
                 w._group, w._gidx = group, i
 

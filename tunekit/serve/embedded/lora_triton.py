@@ -7,7 +7,8 @@ BGMV pattern of Punica/S-LoRA (the one vLLM's LoRA kernels follow):
 
 * ``shrink``: ``h[row] = x[row] @ A[slot[row]]^T`` for a group of siblings at once (their A rows are adjacent
   in the slot layout's view), split over the input dimension into fp32 partial sums (no atomics);
-* ``expand``: ``y[row] += h[row] @ B[slot[row]]`` in place, summing those partials first.
+* ``expand``: ``y_m[row] += h_m[row] @ B_m[slot[row]]`` in place for every member ``m`` at once (their base
+  outputs lie in one flat buffer), summing those partials first; DoRA's per-row gain is applied in the same pass.
 
 No gathered copies of A/B exist at all, so a batch composition change costs nothing on the GPU.
 Triton is imported lazily: CPU serving and machines without it keep the ``bmm`` path.
@@ -43,22 +44,29 @@ def _kernels():
         tl.store(h_ptr + ks * stride_hs + b * stride_hb + m * RANK + r, acc, mask=r < RANK)
 
     @triton.jit
-    def expand(h_ptr, bt_ptr, slot_ptr, y_ptr, OUT, R, r0, stride_hs, stride_hb, stride_bs, stride_br, stride_yb,
-               SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    def expand(h_ptr, s_ptr, meta_ptr, slot_ptr, y_ptr, RANK, stride_hs, stride_hb, stride_ss,
+               MEMBERS: tl.constexpr, SPLITS: tl.constexpr, GAIN: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_N: tl.constexpr):
         b = tl.program_id(0)
-        nb = tl.program_id(1)
-        slot = tl.load(slot_ptr + b).to(tl.int64)
+        nb = tl.program_id(1)  # a block of one member's outputs; meta rows: (first block, out, y, B, gain offsets)
+        m = nb * 0  # an int32 scalar: the loop below carries it
+        for j in range(1, MEMBERS):
+            m += (nb >= tl.load(meta_ptr + j * 5)).to(tl.int32)
+        row = meta_ptr + m * 5
+        out = tl.load(row + 1)
+        slot = s_ptr + tl.load(slot_ptr + b).to(tl.int64) * stride_ss
         r = tl.arange(0, BLOCK_R)
         h = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for s in range(0, SPLITS):
-            h += tl.load(h_ptr + s * stride_hs + b * stride_hb + r0 + r, mask=r < R, other=0.0)
-        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        bt = tl.load(bt_ptr + slot * stride_bs + r[:, None] * stride_br + n[None, :],
-                     mask=(r[:, None] < R) & (n[None, :] < OUT), other=0.0).to(tl.float32)
-        delta = tl.sum(bt * h[:, None], axis=0)
-        yp = y_ptr + b * stride_yb + n
-        y = tl.load(yp, mask=n < OUT, other=0.0).to(tl.float32)
-        tl.store(yp, (y + delta).to(yp.dtype.element_ty), mask=n < OUT)
+            h += tl.load(h_ptr + s * stride_hs + b * stride_hb + m * RANK + r, mask=r < RANK, other=0.0)
+        n = (nb - tl.load(row)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        bt = tl.load(slot + tl.load(row + 3) + r[:, None] * out + n[None, :],
+                     mask=(r[:, None] < RANK) & (n[None, :] < out), other=0.0).to(tl.float32)
+        yp = y_ptr + tl.load(row + 2) + b * out + n
+        y = tl.load(yp, mask=n < out, other=0.0).to(tl.float32) + tl.sum(bt * h[:, None], axis=0)
+        if GAIN:  # DoRA (no bias): y * g, as y + (g - 1) * y with g - 1 stored
+            y += y * tl.load(slot + tl.load(row + 4) + n, mask=n < out, other=0.0).to(tl.float32)
+        tl.store(yp, y.to(yp.dtype.element_ty), mask=n < out)
 
     return shrink, expand
 
@@ -78,9 +86,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# Launch shapes; benchmarks/serve_lora_kernels.py sweeps them on a GPU.
+TUNING = {"k_per": 512, "block_k": 256, "block_n": 256, "shrink_warps": 4, "expand_warps": 4}
+
+
 def splits_for(in_features: int) -> int:
-    """Split-K factor of the shrink: enough programs to keep the memory system busy at small batches."""
-    return max(1, min(16, in_features // 512))
+    """Split-K factor of the shrink: ``k_per`` inputs per program, so a batch of 16 fills the GPU's SMs."""
+    return max(1, -(-in_features // TUNING["k_per"]))
 
 
 def shrink(x: torch.Tensor, storage: torch.Tensor, a_offsets: torch.Tensor, rank: int, slots: torch.Tensor,
@@ -93,21 +105,34 @@ def shrink(x: torch.Tensor, storage: torch.Tensor, a_offsets: torch.Tensor, rank
     splits = out.shape[0]
     block_r = _pow2(rank)
     k_per = -(-fin // splits)
-    block_k = min(max(16, 4096 // block_r), _pow2(k_per))
+    block_k = min(TUNING["block_k"], _pow2(k_per))
     k_per = -(-k_per // block_k) * block_k
     grid = (batch, a_offsets.numel(), splits)
     k_shrink[grid](x, storage, a_offsets, slots, out, fin, rank, x.stride(0), storage.stride(0), out.stride(0),
-                   out.stride(1), BLOCK_R=block_r, BLOCK_K=block_k, K_PER=k_per)
+                   out.stride(1), BLOCK_R=block_r, BLOCK_K=block_k, K_PER=k_per, num_warps=TUNING["shrink_warps"])
     return out
 
 
-def expand(h: torch.Tensor, r0: int, r: int, bt: torch.Tensor, slots: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``y[b] += (sum over splits of h[:, b, r0:r0+r]) @ bt[slots[b]]`` in place. ``bt`` [slots, r, out] with unit
-    stride on ``out``; ``y`` [batch, out] with unit stride on ``out``."""
+def expand_meta(outs: list[int], y_offsets: list[int], b_offsets: list[int], g_offsets: list[int] | None,
+                device: torch.device) -> tuple[torch.Tensor, int]:
+    """The expand kernel's member table and its number of output blocks (grid axis 1)."""
+    block_n = TUNING["block_n"]
+    rows, first = [], 0
+    for i, out in enumerate(outs):
+        rows.append([first, out, y_offsets[i], b_offsets[i], g_offsets[i] if g_offsets else 0])
+        first += -(-out // block_n)
+    return torch.tensor(rows, dtype=torch.int64, device=device), first
+
+
+def expand(h: torch.Tensor, rank: int, storage: torch.Tensor, meta: torch.Tensor, blocks: int, slots: torch.Tensor,
+           y: torch.Tensor, *, gain: bool) -> torch.Tensor:
+    """For every member ``m`` (a row of ``meta``, see expand_meta): ``y_m[b] += h_m[b] @ B_m[slots[b]]`` in place,
+    ``h_m`` the sum over splits of ``h[:, b, m*rank:(m+1)*rank]``; then ``y_m[b] *= g_m[slots[b]]`` (DoRA) with
+    ``gain``. ``y`` is the flat buffer holding each member's [batch, out] output contiguously at its offset;
+    B [rank, out] and the gains (g - 1) sit at their offsets in a slot's row of ``storage``."""
     _, k_expand = _kernels()
-    batch, fout = y.shape
-    block_n = 256 if fout >= 4096 else 128
-    grid = (batch, -(-fout // block_n))
-    k_expand[grid](h, bt, slots, y, fout, r, r0, h.stride(0), h.stride(1), bt.stride(0), bt.stride(1), y.stride(0),
-                   SPLITS=h.shape[0], BLOCK_R=_pow2(r), BLOCK_N=block_n)
+    grid = (slots.shape[0], blocks)
+    k_expand[grid](h, storage, meta, slots, y, rank, h.stride(0), h.stride(1), storage.stride(0),
+                   MEMBERS=meta.shape[0], SPLITS=h.shape[0], GAIN=gain, BLOCK_R=_pow2(rank),
+                   BLOCK_N=TUNING["block_n"], num_warps=TUNING["expand_warps"])
     return y
