@@ -87,7 +87,7 @@ def _pow2(n: int) -> int:
 
 
 # Launch shapes; benchmarks/serve_lora_kernels.py sweeps them on a GPU.
-TUNING = {"k_per": 512, "block_k": 512, "block_n": 256, "shrink_warps": 4, "expand_warps": 4}
+TUNING = {"k_per": 512, "block_k": 512, "block_n": 128, "shrink_warps": 2, "expand_warps": 2}
 
 
 def splits_for(in_features: int) -> int:
