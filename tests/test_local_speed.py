@@ -489,3 +489,25 @@ def test_liger_with_4bit_dora_gives_peft_gradients_on_cuda(tiny_model):
     n_reduce = max(ids.numel(), json.loads((tiny_model / "config.json").read_text())["intermediate_size"])
     for n, g in grads[0].items():
         assert_close(grads[1][n], g, rounding_eps("float32", n_reduce), what=n)
+
+
+def test_cudnn_sdpa_is_off_while_lengths_vary_and_restored_after():
+    """Padded (or packed) batches of mixed lengths change shape between steps; cuDNN's SDPA plans every new shape
+    (0.1-1.8 s on an H200, benchmarks/attention_shapes.py), so a GPU run of varying lengths trains without it. The
+    process-wide switch is put back afterwards, also when training fails; CPU runs and one-length data leave it."""
+    import torch
+
+    from tunekit.backends.local.kernels import sdpa_for_lengths
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with sdpa_for_lengths(True, [12, 40, 40, 7]) as off:
+        assert off and not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        with sdpa_for_lengths(True, []):  # DPO keeps no lengths: its pairs vary
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            raise RuntimeError("boom")
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    for on_gpu, lengths in ((True, [64, 64, 64]), (False, [12, 40])):
+        with sdpa_for_lengths(on_gpu, lengths) as off:
+            assert not off and torch.backends.cuda.cudnn_sdp_enabled()

@@ -27,6 +27,7 @@ autograd saves there (the addmm output) is not the tensor it returns.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -311,3 +312,28 @@ def _fast_dora_forward(self: Any, state: FastState, original: Any, x: Any, *, lo
     # (scale - 1) is formed in fp32 (it is small), then both factors go to the activations' dtype
     dt = base_result.dtype
     return (scale - 1).to(dt).view(1, -1) * base_result + (scale * scaling).to(dt).view(1, -1) * lora_result.to(dt)
+
+
+@contextlib.contextmanager
+def sdpa_for_lengths(on_gpu: bool, lengths: list[int]) -> Any:
+    """cuDNN's SDPA off while a run whose sequence length changes between steps trains.
+
+    Why: it builds and caches a plan per shape, 0.13-1.8 s per new length forward + backward on an H200
+    (benchmarks/attention_shapes.py), against ~1.6 ms for the kernel itself; padded batches of mixed-length rows get
+    a new length almost every step (the longest row of each), and so do packed ones (how full each pack is). Without
+    it SDPA takes flash (no mask) or the memory-efficient kernel (masked rows, which memory.py's estimate assumes),
+    neither of which plans per shape. Rows of one length (``lengths`` all equal, already cut at max_length) keep it.
+    ``lengths`` empty (DPO: no per-row lengths are kept): the pairs vary, so it is off. Yields whether it is off.
+    """
+    off = on_gpu and len(set(lengths)) != 1
+    if not off:
+        yield False
+        return
+    import torch
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

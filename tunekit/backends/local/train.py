@@ -343,17 +343,23 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
 
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    runtime = time.perf_counter() - t0
-    state = trainer.state
+    with _kernels.sdpa_for_lengths(on_gpu, data.lengths) as cudnn_off:
+        if cudnn_off:
+            cb.on_event("info", "attention: cuDNN's SDPA off for this run (its batches change length between steps, "
+                                "and it plans each new length: 0.1-1.8 s each on an H200); flash or memory-efficient "
+                                "kernels run")
+        speed_applied["cudnn_sdpa_off"] = cudnn_off
+        t0 = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=resume)
+        runtime = time.perf_counter() - t0
+        state = trainer.state
 
-    eval_loss = None
-    if val is not None and not bridge.stopped:
-        last_eval = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
-        if last_eval is None or last_eval.get("step") != state.global_step:
-            last_eval = trainer.evaluate()
-        eval_loss = last_eval.get("eval_loss")
+        eval_loss = None
+        if val is not None and not bridge.stopped:
+            last_eval = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+            if last_eval is None or last_eval.get("step") != state.global_step:
+                last_eval = trainer.evaluate()
+            eval_loss = last_eval.get("eval_loss")
 
     from transformers.trainer_utils import get_last_checkpoint
 
