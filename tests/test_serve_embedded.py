@@ -912,6 +912,7 @@ def test_fused_kernels_option_is_checked_and_reported(tiny_model):
     try:
         stats = engine.stats()
         assert (stats["kernels"], stats["kernels_note"]) == ("off", "CUDA only (Triton kernels)")
+        assert stats["lora_decode"] == "bmm"  # lora_triton's kernels are CUDA only too
     finally:
         engine.close()
 
