@@ -5,8 +5,8 @@ LoRA side of an 8B decode step in ~3 ms on an H200 for ~1.3 GB of adapter reads 
 bandwidth): batched GEMV shapes (M = 1 per row) are not what cuBLAS tunes for. These two kernels are the
 BGMV pattern of Punica/S-LoRA (the one vLLM's LoRA kernels follow):
 
-* ``shrink``: ``h[row] = x[row] @ A[slot[row]]^T`` for a group of siblings at once (their A rows are adjacent
-  in the slot layout's view), split over the input dimension into fp32 partial sums (no atomics);
+* ``shrink``: ``h[row] = x[row] @ A[slot[row]]^T`` for a group of siblings at once (each member's A found by its
+  offset in a slot's row), split over the input dimension into fp32 partial sums (no atomics);
 * ``expand``: ``y_m[row] += h_m[row] @ B_m[slot[row]]`` in place for every member ``m`` at once (their base
   outputs lie in one flat buffer), summing those partials first; DoRA's per-row gain is applied in the same pass.
 
@@ -86,7 +86,8 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-# Launch shapes; benchmarks/serve_lora_kernels.py sweeps them on a GPU.
+# Launch shapes, the fastest of benchmarks/serve_lora_kernels.py --full on an H200. Set before the first decode:
+# the expand tables (expand_meta) are kept per sibling group and batch size.
 TUNING = {"k_per": 512, "block_k": 512, "block_n": 128, "shrink_warps": 2, "expand_warps": 2}
 
 
