@@ -270,8 +270,9 @@ def test_unservable_adapters_are_refused(tiny_model, adapters, tmp_path, server)
         create_app(str(tiny_model), {"x": str(tmp_path)})
 
 
-def _random_slots(tiny_model, num_slots: int = 3, rank: int = 4, dora: bool = False):
-    """The tiny Llama with every linear layer (but lm_head) in random LoRA slots (with DoRA gains: ``dora``)."""
+def _random_slots(tiny_model, num_slots: int = 3, rank: int = 4, dora: bool = False, bias: bool = False):
+    """The tiny Llama with every linear layer (but lm_head) in random LoRA slots (with DoRA gains: ``dora``; with
+    random biases on the attention projections, as Qwen2 has on q/k/v: ``bias``)."""
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -279,6 +280,12 @@ def _random_slots(tiny_model, num_slots: int = 3, rank: int = 4, dora: bool = Fa
     from tunekit.serve.embedded.lora_slots import LoraSlots, SlotLayout
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    if bias:
+        gen = torch.Generator().manual_seed(9)
+        for layer in model.model.layers:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                lin = getattr(layer.self_attn, proj)
+                lin.bias = nn.Parameter(torch.randn(lin.out_features, generator=gen) * 0.1)
     mods = tuple(sorted((n, m.in_features, m.out_features) for n, m in model.named_modules()
                         if isinstance(m, nn.Linear) and n != "lm_head"))
     slots = LoraSlots(model, num_slots, device=torch.device("cpu"), dtype=torch.float32)
@@ -836,12 +843,13 @@ def test_indexed_rows_gather_once_into_fixed_buffers(tiny_model, monkeypatch, do
     assert torch.equal(q._group.At[0], torch.zeros_like(q._group.At[0]))  # row 0 uses slot 3: now zero
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_decode_lora_kernels_equal_the_bmm_path(tiny_model, monkeypatch, dora):
+@pytest.mark.parametrize("dora,bias", [(False, False), (True, False), (False, True), (True, True)])
+def test_decode_lora_kernels_equal_the_bmm_path(tiny_model, monkeypatch, dora, bias):
     """lora_triton's shrink/expand (run here by Triton's CPU interpreter; on CUDA by tests/gpu/test_serve_graphs.py)
     give a mixed decode step the logits of the gathers + bmm path, read each row's adapter from the storage itself
     (indexed rows gather nothing), and keep one slot-index buffer per batch size for captured steps. Rank 6 is not a
-    power of two, so the kernels' masks are exercised."""
+    power of two, so the kernels' masks are exercised. Biased projections run their base GEMM with the bias; DoRA on
+    them keeps the bmm path (its gain scales the output without the bias), with the same logits."""
     pytest.importorskip("triton")
     import os
 
@@ -852,7 +860,7 @@ def test_decode_lora_kernels_equal_the_bmm_path(tiny_model, monkeypatch, dora):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a CUDA machine: tests/gpu/test_serve_graphs.py runs the compiled kernels")
     try:
-        model, slots = _random_slots(tiny_model, rank=6, dora=dora)
+        model, slots = _random_slots(tiny_model, rank=6, dora=dora, bias=bias)
         gen = torch.Generator().manual_seed(7)
         ids = torch.randint(10, 200, (5, 6), generator=gen)
         nxt = torch.randint(10, 200, (5, 1), generator=gen)
@@ -873,9 +881,10 @@ def test_decode_lora_kernels_equal_the_bmm_path(tiny_model, monkeypatch, dora):
         assert slots.shared_shrinks - before == 3 * layers * 2  # prefill's bmm and the kernel shrink both shared
         # fp32 both ways; the kernels sum in another order (split-K partials)
         assert_close(got, want, rounding_eps("float32", model.config.intermediate_size))
-        q = model.model.layers[0].self_attn.q_proj
+        q, gate = model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.gate_proj
         got_indexed = step(True, indexed=True)
-        assert q._group.At is None  # nothing gathered for the captured step: the kernels read the storage
+        assert gate._group.At is None  # nothing gathered for the captured step: the kernels read the storage
+        assert (q._group.At is None) == (not (dora and bias))  # DoRA on biased q/k/v: the bmm path's gathers
         assert_close(got_indexed, want, rounding_eps("float32", model.config.intermediate_size))
         buf = slots._state.rows
         rows[0] = 3
