@@ -8,7 +8,8 @@ r=16 all-linear adapters under --work, then measures and prints one JSON line pe
       peft_load_adapter_ms  PEFT's load_adapter of the same adapter from disk onto the resident base (baseline)
   (b) tokens_per_s for 16 requests in flight on the base alone, and for 16 requests each with a distinct
       adapter (through the HTTP server, greedy, EOS disabled so every request generates --max-tokens);
-      throughput_ratio = adapters / base (target >= 0.6), as the ratio of the medians of --repeats runs
+      throughput_ratio = adapters / base (target >= 0.85; base target >= 1,500 tokens/s: issue 15, 8B shape on
+      an H200; --tiny runs print no targets), as the ratio of the medians of --repeats runs
       (after one untimed warm-up run of each; base and adapter runs alternate) and as the median of the
       paired runs' ratios.
 
@@ -422,12 +423,15 @@ def main() -> int:
         figs = throughput(server, {"base": [str(base)] * len(names), "adapters": names}, prompt, max_tokens,
                           args.repeats)
         base_fig, mixed_fig = figs["base"], figs["adapters"]
-        emit({"figure": "tokens_per_s_base", **base_fig})
+        def target(value: float, goal: float) -> dict:  # issue 15's targets are for the 8B shape on a GPU
+            return {} if args.tiny else {"target": goal, "meets_target": value >= goal}
+
+        emit({"figure": "tokens_per_s_base", **base_fig, **target(base_fig["tokens_per_s"], 1500)})
         emit({"figure": "tokens_per_s_distinct_adapters", "dora": args.dora, **mixed_fig})
         ratio = mixed_fig["tokens_per_s"] / base_fig["tokens_per_s"]
         # runs i of both kinds ran back to back: the median of their ratios is less exposed to drift
         paired = [m / b for m, b in zip(mixed_fig["runs"], base_fig["runs"])]
-        emit({"figure": "throughput_ratio", "value": round(ratio, 3), "target": 0.6, "meets_target": ratio >= 0.6,
+        emit({"figure": "throughput_ratio", "value": round(ratio, 3), **target(ratio, 0.85),
               "of": "median adapters tokens/s / median base tokens/s",
               "paired_median": round(statistics.median(paired), 3), "paired": [round(r, 3) for r in paired]})
         if args.phases:
