@@ -896,6 +896,67 @@ def test_decode_lora_kernels_equal_the_bmm_path(tiny_model, monkeypatch, dora, b
         slots.kernels = False
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_decode_lora_kernels_fused_into_norms_and_mlp(tiny_model, monkeypatch, dora):
+    """lora_fusion: the RMSNorm before q/k/v and before gate/up computes its group's shrink in the same launch, and
+    gate/up's expand + SiLU(gate) * up + down's shrink are one launch: 4 LoRA launches per layer instead of 8, with
+    the logits of the unfused kernels and of the bmm path. A norm that does not compute as Llama's (here one given
+    Gemma's offset) is left alone and its group shrinks for itself."""
+    pytest.importorskip("triton")
+    import os
+
+    import torch
+
+    from tunekit.serve.embedded import lora_triton
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a CUDA machine: tests/gpu/test_serve_graphs.py runs the compiled kernels")
+    model, slots = _random_slots(tiny_model, rank=6, dora=dora)
+    layers = model.config.num_hidden_layers
+    calls: dict[str, int] = {}
+    for fn in ("shrink", "expand", "norm_shrink", "expand_swiglu"):
+        real = getattr(lora_triton, fn)
+        monkeypatch.setattr(lora_triton, fn, lambda *a, _f=fn, _r=real, **kw: calls.update({_f: calls.get(_f, 0) + 1})
+                            or _r(*a, **kw))
+    gen = torch.Generator().manual_seed(7)
+    ids, nxt = torch.randint(10, 200, (4, 6), generator=gen), torch.randint(10, 200, (4, 1), generator=gen)
+    rows = [1, 2, 0, 3]
+
+    def step(kernels, fuse=True):
+        slots.kernels = kernels
+        monkeypatch.setitem(lora_triton.TUNING, "fuse", fuse)
+        slots.set_rows(rows)
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True)
+            calls.clear()
+            return model(input_ids=nxt, cache=out.past_key_values).logits
+
+    try:
+        want = step(False)
+        eps = rounding_eps("float32", model.config.intermediate_size)
+        unfused = step(True, fuse=False)
+        assert calls == {"shrink": 4 * layers, "expand": 4 * layers}
+        fused = step(True)
+        assert slots.fused == {"norm_shrink": 2 * layers, "swiglu": layers}
+        assert calls == {"norm_shrink": 2 * layers, "shrink": layers, "expand_swiglu": layers, "expand": 3 * layers}
+        assert_close(fused, want, eps)
+        assert_close(fused, unfused, eps)
+        model.model.layers[0].input_layernorm.offset = 1.0  # Gemma's (1 + w): not Llama's norm
+        slots.kernels = True  # re-fuse, as a new layout does
+        assert slots.fused == {"norm_shrink": 2 * layers - 1, "swiglu": layers}
+        assert_close(step(True), want, eps)  # (transformers' forward ignores the attribute: the logits stay)
+        assert (calls["norm_shrink"], calls["shrink"]) == (2 * layers - 1, layers + 1)  # q/k/v shrink themselves
+        del model.model.layers[0].input_layernorm.offset
+        slots.kernels = True
+        assert_close(step(True), want, eps)
+        assert calls["norm_shrink"] == 2 * layers
+        slots.write(2, torch.zeros_like(slots.storage[2]))  # a row's adapter changes: the fused step follows
+        assert rel_diff(step(True), fused) > 1e-3
+        assert_close(step(True), step(False), eps)
+    finally:
+        slots.kernels = False
+
+
 def test_fused_kernels_option_is_checked_and_reported(tiny_model):
     """`kernels`: Liger's kernels where they can run (CUDA), refused when asked for where they cannot, and what
     runs (or why not) shown in the stats, so the setting is never silently ignored."""

@@ -174,6 +174,8 @@ class Engine:
         out["kernels"] = self.kernels
         out["attention"] = self.model.config._attn_implementation
         out["lora_decode"] = "triton" if self.pool.slots.kernels else "bmm"  # mixed-adapter decode steps
+        if self.pool.slots.kernels and self.pool.slots.fused:  # norms / MLPs running LoRA launches of their own
+            out["lora_fused"] = dict(self.pool.slots.fused)
         if self.kernels_note:
             out["kernels_note"] = self.kernels_note
         out["adapters"] = self.pool.stats()

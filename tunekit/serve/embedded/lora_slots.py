@@ -243,7 +243,7 @@ class _ShrinkGroup:
     """
 
     __slots__ = ("members", "version", "rank", "At", "parts", "BT", "G", "x", "hs", "used", "full", "fixed",
-                 "storage", "a_offs", "metas", "kx", "kouts", "kused", "kernels", "biased")
+                 "storage", "a_offs", "metas", "kx", "kouts", "kused", "kernels", "biased", "pre_x", "pre_h")
 
     def __init__(self, members: list["SlotLinear"]) -> None:
         self.members = members
@@ -255,6 +255,7 @@ class _ShrinkGroup:
         self.metas: dict[tuple, tuple] = {}
         self.kx = self.kouts = None
         self.kused = 0
+        self.pre_x = self.pre_h = None  # the shrink of input pre_x, computed with the norm before it (lora_fusion)
         # plain nn.Linear members only (the kernels run their base GEMMs); DoRA with a bias takes the bmm path
         self.kernels = all(type(m.base_layer) is nn.Linear for m in members)
         self.biased = any(m.base_layer.bias is not None for m in members)
@@ -279,39 +280,60 @@ class _ShrinkGroup:
             if self.kused == self.full:
                 self.kx = self.kouts = None
             return out
+        flat, ys, h = self.kernel_round(x, st)
+        lora_triton.expand(h, self.rank_of(), self.storage, *self.expand_meta(x.shape[0] * x.shape[1], st.dora),
+                           st.rows, flat, gain=st.dora)
+        if self.full != 1:
+            self.kx, self.kouts, self.kused = x, ys, bit
+        return ys[i]
+
+    def rank_of(self) -> int:
+        return self.members[0].A.shape[1]  # one layout: every member has the same (padded) rank
+
+    def kernel_round(self, x: torch.Tensor, st: _RowState) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """A decode round before the expand: each member's base GEMM into one flat buffer (``flat``, views ``ys``)
+        and the group's shrink partials ``h`` (taken from the norm before the group when it computed them)."""
         x2 = x.reshape(-1, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        batch, members = x2.shape[0], self.members
-        outs = [m.base_layer.out_features for m in members]
+        batch = x2.shape[0]
+        outs = [m.base_layer.out_features for m in self.members]
         flat = torch.empty(batch * sum(outs), dtype=x2.dtype, device=x2.device)
         ys, off = [], 0
-        for m, n in zip(members, outs):
+        for m, n in zip(self.members, outs):
             y = flat[off:off + batch * n].view(batch, n)
             w, bias = m.base_layer.weight, m.base_layer.bias
             torch.mm(x2, w.t(), out=y) if bias is None else torch.addmm(bias, x2, w.t(), out=y)
             ys.append(y.view(*x.shape[:-1], n))
             off += batch * n
-        rank = members[0].A.shape[1]
-        h = torch.empty(lora_triton.splits_for(x2.shape[1]), batch, rank * len(members), dtype=torch.float32,
-                        device=x2.device)
-        lora_triton.shrink(x2, self.storage, self.a_offs, rank, st.rows, h)
-        meta = self.metas.get((batch, st.dora))
+        if x is self.pre_x:  # lora_fusion's norm wrote this input and its shrink in one launch
+            h, self.pre_x, self.pre_h = self.pre_h, None, None
+        else:
+            h = self.partials(x2, st)
+            lora_triton.shrink(x2, self.storage, self.a_offs, self.rank_of(), st.rows, h)
+        return flat, ys, h
+
+    def partials(self, x2: torch.Tensor, st: _RowState) -> torch.Tensor:
+        """An empty buffer for the shrink's fp32 partial sums of ``x2`` [batch, in]."""
+        return torch.empty(lora_triton.splits_for(x2.shape[1]), x2.shape[0], self.rank_of() * len(self.members),
+                           dtype=torch.float32, device=x2.device)
+
+    def expand_meta(self, batch: int, dora: bool) -> tuple[torch.Tensor, int]:
+        """lora_triton.expand's member table for ``batch`` rows (kept per batch size and DoRA)."""
+        meta = self.metas.get((batch, dora))
         if meta is None:
+            outs = [m.base_layer.out_features for m in self.members]
             y_offs = [batch * sum(outs[:j]) for j in range(len(outs))]
-            g_offs = [m.G.storage_offset() for m in members] if st.dora else None
-            meta = self.metas[(batch, st.dora)] = lora_triton.expand_meta(
-                outs, y_offs, [m.BT.storage_offset() for m in members], g_offs, x2.device)
-        lora_triton.expand(h, rank, self.storage, *meta, st.rows, flat, gain=st.dora)
-        if self.full != 1:
-            self.kx, self.kouts, self.kused = x, ys, bit
-        return ys[i]
+            g_offs = [m.G.storage_offset() for m in self.members] if dora else None
+            meta = self.metas[(batch, dora)] = lora_triton.expand_meta(
+                outs, y_offs, [m.BT.storage_offset() for m in self.members], g_offs, self.storage.device)
+        return meta
 
     def clear(self) -> None:
         self.version = self.rank = -1
         self.At = self.parts = self.BT = self.G = self.x = self.hs = None
         self.used = 0
-        self.kx = self.kouts = None
+        self.kx = self.kouts = self.pre_x = self.pre_h = None
         self.kused = 0
 
     def gather(self, st: _RowState, *, fixed: bool = False) -> None:
@@ -362,6 +384,12 @@ class _ShrinkGroup:
         return torch.bmm(xb, self.parts[i])  # a different input while the group's is live
 
 
+def kernel_step(st: _RowState, x: torch.Tensor, group: _ShrinkGroup) -> bool:
+    """Whether ``group`` given ``x`` runs lora_triton's kernels: a mixed decode step (one token per row)."""
+    return (st.kernels and st.mode == "mixed" and x.dim() == 3 and x.shape[1] == 1 and group.kernels
+            and x.shape[0] == st.rows.shape[0] and not torch.is_grad_enabled() and not (st.dora and group.biased))
+
+
 class SlotLinear(nn.Module):
     """An nn.Linear plus a per-row LoRA delta read from the shared slot storage.
 
@@ -400,9 +428,7 @@ class SlotLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A decode step is bound by Python/launch overhead, not FLOPs: every op here counts (x 224 modules).
         st = self._state
-        if (st.kernels and st.mode == "mixed" and x.dim() == 3 and x.shape[1] == 1 and self._group.kernels
-                and x.shape[0] == st.rows.shape[0] and not torch.is_grad_enabled()
-                and not (st.dora and self._group.biased)):
+        if kernel_step(st, x, self._group):
             return self._group.kernel_outputs(self._gidx, x, st)  # a decode step: one token per row
         base = self.base_layer
         y = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
@@ -452,8 +478,24 @@ class LoraSlots:
         self._wrapped: dict[str, SlotLinear] = {}
         self._dora_slots: set[int] = set()
         self.generation = 0  # bumped when the storage is re-allocated (captured steps read the old one)
+        self.fused: dict[str, int] = {}  # what lora_fusion fused into the norms and MLPs (kernels only)
         # Mixed-batch decode through lora_triton where it runs (CUDA with Triton); gathers + bmm elsewhere.
         self.kernels = lora_triton.available(device)
+
+    @property
+    def kernels(self) -> bool:
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, on: bool) -> None:
+        self._kernels = on
+        if on:
+            self._fuse()
+
+    def _fuse(self) -> None:
+        from .lora_fusion import fuse
+
+        self.fused = fuse(self.model, self._wrapped, self._state)
 
     def apply_layout(self, layout: SlotLayout) -> None:
         """Re-allocate the storage for ``layout`` (all slots emptied) and wrap any new target modules."""
@@ -478,6 +520,8 @@ class LoraSlots:
             wrapper.G = None if g_off is None else self.storage[:, g_off:g_off + fout].view(-1, 1, fout)
         self._group_siblings(named)
         self.layout = layout
+        if self.kernels:
+            self._fuse()
 
     def _group_siblings(self, named: dict[str, nn.Module]) -> None:
         """Give wrapped siblings that read the same input (see _SHARED_INPUT) one _ShrinkGroup."""
