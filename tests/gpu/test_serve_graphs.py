@@ -107,8 +107,9 @@ def test_liger_kernels_decode_like_the_plain_model(tiny_model, adapters, monkeyp
 
 
 def test_lora_decode_kernels_give_the_bmm_paths_tokens(tiny_model, adapters):
-    """On CUDA mixed-adapter decode steps run lora_triton's kernels (reported as `lora_decode`); in fp32, with
-    graphs, a join and rows leaving, they give the greedy tokens of the gathers + bmm path (eager)."""
+    """On CUDA mixed-adapter decode steps run lora_triton's kernels (reported as `lora_decode`), fused into Liger's
+    norms and SwiGLU MLPs (lora_fusion); in fp32, with graphs, a join and rows leaving, they give the greedy tokens
+    of the gathers + bmm path (eager)."""
     from tunekit.serve.embedded.engine import Engine
 
     jobs = [(a, p, 40) for a in (None, "a", "b", "c") for p in PROMPTS[:2]]
@@ -122,7 +123,11 @@ def test_lora_decode_kernels_give_the_bmm_paths_tokens(tiny_model, adapters):
             engine.pool.slots.kernels = kernels
             engine.eos_ids = set()
             texts[kernels] = _serve(engine, jobs, late)
-            assert engine.stats().get("failed_batches", 0) == 0
+            stats = engine.stats()
+            assert stats.get("failed_batches", 0) == 0
+            if kernels:  # lora_fusion rode on Liger's norms and SwiGLU MLPs (b and c target every linear layer)
+                layers = engine.model.config.num_hidden_layers
+                assert stats["lora_fused"] == {"norm_shrink": 2 * layers, "swiglu": layers}
         finally:
             engine.close()
     assert texts[True] == texts[False]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..._exceptions import ConfigError
+from . import lora_triton
 from .attention import use_gqa_decode
 from .detok import grow_text
 from .fused import apply_fused_kernels
@@ -174,7 +175,7 @@ class Engine:
         out["kernels"] = self.kernels
         out["attention"] = self.model.config._attn_implementation
         out["lora_decode"] = "triton" if self.pool.slots.kernels else "bmm"  # mixed-adapter decode steps
-        if self.pool.slots.kernels and self.pool.slots.fused:  # norms / MLPs running LoRA launches of their own
+        if self.pool.slots.kernels and self.pool.slots.fused and lora_triton.TUNING["fuse"]:  # see lora_fusion
             out["lora_fused"] = dict(self.pool.slots.fused)
         if self.kernels_note:
             out["kernels_note"] = self.kernels_note
