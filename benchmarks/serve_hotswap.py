@@ -422,6 +422,8 @@ def main() -> int:
         engine.generate(prompt, None, max_tokens=1, temperature=0)
         figs = throughput(server, {"base": [str(base)] * len(names), "adapters": names}, prompt, max_tokens,
                           args.repeats)
+        stats = engine.stats()
+        emit({"step": "lora", **{k: stats.get(k) for k in ("lora_decode", "lora_fused")}})
         base_fig, mixed_fig = figs["base"], figs["adapters"]
         def target(value: float, goal: float) -> dict:  # issue 15's targets are for the 8B shape on a GPU
             return {} if args.tiny else {"target": goal, "meets_target": value >= goal}

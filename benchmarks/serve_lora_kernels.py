@@ -65,6 +65,9 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--full", action="store_true", help="every combination (default: one setting at a time)")
+    ap.add_argument("--fusion", action="store_true",
+                    help="time lora_fusion's fused launches against the launches they replace (Liger's RMSNorm + "
+                         "shrink; expand + Liger's SiLU*up + shrink), 32 layers of each")
     a = ap.parse_args()
 
     import torch
@@ -75,6 +78,8 @@ def main() -> int:
         print("needs CUDA and Triton", file=sys.stderr)
         return 2
     dtype = torch.bfloat16
+    if a.fusion:
+        return fusion(a, dtype)
     storage, layout = build(a.rank, a.rows, a.layers, dtype)
     rows = torch.arange(1, a.rows + 1, device="cuda")
     xs = {fin: torch.randn(a.rows, fin, device="cuda", dtype=dtype) for fin, _ in GROUPS}
@@ -123,6 +128,75 @@ def main() -> int:
         print(json.dumps(results[-1]), flush=True)
     best = min((r for r in results if r["path"] == "triton"), key=lambda r: r["ms_per_step"])
     print(json.dumps({"best": best, "bmm_ms_per_step": results[0]["ms_per_step"]}), flush=True)
+    lora_triton.TUNING.update(default)
+    return 0
+
+
+def fusion(a, dtype) -> int:
+    """lora_fusion's two launches against what they replace, per 8B layer, over ``a.layers`` layers in one graph."""
+    import torch
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from tunekit.serve.embedded import lora_triton
+
+    hid, inter, r, b = 4096, 14336, a.rank, a.rows
+    norm = LlamaRMSNorm(hid, eps=1e-5).cuda().to(dtype)
+    _patch_rms_norm_module(norm)  # the server's norm: Liger's kernel
+    # one slot row per layer group: q/k/v A, then gate/up A, gate/up B, down A
+    qkv_a, gu_a, bg, bu, ad = 0, 3 * r * hid, 5 * r * hid, 5 * r * hid + r * inter, 5 * r * hid + 2 * r * inter
+    numel = ad + r * inter
+    storage = torch.randn(b + 1, numel, device="cuda", dtype=dtype) * 0.02
+    rows = torch.arange(1, b + 1, device="cuda")
+    x = torch.randn(b, hid, device="cuda", dtype=dtype)
+    offs_qkv = torch.tensor([qkv_a + j * r * hid for j in range(3)], device="cuda")
+    offs_gu = torch.tensor([gu_a, gu_a + r * hid], device="cuda")
+    off_d = torch.tensor([ad], device="cuda")
+    y = torch.randn(2 * b * inter, device="cuda", dtype=dtype)
+    h_gu = torch.randn(lora_triton.splits_for(hid), b, 2 * r, device="cuda")
+    gmeta = lora_triton.expand_meta([inter, inter], [0, b * inter], [bg, bu], None, torch.device("cuda"))
+
+    def norm_unfused():
+        for _ in range(a.layers):
+            xn = norm(x)
+            h = torch.empty(lora_triton.splits_for(hid), b, 3 * r, device="cuda")
+            lora_triton.shrink(xn, storage, offs_qkv, r, rows, h)
+
+    def norm_fused():
+        for _ in range(a.layers):
+            xn = torch.empty_like(x)
+            h = torch.empty(lora_triton.splits_for(hid), b, 3 * r, device="cuda")
+            lora_triton.norm_shrink(x, norm.weight, 1e-5, storage, offs_qkv, r, rows, xn, h)
+
+    def mlp_unfused():
+        for _ in range(a.layers):
+            lora_triton.expand(h_gu, r, storage, *gmeta, rows, y, gain=False)
+            g, u = y[:b * inter].view(b, inter), y[b * inter:].view(b, inter)
+            act = LigerSiLUMulFunction.apply(g, u)
+            hd = torch.empty(lora_triton.splits_for(inter), b, r, device="cuda")
+            lora_triton.shrink(act, storage, off_d, r, rows, hd)
+
+    def mlp_fused():
+        for _ in range(a.layers):
+            act = torch.empty(b, inter, device="cuda", dtype=dtype)
+            hd = torch.empty(lora_triton.swiglu_splits(inter), b, r, device="cuda")
+            lora_triton.expand_swiglu(h_gu, r, storage, rows, y, act, hd, gate=0,
+                                      offsets={"bg": bg, "bu": bu, "ad": ad}, gain=False)
+
+    default = dict(lora_triton.TUNING)
+    for name, fn in (("norm_unfused", norm_unfused), ("mlp_unfused", mlp_unfused)):
+        print(json.dumps({"path": name, "layers": a.layers, "ms": round(timed(fn), 3)}), flush=True)
+    for warps in (1, 2, 4, 8):
+        lora_triton.TUNING.update(default, shrink_warps=warps)
+        print(json.dumps({"path": "norm_fused", "shrink_warps": warps, "ms": round(timed(norm_fused), 3)}), flush=True)
+    for block, warps in itertools.product((64, 128, 256, 512), (1, 2, 4, 8)):
+        lora_triton.TUNING.update(default, swiglu_block=block, swiglu_warps=warps)
+        try:
+            ms = round(timed(mlp_fused), 3)
+        except Exception as exc:  # a launch shape Triton refuses
+            ms = str(exc)[:120]
+        print(json.dumps({"path": "mlp_fused", "swiglu_block": block, "swiglu_warps": warps, "ms": ms}), flush=True)
     lora_triton.TUNING.update(default)
     return 0
 

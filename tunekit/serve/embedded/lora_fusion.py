@@ -25,8 +25,10 @@ from torch import nn
 
 from . import lora_triton
 
-# Norm classes computing weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype); Liger keeps the class ("llama" mode).
-_LLAMA_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# Norm classes computing weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype). Liger patches a model's norms in place
+# (the class stays) and swaps transformers' class for LigerRMSNorm for models built later: its "llama" mode with
+# offset 0 is the same computation.
+_LLAMA_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "LigerRMSNorm"})
 # The norm that feeds a sibling group, by the group's family in lora_slots._SHARED_INPUT (decoder layer siblings).
 _NORM_BEFORE = {("q_proj", "k_proj", "v_proj"): "input_layernorm", ("gate_proj", "up_proj"): "post_attention_layernorm"}
 
