@@ -22,6 +22,9 @@ tests/test_local_speed.py checks each one against the path without it). The opti
   tiled_mlp    long context (longctx.py): the MLP over token tiles, each recomputed in backward, so the
                [tokens, intermediate] activations are never whole; when offload alone is not enough, and only
                without adapter dropout (tiles would draw other masks than the untiled MLP).
+  varlen_attention  packed SFT rows (CUDA): attention per packed example with torch's varlen flash attention
+               instead of sdpa over the whole packed row under a block-diagonal mask (varlen.py). Decided by
+               train() once packing is (the plan may leave it to the tokenized rows), from `disabled` too.
   fp32_adapters not a speed-up but a numerics guard: TRL casts a quantized model's LoRA A/B to bf16, where
                AdamW steps of lr ~2e-4 are partly rounded away (the loss curve lags the plain recipe's, which
                keeps PEFT's fp32 adapters); they go back to fp32 (autocast still runs the matmuls in bf16).
@@ -39,7 +42,7 @@ from . import variants as _variants
 from .memory import HEADROOM, MLP_TILE_TOKENS, GiB, kept_layers_peak
 
 OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters", "offload",
-                 "tiled_mlp")
+                 "tiled_mlp", "varlen_attention")
 OFF_BY = "disabled by provider_options.local.speedups"
 # a tile's LoRA dropout masks are drawn per tile: other draws than the untiled MLP's, so not the same training
 TILE_DROPOUT = ("not used with adapter.dropout={} (its masks would be drawn per tile, unlike the untiled run's); "

@@ -25,6 +25,7 @@ from ...adapters import provenance as _provenance
 from . import kernels as _kernels
 from . import ranks as _ranks
 from . import variants as _variants
+from . import varlen as _varlen
 from .datasets import PreparedData, prepare
 from .peft_config import DeviceInfo, peft_error_to_config_error
 
@@ -318,6 +319,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         model.save_pretrained(str(init_dir))
 
     speed_applied = _kernels.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
+    speed_applied["varlen_attention"] = _use_varlen(model, dev.type, packing, config, run.options.speedups, cb)
 
     # ---- optimizer (named by the plan; LoRA+ builds it here with the same class)
     optim_name = hp.optimizer
@@ -420,6 +422,20 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
                "fsdp_units": _ranks.fsdp_units(trainer.model) if sharded else 0,
                "optimizer_lrs": _initial_lrs(trainer), "speed": {**speed.to_dict(), "applied": speed_applied}},
     )
+
+
+def _use_varlen(model: Any, device_type: str, packing: bool, config: Any, speedups: Any, cb: TrainCallbacks) -> bool:
+    """Packed rows attend per example through torch's varlen flash attention where it can run (varlen.py); the
+    decision is logged for packed runs (unpacked ones have nothing to split)."""
+    from .speed import disabled
+
+    model_type = getattr(getattr(config, "get_text_config", lambda: config)(), "model_type", "")
+    on, why = _varlen.decide(device_type, bool(packing), model_type, disabled(speedups))
+    if on and not _varlen.use(model):
+        on, why = False, "the model is not loaded with sdpa attention: its own attention handles the packed rows"
+    if packing:
+        cb.on_event("info", f"attention: {'varlen' if on else 'sdpa'} for packed rows ({why})")
+    return on
 
 
 def _quiet_progress_bars() -> None:

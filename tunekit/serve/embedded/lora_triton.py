@@ -146,8 +146,8 @@ def _pow2(n: int) -> int:
 
 # Launch shapes, the fastest of benchmarks/serve_lora_kernels.py --full on an H200. Set before the first decode:
 # the expand tables (expand_meta) are kept per sibling group and batch size.
-TUNING = {"k_per": 512, "block_k": 512, "block_n": 128, "shrink_warps": 2, "expand_warps": 2, "swiglu_block": 256,
-          "swiglu_warps": 4, "fuse": True}  # fuse: lora_fusion's norm + shrink and SwiGLU launches
+TUNING = {"k_per": 512, "block_k": 512, "block_n": 128, "shrink_warps": 2, "expand_warps": 2, "swiglu_block": 128,
+          "swiglu_warps": 1, "fuse": True}  # fuse: lora_fusion's norm + shrink and SwiGLU launches
 
 
 def splits_for(in_features: int) -> int:
