@@ -17,7 +17,8 @@ of a batch in every layer, so kernel launches grow with the number of adapters i
   ``matmul`` + ``addmm`` path; base-only batches skip LoRA.
 * On CUDA with Triton a mixed *decode* step (one token per row) skips the gathers: lora_triton's kernels read
   each row's A/B from the storage by slot index, one shrink + one expand per sibling group (~3x faster than the
-  batched ``bmm`` on an H200). Prefill and CPUs keep the path above.
+  batched ``bmm`` on an H200); lora_fusion folds half of those launches into the layer's RMSNorms and SwiGLU.
+  Prefill and CPUs keep the path above.
 
 Adapter tensors are read with safetensors and scaled exactly as PEFT does (``rank_pattern`` /
 ``alpha_pattern`` resolved with the regex of PEFT's ``get_pattern_key``); tests compare against PEFT.
