@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA (varlen_attn's kernels are CUDA-only)", allow_module_level=True)
 
 from tunekit.backends.local import varlen  # noqa: E402
-from tests.tolerance import assert_close, rounding_eps  # noqa: E402
+from tests.tolerance import K_PASS, assert_close, unit_roundoff  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -74,8 +74,10 @@ def test_varlen_matches_masked_sdpa(figures, monkeypatch):
     logits, grads = forward_backward(m, ids, pos)
     assert not masks and len(calls) == m.config.num_hidden_layers
 
-    n = max(max(LENGTHS), m.config.intermediate_size)
-    eps = rounding_eps("bfloat16", n)
+    # both paths accumulate in fp32 inside their kernels and differ by where bf16 intermediates are rounded (the
+    # attention output, the softmax statistics): one bf16 unit roundoff per rounding, chained K_PASS times. A row
+    # attending across its neighbours would be off by O(1). (H200, torch 2.11: logits 0.008, gradients 0.012.)
+    eps = unit_roundoff("bfloat16")
     assert_close(logits, want_logits, eps, what="logits")
     assert grads.keys() == want_grads.keys()
     worst = 0.0
@@ -84,7 +86,7 @@ def test_varlen_matches_masked_sdpa(figures, monkeypatch):
         worst = max(worst, float((g - want_grads[name]).norm() / want_grads[name].norm().clamp_min(1e-30)))
     figures({"test": "varlen_matches_masked_sdpa", "torch": torch.__version__, "varlen_params": sorted(params),
              "logits_rel": float((logits - want_logits).norm() / want_logits.norm()), "grad_rel_worst": worst,
-             "bound": 8 * eps})
+             "bound": K_PASS * eps})
 
 
 def test_varlen_step_time(figures):
