@@ -33,6 +33,13 @@ _LLAMA_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwe
 _NORM_BEFORE = {("q_proj", "k_proj", "v_proj"): "input_layernorm", ("gate_proj", "up_proj"): "post_attention_layernorm"}
 
 
+def kernel_step(st: Any, x: torch.Tensor, group: Any) -> bool:
+    """Whether ``group`` (a lora_slots._ShrinkGroup) given ``x`` runs lora_triton's kernels: a mixed decode step (one
+    token per row), with the rows' state ``st`` (lora_slots._RowState)."""
+    return (st.kernels and st.mode == "mixed" and x.dim() == 3 and x.shape[1] == 1 and group.kernels
+            and x.shape[0] == st.rows.shape[0] and not torch.is_grad_enabled() and not (st.dora and group.biased))
+
+
 def _llama_norm(norm: Any, width: int) -> bool:
     w = getattr(norm, "weight", None)
     return (type(norm).__name__ in _LLAMA_NORMS and isinstance(w, torch.Tensor) and w.shape == (width,)
@@ -54,8 +61,6 @@ class _NormShrink:
         self.eps = float(_eps(norm))
 
     def __call__(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        from .lora_slots import kernel_step
-
         g, st = self.group, self.state
         if (args or kwargs or g is None or not lora_triton.TUNING["fuse"] or not kernel_step(st, hidden, g)
                 or not hidden.is_contiguous()):
@@ -76,8 +81,6 @@ class _SwiGLU:
         self.mlp, self.forward, self.state = mlp, forward, state
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        from .lora_slots import kernel_step
-
         mlp, st = self.mlp, self.state
         gu, dn = mlp.gate_proj._group, mlp.down_proj._group
         if (args or kwargs or not lora_triton.TUNING["fuse"] or not kernel_step(st, x, gu) or not dn.kernels
@@ -113,9 +116,9 @@ def _silu_mlp(mlp: nn.Module) -> bool:
 
 
 def fuse(model: nn.Module, wrapped: dict[str, nn.Module], state: Any) -> dict[str, int]:
-    """Install (or re-point, after a new layout) the fused forwards on ``model``; counts of what was fused."""
-    from .lora_slots import SlotLinear
-
+    """Install (or re-point, after a new layout) the fused forwards on ``model`` whose adapted linear layers are
+    ``wrapped`` (name -> lora_slots.SlotLinear); counts of what was fused."""
+    adapted = {id(w) for w in wrapped.values()}
     named = dict(model.named_modules())
     counts = {"norm_shrink": 0, "swiglu": 0}
     for module in named.values():  # a norm whose group is gone from the layout computes no shrink for it
@@ -136,8 +139,9 @@ def fuse(model: nn.Module, wrapped: dict[str, nn.Module], state: Any) -> dict[st
                 counts["norm_shrink"] += 1
         if child == "down_proj":
             mlp = named.get(parent)
-            if (mlp is not None and all(isinstance(getattr(mlp, p, None), SlotLinear)
-                                        for p in ("gate_proj", "up_proj", "down_proj")) and _silu_mlp(mlp)):
+            if (mlp is not None and all(id(getattr(mlp, p, None)) in adapted for p in ("gate_proj", "up_proj",
+                                                                                       "down_proj"))
+                    and _silu_mlp(mlp)):
                 if not isinstance(mlp.__dict__.get("forward"), _SwiGLU):
                     mlp.forward = _SwiGLU(mlp, mlp.forward, state)
                 counts["swiglu"] += 1

@@ -39,6 +39,7 @@ from torch import nn
 from ..._exceptions import ConfigError
 from ...adapters.info import AdapterInfo
 from . import lora_triton
+from .lora_fusion import fuse, kernel_step
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weight"
                   r"|(?P<m>magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$")
@@ -385,12 +386,6 @@ class _ShrinkGroup:
         return torch.bmm(xb, self.parts[i])  # a different input while the group's is live
 
 
-def kernel_step(st: _RowState, x: torch.Tensor, group: _ShrinkGroup) -> bool:
-    """Whether ``group`` given ``x`` runs lora_triton's kernels: a mixed decode step (one token per row)."""
-    return (st.kernels and st.mode == "mixed" and x.dim() == 3 and x.shape[1] == 1 and group.kernels
-            and x.shape[0] == st.rows.shape[0] and not torch.is_grad_enabled() and not (st.dora and group.biased))
-
-
 class SlotLinear(nn.Module):
     """An nn.Linear plus a per-row LoRA delta read from the shared slot storage.
 
@@ -494,8 +489,6 @@ class LoraSlots:
             self._fuse()
 
     def _fuse(self) -> None:
-        from .lora_fusion import fuse
-
         self.fused = fuse(self.model, self._wrapped, self._state)
 
     def apply_layout(self, layout: SlotLayout) -> None:
