@@ -75,6 +75,13 @@ POINTS = [
     ("tunekit qlora 64k", FUSED, "nf4", False, 1, 65536, 20, 120.81, "held out", "Long context sweep, d94002f"),
     ("tunekit qlora 128k", FUSED, "nf4", False, 1, 131072, 28, 107.09, "held out", "Long context sweep, d94002f"),
     ("tunekit qlora 256k", FUSED, "nf4", False, 1, 262144, 31, 112.03, "held out", "Long context sweep, d94002f"),
+    ("tunekit qlora, mixed lengths padded 25/32", {**FUSED, "attention_mask": "padded"}, "nf4", False, 4, 2048, 25,
+     15.84, "held out", "QLoRA/DoRA after the torch.cat operands ..., 5fe211a (the longest batch: 4 x 2048)"),
+    ("tunekit qlora, packed, masked sdpa 26/32", {**FUSED, "attention_mask": "packed"}, "nf4", False, 4, 2048, 26,
+     15.61, "held out", "QLoRA/DoRA after the torch.cat operands ..., 5fe211a"),
+    ("tunekit qlora, packed, varlen 26/32", {**FUSED, "attention_mask": "varlen"}, "nf4", False, 4, 2048, 26, 14.80,
+     "held out", "Packed rows through varlen flash attention, 43263de; its term (K/V repeated for torch 2.11's "
+     "kernel, which takes no grouped heads) was written after this run was seen"),
     ("plain qlora 16k", PLAIN, "nf4", False, 1, 16384, 32, None, "derived",
      "Long context: OOM asking 32.00 GiB = 32 heads x 16384^2 fp32: SDPA math-kernel scores (attention_scores)"),
 ]

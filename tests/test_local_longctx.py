@@ -564,12 +564,15 @@ def _plan_on_h200(monkeypatch, max_length: int, batch_size: int, packing):
 
 
 def test_packing_at_long_lengths_is_decided_from_its_mask(monkeypatch):
-    """At 131,072 tokens a packed micro-batch's mask (16 GiB of bool, 32 GiB of SDPA's bf16 bias per layer
-    computing, 16 GiB while converting it) does not fit one H200 where the unpacked row does: 'auto' does not pack
-    (and says why), true is refused on provider_options.local.packing. At 2048 x 4, 'auto' is left to the rows, and
-    the fit check counts the packed mask."""
+    """Where packed rows keep sdpa's mask (a torch without varlen_attn): at 131,072 tokens a packed micro-batch's
+    mask (16 GiB of bool, 32 GiB of SDPA's bf16 bias per layer computing, 16 GiB while converting it) does not fit
+    one H200 where the unpacked row does: 'auto' does not pack (and says why), true is refused on
+    provider_options.local.packing. At 2048 x 4, 'auto' is left to the rows, and the fit check counts the packed
+    mask."""
     from tunekit._exceptions import ConfigError
+    from tunekit.backends.local import varlen
 
+    monkeypatch.setattr(varlen, "kernel", lambda: None)
     auto = _plan_on_h200(monkeypatch, 131072, 1, "auto")
     assert auto.packing is False and auto.packing_reason.startswith("auto: not packed: the packed micro-batch's")
     assert "does not fit (unpacked it does)" in auto.packing_reason
@@ -583,6 +586,34 @@ def test_packing_at_long_lengths_is_decided_from_its_mask(monkeypatch):
     short = _plan_on_h200(monkeypatch, 2048, 4, "auto")
     assert short.packing is None and short.estimate.assumptions["attention_mask"] == "packed"
     assert short.estimate.fits and _plan_on_h200(monkeypatch, 2048, 4, True).packing is True
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_packed_rows_through_varlen_are_planned_without_a_mask(monkeypatch, gqa):
+    """Where train() runs packed rows through varlen flash attention (CUDA, a covered model, varlen_attn in torch),
+    the plan counts no mask: at 131,072 tokens packing fits and 'auto' is left to the rows. What the kernel keeps
+    beyond flash's terms is the K/V repeated to every query head when it takes no grouped heads (torch 2.11), and
+    the estimate counts exactly that per layer not checkpointed."""
+    from tunekit.backends.local import attention, varlen
+
+    params = frozenset({"window_size", "enable_gqa"} if gqa else {"window_size"})
+    monkeypatch.setattr(varlen, "kernel", lambda: (None, params))
+    kind = "varlen_gqa" if gqa else "varlen"
+    assert varlen.packed_attention("cuda", "llama") == kind
+    assert varlen.packed_attention("cpu", "llama") == varlen.packed_attention("cuda", "gpt2") == "packed"
+    assert varlen.packed_attention("cuda", "llama", frozenset({"varlen_attention"})) == "packed"  # switched off
+    auto = _plan_on_h200(monkeypatch, 131072, 1, "auto")
+    assert auto.packing is None and auto.estimate.assumptions["attention_mask"] == kind
+    assert auto.estimate.fits and _plan_on_h200(monkeypatch, 131072, 1, True).packing is True
+    d = memory._dims(LLAMA_8B)
+    kw = dict(cdt=2, layer_bytes=2, score_bytes=2)
+    copies = 4 * 2048 * 2 * (d["heads"] - d["kv_heads"]) * d["head_dim"] * 2
+    assert attention.attention_terms(d, 4, 2048, kind, False, **kw) == {
+        "kind": kind, "mask": 0, "saved": 0 if gqa else copies, "transient": 0}
+    kw = dict(micro_batch=4, max_length=2048, quantization="nf4", r=16, gradient_checkpointing=False,
+              kbit_upcast=False, device_memory_bytes=H200)  # bf16 layers (tunekit's QLoRA on a GPU): 2 bytes
+    none, var = (memory.estimate(LLAMA_8B, **kw, attention_mask=k) for k in ("none", kind))
+    assert var.breakdown["activations"] - none.breakdown["activations"] == d["layers"] * (0 if gqa else copies)
 
 
 def test_auto_does_not_pack_when_the_mask_takes_a_large_share():

@@ -4,7 +4,9 @@ memory.py's layer terms assume SDPA's flash kernel with no mask: it keeps only q
 cost more, and both grow with the square of the sequence: the [rows, 1, S, S] boolean mask transformers' sdpa
 path builds for padded or packed rows (and what SDPA makes of it), and the S x S scores of a kernel that
 materialises them (SDPA's math kernel). tests/test_local_longctx.py checks the mask against the tensors
-transformers really builds.
+transformers really builds. Packed rows through varlen.py's flash attention (kinds VARLEN) build no mask; where
+the kernel takes no grouped K/V heads ("varlen", torch 2.11) it is given K and V repeated to every query head, and
+keeps those copies for backward.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any
 # SDPA's memory-efficient kernel reads its additive bias in blocks of this many keys: torch pads the bias's last
 # dimension up to a multiple of it (preprocess_mask), so the bias it keeps is that wide
 SDPA_BIAS_ALIGN = 16
+# packed rows through varlen.py: "varlen" repeats K/V for the kernel, "varlen_gqa" passes the grouped heads
+VARLEN = ("varlen", "varlen_gqa")
+KINDS = ("none", "padded", "packed", *VARLEN)
 
 
 def attention_mask_shape(micro_batch: int, max_length: int, kind: str, method: str = "sft") -> tuple[int, int]:
@@ -26,15 +31,15 @@ def attention_mask_shape(micro_batch: int, max_length: int, kind: str, method: s
         return 1, rows * max_length
     if kind == "padded" and rows > 1:
         return rows, max_length
-    if kind not in ("none", "padded", "packed"):
-        raise ValueError(f"attention_mask={kind!r}: 'none', 'padded' or 'packed'")
+    if kind not in KINDS:
+        raise ValueError(f"attention_mask={kind!r}: one of {', '.join(KINDS)}")
     return 0, 0
 
 
 def attention_terms(d: dict[str, int], rows: int, length: int, kind: str, scores: bool, *, cdt: int,
                      layer_bytes: float, score_bytes: int) -> dict[str, Any]:
     """Bytes of attention beyond memory.py's layer terms, for ``rows`` rows of ``length`` tokens (DPO's already
-    doubled) and a mask of ``kind`` ('none', 'padded', 'packed'); ``scores``: the kernel materialises them.
+    doubled) and a mask of ``kind`` (KINDS); ``scores``: the kernel materialises them.
     Conservative where torch's sources leave a choice:
 
       mask       rows x S x S bool, built once per forward, held by every checkpointed layer for its recompute
@@ -49,7 +54,9 @@ def attention_terms(d: dict[str, int], rows: int, length: int, kind: str, scores
                  scores) and _safe_softmax's bool test of -inf (one byte per score), plus is_causal's [S, S] mask
     """
     r, s = attention_mask_shape(rows, length, kind)
-    out: dict[str, Any] = {"kind": kind if r else "none", "mask": 0, "saved": 0, "transient": 0}
+    out: dict[str, Any] = {"kind": kind if r or kind in VARLEN else "none", "mask": 0, "saved": 0, "transient": 0}
+    if kind == "varlen":  # K/V repeated to every query head for the kernel, saved for its backward
+        out["saved"] = rows * length * 2 * (d["heads"] - d["kv_heads"]) * d["head_dim"] * layer_bytes
     if r:
         s_keys = -(-s // SDPA_BIAS_ALIGN) * SDPA_BIAS_ALIGN
         out["mask"] = r * s * s

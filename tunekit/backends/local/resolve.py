@@ -191,9 +191,16 @@ def resolve_run(
 
     host = host_memory_bytes() if on_gpu else None  # what the activation offload may pin
     packed, pack_reason = packing_decision(spec.method, packing)
+    # a packed row's attention: varlen flash attention where train() will run it (no mask), else sdpa's mask
+    pack_kind = "packed"
+    if model_config is not None:
+        from . import varlen as _varlen
+
+        pack_kind = _varlen.packed_attention(dev.type, (model_config.get("text_config") or model_config).get(
+            "model_type", ""), off)
     # rows of a micro-batch are padded unless packed (their lengths are not known before tokenizing): the mask
     # of the conservative case until packing is decided; 'auto' decides the quantization unpacked
-    est_kw["attention_mask"] = "packed" if packed is True else "padded"
+    est_kw["attention_mask"] = pack_kind if packed is True else "padded"
 
     def estimate(quant: str, ckpt: bool | None = None, **long: Any) -> _memory.MemoryEstimate:
         # long: the long-context terms (offload_layers, tiled_mlp) and, searching the longest length, max_length
@@ -213,10 +220,10 @@ def resolve_run(
     if model_config is not None and packed is not False:
         packed, pack_reason = packing_decision(
             spec.method, packing, mean_tokens=None, max_length=hp.max_length,
-            memory=(estimate(quant.mode, True, attention_mask="packed"),
+            memory=(estimate(quant.mode, True, attention_mask=pack_kind),
                     estimate(quant.mode, True, attention_mask="padded")))
-        # 'auto' left undecided (None) may still pack: the fit is checked with the packed mask
-        est_kw["attention_mask"] = "padded" if packed is False else "packed"
+        # 'auto' left undecided (None) may still pack: the fit is checked with the packed attention
+        est_kw["attention_mask"] = "padded" if packed is False else pack_kind
     if model_config is not None:
         est = estimate(quant.mode)
         speed = _speed.plan(spec, model_config, dev.type, quant.quantized,

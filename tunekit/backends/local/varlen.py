@@ -67,6 +67,15 @@ def decide(device_type: str, packing: bool, model_type: str, off: frozenset[str]
                   "the whole packed sequence under a block-diagonal mask")
 
 
+def packed_attention(device_type: str, model_type: str, off: frozenset[str] = frozenset()) -> str:
+    """What a packed row's attention costs in memory (attention.py's kind): a varlen kind where `decide` takes this
+    path ("varlen_gqa" where the kernel takes grouped K/V heads, else "varlen": repeated), else sdpa's "packed"
+    block-diagonal mask. The plan's estimate and packing='auto' use it."""
+    if not decide(device_type, True, model_type, off)[0]:
+        return "packed"
+    return "varlen_gqa" if "enable_gqa" in kernel()[1] else "varlen"
+
+
 def use(model: Any) -> bool:
     """Switch ``model`` (or the model under a PEFT wrapper) from sdpa to this attention; True when it did."""
     from transformers import AttentionInterface
