@@ -35,6 +35,12 @@ def adapters(tiny_model, tmp_path_factory):
             "c": str(make_adapter(tiny_model, root / "c", r=8, target_modules="all-linear", seed=3))}
 
 
+@pytest.fixture(scope="module")
+def dora_adapter(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dora")
+    return str(make_adapter(tiny_model, root / "d", r=8, target_modules="all-linear", seed=4, use_dora=True))
+
+
 def _serve(engine, jobs: list[tuple], late: list[tuple]) -> list[str]:
     """``jobs`` lined up as one batch; ``late`` submitted once the batch has decoded a few steps."""
     out: dict[int, str] = {}
@@ -128,6 +134,31 @@ def test_lora_decode_kernels_give_the_bmm_paths_tokens(tiny_model, adapters):
             if kernels:  # lora_fusion rode on Liger's norms and SwiGLU MLPs (b and c target every linear layer)
                 layers = engine.model.config.num_hidden_layers
                 assert stats["lora_fused"] == {"norm_shrink": 2 * layers, "swiglu": layers}
+        finally:
+            engine.close()
+    assert texts[True] == texts[False]
+
+
+def test_dora_rows_through_the_fused_kernels_give_the_bmm_paths_tokens(tiny_model, adapters, dora_adapter):
+    """DoRA rows next to LoRA and base rows: the fused kernels (gains applied in the expand and in the SwiGLU
+    launch) under graphs give the greedy tokens of the gathers + bmm path (eager), in fp32."""
+    from tunekit.serve.embedded.engine import Engine
+
+    served = {"b": adapters["b"], "d": dora_adapter}
+    jobs = [(a, p, 40) for a in (None, "b", "d") for p in PROMPTS[:2]]
+    late = [("d", PROMPTS[2], 10)]
+    texts = {}
+    for kernels, decode in ((False, "eager"), (True, "graphs")):
+        engine = Engine(str(tiny_model), served, max_loras=2, device="cuda", dtype="fp32", batch_window_ms=0,
+                        decode=decode)
+        try:
+            engine.pool.slots.kernels = kernels
+            engine.eos_ids = set()
+            texts[kernels] = _serve(engine, jobs, late)
+            stats = engine.stats()
+            assert stats.get("failed_batches", 0) == 0
+            if kernels:
+                assert stats["lora_fused"]["swiglu"] == engine.model.config.num_hidden_layers
         finally:
             engine.close()
     assert texts[True] == texts[False]
