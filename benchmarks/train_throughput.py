@@ -343,6 +343,8 @@ def summarize(res: dict, warmup: int) -> dict:
     sp = res.get("speed") or {}
     if sp:
         out["speedups"] = [k for k, v in sp["enabled"].items() if v]
+        # decided when the run starts (varlen attention for packed rows, cuDNN's SDPA off for varying lengths)
+        out["applied"] = sorted(k for k, v in (sp.get("applied") or {}).items() if v is True)
         out["checkpointed_layers"] = f'{sp["checkpointed_layers"]}/{sp["num_layers"]}'
         out["offload_layers"] = sp.get("offload_layers", 0)
         out["mlp_tile_tokens"] = sp.get("mlp_tile_tokens", 0)
