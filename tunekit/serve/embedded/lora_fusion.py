@@ -79,14 +79,13 @@ class _SwiGLU:
 
     def __init__(self, mlp: nn.Module, forward: Any, state: Any) -> None:
         self.mlp, self.forward, self.state = mlp, forward, state
+        self.on = False  # set by fuse() where gate/up are one sibling group (re-checked at every new layout)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         mlp, st = self.mlp, self.state
         gu, dn = mlp.gate_proj._group, mlp.down_proj._group
-        if (args or kwargs or not lora_triton.TUNING["fuse"] or not kernel_step(st, x, gu) or not dn.kernels
-                or (st.dora and dn.biased)
-                or gu.members[0] not in (mlp.gate_proj, mlp.up_proj) or len(gu.members) != 2
-                or mlp.up_proj._group is not gu):
+        if (args or kwargs or not self.on or not lora_triton.TUNING["fuse"] or not kernel_step(st, x, gu)
+                or not dn.kernels or (st.dora and dn.biased)):
             return self.forward(x, *args, **kwargs)
         flat, _, h = gu.kernel_round(x, st)
         st.shared_shrinks += 1  # up's shrink rode on gate's, as in an unfused round
@@ -95,10 +94,13 @@ class _SwiGLU:
         act = torch.empty(batch, inter, dtype=flat.dtype, device=flat.device)
         hd = torch.empty(lora_triton.swiglu_splits(inter), batch, dn.rank_of(), dtype=torch.float32,
                          device=flat.device)
-        offsets = {"bg": gate.BT.storage_offset(), "bu": up.BT.storage_offset(),
-                   "ad": down.A.storage_offset() - gu.storage.storage_offset()}
+
+        def off(t: torch.Tensor) -> int:  # where t starts in a slot's row of the storage
+            return t.storage_offset() - gu.storage.storage_offset()
+
+        offsets = {"bg": off(gate.BT), "bu": off(up.BT), "ad": off(down.A)}
         if st.dora:
-            offsets.update(gg=gate.G.storage_offset(), gu=up.G.storage_offset())
+            offsets.update(gg=off(gate.G), gu=off(up.G))
         lora_triton.expand_swiglu(h, gu.rank_of(), gu.storage, st.rows, flat, act, hd, gate=gate._gidx,
                                   offsets=offsets, gain=st.dora)
         base = down.base_layer
@@ -121,9 +123,12 @@ def fuse(model: nn.Module, wrapped: dict[str, nn.Module], state: Any) -> dict[st
     adapted = {id(w) for w in wrapped.values()}
     named = dict(model.named_modules())
     counts = {"norm_shrink": 0, "swiglu": 0}
-    for module in named.values():  # a norm whose group is gone from the layout computes no shrink for it
-        if isinstance(module.__dict__.get("forward"), _NormShrink):
-            module.forward.group = None
+    for module in named.values():  # what the new layout no longer has computes nothing fused
+        hook = module.__dict__.get("forward")
+        if isinstance(hook, _NormShrink):
+            hook.group = None
+        elif isinstance(hook, _SwiGLU):
+            hook.on = False
     for name, w in wrapped.items():
         parent, _, child = name.rpartition(".")
         group = w._group
@@ -141,8 +146,12 @@ def fuse(model: nn.Module, wrapped: dict[str, nn.Module], state: Any) -> dict[st
             mlp = named.get(parent)
             if (mlp is not None and all(id(getattr(mlp, p, None)) in adapted for p in ("gate_proj", "up_proj",
                                                                                        "down_proj"))
+                    and mlp.gate_proj._group is mlp.up_proj._group and len(mlp.gate_proj._group.members) == 2
                     and _silu_mlp(mlp)):
-                if not isinstance(mlp.__dict__.get("forward"), _SwiGLU):
-                    mlp.forward = _SwiGLU(mlp, mlp.forward, state)
+                hook = mlp.__dict__.get("forward")
+                if not isinstance(hook, _SwiGLU):
+                    hook = _SwiGLU(mlp, mlp.forward, state)
+                    mlp.forward = hook
+                hook.on = True
                 counts["swiglu"] += 1
     return counts
