@@ -10,6 +10,9 @@ BGMV pattern of Punica/S-LoRA (the one vLLM's LoRA kernels follow):
 * ``expand``: ``y_m[row] += h_m[row] @ B_m[slot[row]]`` in place for every member ``m`` at once (their base
   outputs lie in one flat buffer), summing those partials first; DoRA's per-row gain is applied in the same pass.
 
+Two more fold these into launches a Llama layer makes anyway (lora_fusion.py): ``norm_shrink`` (the RMSNorm before
+a sibling group, and its shrink) and ``expand_swiglu`` (gate/up's expand, SiLU(gate) * up, and down's shrink).
+
 No gathered copies of A/B exist at all, so a batch composition change costs nothing on the GPU.
 Triton is imported lazily: CPU serving and machines without it keep the ``bmm`` path.
 """
