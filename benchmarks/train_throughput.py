@@ -265,7 +265,7 @@ def tunekit_run(p: dict) -> dict:
                 ka = self.prof.key_averages()
                 busy = sum(e.self_device_time_total for e in ka) / 1e6
                 print(f"[profile {p['variant']}] GPU busy {busy:.3f} s in one step\n"
-                      + ka.table(sort_by="self_cuda_time_total", row_limit=25), file=sys.stderr, flush=True)
+                      + ka.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70), file=sys.stderr, flush=True)
                 self.prof = None
 
         def on_event(self, level, message):
