@@ -1,7 +1,7 @@
 """The memory estimate (tunekit/backends/local/memory.py) against every peak recorded in docs/benchmarks.md.
 
     python benchmarks/memory_estimate.py [--markdown]
-    python benchmarks/memory_estimate.py --run qlora 4 2048 24 [--dropout 0.05]   # one new run: variant (qlora dora
+    python benchmarks/memory_estimate.py --run qlora 4 2048 24 [--dropout 0.05] [--offload N]   # one new run: variant (qlora dora
         auto speedups_off), micro-batch, seq, checkpointed layers -> the estimate to put beside its measured peak
 
 Pure arithmetic, no GPU. Every row is a run recorded in docs/benchmarks.md on the H200: Llama-3.1-8B shape, r=16
@@ -82,6 +82,8 @@ POINTS = [
     ("tunekit qlora, packed, varlen 26/32", {**FUSED, "attention_mask": "varlen"}, "nf4", False, 4, 2048, 26, 14.80,
      "held out", "Packed rows through varlen flash attention, 43263de; its term (K/V repeated for torch 2.11's "
      "kernel, which takes no grouped heads) was written after this run was seen"),
+    ("tunekit qlora 384k, 16 offloaded", {**FUSED, "offload_layers": 16}, "nf4", False, 1, 393216, 32, 121.61,
+     "held out", "Long context: 393,216 tokens, 01b888b (the plan's own offload of 16 layers' inputs)"),
     ("plain qlora 16k", PLAIN, "nf4", False, 1, 16384, 32, None, "derived",
      "Long context: OOM asking 32.00 GiB = 32 heads x 16384^2 fp32: SDPA math-kernel scores (attention_scores)"),
 ]
@@ -91,7 +93,7 @@ def estimate_point(path: dict, quant: str, dora: bool, mb: int, seq: int, ckpt: 
                    dropout: float = 0.0) -> tuple[float, float, bool]:
     """(allocated GiB, plan GiB with context and slack, fits the H200) at ``ckpt`` of 32 checkpointed layers."""
     kw = dict(micro_batch=mb, max_length=seq, quantization=quant, r=16, use_dora=dora, device_memory_bytes=H200,
-              dtype="bf16", **path)
+              dtype="bf16", **path)  # a path may carry offload_layers (the run's "offload_layers")
     if dropout:
         kw["lora_dropout"] = dropout
     if path is PLAIN and quant == "nf4":
@@ -126,13 +128,14 @@ def main() -> None:
     ap.add_argument("--run", nargs=4, metavar=("VARIANT", "MICRO_BATCH", "SEQ", "CHECKPOINTED"),
                     help="the estimate of one run of benchmarks/train_throughput.py (tunekit's side)")
     ap.add_argument("--dropout", type=float, default=0.0, help="with --run: the run's --dropout")
+    ap.add_argument("--offload", type=int, default=0, help="with --run: the run's offload_layers")
     a = ap.parse_args()
     if a.run:
         v, mb, seq, ck = a.run[0], *map(int, a.run[1:])
         path, quant, dora = {"qlora": (FUSED, "nf4", False), "dora": (FUSED, "nf4", True),
                              "auto": (FUSED, "none", False), "speedups_off": (SPEEDUPS_OFF, "nf4", False)}[v]
-        alloc, plan, _ = estimate_point(path, quant, dora, mb, seq, ck, a.dropout)
-        print(f"{v} {mb}x{seq} {ck}/32 checkpointed, dropout {a.dropout}: estimate {alloc:.2f} GiB allocated "
+        alloc, plan, _ = estimate_point({**path, "offload_layers": a.offload}, quant, dora, mb, seq, ck, a.dropout)
+        print(f"{v} {mb}x{seq} {ck}/32 checkpointed, {a.offload} offloaded, dropout {a.dropout}: estimate {alloc:.2f} GiB allocated "
               f"(compare with the run's peak), {plan:.2f} GiB with context and slack")
         return
     md = a.markdown
