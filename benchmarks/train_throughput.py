@@ -231,6 +231,10 @@ def tunekit_run(p: dict) -> dict:
     from tunekit.backends.local.train import TrainCallbacks, train
     from tunekit.schemas.spec import TrainingSpec
 
+    if not p.get("dora_kernels", True):  # --dora-ab
+        from tunekit.backends.local import dora_triton
+
+        dora_triton.TUNING["enabled"] = False
     quant = {"qlora": "nf4", "dora": "nf4", "lora_bf16": "none", "auto": "auto"}[p["variant"]]
     B = p["batch"]
     steps = p["loss_steps"] if p["check"] else p["warmup"] + p["steps"]
@@ -345,6 +349,8 @@ def summarize(res: dict, warmup: int) -> dict:
         out["speedups"] = [k for k, v in sp["enabled"].items() if v]
         # decided when the run starts (varlen attention for packed rows, cuDNN's SDPA off for varying lengths)
         out["applied"] = sorted(k for k, v in (sp.get("applied") or {}).items() if v is True)
+        if (sp.get("applied") or {}).get("dora_kernels"):
+            out["dora_kernels"] = sp["applied"]["dora_kernels"]  # "triton" or "torch" (dora_triton.py)
         out["checkpointed_layers"] = f'{sp["checkpointed_layers"]}/{sp["num_layers"]}'
         out["offload_layers"] = sp.get("offload_layers", 0)
         out["mlp_tile_tokens"] = sp.get("mlp_tile_tokens", 0)
@@ -381,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run tunekit qlora with each named speed-up off (speedups=['-OPT']; 'a,b' for "
                          "several, 'all' for none); with --check-loss, for every variant")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (tunekit only)")
+    ap.add_argument("--dora-ab", action="store_true",
+                    help="dora: also run tunekit with dora_triton's kernels off (the torch expressions), an A/B")
     ap.add_argument("--check-loss", action="store_true")
     ap.add_argument("--loss-steps", type=int, default=30)
     ap.add_argument("--no-noise", action="store_true", help="--check-loss without the plain seed+1 run")
@@ -527,6 +535,9 @@ def run_length(a, base: dict, tok, meta: dict, device: str, swept: list | None =
                 packed["ratio_vs_unpacked"] = round(packed["tokens_per_s"] / tk["tokens_per_s"], 3)
         if a.attribution is not None and (not a.attribution or v in a.attribution):
             record(v, "tunekit_speedups_off", child("tunekit", {**p, "speedups": "off"}), {"budget_gib": budget})
+        if v == "dora" and a.dora_ab:
+            record(v, "tunekit_dora_kernels_off", child("tunekit", {**p, "dora_kernels": False}),
+                   {"budget_gib": budget, "seq": seq})
         if v == "qlora":
             for opt in a.ablate:
                 record(v, f"tunekit_without_{opt}", child("tunekit", {**p, "speedups": speedups_off(opt)}),

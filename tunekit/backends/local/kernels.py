@@ -32,6 +32,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import dora_triton as _dora_triton
 from . import longctx as _longctx
 from . import nf4
 from .speed import SpeedPlan
@@ -69,6 +70,10 @@ def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
     if sp.on("fast_dora"):
         done["fast_dora_modules"] = patch_dora(model, state)
         track_forward_passes(model, state)
+        four_bit = [m for m, _ in state.nf4_dora if nf4.eligible(m.get_base_layer())]
+        if four_bit:  # 4-bit DoRA: W A^T and the magnitude's gradient as Triton kernels where they run
+            dev = four_bit[0].get_base_layer().weight.device
+            done["dora_kernels"] = "triton" if _dora_triton.available(dev) else "torch"
         if sp.on("liger"):
             from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
 

@@ -12,6 +12,8 @@ before the single rounding to the compute dtype, so m/n - 1 ~ 1e-4 is not lost t
 once per forward pass for all DoRA layers together, batched over the layers of one shape (a step is bound by
 per-op overhead, not by these small products); the checkpoint recompute reuses them.
 
+On CUDA, W A^T and the magnitude's gradient run as dora_triton.py's kernels (one pass over memory each).
+
 The magnitude's gradient reads the layer's output y (saved; it is also what the layer returns, which costs
 nothing where the next op keeps it anyway). Liger's Triton kernels rewrite tensors in place without bumping
 autograd's version counters, so neither a saved tensor's check nor anything else would notice: its RoPE rotates
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from . import dora_triton
 
 
 def lora_forward(layer: Any, x: Any, name: str, dora: Any, state: Any) -> Any:
@@ -121,9 +125,8 @@ def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, state: Any) -> None:
             B = torch.stack([m.lora_B[n].weight for m, n in members]).float()  # [L, out, r]
             mag = torch.stack([m.lora_magnitude_vector[n].weight for m, n in members]).float()  # [L, out]
             a = A.to(cdt)
-            WA = torch.empty(B.shape, dtype=cdt, device=B.device)
-            for i, (m, _) in enumerate(members):  # W A^T: one pass over each dequantized W per forward pass
-                torch.mm(dequant(m.get_base_layer().weight, absmax[i], cdt), a[i].t(), out=WA[i])
+            # W A^T: one pass over each 4-bit W per forward pass (dequantized in registers on CUDA)
+            WA = dora_triton.nf4_times_at([m.get_base_layer().weight for m, _ in members], absmax, a, dequant)
             scale = mag / dora_norm(torch.stack(wsq), WA, A, B, s)
             coef = scale * s
             inv_mag = torch.where(mag != 0, mag.reciprocal(), torch.zeros((), device=mag.device))
@@ -243,7 +246,7 @@ def _make():
                         "a kernel after this DoRA layer wrote its gradient into the layer's output, which the "
                         "magnitude's gradient reads (Liger's SwiGLU does): the layer must return a copy "
                         "(kernels.FastState.copy_out) or the kernel keep its inputs (kernels.guard_dora_outputs)")
-                gm = ((g2 * y).sum(0, dtype=torch.float32) * inv_mag).to(ctx.dtypes[2])
+                gm = dora_triton.magnitude_grad(g2, y, inv_mag).to(ctx.dtypes[2])
             return gx, gxd, gA, gB, gm, None, None, None, None, None
 
     return Nf4Lora
