@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                          "several, 'all' for none); with --check-loss, for every variant")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (tunekit only)")
     ap.add_argument("--dora-ab", action="store_true",
-                    help="dora: also run tunekit with dora_triton's kernels off (the torch expressions), an A/B")
+                    help="dora: also run tunekit with dora_triton's kernel off (the torch expression), an A/B")
     ap.add_argument("--check-loss", action="store_true")
     ap.add_argument("--loss-steps", type=int, default=30)
     ap.add_argument("--no-noise", action="store_true", help="--check-loss without the plain seed+1 run")

@@ -71,7 +71,7 @@ def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
         done["fast_dora_modules"] = patch_dora(model, state)
         track_forward_passes(model, state)
         four_bit = [m for m, _ in state.nf4_dora if nf4.eligible(m.get_base_layer())]
-        if four_bit:  # 4-bit DoRA: W A^T and the magnitude's gradient as Triton kernels where they run
+        if four_bit:  # 4-bit DoRA: the magnitude's gradient as a Triton kernel where it runs
             dev = four_bit[0].get_base_layer().weight.device
             done["dora_kernels"] = "triton" if _dora_triton.available(dev) else "torch"
         if sp.on("liger"):

@@ -12,7 +12,7 @@ before the single rounding to the compute dtype, so m/n - 1 ~ 1e-4 is not lost t
 once per forward pass for all DoRA layers together, batched over the layers of one shape (a step is bound by
 per-op overhead, not by these small products); the checkpoint recompute reuses them.
 
-On CUDA, W A^T and the magnitude's gradient run as dora_triton.py's kernels (one pass over memory each).
+On CUDA the magnitude's gradient runs as dora_triton.py's kernel (one pass over g and y).
 
 The magnitude's gradient reads the layer's output y (saved; it is also what the layer returns, which costs
 nothing where the next op keeps it anyway). Liger's Triton kernels rewrite tensors in place without bumping
@@ -125,8 +125,9 @@ def _compute_pass(layers: list[tuple[Any, str]], cdt: Any, state: Any) -> None:
             B = torch.stack([m.lora_B[n].weight for m, n in members]).float()  # [L, out, r]
             mag = torch.stack([m.lora_magnitude_vector[n].weight for m, n in members]).float()  # [L, out]
             a = A.to(cdt)
-            # W A^T: one pass over each 4-bit W per forward pass (dequantized in registers on CUDA)
-            WA = dora_triton.nf4_times_at([m.get_base_layer().weight for m, _ in members], absmax, a, dequant)
+            WA = torch.empty(B.shape, dtype=cdt, device=B.device)
+            for i, (m, _) in enumerate(members):  # W A^T: one pass over each dequantized W per forward pass
+                torch.mm(dequant(m.get_base_layer().weight, absmax[i], cdt), a[i].t(), out=WA[i])
             scale = mag / dora_norm(torch.stack(wsq), WA, A, B, s)
             coef = scale * s
             inv_mag = torch.where(mag != 0, mag.reciprocal(), torch.zeros((), device=mag.device))
