@@ -252,7 +252,7 @@ def test_fused_forward_equals_peft_forward_on_nf4(tiny_model, monkeypatch, dora,
     assert len(applied) == 2 * 14 and all(o is not None for o in applied)  # the NF4 function ran in every layer
     assert passes == ([14, 14] if dora else [])  # one batched computation per forward pass
     assert len(kernel_calls) == (2 * 14 if dora else 0)  # every DoRA layer's backward, twice
-    assert all(kernel_calls) == dora_triton.available(ids.device)
+    assert not dora or all(kernel_calls) == dora_triton.available(ids.device)
     assert any("magnitude" in n for n in peft_grads) == dora and peft_grads.keys() == fast_grads.keys()
     # the longest reductions: the MLP's width (forward) and the tokens (weight gradients)
     n_reduce = max(ids.numel(), json.loads((tiny_model / "config.json").read_text())["intermediate_size"])

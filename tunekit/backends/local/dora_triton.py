@@ -4,7 +4,8 @@ makes several.
 ``magnitude_grad(g, y, inv_mag)``: sum_t g[t, j] y[t, j] / m_j, summed in fp32 while g and y are read once.
 Torch's ``(g * y).sum(0, dtype=float32)`` writes the product as a third [tokens, out] tensor (rounding each product
 to bf16) and reads it back, per adapted layer in every backward. On the H200 (8B, 4 x 2048 tokens,
-docs/benchmarks.md) the kernel took 20.8 ms of a step where torch's multiply and column reduction took about 26.
+docs/benchmarks.md) the kernel took 20.8 ms of a step; torch's column reduction took 9.1 ms plus its share of
+17.6 ms of multiplies (at most ~26 ms together).
 
 Tried and removed (commit efb2303): W A^T with the 4-bit W dequantized in registers, for the DoRA norm. It read
 the 4-bit weights only, but its per-weight table lookups and block-scale gathers ran 198 us per layer (44 ms per
@@ -31,6 +32,11 @@ def available(device: Any) -> bool:
 
     if not TUNING["enabled"] or not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
+    return _importable()
+
+
+@functools.lru_cache(maxsize=1)
+def _importable() -> bool:  # asked in every DoRA backward: a failed import is not retried each time
     try:
         _kernels()
     except ImportError:
