@@ -1,8 +1,9 @@
 """The memory estimate (tunekit/backends/local/memory.py) against every peak recorded in docs/benchmarks.md.
 
     python benchmarks/memory_estimate.py [--markdown]
-    python benchmarks/memory_estimate.py --run qlora 4 2048 24 [--dropout 0.05] [--offload N]   # one new run: variant (qlora dora
-        auto speedups_off), micro-batch, seq, checkpointed layers -> the estimate to put beside its measured peak
+    python benchmarks/memory_estimate.py --run qlora 4 2048 24 [--dropout 0.05] [--offload N]
+        # one new run: variant (qlora dora auto speedups_off), micro-batch, seq, checkpointed layers (and the run's
+        # offloaded layers) -> the estimate to put beside its measured peak
 
 Pure arithmetic, no GPU. Every row is a run recorded in docs/benchmarks.md on the H200: Llama-3.1-8B shape, r=16
 all-linear, peak = torch.cuda.max_memory_allocated(), compared with the estimate's allocated part (weights +
@@ -135,7 +136,8 @@ def main() -> None:
         path, quant, dora = {"qlora": (FUSED, "nf4", False), "dora": (FUSED, "nf4", True),
                              "auto": (FUSED, "none", False), "speedups_off": (SPEEDUPS_OFF, "nf4", False)}[v]
         alloc, plan, _ = estimate_point({**path, "offload_layers": a.offload}, quant, dora, mb, seq, ck, a.dropout)
-        print(f"{v} {mb}x{seq} {ck}/32 checkpointed, {a.offload} offloaded, dropout {a.dropout}: estimate {alloc:.2f} GiB allocated "
+        print(f"{v} {mb}x{seq} {ck}/32 checkpointed, {a.offload} offloaded, dropout {a.dropout}: "
+              f"estimate {alloc:.2f} GiB allocated "
               f"(compare with the run's peak), {plan:.2f} GiB with context and slack")
         return
     md = a.markdown

@@ -20,14 +20,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-TUNING: dict[str, Any] = {"enabled": True}  # False: the torch expressions (benchmarks' --dora-ab)
+TUNING: dict[str, Any] = {"enabled": True}  # False: the torch expression (benchmarks' --dora-ab)
 # programs per launch to aim for, splitting the rows into fp32 partials: several per SM of an H200 (132) for the
 # narrowest layers (k/v: 1,024 outputs)
 _PROGRAMS_DOT = 1024
 
 
 def available(device: Any) -> bool:
-    """Whether the kernels run for tensors on ``device`` (CUDA, or Triton's CPU interpreter in the tests)."""
+    """Whether the kernel runs for tensors on ``device`` (CUDA, or Triton's CPU interpreter in the tests)."""
     import os
 
     if not TUNING["enabled"] or not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
