@@ -461,11 +461,13 @@ def test_nf4_forward_rounds_base_plus_update_once(tiny_model, monkeypatch, dora,
     assert abs(kept - 1) <= bound(spread, 1.0), (kept, spread)
 
 
-def test_liger_with_4bit_dora_gives_peft_gradients_on_cuda(tiny_model):
+@pytest.mark.parametrize("dora", [True, False])
+def test_liger_with_4bit_dora_gives_peft_gradients_on_cuda(tiny_model, dora):
     """Liger's RoPE rotates the q/k outputs in place and its SwiGLU writes the gate/up gradients over the gate/up
     outputs; the 4-bit DoRA function saves its outputs for the magnitude's gradient (kernels.guard_dora_outputs
     keeps them apart). With the real kernels every gradient is PEFT's DoRA without Liger, to fp32 rounding (an
-    overwritten output is off by O(1); tests/test_local_dora_inplace.py has the CPU stand-ins)."""
+    overwritten output is off by O(1); tests/test_local_dora_inplace.py has the CPU stand-ins). The down
+    projections take the SwiGLU's inputs (kernels.fuse_swiglu_down, Liger's kernels): also for LoRA."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("Liger's kernels are Triton (CUDA only); tests/test_local_dora_inplace.py emulates them on CPU")
@@ -482,9 +484,14 @@ def test_liger_with_4bit_dora_gives_peft_gradients_on_cuda(tiny_model):
         m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q,
                                                  device_map={"": 0})
         m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian",
-                                         lora_dropout=0.0, use_dora=True))
+                                         lora_dropout=0.0, use_dora=dora))
         if liger:
-            done = kernels.apply(m, speed.SpeedPlan({"liger": True, "fast_lora": True, "fast_dora": True}, {}, 2, 0))
+            done = kernels.apply(m, speed.SpeedPlan({"liger": True, "fast_lora": True, "fast_dora": dora}, {}, 2, 0))
+        if not dora:  # B off its zero init (both arms alike), so every gradient term is exercised
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.02, generator=torch.Generator("cuda").manual_seed(4))
         m.train()
         with torch.no_grad():  # magnitudes off their init, so m/n - 1 is not ~0
             for n, p in m.named_parameters():
@@ -493,7 +500,8 @@ def test_liger_with_4bit_dora_gives_peft_gradients_on_cuda(tiny_model):
         m(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad.float().cpu() for n, p in m.named_parameters() if p.requires_grad})
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
-    assert done["dora_copied_outputs"] == 2 * layers and done["dora_swiglu_keeping_inputs"] == layers, done
+    assert done["fused_swiglu_down"] == layers, done
+    assert not dora or (done["dora_copied_outputs"] == 2 * layers and done["dora_swiglu_keeping_inputs"] == layers)
     n_reduce = max(ids.numel(), json.loads((tiny_model / "config.json").read_text())["intermediate_size"])
     for n, g in grads[0].items():
         assert_close(grads[1][n], g, rounding_eps("float32", n_reduce), what=n)

@@ -148,7 +148,7 @@ def _linear_shapes(d: dict[str, int]) -> list[tuple[int, int]]:
     return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
 
-def _fused_layer_elems(d: dict[str, int], r: int, dora16: bool = False) -> int:
+def _fused_layer_elems(d: dict[str, int], r: int, dora16: bool = False, fused_mlp: bool = False) -> int:
     """Elements per token one decoder layer keeps for backward on the fused CUDA path (Liger's RMSNorm/SwiGLU/RoPE,
     the fused LoRA forward, SDPA's flash kernel), counted from what each op saves:
       4 hidden         the layer input and mid-layer residual (RMSNorm inputs), both normed outputs (the
@@ -158,9 +158,10 @@ def _fused_layer_elems(d: dict[str, int], r: int, dora16: bool = False) -> int:
       7 r              A x of each adapted linear
     8B shape: 69,744, i.e. 0.448 x the plain recipe's coefficients (H200, 72a9a4c: 50.16 GiB measured for bf16
     LoRA without checkpointing). ``dora16``: the 16-bit DoRA forward (kernels.py) rescales each output with
-    addcmul, which saves it too (counted, not measured)."""
+    addcmul, which saves it too (counted, not measured). ``fused_mlp``: down_proj takes the SwiGLU's inputs
+    (kernels.fuse_swiglu_down), so its output is not kept: 2 intermediate."""
     h, i, q, kv = d["hidden"], d["intermediate"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
-    elems = 4 * h + 2 * q + 2 * kv + 3 * i + 7 * r
+    elems = 4 * h + 2 * q + 2 * kv + (2 if fused_mlp else 3) * i + 7 * r
     return elems + (q + 2 * kv + 2 * h + 2 * i if dora16 else 0)
 
 
@@ -226,6 +227,7 @@ def _estimate(
     host_memory_bytes: int | None = None,
     attention_mask: str = "none",
     attention_scores: bool = False,
+    fused_mlp: bool = False,
 ) -> MemoryEstimate:
     """The estimate alone (no suggestions). ``quantization`` is the resolved mode ('nf4'|'none').
 
@@ -238,7 +240,8 @@ def _estimate(
     never whole. ``kbit_upcast``: QLoRA's non-quantized params are upcast to fp32 (speed.py's bf16_kbit
     path keeps them bf16). ``fused_kernels``: Liger's kernels and the fused LoRA forward (CUDA), which keep
     fewer activations per layer (`_fused_layer_elems`). ``lora_dropout``: the adapter's dropout (> 0 gives each
-    adapted linear its own dropped copy of its input).
+    adapted linear its own dropped copy of its input). ``fused_mlp``: with fused kernels, a 4-bit down_proj
+    without dropout takes the SwiGLU's inputs (kernels.fuse_swiglu_down) and the SwiGLU's output is not kept.
 
     Long context (longctx.py): ``offload_layers`` checkpointed layers keep their saved input in pinned host
     memory instead of on the GPU (``host_bytes``; the estimate does not fit when that exceeds HOST_SHARE of
@@ -271,8 +274,10 @@ def _estimate(
     layer_bytes = 3 if up else (4 if dtype == "fp32" else 2)  # QLoRA: mixed bf16 matmuls / fp32 stream
     cdt = 4 if dtype == "fp32" else 2  # compute dtype
     dora_peft = use_dora and lora_dropout > 0  # DoRA with dropout is not fused: PEFT's layer (kernels.py's norm)
+    # (not under FSDP2: the gathered 4-bit weight has no quant state, so bitsandbytes' own forward runs)
+    fused_mlp = fused_kernels and fused_mlp and nf4 and not lora_dropout and shards == 1
     if fused_kernels:
-        full_layer = tokens * _fused_layer_elems(d, r, use_dora and not nf4 and not dora_peft) * layer_bytes
+        full_layer = tokens * _fused_layer_elems(d, r, use_dora and not nf4 and not dora_peft, fused_mlp) * layer_bytes
         if dora_peft:
             # it keeps, per adapted linear, the base output of the dropped input and the LoRA output (for the
             # magnitude's gradient) and, on a 4-bit base, the dequantized weight its F.linear needs for dL/dx
@@ -293,7 +298,7 @@ def _estimate(
     else:
         full_layer = tokens * act_elem * layer_bytes
     if tiled_mlp and tokens > MLP_TILE_TOKENS:  # the MLP's intermediates exist for one tile at a time
-        mlp_elems = 3 * d["intermediate"] if fused_kernels else I_COEF * d["intermediate"]
+        mlp_elems = (2 if fused_mlp else 3) * d["intermediate"] if fused_kernels else I_COEF * d["intermediate"]
         full_layer -= (tokens - MLP_TILE_TOKENS) * mlp_elems * layer_bytes
     if lora_dropout > 0:  # the measured H200 figures are all without dropout; this term is counted on CPU
         full_layer += tokens * _dropout_bytes(d, target_modules, layer_bytes, 1 if device_type == "cuda" else cdt)
@@ -351,7 +356,7 @@ def _estimate(
             "base_params": counts["total"], "fused_lm_head": fused_lm_head, "kbit_upcast": kbit_upcast,
             "fused_kernels": fused_kernels, "shards": shards, "lora_dropout": lora_dropout,
             "offload_layers": offloaded, "tiled_mlp": tiled_mlp, "attention_mask": attn["kind"],
-            "attention_scores": attention_scores,
+            "attention_scores": attention_scores, "fused_mlp": fused_mlp,
             # what attention adds to the peak: the mask, the layers' saved attention and its phase over the logits
             "attention_bytes": int(attention + max(0, phase - logits)),
             # the one layer recomputed in backward (in the total when checkpointing): speed._checkpoint_layers

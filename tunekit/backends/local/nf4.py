@@ -35,6 +35,31 @@ def lora_forward(layer: Any, x: Any, name: str, dora: Any, state: Any) -> Any:
 
     ``dora``: the layer's DoraLinearLayer, only when PEFT's DoRA forward has no active dropout. ``state``: the
     model's kernels.FastState (pass counter, the DoRA layers to compute together, cached values)."""
+    got = _prepared(layer, x, name, dora, state)
+    if got is None:
+        return None
+    A, B, mag, weight, pre, s, cdt = got
+    if mag is None:
+        return _function().apply(x, layer.lora_dropout[name](x), A, B, None, weight, pre, s, cdt, False)
+    copy = layer in getattr(state, "copy_out", ())  # a later kernel rewrites this output in place (RoPE)
+    return _function().apply(x, x, A, B, mag, weight, pre, s, cdt, copy)
+
+
+def swiglu_down(layer: Any, a: Any, b: Any, name: str, dora: Any, state: Any, ops: Any, keep: bool) -> Any:
+    """``layer(silu(a) * b)`` for the MLP's down projection as one function (`swiglu_function`), or None where it
+    does not apply: the 4-bit function does not (see `lora_forward`), or the adapter has dropout (its dropped
+    copy of the input would be saved anyway)."""
+    import torch
+
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None
+    got = _prepared(layer, a, name, dora, state)
+    return None if got is None else swiglu_function().apply(a, b, *got, ops, keep)
+
+
+def _prepared(layer: Any, x: Any, name: str, dora: Any, state: Any) -> tuple | None:
+    """(A, B, magnitude or None, 4-bit weight, Pre, s, compute dtype) of one call, or None where the 4-bit
+    function does not apply."""
     import torch
 
     base = layer.get_base_layer()
@@ -45,13 +70,11 @@ def lora_forward(layer: Any, x: Any, name: str, dora: Any, state: Any) -> Any:
     if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == A.dtype == B.dtype == cdt):
         return None  # mixed dtypes without autocast: PEFT's promotion rules apply
     s = float(layer.scaling[name])
-    fn = _function()
     if dora is None:
         with torch.no_grad():
             pre = Pre(a=A.to(cdt), absmax=block_scales(base.weight.quant_state), bs=(B.float() * s).to(cdt))
-        return fn.apply(x, layer.lora_dropout[name](x), A, B, None, base.weight, pre, s, cdt, False)
-    copy = layer in getattr(state, "copy_out", ())  # a later kernel rewrites this output in place (RoPE)
-    return fn.apply(x, x, A, B, dora.weight, base.weight, dora_pass(layer, name, cdt, state), s, cdt, copy)
+        return A, B, None, base.weight, pre, s, cdt
+    return A, B, dora.weight, base.weight, dora_pass(layer, name, cdt, state), s, cdt
 
 
 def eligible(base: Any) -> bool:
@@ -184,18 +207,66 @@ def _base_plus_update(x: Any, w: Any, h: Any, bs: Any) -> Any:
     return torch.mm(torch.cat(xs, 1), torch.cat(ws, 1).t())
 
 
-_FN = None  # built on first use (torch is imported lazily)
+_FN: dict = {}  # built on first use (torch is imported lazily)
 
 
 def _function():
-    global _FN
-    if _FN is None:
-        _FN = _make()
-    return _FN
+    if "lora" not in _FN:
+        _FN["lora"], _FN["swiglu"] = _make()
+    return _FN["lora"]
+
+
+def swiglu_function():
+    """``apply(a, b, A, B, mag, weight, pre, s, cdt, ops, keep)``: down_proj(silu(a) * b) as one function."""
+    _function()
+    return _FN["swiglu"]
 
 
 def _make():
     import torch
+
+    def forward(x2, xd2, weight, pre, cdt):
+        """y (flat, cdt) and the block scales used; the caller saves what its backward needs."""
+        absmax = pre.absmax
+        if pre.scale is not None:
+            absmax = (absmax.view(weight.quant_state.shape[0], -1) * pre.scale.view(-1, 1)).view(-1)
+        h = xd2 @ pre.a.t()
+        return _base_plus_update(x2, dequant(weight, absmax, cdt), h, pre.bs), absmax, h
+
+    def remember(ctx, weight, s, pre, cdt, same, A, B, mag):
+        ctx.weight, ctx.s, ctx.coef, ctx.cdt, ctx.same = weight, s, pre.coef, cdt, same
+        ctx.dtypes = (A.dtype, B.dtype, None if mag is None else mag.dtype)
+
+    def backward(ctx, g, xd2, h, a, bs, absmax, dora, need_x, need_xd, need_a, need_b, need_m):
+        """(dL/dx, dL/dxd, dL/dA, dL/dB, dL/dm), flat and in the compute dtype for the inputs."""
+        cdt = ctx.cdt
+        g2 = g.reshape(-1, g.shape[-1]).to(cdt)
+        gx = gxd = gA = gB = gm = None
+        gh = g2 @ bs if (need_xd or need_a) else None  # dL/dh, [tokens, r]
+        if need_x:
+            gx = g2 @ dequant(ctx.weight, absmax, cdt)
+            if ctx.same:  # xd is x: one gradient, the adapter's term added in the GEMM's epilogue
+                gx = gx.addmm_(gh, a)
+        if need_xd and not ctx.same:
+            gxd = gh @ a
+        if need_a:
+            gA = (gh.t() @ xd2).to(ctx.dtypes[0])
+        if need_b:
+            gB = (g2.t() @ h).float()
+            gB = (gB * (ctx.s if ctx.coef is None else ctx.coef.view(-1, 1))).to(ctx.dtypes[1])
+        if need_m:
+            # dL/dm = (1/n) sum_t g * y/(m/n) = sum_t g*y / m  (y = (m/n) y0; rows with m == 0 get 0)
+            y, inv_mag = dora
+            if _overlaps(g, y):
+                raise RuntimeError(
+                    "a kernel after this DoRA layer wrote its gradient into the layer's output, which the "
+                    "magnitude's gradient reads (Liger's SwiGLU does): the layer must return a copy "
+                    "(kernels.FastState.copy_out) or the kernel keep its inputs (kernels.guard_dora_outputs)")
+            gm = dora_triton.magnitude_grad(g2, y, inv_mag).to(ctx.dtypes[2])
+        return gx, gxd, gA, gB, gm
+
+    def dora_saved(y, pre, mag):
+        return () if mag is None else (y, pre.inv_mag)
 
     class Nf4Lora(torch.autograd.Function):
         """y = x W^T + (xd a^T) bs^T, xd = dropout(x), bs = s B; DoRA: W's block scales times m/n and
@@ -204,53 +275,61 @@ def _make():
 
         @staticmethod
         def forward(ctx, x, xd, A, B, mag, weight, pre, s, cdt, copy):
-            out_f = weight.quant_state.shape[0]
-            absmax = pre.absmax
-            if pre.scale is not None:
-                absmax = (absmax.view(out_f, -1) * pre.scale.view(-1, 1)).view(-1)
             x2 = x.reshape(-1, x.shape[-1]).to(cdt)
             xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1]).to(cdt)
-            h = xd2 @ pre.a.t()
-            y = _base_plus_update(x2, dequant(weight, absmax, cdt), h, pre.bs)
-            ctx.save_for_backward(xd2, h, pre.a, pre.bs, absmax, *(() if mag is None else (y, pre.inv_mag)))
-            ctx.weight, ctx.s, ctx.coef, ctx.cdt, ctx.same = weight, s, pre.coef, cdt, xd is x
+            y, absmax, h = forward(x2, xd2, weight, pre, cdt)
+            ctx.save_for_backward(xd2, h, pre.a, pre.bs, absmax, *dora_saved(y, pre, mag))
+            remember(ctx, weight, s, pre, cdt, xd is x, A, B, mag)
             ctx.shapes = (x.shape, x.dtype, xd.shape, xd.dtype)
-            ctx.dtypes = (A.dtype, B.dtype, None if mag is None else mag.dtype)
-            out = y.view(*x.shape[:-1], out_f).to(x.dtype)
+            out = y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
             return out.clone() if copy and out.data_ptr() == y.data_ptr() else out
 
         @staticmethod
         def backward(ctx, g):
             xd2, h, a, bs, absmax, *dora = ctx.saved_tensors
-            need_x, need_xd, need_a, need_b, need_m = ctx.needs_input_grad[:5]
-            (x_shape, x_dtype, xd_shape, xd_dtype), cdt = ctx.shapes, ctx.cdt
-            g2 = g.reshape(-1, g.shape[-1]).to(cdt)
-            gx = gxd = gA = gB = gm = None
-            gh = g2 @ bs if (need_xd or need_a) else None  # dL/dh, [tokens, r]
-            if need_x:
-                gx = g2 @ dequant(ctx.weight, absmax, cdt)
-                if ctx.same:  # xd is x: one gradient, the adapter's term added in the GEMM's epilogue
-                    gx = gx.addmm_(gh, a)
-                gx = gx.view(x_shape).to(x_dtype)
-            if need_xd and not ctx.same:
-                gxd = (gh @ a).view(xd_shape).to(xd_dtype)
-            if need_a:
-                gA = (gh.t() @ xd2).to(ctx.dtypes[0])
-            if need_b:
-                gB = (g2.t() @ h).float()
-                gB = (gB * (ctx.s if ctx.coef is None else ctx.coef.view(-1, 1))).to(ctx.dtypes[1])
-            if need_m:
-                # dL/dm = (1/n) sum_t g * y/(m/n) = sum_t g*y / m  (y = (m/n) y0; rows with m == 0 get 0)
-                y, inv_mag = dora
-                if _overlaps(g, y):
-                    raise RuntimeError(
-                        "a kernel after this DoRA layer wrote its gradient into the layer's output, which the "
-                        "magnitude's gradient reads (Liger's SwiGLU does): the layer must return a copy "
-                        "(kernels.FastState.copy_out) or the kernel keep its inputs (kernels.guard_dora_outputs)")
-                gm = dora_triton.magnitude_grad(g2, y, inv_mag).to(ctx.dtypes[2])
+            x_shape, x_dtype, xd_shape, xd_dtype = ctx.shapes
+            gx, gxd, gA, gB, gm = backward(ctx, g, xd2, h, a, bs, absmax, dora, *ctx.needs_input_grad[:5])
+            gx = None if gx is None else gx.view(x_shape).to(x_dtype)
+            gxd = None if gxd is None else gxd.view(xd_shape).to(xd_dtype)
             return gx, gxd, gA, gB, gm, None, None, None, None, None
 
-    return Nf4Lora
+    class Nf4LoraSwiGLU(torch.autograd.Function):
+        """The same layer fed by the MLP's SwiGLU, both in one function: y = Nf4Lora(silu(a) * b) without dropout
+        (``ops``: ``forward(a, b) -> c`` and ``backward(a, b, dc) -> (da, db)``, Liger's kernels on the GPU).
+
+        Saves a and b, which the SwiGLU's backward needs anyway, instead of c = silu(a) * b, which the adapter's
+        dL/dA needs: c is computed again in backward by the same kernel (one elementwise pass), so the values are
+        those of the two functions in a row and each layer keeps [tokens, intermediate] less. ``keep``: the
+        SwiGLU's backward writes into copies of a and b (4-bit DoRA gate/up save their outputs), not over them."""
+
+        @staticmethod
+        def forward(ctx, a, b, A, B, mag, weight, pre, s, cdt, ops, keep):
+            with torch.no_grad():
+                c = ops.forward(a, b)
+            c2 = c.reshape(-1, c.shape[-1]).to(cdt)
+            y, absmax, h = forward(c2, c2, weight, pre, cdt)
+            ctx.save_for_backward(a, b, h, pre.a, pre.bs, absmax, *dora_saved(y, pre, mag))
+            remember(ctx, weight, s, pre, cdt, True, A, B, mag)
+            ctx.ops, ctx.keep = ops, keep
+            return y.view(*c.shape[:-1], y.shape[-1]).to(c.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            a, b, h, pa, bs, absmax, *dora = ctx.saved_tensors
+            need_ab, need_a, need_b, need_m = ctx.needs_input_grad[0] or ctx.needs_input_grad[1], \
+                *ctx.needs_input_grad[2:5]
+            c = ctx.ops.forward(a, b) if need_a else None  # dL/dA = gh^T c
+            c2 = None if c is None else c.reshape(-1, c.shape[-1]).to(ctx.cdt)
+            dc, _, gA, gB, gm = backward(ctx, g, c2, h, pa, bs, absmax, dora, need_ab, False, need_a, need_b,
+                                         need_m)
+            da = db = None
+            if need_ab:
+                if ctx.keep:
+                    a, b = a.clone(), b.clone()
+                da, db = ctx.ops.backward(a, b, dc.view(a.shape).to(a.dtype).contiguous())
+            return da, db, gA, gB, gm, None, None, None, None, None, None
+
+    return Nf4Lora, Nf4LoraSwiGLU
 
 
 def _overlaps(a: Any, b: Any) -> bool:
