@@ -88,7 +88,7 @@ def _model(tiny_model, quant: str):
                                                        bnb_4bit_use_double_quant=True,
                                                        bnb_4bit_compute_dtype=torch.float32)
     torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, **kw)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, device_map={"": "cpu"}, **kw)
     return get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian",
                                         lora_dropout=0.0, use_dora=True))
 

@@ -23,6 +23,8 @@ from tests.tolerance import (adam_scale, assert_close, bound, mixed_eps, rel_dif
 from tests.train_recorder import Recorder  # noqa: E402
 
 GiB = 2**30
+# the CPU cases pin their models there: on a GPU machine transformers/bitsandbytes would place them on cuda:0
+CPU = {"": "cpu"}
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, model_type="llama")
 
@@ -53,6 +55,7 @@ def rows_file(tmp_path: Path, n: int = 16) -> Path:
 def run(tmp_path: Path, name: str, spec: TrainingSpec, speedups: str, **kw):
     cb = Recorder()
     off = [p for p in speedups.split(",") if p] or "auto"  # provider_options.local.speedups
+    kw.setdefault("device", "cpu")  # a GPU machine too: these compare CPU runs to fp32 rounding
     out = train(spec, rows_file(tmp_path), tmp_path / name, callbacks=cb, max_steps=STEPS, speedups=off, **kw)
     return out, cb
 
@@ -154,7 +157,7 @@ def test_partial_checkpointing_gives_the_same_gradients(tiny_model):
     grads = []
     for k in (0, 1, 2):
         torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, device_map=CPU),
                                LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
         model.train()
         assert kernels.set_checkpointing(model.get_base_model(), k) == k
@@ -226,7 +229,7 @@ def test_fused_forward_equals_peft_forward_on_nf4(tiny_model, monkeypatch, dora,
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=cdt)
         torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q, device_map=CPU)
         m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian",
                                          lora_dropout=dropout, **extra))
         if fast:
@@ -278,7 +281,17 @@ def test_fused_forward_equals_peft_forward_on_nf4(tiny_model, monkeypatch, dora,
 
 
 
-def test_liger_kernels_patch_the_model_and_train_on_cuda(tiny_model):
+@pytest.fixture
+def liger_undone(monkeypatch):
+    """Liger's patching also replaces transformers' Llama RoPE function and RMSNorm/MLP classes for the whole
+    process (its Triton kernels): put them back after the test, so later CPU cases build stock Llamas."""
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+
+
+def test_liger_kernels_patch_the_model_and_train_on_cuda(tiny_model, liger_undone):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("Liger's kernels are Triton (CUDA only); the GPU benchmark's --check-loss covers them")
@@ -313,7 +326,7 @@ def test_the_fast_paths_set_nothing_on_peft_modules_but_their_forward(tiny_model
         pytest.importorskip("bitsandbytes")
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch.float32)
-    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, **kw)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, device_map=CPU, **kw)
     m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, use_dora=True))
     before = {name: set(vars(mod)) for name, mod in m.named_modules()}
     done = kernels.apply(m, speed.SpeedPlan({"fast_lora": True, "fast_dora": True}, {}, 2, 0))
@@ -427,7 +440,7 @@ def test_nf4_forward_rounds_base_plus_update_once(tiny_model, monkeypatch, dora,
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, quantization_config=q,
-                                             **({"device_map": {"": 0}} if device == "cuda" else {}))
+                                             device_map={"": 0} if device == "cuda" else CPU)
     m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["down_proj"], lora_dropout=0.0,
                                      use_dora=dora))
     kernels.patch_lora(m, kernels.FastState(fuse_dora=dora))
@@ -462,7 +475,7 @@ def test_nf4_forward_rounds_base_plus_update_once(tiny_model, monkeypatch, dora,
 
 
 @pytest.mark.parametrize("dora", [True, False])
-def test_liger_with_4bit_dora_gives_peft_gradients_on_cuda(tiny_model, dora):
+def test_liger_with_4bit_dora_gives_peft_gradients_on_cuda(tiny_model, dora, liger_undone):
     """Liger's RoPE rotates the q/k outputs in place and its SwiGLU writes the gate/up gradients over the gate/up
     outputs; the 4-bit DoRA function saves its outputs for the magnitude's gradient (kernels.guard_dora_outputs
     keeps them apart). With the real kernels every gradient is PEFT's DoRA without Liger, to fp32 rounding (an
