@@ -31,12 +31,12 @@ ROWS = [{"prompt": f"Q{i % 4}:", "response": f" A{i % 4}{i % 4}"} for i in range
 
 
 @pytest.mark.parametrize("variant, extra, optimizer, optimizer_class", [
-    # transformers builds adamw_bnb_8bit as bitsandbytes' AdamW(optim_bits=8); LoRA+ passes AdamW8bit itself
-    ("nf4 on CPU", {"quantization": "nf4"}, "adamw_bnb_8bit", "bitsandbytes.optim.adamw.AdamW"),
+    # QLoRA too: AdamW with fp32 state (resolve.optimizer_name); LoRA+ passes torch's AdamW itself
+    ("nf4 on CPU", {"quantization": "nf4"}, "adamw_torch", "torch.optim.adamw.AdamW"),
     ("no quantization", {"quantization": "none"}, "adamw_torch", "torch.optim.adamw.AdamW"),
     ("LoRA+", {"adapter": {"r": 8, "loraplus_lr_ratio": 16}}, "loraplus+adamw_torch", "torch.optim.adamw.AdamW"),
     ("LoRA+ on nf4", {"quantization": "nf4", "adapter": {"r": 8, "loraplus_lr_ratio": 16}},
-     "loraplus+adamw_bnb_8bit", "bitsandbytes.optim.adamw.AdamW8bit"),
+     "loraplus+adamw_torch", "torch.optim.adamw.AdamW"),
 ])
 def test_plan_equals_what_the_worker_trains(tiny_model, tmp_path, monkeypatch, variant, extra, optimizer,
                                            optimizer_class):
@@ -104,7 +104,7 @@ def test_resolve_run_is_pure_and_matches_the_plan(tiny_model):
     assert (run.micro_batch, run.grad_accum, run.optimizer, run.dtype, run.quant.mode) == (
         req["training"]["micro_batch_size"], req["training"]["gradient_accumulation_steps"],
         req["training"]["optimizer"], req["training"]["dtype"], req["quantization"]["mode"]) == (
-        2, 4, "adamw_bnb_8bit", "nf4+bf16", "nf4")
+        2, 4, "adamw_torch", "nf4+bf16", "nf4")
     assert run.estimate.total_bytes == req["memory_estimate"]["total_bytes"]
     assert run.speed is not None and run.speed.checkpointed_layers == 0  # CPU default: no checkpointing
 

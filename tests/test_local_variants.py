@@ -55,8 +55,24 @@ def test_of_picks_one_strategy_of_each_kind():
     assert (v.form, v.scaling, v.optimizer) == (variants.DORA, variants.RSLORA, variants.LoraPlus(8))
     assert v.init.mutates_base and not v.init.needs_full_precision
     assert v.optimizer.name("adamw_bnb_8bit", quantized=True) == "loraplus+adamw_bnb_8bit"
+    assert v.optimizer.name("adamw_torch_fused", quantized=True) == "loraplus+adamw_torch"
     assert v.optimizer.name("adamw_torch_fused", quantized=False) == "loraplus+adamw_torch"
     assert variants.PLAIN.name("adamw_torch_fused", quantized=False) == "adamw_torch_fused"
+
+
+@pytest.mark.parametrize("planned, cls", [("loraplus+adamw_torch", "torch.optim.adamw.AdamW"),
+                                          ("loraplus+adamw_bnb_8bit", "bitsandbytes.optim.adamw.AdamW8bit")])
+def test_loraplus_builds_the_class_its_planned_name_says(planned, cls):
+    """A run recorded with bitsandbytes' 8-bit AdamW (QLoRA before resolve.optimizer_name moved to fp32 state)
+    resumes with it: LoRA+ builds by the planned name, two learning rates either way."""
+    torch = pytest.importorskip("torch")
+    if "8bit" in planned:
+        pytest.importorskip("bitsandbytes")
+    model = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(4, 2, bias=False), "lora_B": torch.nn.Linear(2, 4, bias=False)})
+    hp = TrainingSpec(base_model="m").hyperparameters
+    opt = variants.LoraPlus(16.0).build(model, hp, planned, on_gpu=False)
+    assert f"{type(opt).__module__}.{type(opt).__name__}" == cls
+    assert len({g["lr"] for g in opt.param_groups if g["params"]}) == 2
 
 
 @pytest.mark.parametrize("rslora", [False, True])

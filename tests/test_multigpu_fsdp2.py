@@ -151,10 +151,10 @@ def test_fsdp2_on_one_gpu_is_a_sharded_layout_of_world_size_1(tiny_model, on_gpu
     # bitsandbytes' 8-bit optimizers cannot step FSDP2's DTensors: torch's fused AdamW, also for QLoRA
     assert plan.request["training"]["optimizer"] == optimizer
     assert any(n.startswith("layout: fsdp2 on 1 GPU(s)") for n in plan.notes)
-    # without the option: one plain process, as before; with one GPU, a QLoRA run keeps the paged 8-bit AdamW
+    # without the option: one plain process, as before (fused AdamW for QLoRA too: resolve.optimizer_name)
     one = LocalBackend().plan(_spec(tiny_model, quantization)).request
     assert one["layout"] is None
-    assert one["training"]["optimizer"] == ("paged_adamw_8bit" if quantization == "nf4" else "adamw_torch_fused")
+    assert one["training"]["optimizer"] == "adamw_torch_fused"
 
 
 def test_loraplus_under_fsdp2_builds_torch_adamw(tiny_model, on_gpus):

@@ -98,7 +98,8 @@ def estimate_kwargs(spec: Any, cfg: dict[str, Any] | None = None, device_type: s
     on CUDA Liger's kernels with the fused LoRA forward, which keep fewer activations per layer)."""
     fused = bool(cfg) and liger_support(cfg, device_type)[0] and not {"liger", "fast_lora"} & off
     return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in off, "fused_kernels": fused,
-            "fused_mlp": fused, "lora_dropout": spec.adapter.dropout}
+            "fused_mlp": fused, "lora_dropout": spec.adapter.dropout,
+            "optimizer_state_bytes": 8}  # AdamW's fp32 state, QLoRA too (resolve.optimizer_name)
 
 
 def liger_support(cfg: dict[str, Any], device_type: str) -> tuple[bool, str]:

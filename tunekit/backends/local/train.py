@@ -323,8 +323,8 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
 
     # ---- optimizer (named by the plan; LoRA+ builds it here with the same class)
     optim_name = hp.optimizer
-    # LoRA+ builds bitsandbytes' 8-bit AdamW for QLoRA, torch's under FSDP2 (layout.optimizer_for)
-    optimizers = (variants.optimizer.build(model, hp, decision.quantized and not sharded, on_gpu), None)
+    # LoRA+ builds the class its planned name says (layout.optimizer_for: never 8-bit under FSDP2)
+    optimizers = (variants.optimizer.build(model, hp, optim_name, on_gpu), None)
 
     # ---- trainer
     trainer = _build_trainer(

@@ -158,24 +158,25 @@ class Optimizer:
     def name(self, base: str, quantized: bool) -> str:
         return base
 
-    def build(self, model: Any, hp: Any, quantized: bool, on_gpu: bool) -> Any:
+    def build(self, model: Any, hp: Any, planned: str, on_gpu: bool) -> Any:
         return None
 
 
 @dataclass(frozen=True)
 class LoraPlus(Optimizer):
     """LoRA+: B learns ``ratio`` times faster than A (PEFT's create_loraplus_optimizer builds the groups) with
-    the class the Trainer would use (8-bit AdamW for QLoRA, torch's AdamW otherwise)."""
+    the class the Trainer would use: torch's AdamW, or bitsandbytes' 8-bit AdamW where the run was planned with
+    it (a run recorded before QLoRA moved to fp32 AdamW state, resumed: resolve.optimizer_name)."""
 
     ratio: float = 16.0
 
     def name(self, base: str, quantized: bool) -> str:
-        return "loraplus+" + (base if quantized else "adamw_torch")
+        return "loraplus+" + (base if quantized and "8bit" in base else "adamw_torch")
 
-    def build(self, model: Any, hp: Any, quantized: bool, on_gpu: bool) -> Any:
+    def build(self, model: Any, hp: Any, planned: str, on_gpu: bool) -> Any:
         from peft.optimizers import create_loraplus_optimizer
 
-        if quantized:
+        if "8bit" in planned:
             import bitsandbytes as bnb
 
             opt_cls = bnb.optim.PagedAdamW8bit if on_gpu else bnb.optim.AdamW8bit
