@@ -88,6 +88,10 @@ POINTS = [
      "kernel, which takes no grouped heads) was written after this run was seen"),
     ("tunekit qlora 384k, 16 offloaded", {**FUSED, "offload_layers": 16}, "nf4", False, 1, 393216, 32, 121.61,
      "held out", "Long context: 393,216 tokens, 01b888b (the plan's own offload of 16 layers' inputs)"),
+    ("tunekit qlora, fused MLP + fp32 AdamW 23/32", FUSED_MLP, "nf4", False, 4, 2048, 23, 15.76, "held out",
+     "QLoRA with the fused MLP and fp32 AdamW state, 4cd7dd8"),
+    ("tunekit dora, fused MLP + fp32 AdamW 25/32", FUSED_MLP, "nf4", True, 4, 2048, 25, 16.32, "held out",
+     "QLoRA with the fused MLP and fp32 AdamW state, 4cd7dd8"),
     ("plain qlora 16k", PLAIN, "nf4", False, 1, 16384, 32, None, "derived",
      "Long context: OOM asking 32.00 GiB = 32 heads x 16384^2 fp32: SDPA math-kernel scores (attention_scores)"),
 ]

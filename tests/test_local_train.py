@@ -252,8 +252,8 @@ def test_qlora_nf4_on_cpu(tiny_model, tmp_path):
     out = train(make_spec(tiny_model, quantization="nf4"), write_jsonl(tmp_path / "t.jsonl", pr_rows(16)),
                 tmp_path / "run", callbacks=rec, max_steps=3)
     assert out.quantization["mode"] == "nf4" and out.extra["base_linear_class"] == "Linear4bit"
-    # bitsandbytes cannot page on CPU: the plain 8-bit AdamW runs there (paged_adamw_8bit on CUDA)
-    assert out.optimizer.startswith("adamw_bnb_8bit (bitsandbytes.")
+    # AdamW with fp32 state, as for 16-bit LoRA (resolve.optimizer_name; fused on CUDA)
+    assert out.optimizer == "adamw_torch (torch.optim.adamw.AdamW)"
     assert all(math.isfinite(x) for x in rec.losses())
     PeftModel.from_pretrained(load_base(tiny_model), out.adapter_path)  # loads onto the 16/32-bit base
 

@@ -232,7 +232,7 @@ def test_recipe_trains_resumes_and_reloads(variant, gpu_env, gpu_model, tmp_path
     cfg = json.loads((Path(out2.adapter_path) / "adapter_config.json").read_text())
     if quant == "nf4":
         assert out2.quantization["mode"] == "nf4" and out2.extra["base_linear_class"] == "Linear4bit"
-        assert "8bit" in out2.optimizer.split(" ")[0]  # paged_adamw_8bit on CUDA (adamw_bnb_8bit on CPU)
+        assert out2.optimizer.split(" ")[0] == "adamw_torch_fused"  # fp32 state, QLoRA too (resolve.optimizer_name)
     else:
         assert out2.quantization["mode"] == "none"
     if adapter.get("use_dora"):
