@@ -38,6 +38,7 @@ from typing import Any
 
 from . import dora_triton as _dora_triton
 from . import longctx as _longctx
+from . import recompute as _recompute
 from . import nf4
 from .speed import SpeedPlan
 
@@ -58,8 +59,9 @@ class FastState:
     swiglu_ops: Any = None  # the SwiGLU kernels of `fuse_swiglu_down` (forward(a, b), backward(a, b, dc))
 
 
-def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
-    """Apply the plan to a PEFT model (after get_peft_model, before the trainer). Returns what was done."""
+def apply(model: Any, sp: SpeedPlan, *, sharded: bool = False) -> dict[str, Any]:
+    """Apply the plan to a PEFT model (after get_peft_model, before the trainer). Returns what was done.
+    ``sharded``: the model trains under FSDP2 (recompute_norms is left out there)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     done: dict[str, Any] = {}
     if sp.on("liger"):
@@ -91,6 +93,8 @@ def apply(model: Any, sp: SpeedPlan) -> dict[str, Any]:
                                                      LigerSiLUMulFunction)
     done["checkpointed_layers"] = set_checkpointing(base, sp.checkpointed_layers)
     done.update(_longctx.apply(base, sp))  # activation offload, tiled MLP (long context)
+    if sp.on("recompute_norms") and not sharded:  # (FSDP2 reshards the norms' weights after forward)
+        done["recompute_norms_layers"] = _recompute.recompute_norms(base)
     return done
 
 

@@ -215,6 +215,7 @@ def per_gpu_estimate(model_config: dict[str, Any], kind: str, n: int, *, batch_s
     kw = dict(estimate_kwargs)
     if kind == "fsdp2":  # uniform compute-dtype storage: no fp32 upcast of the unquantized params; torch's
         kw.update(shards=n, kbit_upcast=False, optimizer_state_bytes=8)  # AdamW (optimizer_for), fp32 state
+        kw["recompute_norms"] = False  # kernels.apply leaves it out under FSDP2
         if kw.get("quantization") == "nf4":  # the gathered 4-bit weight has no quant state for nf4.py's fused
             kw["fused_kernels"] = False  # forward: bitsandbytes' own runs, keeping the plain per-layer activations
     est = _memory.estimate(model_config, micro_batch=micro, device_memory_bytes=gpu_memory_bytes, **kw)

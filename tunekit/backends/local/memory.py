@@ -228,6 +228,7 @@ def _estimate(
     attention_mask: str = "none",
     attention_scores: bool = False,
     fused_mlp: bool = False,
+    recompute_norms: bool = False,
 ) -> MemoryEstimate:
     """The estimate alone (no suggestions). ``quantization`` is the resolved mode ('nf4'|'none').
 
@@ -242,6 +243,8 @@ def _estimate(
     fewer activations per layer (`_fused_layer_elems`). ``lora_dropout``: the adapter's dropout (> 0 gives each
     adapted linear its own dropped copy of its input). ``fused_mlp``: with fused kernels, a 4-bit down_proj
     without dropout takes the SwiGLU's inputs (kernels.fuse_swiglu_down) and the SwiGLU's output is not kept.
+    ``recompute_norms``: with fused kernels and no dropout, a layer not checkpointed recomputes its two normed
+    hidden states in backward (recompute.py) instead of keeping them.
 
     Long context (longctx.py): ``offload_layers`` checkpointed layers keep their saved input in pinned host
     memory instead of on the GPU (``host_bytes``; the estimate does not fit when that exceeds HOST_SHARE of
@@ -302,10 +305,13 @@ def _estimate(
         full_layer -= (tokens - MLP_TILE_TOKENS) * mlp_elems * layer_bytes
     if lora_dropout > 0:  # the measured H200 figures are all without dropout; this term is counted on CPU
         full_layer += tokens * _dropout_bytes(d, target_modules, layer_bytes, 1 if device_type == "cuda" else cdt)
+    kept_layer = full_layer  # a layer not checkpointed; full_layer is also the one recomputed in backward
+    if recompute_norms and fused_kernels and not lora_dropout:  # recompute.py: its two normed outputs are not kept
+        kept_layer -= tokens * 2 * d["hidden"] * layer_bytes
     if gradient_checkpointing:
         acts = d["layers"] * tokens * d["hidden"] * hidden_bytes + full_layer
     else:
-        acts = d["layers"] * full_layer
+        acts = d["layers"] * kept_layer
     state = tokens * d["hidden"] * hidden_bytes  # one layer's saved input
     offloaded = min(offload_layers, d["layers"]) if gradient_checkpointing else 0
     if offloaded:  # those inputs wait in host memory; the one being recomputed is back on the GPU
@@ -356,7 +362,7 @@ def _estimate(
             "base_params": counts["total"], "fused_lm_head": fused_lm_head, "kbit_upcast": kbit_upcast,
             "fused_kernels": fused_kernels, "shards": shards, "lora_dropout": lora_dropout,
             "offload_layers": offloaded, "tiled_mlp": tiled_mlp, "attention_mask": attn["kind"],
-            "attention_scores": attention_scores, "fused_mlp": fused_mlp,
+            "attention_scores": attention_scores, "fused_mlp": fused_mlp, "recompute_norms": recompute_norms,
             # what attention adds to the peak: the mask, the layers' saved attention and its phase over the logits
             "attention_bytes": int(attention + max(0, phase - logits)),
             # the one layer recomputed in backward (in the total when checkpointing): speed._checkpoint_layers

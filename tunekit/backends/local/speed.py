@@ -25,6 +25,9 @@ tests/test_local_speed.py checks each one against the path without it). The opti
   varlen_attention  packed SFT rows (CUDA): attention per packed example with torch's varlen flash attention
                instead of sdpa over the whole packed row under a block-diagonal mask (varlen.py). Decided by
                train() once packing is (the plan may leave it to the tokenized rows), from `disabled` too.
+  recompute_norms  a layer not checkpointed keeps the inputs of its two RMSNorms (they do anyway) but not their
+               outputs: backward computes those again (recompute.py; exact, one pass over [tokens, hidden] each), so
+               each such layer keeps two [tokens, hidden] tensors less and the budget checkpoints fewer layers.
   fp32_adapters not a speed-up but a numerics guard: TRL casts a quantized model's LoRA A/B to bf16, where
                AdamW steps of lr ~2e-4 are partly rounded away (the loss curve lags the plain recipe's, which
                keeps PEFT's fp32 adapters); they go back to fp32 (autocast still runs the matmuls in bf16).
@@ -42,7 +45,7 @@ from . import variants as _variants
 from .memory import HEADROOM, MLP_TILE_TOKENS, GiB, kept_layers_peak
 
 OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters", "offload",
-                 "tiled_mlp", "varlen_attention")
+                 "tiled_mlp", "varlen_attention", "recompute_norms")
 OFF_BY = "disabled by provider_options.local.speedups"
 # a tile's LoRA dropout masks are drawn per tile: other draws than the untiled MLP's, so not the same training
 TILE_DROPOUT = ("not used with adapter.dropout={} (its masks would be drawn per tile, unlike the untiled run's); "
@@ -98,7 +101,7 @@ def estimate_kwargs(spec: Any, cfg: dict[str, Any] | None = None, device_type: s
     on CUDA Liger's kernels with the fused LoRA forward, which keep fewer activations per layer)."""
     fused = bool(cfg) and liger_support(cfg, device_type)[0] and not {"liger", "fast_lora"} & off
     return {"fused_lm_head": spec.method == "sft", "kbit_upcast": "bf16_kbit" in off, "fused_kernels": fused,
-            "fused_mlp": fused, "lora_dropout": spec.adapter.dropout,
+            "fused_mlp": fused, "recompute_norms": "recompute_norms" not in off, "lora_dropout": spec.adapter.dropout,
             "optimizer_state_bytes": 8}  # AdamW's fp32 state, QLoRA too (resolve.optimizer_name)
 
 
@@ -158,6 +161,8 @@ def plan(
     for name, (ok, reason) in form.speedups().items():  # DoRA's fused forward
         decide(name, ok, reason)
     notes = form.notes(spec.adapter)
+    decide("recompute_norms", True, "the normed hidden states of layers not checkpointed are recomputed in "
+           "backward, not kept")
     decide("fp32_adapters", quantized, "QLoRA: adapters kept fp32 like PEFT's default (TRL casts them to bf16)"
            if quantized else "not quantized (adapters already fp32)")
 

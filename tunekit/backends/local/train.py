@@ -318,7 +318,7 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         # saved before any step: the conversion to plain LoRA subtracts this initial adapter at the end
         model.save_pretrained(str(init_dir))
 
-    speed_applied = _kernels.apply(model, speed)  # kernels, fused LoRA/DoRA forwards, per-layer checkpointing
+    speed_applied = _kernels.apply(model, speed, sharded=sharded)  # kernels, fused forwards, checkpointing
     speed_applied["varlen_attention"] = _use_varlen(model, dev.type, packing, config, run.options.speedups, cb)
 
     # ---- optimizer (named by the plan; LoRA+ builds it here with the same class)
