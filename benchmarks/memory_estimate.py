@@ -38,8 +38,10 @@ PLAIN = dict(fused_lm_head=False, kbit_upcast=True, fused_kernels=False)
 FUSED = dict(fused_lm_head=True, kbit_upcast=False, fused_kernels=True)
 SPEEDUPS_OFF = dict(fused_lm_head=True, kbit_upcast=True, fused_kernels=False)
 # FUSED is the code of the runs recorded until 2026-12-04 (8-bit AdamW for QLoRA, the SwiGLU's output kept for
-# down_proj); since: fp32 AdamW state (resolve.optimizer_name) and the fused MLP (kernels.fuse_swiglu_down)
+# down_proj); FUSED_MLP since 4cd7dd8: fp32 AdamW state (resolve.optimizer_name) and the fused MLP
+# (kernels.fuse_swiglu_down)
 FUSED_MLP = dict(FUSED, fused_mlp=True, optimizer_state_bytes=8)
+FUSED_NOW = dict(FUSED_MLP, recompute_norms=True)  # and the normed hidden states recomputed (recompute.py)
 
 # (name, path, quantization, dora, micro-batch, seq, checkpointed layers, measured GiB (None: out of memory),
 #  status, source: docs/benchmarks.md section / commit)
@@ -140,8 +142,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.run:
         v, mb, seq, ck = a.run[0], *map(int, a.run[1:])
-        path, quant, dora = {"qlora": (FUSED_MLP, "nf4", False), "dora": (FUSED_MLP, "nf4", True),
-                             "auto": (FUSED_MLP, "none", False),
+        path, quant, dora = {"qlora": (FUSED_NOW, "nf4", False), "dora": (FUSED_NOW, "nf4", True),
+                             "auto": (FUSED_NOW, "none", False),
                              "speedups_off": ({**SPEEDUPS_OFF, "optimizer_state_bytes": 8}, "nf4", False)}[v]
         alloc, plan, _ = estimate_point({**path, "offload_layers": a.offload}, quant, dora, mb, seq, ck, a.dropout)
         print(f"{v} {mb}x{seq} {ck}/32 checkpointed, {a.offload} offloaded, dropout {a.dropout}: "
