@@ -110,10 +110,12 @@ def test_the_plan_and_the_estimate_count_it():
     def acts(**more):
         return memory._estimate(cfg, **{**kw, **more}).breakdown["activations"]
 
-    # kept layers: two bf16 [tokens, hidden] less each; the layer recomputed under checkpointing keeps them
+    # kept layers: two bf16 [tokens, hidden] less each, one computed again on top in a layer's backward; the layer
+    # recomputed under checkpointing keeps them (only that transient is added)
+    one = 4 * 2048 * 4096 * 2
     assert acts(gradient_checkpointing=False) - acts(gradient_checkpointing=False, recompute_norms=True) == \
-        32 * 2 * 4 * 2048 * 4096 * 2
-    assert acts(gradient_checkpointing=True) == acts(gradient_checkpointing=True, recompute_norms=True)
+        (32 * 2 - 1) * one
+    assert acts(gradient_checkpointing=True, recompute_norms=True) - acts(gradient_checkpointing=True) == one
     assert acts(gradient_checkpointing=False, lora_dropout=0.05) == \
         acts(gradient_checkpointing=False, lora_dropout=0.05, recompute_norms=True)  # dropout keeps copies instead
     assert "recompute_norms" in speed.OPTIMISATIONS
