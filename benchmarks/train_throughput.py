@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attribution", nargs="*", default=None, metavar="VARIANT",
                     help="also run tunekit with speedups='off' for these variants (none named: all)")
     ap.add_argument("--ablate", nargs="*", default=[], metavar="OPT",
-                    help="also run tunekit qlora with each named speed-up off (speedups=['-OPT']; 'a,b' for "
+                    help="also run tunekit qlora/dora with each named speed-up off (speedups=['-OPT']; 'a,b' for "
                          "several, 'all' for none); with --check-loss, for every variant")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (tunekit only)")
     ap.add_argument("--dora-ab", action="store_true",
@@ -538,7 +538,7 @@ def run_length(a, base: dict, tok, meta: dict, device: str, swept: list | None =
         if v == "dora" and a.dora_ab:
             record(v, "tunekit_dora_kernels_off", child("tunekit", {**p, "dora_kernels": False}),
                    {"budget_gib": budget, "seq": seq})
-        if v == "qlora":
+        if v in ("qlora", "dora") or a.check_loss:
             for opt in a.ablate:
                 record(v, f"tunekit_without_{opt}", child("tunekit", {**p, "speedups": speedups_off(opt)}),
                        {"budget_gib": budget})
