@@ -538,7 +538,7 @@ def run_length(a, base: dict, tok, meta: dict, device: str, swept: list | None =
         if v == "dora" and a.dora_ab:
             record(v, "tunekit_dora_kernels_off", child("tunekit", {**p, "dora_kernels": False}),
                    {"budget_gib": budget, "seq": seq})
-        if v in ("qlora", "dora") or a.check_loss:
+        if v in ("qlora", "dora"):
             for opt in a.ablate:
                 record(v, f"tunekit_without_{opt}", child("tunekit", {**p, "speedups": speedups_off(opt)}),
                        {"budget_gib": budget})
