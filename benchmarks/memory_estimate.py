@@ -101,6 +101,8 @@ POINTS = [
      "Issue 16, 2026-12-04 (third session), bab30c3 (-3.0% before the recompute transient was counted)"),
     ("tunekit qlora 128k, + recompute_norms 25/32", FUSED_NOW, "nf4", False, 1, 131072, 25, 122.05, "derived",
      "Issue 16, 2026-12-04 (third session), bab30c3 (-5.0% before the recompute transient was counted)"),
+    ("tunekit auto (bf16), + recompute_norms", FUSED_NOW, "none", False, 4, 2048, 0, 46.22, "held out",
+     "Issue 16, 2026-12-04 (third session), 826cb1f (50.16 without it)"),
     ("plain qlora 16k", PLAIN, "nf4", False, 1, 16384, 32, None, "derived",
      "Long context: OOM asking 32.00 GiB = 32 heads x 16384^2 fp32: SDPA math-kernel scores (attention_scores)"),
 ]
