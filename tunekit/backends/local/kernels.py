@@ -38,8 +38,8 @@ from typing import Any
 
 from . import dora_triton as _dora_triton
 from . import longctx as _longctx
-from . import recompute as _recompute
 from . import nf4
+from . import recompute as _recompute
 from .speed import SpeedPlan
 
 
