@@ -347,8 +347,10 @@ def summarize(res: dict, warmup: int) -> dict:
     sp = res.get("speed") or {}
     if sp:
         out["speedups"] = [k for k, v in sp["enabled"].items() if v]
-        # decided when the run starts (varlen attention for packed rows, cuDNN's SDPA off for varying lengths)
-        out["applied"] = sorted(k for k, v in (sp.get("applied") or {}).items() if v is True)
+        # what kernels.apply and the run's start did: flags (varlen attention for packed rows, cuDNN's SDPA off for
+        # varying lengths) and counts (patched modules, fused MLPs, layers recomputing their norms)
+        out["applied"] = {k: v for k, v in sorted((sp.get("applied") or {}).items())
+                          if v is True or (type(v) is int and v > 0)}
         if (sp.get("applied") or {}).get("dora_kernels"):
             out["dora_kernels"] = sp["applied"]["dora_kernels"]  # "triton" or "torch" (dora_triton.py)
         out["checkpointed_layers"] = f'{sp["checkpointed_layers"]}/{sp["num_layers"]}'
