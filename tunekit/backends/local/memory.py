@@ -279,6 +279,7 @@ def _estimate(
     dora_peft = use_dora and lora_dropout > 0  # DoRA with dropout is not fused: PEFT's layer (kernels.py's norm)
     # (not under FSDP2: the gathered 4-bit weight has no quant state, so bitsandbytes' own forward runs)
     fused_mlp = fused_kernels and fused_mlp and nf4 and not lora_dropout and shards == 1
+    recompute_norms = recompute_norms and fused_kernels and not lora_dropout  # with dropout, copies are kept instead
     if fused_kernels:
         full_layer = tokens * _fused_layer_elems(d, r, use_dora and not nf4 and not dora_peft, fused_mlp) * layer_bytes
         if dora_peft:
@@ -306,7 +307,7 @@ def _estimate(
     if lora_dropout > 0:  # the measured H200 figures are all without dropout; this term is counted on CPU
         full_layer += tokens * _dropout_bytes(d, target_modules, layer_bytes, 1 if device_type == "cuda" else cdt)
     kept_layer = full_layer  # a layer not checkpointed; full_layer is also the one recomputed in backward
-    if recompute_norms and fused_kernels and not lora_dropout:  # recompute.py: its two normed outputs are not kept
+    if recompute_norms:  # recompute.py: its two normed outputs are not kept
         kept_layer -= tokens * 2 * d["hidden"] * layer_bytes
     if gradient_checkpointing:
         acts = d["layers"] * tokens * d["hidden"] * hidden_bytes + full_layer
@@ -340,8 +341,7 @@ def _estimate(
     phase = attn["transient"] + (attn["saved"] if gradient_checkpointing else 0)
     # what a layer's backward computes again, on top of everything kept (measured additive on the H200: 0.30 GiB at
     # 4 x 2048, 6.1 at 131,072 tokens): the fused MLP's silu(a) * b, and a recomputed normed hidden state
-    again = (d["intermediate"] if fused_mlp else 0) + (d["hidden"] if recompute_norms and fused_kernels
-                                                       and not lora_dropout else 0)
+    again = (d["intermediate"] if fused_mlp else 0) + (d["hidden"] if recompute_norms else 0)
     activations = acts + attention + max(logits, phase) + tokens * again * layer_bytes
 
     allocated = weights + adapter + activations

@@ -316,8 +316,8 @@ def _make():
         @staticmethod
         def backward(ctx, g):
             a, b, h, pa, bs, absmax, *dora = ctx.saved_tensors
-            need_ab, need_a, need_b, need_m = ctx.needs_input_grad[0] or ctx.needs_input_grad[1], \
-                *ctx.needs_input_grad[2:5]
+            need_a, need_b, need_m = ctx.needs_input_grad[2:5]
+            need_ab = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # one SwiGLU backward gives both
             c = ctx.ops.forward(a, b) if need_a else None  # dL/dA = gh^T c
             c2 = None if c is None else c.reshape(-1, c.shape[-1]).to(ctx.cdt)
             dc, _, gA, gB, gm = backward(ctx, g, c2, h, pa, bs, absmax, dora, need_ab, False, need_a, need_b,

@@ -17,7 +17,7 @@ weights there are resharded between forward and backward.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -41,9 +41,17 @@ class _Saved:
     offset: int
 
 
+@dataclass
+class _Layer:
+    """One hooked layer: whether its forward is recording now, and the norm outputs it recorded."""
+
+    active: bool = False
+    made: list = field(default_factory=list)
+
+
 def recompute_norms(base: Any) -> int:
     """Give every decoder layer with two RMSNorms (Llama-style names) the hooked forward; returns how many.
-    Call after the checkpointing choice (kernels.set_checkpointing): a checkpointed layer runs unhooked."""
+    Whether a layer is checkpointed is read at each call (a checkpointed one runs unhooked)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     n = 0
@@ -53,22 +61,22 @@ def recompute_norms(base: Any) -> int:
         norms = [getattr(layer, k, None) for k in ("input_layernorm", "post_attention_layernorm")]
         if any(m is None for m in norms) or getattr(vars(layer).get("forward"), "func", None) is _forward:
             continue
-        made: list[_Made] = []
+        state = _Layer()
         for m in norms:
-            m.register_forward_hook(functools.partial(_record, made))
-        layer.forward = functools.partial(_forward, layer, layer.forward, made)
+            m.register_forward_hook(functools.partial(_record, state))
+        layer.forward = functools.partial(_forward, layer, layer.forward, state)
         n += 1
     return n
 
 
-def _record(made: list, norm: Any, args: tuple, out: Any) -> None:
+def _record(state: _Layer, norm: Any, args: tuple, out: Any) -> None:
     import torch
 
-    if made and made[0] is None:  # this layer's forward is not hooked right now (no grad, or checkpointed)
+    if not state.active:  # no grad, checkpointed, or the norm called outside its layer's forward
         return
     dev = out.device.type
-    made.append(_Made(norm, args[0], (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)),
-                      _layout(out), _root(out)))
+    state.made.append(_Made(norm, args[0], (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)),
+                            _layout(out), _root(out)))
 
 
 def _root(t: Any) -> Any:
@@ -79,23 +87,20 @@ def _layout(t: Any) -> tuple:
     return tuple(t.size()), tuple(t.stride()), t.storage_offset()
 
 
-def _forward(layer: Any, original: Any, made: list, *args: Any, **kwargs: Any) -> Any:
+def _forward(layer: Any, original: Any, state: _Layer, *args: Any, **kwargs: Any) -> Any:
     import torch
 
     if not torch.is_grad_enabled() or (layer.gradient_checkpointing and layer.training):
-        made[:] = [None]  # (a marker: _record keeps nothing)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            made.clear()
-    made.clear()
+        return original(*args, **kwargs)
+    state.active = True
     try:
-        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, made), _unpack):
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, state.made), _unpack):
             return original(*args, **kwargs)
     finally:
-        for m in made:
+        state.active = False
+        for m in state.made:
             m.y = None  # the hooks keep the recipe, not the output
-        made.clear()
+        state.made.clear()
 
 
 def _pack(made: list, t: Any) -> Any:
