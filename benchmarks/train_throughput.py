@@ -354,6 +354,7 @@ def summarize(res: dict, warmup: int) -> dict:
         if (sp.get("applied") or {}).get("dora_kernels"):
             out["dora_kernels"] = sp["applied"]["dora_kernels"]  # "triton" or "torch" (dora_triton.py)
         out["checkpointed_layers"] = f'{sp["checkpointed_layers"]}/{sp["num_layers"]}'
+        out["mlp_recompute_layers"] = sp.get("mlp_recompute_layers", 0)  # after the checkpointed ones
         out["offload_layers"] = sp.get("offload_layers", 0)
         out["mlp_tile_tokens"] = sp.get("mlp_tile_tokens", 0)
         if sp.get("host_bytes"):
@@ -571,7 +572,8 @@ def table(results: list[dict], plain: dict, meta: dict) -> None:
         tps = r["tokens_per_s"]
         notes = []
         if r["impl"] != "plain":
-            notes.append(f"ckpt {r.get('checkpointed_layers')}")
+            notes.append(f"ckpt {r.get('checkpointed_layers')}"
+                         + (f", MLP recomputed {r['mlp_recompute_layers']}" if r.get("mlp_recompute_layers") else ""))
             if r["variant"] == "dora" and tk_q and r["impl"] == "tunekit":
                 notes.append(f"{100 * (1 - tps / tk_q):+.1f}% slower than tunekit qlora")
         print(f"{r['variant']:10} {r['impl']:30} {tps:9.0f} {r['peak_gib'] if r['peak_gib'] is not None else '-':>9} "

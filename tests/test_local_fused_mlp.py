@@ -64,15 +64,24 @@ def _model(tiny_model, dora: bool, dropout: float = 0.0):
     return m, state, in_place
 
 
-def _step(m, ids):
-    """Loss, gradients, and the bytes of the distinct tensors autograd saved in the forward."""
+def _step(m, ids, monkeypatch=None):
+    """Loss, gradients, and the bytes of the distinct tensors autograd saved in the forward (with
+    ``monkeypatch``, also what recompute.py's hooks keep: inside a hooked layer they are the innermost)."""
     import torch
+
+    from tunekit.backends.local import recompute
 
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if isinstance(t, torch.Tensor):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
+    held = []  # what recompute.py's hooks returned: a tensor kept until the forward ends may become a recipe
+    if monkeypatch is not None:
+        real = recompute._pack
+        monkeypatch.setattr(recompute, "_pack", lambda made, t: held.append(real(made, t)) or held[-1])
 
     m.train()
     with torch.no_grad():  # B and the magnitudes off their init, so every term of the gradients is non-zero
@@ -83,6 +92,8 @@ def _step(m, ids):
                     p.add_(0.01)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = m(input_ids=ids, labels=ids).loss
+    for h in held:
+        pack(getattr(h, "tensor", h))
     loss.backward()
     weights = {p.untyped_storage().data_ptr() for p in m.parameters()}
     kept = sum(v for k, v in storages.items() if k not in weights)
@@ -116,6 +127,36 @@ def test_fused_swiglu_down_computes_the_same_and_keeps_less(tiny_model, monkeypa
         assert torch.equal(grads[n], g), n
     cfg = json.loads((tiny_model / "config.json").read_text())
     assert ref_bytes - kept == layers * ids.numel() * cfg["intermediate_size"] * 4  # fp32 here
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_mlp_with_recomputed_gate_and_up(tiny_model, monkeypatch, dora):
+    """recompute.py on top of the fused MLP (the 4-bit path the plan combines them on): the SwiGLU's inputs a and b,
+    which the fused function keeps (4-bit DoRA's gate/up also keep them as their outputs), are computed again in
+    backward; the same loss and gradients bit for bit, and two [tokens, hidden] + two [tokens, intermediate] less
+    per layer."""
+    import json
+
+    import torch
+
+    from tunekit.backends.local import recompute
+
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
+    m, state, in_place = _model(tiny_model, dora)
+    kernels.fuse_swiglu_down(m, state, _Ops, _mlp_forward, in_place)
+    ref_loss, ref_grads, ref_bytes = _step(m, ids)
+
+    m, state, in_place = _model(tiny_model, dora)
+    kernels.fuse_swiglu_down(m, state, _Ops, _mlp_forward, in_place)
+    layers = len(m.base_model.model.model.layers)
+    recompute.recompute_norms(m.get_base_model())
+    assert recompute.recompute_mlp(m.get_base_model(), range(layers)) == layers
+    loss, grads, kept = _step(m, ids, monkeypatch)
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    for n, g in ref_grads.items():
+        assert torch.equal(grads[n], g), n
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    assert ref_bytes - kept == layers * ids.numel() * (2 * cfg["hidden_size"] + 2 * cfg["intermediate_size"]) * 4
 
 
 def test_fused_swiglu_down_falls_back_with_dropout(tiny_model, monkeypatch):

@@ -263,10 +263,11 @@ def test_lora_dropout_is_counted_and_comes_from_the_spec():
         s = TrainingSpec(base_model="x", quantization="nf4", hyperparameters={"batch_size": 4, "max_length": 2048},
                          adapter={"r": 16, "dropout": dropout})
         ekw = {**speed.estimate_kwargs(s), "fused_kernels": True}
-        est = lambda ck: estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization="nf4", r=16,  # noqa: E731
-                                  gradient_checkpointing=ck, device_memory_bytes=20 * GiB, device_type="cuda", **ekw)
+        est = lambda ck, **more: estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization="nf4",  # noqa: E731
+                                          r=16, gradient_checkpointing=ck, device_memory_bytes=20 * GiB,
+                                          device_type="cuda", **{**ekw, **more})
         return speed.plan(s, LLAMA_8B, "cuda", True, gradient_checkpointing=True, auto_checkpointing=True,
-                          budget_bytes=20 * GiB, estimate=est)
+                          budget_bytes=20 * GiB, estimate=est, off=frozenset({"recompute_mlp"}))  # layers: two kinds
 
     assert plan(0.05).checkpointed_layers > plan(0.0).checkpointed_layers
 

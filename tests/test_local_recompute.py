@@ -1,5 +1,6 @@
 """recompute.py: a layer not checkpointed recomputes its two RMSNorm outputs in backward instead of keeping them:
-the same loss and gradients, bit for bit, and exactly two [tokens, hidden] tensors less kept per layer."""
+the same loss and gradients, bit for bit, and exactly two [tokens, hidden] tensors less kept per layer; on the
+layers `recompute_mlp` names, the MLP's gate/up outputs as well (two [tokens, intermediate] less)."""
 
 from __future__ import annotations
 
@@ -46,11 +47,14 @@ def _step(m, ids, monkeypatch):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
+    held = []  # what recompute.py's hooks returned: a tensor kept until the forward ends may become a recipe
     real = recompute._pack
-    monkeypatch.setattr(recompute, "_pack", lambda made, t: pack(real(made, t)))
+    monkeypatch.setattr(recompute, "_pack", lambda made, t: held.append(real(made, t)) or held[-1])
     m.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = m(input_ids=ids, labels=ids).loss
+    for h in held:
+        pack(getattr(h, "tensor", h))
     loss.backward()
     weights = {p.untyped_storage().data_ptr() for p in m.parameters()}
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}, \
@@ -78,6 +82,36 @@ def test_recomputed_norms_give_the_same_gradients_and_keep_less(tiny_model, quan
         assert torch.equal(grads[n], g), n
     hidden = json.loads((tiny_model / "config.json").read_text())["hidden_size"]
     assert ref_kept - kept == layers * 2 * ids.numel() * hidden * 4  # two fp32 [tokens, hidden] per layer
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_recomputed_mlp_gives_the_same_gradients_and_keeps_less(tiny_model, quant, monkeypatch):
+    """On the named layers the gate/up outputs (the SwiGLU's inputs) are computed again in backward from the
+    recomputed normed state: bit for bit the same, and two [tokens, intermediate] less per such layer."""
+    import torch
+
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
+    ref = _model(tiny_model, quant)
+    recompute.recompute_norms(ref.get_base_model())
+    ref_loss, ref_grads, ref_kept = _step(ref, ids, monkeypatch)
+    m = _model(tiny_model, quant)
+    base = m.get_base_model()
+    layers = base.model.layers
+    recompute.recompute_norms(base)
+    assert recompute.recompute_mlp(base, range(1, len(layers))) == len(layers) - 1  # all but the first
+    assert recompute.recompute_mlp(base, [1]) == 0  # once
+    calls = {i: [] for i in range(len(layers))}
+    for i, layer in enumerate(layers):
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.register_forward_hook(lambda *a, i=i: calls[i].append(torch.is_grad_enabled()))
+    loss, grads, kept = _step(m, ids, monkeypatch)
+    assert calls[0] == [True, True]  # not named: forward only
+    assert all(sorted(calls[i]) == [False, False, True, True] for i in range(1, len(layers)))
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    for n, g in ref_grads.items():
+        assert torch.equal(grads[n], g), n
+    inter = json.loads((tiny_model / "config.json").read_text())["intermediate_size"]
+    assert ref_kept - kept == (len(layers) - 1) * 2 * ids.numel() * inter * 4
 
 
 def test_checkpointed_layers_and_no_grad_run_unhooked(tiny_model, monkeypatch):
@@ -122,3 +156,58 @@ def test_the_plan_and_the_estimate_count_it():
     spec = type("S", (), {"method": "sft", "adapter": type("A", (), {"dropout": 0.0})()})()
     assert speed.estimate_kwargs(spec, cfg, "cuda")["recompute_norms"] is True
     assert speed.estimate_kwargs(spec, cfg, "cuda", frozenset({"recompute_norms"}))["recompute_norms"] is False
+
+
+def test_the_plan_mixes_checkpointed_mlp_recomputing_and_kept_layers():
+    """recompute_mlp: the estimate of every layer recomputing its gate/up outputs keeps two [tokens, intermediate]
+    less per layer (plus the first such layer's transient); the plan takes the least recompute that fits, so at the
+    8B shape and 20 GiB it recomputes MLPs instead of checkpointing layers, and its peak stays within the budget."""
+    cfg = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, model_type="llama")
+    budget = 20 * memory.GiB
+    kw = dict(micro_batch=4, max_length=2048, r=16, quantization="nf4", fused_lm_head=True, kbit_upcast=False,
+              fused_kernels=True, fused_mlp=True, recompute_norms=True, device_memory_bytes=budget)
+
+    def est(ck, **more):
+        return memory.estimate(cfg, **{**kw, "gradient_checkpointing": ck, **more})
+
+    tokens, two_i = 4 * 2048, 2 * 14336 * 2  # bf16
+    none, mlp, full = est(False), est(False, recompute_mlp=True), est(True)
+    assert mlp.assumptions["recompute_mlp"] and mlp.assumptions["recompute_mlp_bytes"] == tokens * two_i
+    assert none.breakdown["activations"] - mlp.breakdown["activations"] == (32 - 1) * tokens * two_i
+    assert est(False, recompute_mlp=True, lora_dropout=0.05).assumptions["recompute_mlp"] is False
+    assert est(True, recompute_mlp=True).total_bytes == full.total_bytes  # checkpointed layers keep their input
+    peak = memory.kept_layers_peak
+    assert peak(full, none, 32, 0, mlp=mlp, mlp_layers=32) == mlp.total_bytes
+    assert peak(full, none, 32, 0, mlp=mlp, mlp_layers=0) == full.total_bytes
+    assert peak(full, none, 32, 32, mlp=mlp, mlp_layers=5) == none.total_bytes  # all kept: none left to recompute
+    steps = [peak(full, none, 32, 4, mlp=mlp, mlp_layers=m) for m in range(29)]
+    assert all(a < b for a, b in zip(steps, steps[1:]))  # each one keeps more than a checkpointed layer
+    # one MLP layer and the rest checkpointed: the first recompute, after that layer freed its activations, is the peak
+    assert peak(full, none, 32, 0, mlp=mlp, mlp_layers=1) == \
+        int(full.total_bytes - full.assumptions["layer_input_bytes"] * (1 + memory.FRAGMENTATION))
+
+    spec = type("S", (), {"method": "sft", "adapter": type("A", (), {"dropout": 0.0, "use_dora": False,
+                                                                   "variant": "lora"})()})()
+    from tunekit.schemas.spec import TrainingSpec
+
+    spec = TrainingSpec(base_model="x", quantization="nf4", adapter={"r": 16, "dropout": 0.0},
+                        hyperparameters={"batch_size": 4, "max_length": 2048})
+    args = dict(gradient_checkpointing=True, auto_checkpointing=True, budget_bytes=budget, estimate=est,
+                max_length=2048)
+    on = speed.plan(spec, cfg, "cuda", True, **args)
+    off = speed.plan(spec, cfg, "cuda", True, off=frozenset({"recompute_mlp"}), **args)
+    assert off.mlp_recompute_layers == 0 and not off.on("recompute_mlp") and 0 < off.checkpointed_layers < 32
+    assert on.on("recompute_mlp") and on.mlp_recompute_layers > 0 and "MLP's gate/up" in on.reasons["checkpointing"]
+    share = speed._mlp_share(cfg, 2048)
+    assert 0.45 < share < 0.55  # gate and up: 2 x 4096 x 14336 of ~218M weights per layer, and attention
+    cost = on.checkpointed_layers + share * on.mlp_recompute_layers
+    assert cost < off.checkpointed_layers
+    keep = 32 - on.checkpointed_layers - on.mlp_recompute_layers
+    assert on.memory_estimate_bytes == peak(full, none, 32, keep, mlp=mlp, mlp_layers=on.mlp_recompute_layers)
+    assert on.memory_estimate_bytes <= memory.HEADROOM * budget
+    # nothing cheaper fits: each (kept, MLP) mix with less recompute is over the budget
+    for k in range(33):
+        for m in range(33 - k):
+            if (32 - k - m) + share * m < cost - 1e-9:
+                assert peak(full, none, 32, k, mlp=mlp, mlp_layers=m) > memory.HEADROOM * budget, (k, m)

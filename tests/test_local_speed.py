@@ -345,9 +345,9 @@ def test_plan_checkpoints_only_the_layers_the_budget_needs():
     spec = TrainingSpec(base_model="x", quantization="nf4", hyperparameters={"batch_size": 4, "max_length": 2048},
                         adapter={"r": 16})
 
-    def est(ck):
+    def est(ck, **more):
         return memory.estimate(LLAMA_8B, micro_batch=4, max_length=2048, quantization="nf4", r=16,
-                               gradient_checkpointing=ck, **speed.estimate_kwargs(spec))
+                               gradient_checkpointing=ck, **{**speed.estimate_kwargs(spec), **more})
 
     full, none = est(True).total_bytes, est(False).total_bytes
     kw = dict(gradient_checkpointing=True, auto_checkpointing=True, estimate=est)

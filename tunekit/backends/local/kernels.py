@@ -61,7 +61,7 @@ class FastState:
 
 def apply(model: Any, sp: SpeedPlan, *, sharded: bool = False) -> dict[str, Any]:
     """Apply the plan to a PEFT model (after get_peft_model, before the trainer). Returns what was done.
-    ``sharded``: the model trains under FSDP2 (recompute_norms is left out there)."""
+    ``sharded``: the model trains under FSDP2 (recompute_norms and recompute_mlp are left out there)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     done: dict[str, Any] = {}
     if sp.on("liger"):
@@ -95,6 +95,9 @@ def apply(model: Any, sp: SpeedPlan, *, sharded: bool = False) -> dict[str, Any]
     done.update(_longctx.apply(base, sp))  # activation offload, tiled MLP (long context)
     if sp.on("recompute_norms") and not sharded:  # (FSDP2 reshards the norms' weights after forward)
         done["recompute_norms_layers"] = _recompute.recompute_norms(base)
+        if sp.on("recompute_mlp"):  # the layers after the checkpointed ones
+            first = sp.checkpointed_layers
+            done["recompute_mlp_layers"] = _recompute.recompute_mlp(base, range(first, first + sp.mlp_recompute_layers))
     return done
 
 

@@ -229,6 +229,7 @@ def _estimate(
     attention_scores: bool = False,
     fused_mlp: bool = False,
     recompute_norms: bool = False,
+    recompute_mlp: bool = False,
 ) -> MemoryEstimate:
     """The estimate alone (no suggestions). ``quantization`` is the resolved mode ('nf4'|'none').
 
@@ -244,7 +245,9 @@ def _estimate(
     adapted linear its own dropped copy of its input). ``fused_mlp``: with fused kernels, a 4-bit down_proj
     without dropout takes the SwiGLU's inputs (kernels.fuse_swiglu_down) and the SwiGLU's output is not kept.
     ``recompute_norms``: with fused kernels and no dropout, a layer not checkpointed recomputes its two normed
-    hidden states in backward (recompute.py) instead of keeping them.
+    hidden states in backward (recompute.py) instead of keeping them. ``recompute_mlp``: with recompute_norms, a layer
+    not checkpointed also computes its MLP's gate/up outputs again in backward (recompute.py): the estimate of every
+    layer doing that, which `kept_layers_peak` mixes with the other two kinds.
 
     Long context (longctx.py): ``offload_layers`` checkpointed layers keep their saved input in pinned host
     memory instead of on the GPU (``host_bytes``; the estimate does not fit when that exceeds HOST_SHARE of
@@ -280,6 +283,7 @@ def _estimate(
     # (not under FSDP2: the gathered 4-bit weight has no quant state, so bitsandbytes' own forward runs)
     fused_mlp = fused_kernels and fused_mlp and nf4 and not lora_dropout and shards == 1
     recompute_norms = recompute_norms and fused_kernels and not lora_dropout  # with dropout, copies are kept instead
+    recompute_mlp = recompute_mlp and recompute_norms  # its input is the recomputed normed state
     if fused_kernels:
         full_layer = tokens * _fused_layer_elems(d, r, use_dora and not nf4 and not dora_peft, fused_mlp) * layer_bytes
         if dora_peft:
@@ -309,6 +313,9 @@ def _estimate(
     kept_layer = full_layer  # a layer not checkpointed; full_layer is also the one recomputed in backward
     if recompute_norms:  # recompute.py: its two normed outputs are not kept
         kept_layer -= tokens * 2 * d["hidden"] * layer_bytes
+    # recompute.py: nor the gate/up outputs; the first such layer's backward computes both again on top
+    mlp_again = tokens * 2 * d["intermediate"] * layer_bytes if recompute_mlp else 0
+    kept_layer -= mlp_again
     if gradient_checkpointing:
         acts = d["layers"] * tokens * d["hidden"] * hidden_bytes + full_layer
     else:
@@ -343,6 +350,8 @@ def _estimate(
     # 4 x 2048, 6.1 at 131,072 tokens): the fused MLP's silu(a) * b, and a recomputed normed hidden state
     again = (d["intermediate"] if fused_mlp else 0) + (d["hidden"] if recompute_norms else 0)
     activations = acts + attention + max(logits, phase) + tokens * again * layer_bytes
+    if not gradient_checkpointing:
+        activations += mlp_again
 
     allocated = weights + adapter + activations
     overhead = (CUDA_CONTEXT_BYTES if device_type == "cuda" else 0) + FRAGMENTATION * allocated
@@ -367,6 +376,10 @@ def _estimate(
             "fused_kernels": fused_kernels, "shards": shards, "lora_dropout": lora_dropout,
             "offload_layers": offloaded, "tiled_mlp": tiled_mlp, "attention_mask": attn["kind"],
             "attention_scores": attention_scores, "fused_mlp": fused_mlp, "recompute_norms": recompute_norms,
+            "recompute_mlp": recompute_mlp,
+            # the backward transient of a layer recomputing its MLP (in the total without checkpointing)
+            "recompute_mlp_bytes": int(mlp_again) if not gradient_checkpointing else 0,
+            "layer_input_bytes": int(state),  # what a checkpointed layer keeps
             # what attention adds to the peak: the mask, the layers' saved attention and its phase over the logits
             "attention_bytes": int(attention + max(0, phase - logits)),
             # the one layer recomputed in backward (in the total when checkpointing): speed._checkpoint_layers
@@ -399,22 +412,36 @@ def estimate(model_config: dict[str, Any], **kwargs: Any) -> MemoryEstimate:
 
 
 def kept_layers_peak(full: MemoryEstimate, none: MemoryEstimate, layers: int, keep: int, *,
-                     allocated: bool = False) -> int:
-    """Peak bytes when the first ``layers - keep`` decoder layers are checkpointed and the last ``keep`` keep their
-    activations, from the all-checkpointed (``full``) and no-checkpointing (``none``) estimates of one step.
+                     allocated: bool = False, mlp: MemoryEstimate | None = None, mlp_layers: int = 0) -> int:
+    """Peak bytes when the last ``keep`` decoder layers keep their activations, the ``mlp_layers`` before them keep
+    them less their MLP's gate/up outputs (recompute.py; ``mlp``: the estimate of every layer doing that) and the
+    first ones are checkpointed, from the all-checkpointed (``full``) and no-checkpointing (``none``) estimates.
 
-    Each kept layer adds its activations less its checkpointed input; the one layer recomputed in backward
-    (``full``'s "recompute_bytes") is live only after the kept layers have freed theirs (backward runs from the
-    last layer), so it counts only when none is kept. ``allocated``: without the CUDA context and fragmentation,
-    i.e. what torch.cuda.max_memory_allocated measures.
+    Each layer not checkpointed adds its activations less its checkpointed input. Backward runs from the last
+    layer: the start of backward holds everything; a layer's transient in backward (the one layer recomputed
+    under checkpointing, ``full``'s "recompute_bytes"; a recomputed MLP's gate/up outputs) comes after the layers
+    behind it have freed theirs, so it counts only where those cannot cover it: the MLP's when no layer is kept,
+    and the checkpointed layer's as the larger of that phase and the start. ``allocated``: without the CUDA
+    context and fragmentation, i.e. what torch.cuda.max_memory_allocated measures.
     """
-    f, z = full.total_bytes, none.total_bytes
-    if allocated:
-        f, z = f - full.breakdown["overhead"], z - none.breakdown["overhead"]
-    if keep <= 0:
-        return f
-    r = full.assumptions.get("recompute_bytes", 0) * (1 if allocated else 1 + FRAGMENTATION)
-    return int(f - r + min(keep, layers) * (z - f + r) / layers)
+    slack = 1 if allocated else 1 + FRAGMENTATION
+
+    def total(e: MemoryEstimate) -> float:
+        return e.total_bytes - (e.breakdown["overhead"] if allocated else 0)
+
+    f, z = total(full), total(none)
+    keep = max(0, min(keep, layers))
+    mlp_layers = max(0, min(mlp_layers, layers - keep)) if mlp is not None else 0
+    if not keep and not mlp_layers:
+        return int(f)
+    r = full.assumptions.get("recompute_bytes", 0) * slack
+    peak = f - r + keep * (z - f + r) / layers
+    if mlp_layers:
+        e = mlp.assumptions.get("recompute_mlp_bytes", 0) * slack
+        peak += mlp_layers * (total(mlp) - e - f + r) / layers + (0 if keep else e)
+    if keep + mlp_layers < layers:  # the first checkpointed layer's recompute, once the others have freed theirs
+        peak = max(peak, f - (keep + mlp_layers) * full.assumptions.get("layer_input_bytes", 0) * slack)
+    return int(peak)
 
 
 def check_fits(estimate_: MemoryEstimate, *, what: str = "this training plan") -> None:

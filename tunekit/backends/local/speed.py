@@ -28,6 +28,10 @@ tests/test_local_speed.py checks each one against the path without it). The opti
   recompute_norms  a layer not checkpointed keeps the inputs of its two RMSNorms (they do anyway) but not their
                outputs: backward computes those again (recompute.py; exact, one pass over [tokens, hidden] each), so
                each such layer keeps two [tokens, hidden] tensors less and the budget checkpoints fewer layers.
+  recompute_mlp  with recompute_norms, a layer between the checkpointed and the kept ones computes its MLP's gate/up
+               outputs again in backward instead of keeping them (recompute.py; exact): half of what it keeps, for
+               two of its seven GEMMs again where checkpointing it runs the whole layer again. The plan mixes the
+               three kinds (checkpointed, MLP recomputed, kept) for the least recompute that fits the budget.
   fp32_adapters not a speed-up but a numerics guard: TRL casts a quantized model's LoRA A/B to bf16, where
                AdamW steps of lr ~2e-4 are partly rounded away (the loss curve lags the plain recipe's, which
                keeps PEFT's fp32 adapters); they go back to fp32 (autocast still runs the matmuls in bf16).
@@ -45,7 +49,7 @@ from . import variants as _variants
 from .memory import HEADROOM, MLP_TILE_TOKENS, GiB, kept_layers_peak
 
 OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters", "offload",
-                 "tiled_mlp", "varlen_attention", "recompute_norms")
+                 "tiled_mlp", "varlen_attention", "recompute_norms", "recompute_mlp")
 OFF_BY = "disabled by provider_options.local.speedups"
 # a tile's LoRA dropout masks are drawn per tile: other draws than the untiled MLP's, so not the same training
 TILE_DROPOUT = ("not used with adapter.dropout={} (its masks would be drawn per tile, unlike the untiled run's); "
@@ -79,6 +83,7 @@ class SpeedPlan:
     host_bytes: int = 0  # pinned host memory the offload takes
     longest_length: int | None = None  # nothing fits: the longest power-of-two max_length that does (0: none)
     longest_length_hint: str = ""  # then the first suggestion of the refusal (resolve.py puts it there)
+    mlp_recompute_layers: int = 0  # the layers after the checkpointed ones that recompute their gate/up outputs
 
     def on(self, name: str) -> bool:
         return bool(self.enabled.get(name))
@@ -87,6 +92,8 @@ class SpeedPlan:
         on = [k for k, v in self.enabled.items() if v and k != "checkpointing"]
         ck = (f"checkpointing {self.checkpointed_layers}/{self.num_layers} layers" if self.checkpointed_layers
               else "no checkpointing")
+        if self.mlp_recompute_layers:
+            ck += f", MLP recomputed in {self.mlp_recompute_layers}"
         out = f"speed-ups: {', '.join(on) or 'none'}; {ck} ({self.reasons.get('checkpointing', '')})"
         long = [f"{k}: {self.reasons[k]}" for k in ("offload", "tiled_mlp") if self.enabled.get(k)]
         return "; ".join([out, *long, *self.notes])
@@ -163,11 +170,12 @@ def plan(
     notes = form.notes(spec.adapter)
     decide("recompute_norms", True, "the normed hidden states of layers not checkpointed are recomputed in "
            "backward, not kept")
+    decide("recompute_mlp", en["recompute_norms"], "needs recompute_norms")
     decide("fp32_adapters", quantized, "QLoRA: adapters kept fp32 like PEFT's default (TRL casts them to bf16)"
            if quantized else "not quantized (adapters already fp32)")
 
     n = _layers(cfg)
-    ckpt, est_bytes = (n if gradient_checkpointing else 0), None
+    ckpt, mlps, est_bytes = (n if gradient_checkpointing else 0), 0, None
     known = bool(budget_bytes) and estimate is not None and n > 0
     full = estimate(True) if gradient_checkpointing and known else None
     long = LongContext()
@@ -184,8 +192,19 @@ def plan(
                                                    else "requested" if not auto_checkpointing
                                                    else "no memory budget known") + ")")
     else:
-        ckpt, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, full, estimate(False))
+        mlp = estimate(False, recompute_mlp=True) if en["recompute_mlp"] else None
+        if mlp is not None and not mlp.assumptions.get("recompute_mlp"):
+            why["recompute_mlp"], mlp = "not on this path (the fused kernels, without adapter dropout)", None
+        ckpt, mlps, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, full, estimate(False), mlp,
+                                                                         _mlp_share(cfg, max_length))
     en["checkpointing"] = ckpt > 0
+    if en["recompute_mlp"]:
+        en["recompute_mlp"] = mlps > 0
+        if mlps:
+            why["recompute_mlp"] = f"the gate/up outputs of {mlps} layers (after the checkpointed ones) recomputed " \
+                                   f"in backward, not kept"
+        elif why["recompute_mlp"] == "needs recompute_norms":
+            why["recompute_mlp"] = "not used by this plan (each layer is either checkpointed or kept)"
     for name, on, reason in (("offload", long.offload_layers > 0, long.offload_why),
                              ("tiled_mlp", long.tiled, long.tiled_why)):
         en[name] = on
@@ -195,7 +214,8 @@ def plan(
     tile_blocked = bool(spec.adapter.dropout) and "tiled_mlp" not in off
     return SpeedPlan(en, why, n, ckpt, est_bytes, notes, offload_layers=long.offload_layers,
                      mlp_tile_tokens=MLP_TILE_TOKENS if long.tiled else 0, host_bytes=long.host_bytes,
-                     longest_length=long.longest_length, longest_length_hint=_length_hint(long, tile_blocked))
+                     longest_length=long.longest_length, longest_length_hint=_length_hint(long, tile_blocked),
+                     mlp_recompute_layers=mlps)
 
 
 def _length_hint(long: "LongContext", tile_blocked: bool) -> str:
@@ -276,21 +296,48 @@ def _long_context(n: int, estimate: Any, *, can_offload: bool, can_tile: bool, m
                        longest_length=longest, means=means)
 
 
-def _checkpoint_layers(n: int, budget: int, full: Any, none: Any) -> tuple[int, int, str]:
-    """Fewest checkpointed layers whose estimated peak fits the budget (the same headroom as the fit check), from
-    the all-checkpointed (``full``) and no-checkpointing (``none``) estimates; the peak of each choice is
-    memory.kept_layers_peak (the kept layers are the last ones)."""
-    keep = next((k for k in range(n, 0, -1) if kept_layers_peak(full, none, n, k) <= HEADROOM * budget), 0)
-    peak = kept_layers_peak(full, none, n, keep)
+def _checkpoint_layers(n: int, budget: int, full: Any, none: Any, mlp: Any = None,
+                       mlp_share: float = 1.0) -> tuple[int, int, int, str]:
+    """(checkpointed layers, MLP-recomputing layers after them, estimated peak, why): the least recompute whose
+    estimated peak fits the budget (the same headroom as the fit check). A checkpointed layer costs one layer's
+    forward again, a recomputed MLP ``mlp_share`` of it (`_mlp_share`), a kept layer nothing; the peaks are
+    memory.kept_layers_peak's, from the all-checkpointed (``full``), no-checkpointing (``none``) and (``mlp``, None
+    without recompute_mlp) every-layer-recomputing-its-MLP estimates."""
+    limit = HEADROOM * budget
+
+    def peak(keep: int, m: int) -> int:
+        return kept_layers_peak(full, none, n, keep, mlp=mlp, mlp_layers=m)
+
+    best = (float(n), n, 0)  # (cost, keep... checkpointed, mlp): all checkpointed when nothing fits
+    for keep in range(n, -1, -1):
+        # recomputing an MLP costs less than checkpointing its layer: as many as fit, of the layers not kept
+        m = next((m for m in range(n - keep if mlp is not None else 0, -1, -1) if peak(keep, m) <= limit), None)
+        if m is not None and (n - keep - m) + m * mlp_share < best[0]:
+            best = ((n - keep - m) + m * mlp_share, n - keep - m, m)
+    _, ckpt, mlps = best
+    est = peak(n - ckpt - mlps, mlps)
     per_layer = (none.total_bytes - kept_layers_peak(full, none, n, 1)) / max(1, n - 1)
-    if keep == n:
+    more = f", the MLP's gate/up outputs of {mlps} more recomputed," if mlps else ""
+    if ckpt == 0 and mlps == 0:
         reason = f"not needed: ~{none.total_bytes / GiB:.1f} GiB without it fits {budget / GiB:.1f} GiB"
-    elif peak > HEADROOM * budget:  # the fit check refuses the run
-        reason = f"all {n} layers, and ~{peak / GiB:.1f} GiB still exceeds {budget / GiB:.1f} GiB"
+    elif est > limit:  # the fit check refuses the run
+        reason = f"all {n} layers, and ~{est / GiB:.1f} GiB still exceeds {budget / GiB:.1f} GiB"
     else:
-        reason = (f"{n - keep} of {n} layers so that ~{peak / GiB:.1f} GiB fits {budget / GiB:.1f} GiB "
+        reason = (f"{ckpt} of {n} layers{more} so that ~{est / GiB:.1f} GiB fits {budget / GiB:.1f} GiB "
                   f"(~{per_layer / GiB:.2f} GiB per un-checkpointed layer)")
-    return n - keep, peak, reason
+    return ckpt, mlps, est, reason
+
+
+def _mlp_share(cfg: dict[str, Any], max_length: int | None) -> float:
+    """A recomputed MLP's gate/up GEMMs as a share of a layer's forward (its linear layers and attention's two
+    S x S products, causal: ~2 S x q-width FLOPs per token). 8B at 2,048 tokens: 0.50."""
+    c = cfg.get("text_config") or cfg
+    h, i = int(c.get("hidden_size") or 0), int(c.get("intermediate_size") or 0)
+    heads = int(c.get("num_attention_heads") or 0)
+    q = heads * int(c.get("head_dim") or (h // heads if heads else 0))
+    kv = int(c.get("num_key_value_heads") or heads) * (q // heads if heads else 0)
+    layer = 2 * h * q + 2 * h * kv + 3 * h * i + (max_length or 0) * q
+    return 2 * h * i / layer if layer and h and i else 1.0
 
 
 def _importable(name: str) -> bool:
