@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import dora_triton
+from . import dora_triton, nf4_triton
 
 
 def lora_forward(layer: Any, x: Any, name: str, dora: Any, state: Any) -> Any:
@@ -184,27 +184,42 @@ def _frozen_stats(base: Any, cdt: Any, cache: dict) -> tuple[Any, Any]:
 
 # ------------------------------------------------------------------------------------------------ the function
 
-def _base_plus_update(x: Any, w: Any, h: Any, bs: Any) -> Any:
-    """x W^T + h bs^T rounded to the compute dtype once: one GEMM over [x | h] and [W | bs] (fp32 accumulation).
+def _base_plus_update(x: Any, weight: Any, absmax: Any, cdt: Any, h: Any, bs: Any) -> Any:
+    """x W^T + h bs^T rounded to the compute dtype once: one GEMM over [x | h] and [W | bs] (fp32 accumulation), W
+    the 4-bit ``weight`` dequantized with the fp32 block scales ``absmax``.
 
     Not addmm(h bs^T, x, W^T): cuBLAS rounds the product to bf16 before adding C (measured on an H200: half of
     a random update at 1e-3 of the base kept, as with a separate add), so the first steps' updates, below half
     an ulp of the base output, were mostly lost and the loss lagged the plain recipe's, which adds them in
     fp32. The forward only: the adapter's share of dL/dx is as small, but losing part of it perturbs earlier
     layers' gradients by ~1e-3 relative, where in the forward it cancels the update itself (the loss check
-    matches with the backward's epilogue left as is). Costs a copy of x and of W per call (about 4-7% of a
-    step on the H200); K is padded to a multiple of 8 (16-byte rows for the tensor cores). The copies are one
-    ``torch.cat`` each: writing x and W into column slices of a wider buffer ran as ~1,600 strided copies per
-    step on the generic elementwise kernel (83 ms of a QLoRA step's profile, docs/benchmarks.md).
+    matches with the backward's epilogue left as is). K is padded to a multiple of 8 (16-byte rows for the
+    tensor cores). [x | h] is one ``torch.cat`` (writing x into a column slice of a wider buffer ran as ~1,600
+    strided copies per step on the generic elementwise kernel: 83 ms of a QLoRA step's profile,
+    docs/benchmarks.md); [W | bs] is written by the dequantization itself where nf4_triton's kernel runs (CUDA,
+    bf16), else dequantized and concatenated.
     """
+    width = x.shape[1] + h.shape[1] + (-(x.shape[1] + h.shape[1]) % 8)
+    if cdt == x.dtype and nf4_triton.available(weight, cdt):
+        wide = nf4_triton.wide_weight(weight, absmax, bs.to(cdt), width)
+    else:
+        wide = widen(dequant(weight, absmax, cdt), bs, width)
+    return one_gemm(x, h, wide)
+
+
+def widen(w: Any, bs: Any, width: int) -> Any:
+    """[w | bs | 0], ``width`` columns."""
     import torch
 
-    pad = -(x.shape[1] + h.shape[1]) % 8
-    xs, ws = [x, h.to(x.dtype)], [w, bs.to(w.dtype)]
-    if pad:
-        xs.append(x.new_zeros(x.shape[0], pad))
-        ws.append(w.new_zeros(w.shape[0], pad))
-    return torch.mm(torch.cat(xs, 1), torch.cat(ws, 1).t())
+    pad = width - w.shape[1] - bs.shape[1]
+    return torch.cat([w, bs.to(w.dtype)] + ([w.new_zeros(w.shape[0], pad)] if pad else []), 1)
+
+
+def one_gemm(x: Any, h: Any, wide: Any) -> Any:
+    """[x | h | 0] wide^T: x W^T + h bs^T with one rounding, ``wide`` = [W | bs | 0]."""
+    import torch
+
+    return torch.mm(widen(x, h, wide.shape[1]), wide.t())
 
 
 _FN: dict = {}  # built on first use (torch is imported lazily)
@@ -231,7 +246,7 @@ def _make():
         if pre.scale is not None:
             absmax = (absmax.view(weight.quant_state.shape[0], -1) * pre.scale.view(-1, 1)).view(-1)
         h = xd2 @ pre.a.t()
-        return _base_plus_update(x2, dequant(weight, absmax, cdt), h, pre.bs), absmax, h
+        return _base_plus_update(x2, weight, absmax, cdt, h, pre.bs), absmax, h
 
     def remember(ctx, weight, s, pre, cdt, same, A, B, mag):
         ctx.weight, ctx.s, ctx.coef, ctx.cdt, ctx.same = weight, s, pre.coef, cdt, same
