@@ -235,6 +235,10 @@ def tunekit_run(p: dict) -> dict:
         from tunekit.backends.local import dora_triton
 
         dora_triton.TUNING["enabled"] = False
+    if not p.get("nf4_kernel", True):  # --nf4-ab
+        from tunekit.backends.local import nf4_triton
+
+        nf4_triton.TUNING["enabled"] = False
     quant = {"qlora": "nf4", "dora": "nf4", "lora_bf16": "none", "auto": "auto"}[p["variant"]]
     B = p["batch"]
     steps = p["loss_steps"] if p["check"] else p["warmup"] + p["steps"]
@@ -392,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (tunekit only)")
     ap.add_argument("--dora-ab", action="store_true",
                     help="dora: also run tunekit with dora_triton's kernel off (the torch expression), an A/B")
+    ap.add_argument("--nf4-ab", action="store_true",
+                    help="qlora/dora: also run tunekit with nf4_triton's kernel off (torch.cat), an A/B")
     ap.add_argument("--check-loss", action="store_true")
     ap.add_argument("--loss-steps", type=int, default=30)
     ap.add_argument("--no-noise", action="store_true", help="--check-loss without the plain seed+1 run")
@@ -540,6 +546,9 @@ def run_length(a, base: dict, tok, meta: dict, device: str, swept: list | None =
             record(v, "tunekit_speedups_off", child("tunekit", {**p, "speedups": "off"}), {"budget_gib": budget})
         if v == "dora" and a.dora_ab:
             record(v, "tunekit_dora_kernels_off", child("tunekit", {**p, "dora_kernels": False}),
+                   {"budget_gib": budget, "seq": seq})
+        if v in ("qlora", "dora") and a.nf4_ab:
+            record(v, "tunekit_nf4_kernel_off", child("tunekit", {**p, "nf4_kernel": False}),
                    {"budget_gib": budget, "seq": seq})
         if v in ("qlora", "dora"):
             for opt in a.ablate:

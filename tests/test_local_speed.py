@@ -371,6 +371,38 @@ def test_plan_checkpoints_only_the_layers_the_budget_needs():
     assert cpu.checkpointed_layers == 0 and not cpu.on("liger") and "CUDA" in cpu.reasons["liger"]
 
 
+def test_rows_of_one_length_get_the_split_without_an_attention_mask(monkeypatch):
+    """Unpacked rows are planned as padded (a mask; the rows are not tokenized yet). The plan also records the
+    split for rows that all have one length (no padding, so no mask: less kept per layer), which the worker takes
+    once it has tokenized them (SpeedPlan.for_unpadded): less recompute, within the same budget."""
+    from tunekit.backends.local import resolve
+    from tunekit.backends.local.peft_config import DeviceInfo
+
+    monkeypatch.setattr(resolve, "device_info", lambda device: DeviceInfo("cuda", 139 * GiB, "H200"))
+    real = speed.estimate_kwargs
+    monkeypatch.setattr(speed, "estimate_kwargs", lambda *a, **k: {**real(*a, **k), "fused_kernels": True,
+                                                                  "fused_mlp": True})  # the H200 path
+    spec = TrainingSpec(base_model="x", quantization="nf4", adapter={"r": 16, "dropout": 0.0},
+                        hyperparameters={"batch_size": 4, "max_length": 2048})
+    sp = resolve.resolve_run(spec, model_config=LLAMA_8B, memory_budget_bytes=20 * GiB).speed
+    assert sp.unpadded is not None
+    one = sp.for_unpadded()
+    assert one.unpadded is None and one.for_unpadded() is one
+    assert "rows of one length" in one.reasons["checkpointing"] and one.summary() != sp.summary()
+    share = speed._mlp_share(LLAMA_8B, 2048)
+
+    def cost(p):
+        return p.checkpointed_layers + share * p.mlp_recompute_layers
+
+    assert cost(one) < cost(sp) and one.memory_estimate_bytes <= memory.HEADROOM * 20 * GiB
+    assert one.on("checkpointing") == (one.checkpointed_layers > 0)
+    assert one.on("recompute_mlp") == (one.mlp_recompute_layers > 0)
+    # stored with the run and read back (LocalRun.speed is the dict)
+    assert speed.SpeedPlan(**sp.to_dict()).for_unpadded() == one
+    packed = resolve.resolve_run(spec, model_config=LLAMA_8B, memory_budget_bytes=20 * GiB, packing=True).speed
+    assert packed.unpadded is None  # packed rows: varlen attention, no mask either way
+
+
 def test_estimate_for_the_fast_path_drops_the_logits_and_the_fp32_upcast():
     kw = dict(micro_batch=4, max_length=2048, quantization="nf4", r=16, gradient_checkpointing=True)
     plain = memory.estimate(LLAMA_8B, **kw)

@@ -233,6 +233,20 @@ def resolve_run(
                             gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt,
                             budget_bytes=budget, estimate=lambda ck, **kw: estimate(quant.mode, ck, **kw), off=off,
                             max_length=hp.max_length)
+        if est_kw["attention_mask"] == "padded" and speed.memory_estimate_bytes is not None:
+            # rows that all have one length need no mask: the split for them, taken by the worker once it has
+            # tokenized the rows (train())
+            alt = _speed.plan(spec, model_config, dev.type, quant.quantized,
+                              gradient_checkpointing=gradient_checkpointing, auto_checkpointing=auto_ckpt,
+                              budget_bytes=budget, off=off, max_length=hp.max_length,
+                              estimate=lambda ck, **kw: estimate(quant.mode, ck, **{"attention_mask": "none", **kw}))
+            if (alt.checkpointed_layers, alt.mlp_recompute_layers) != (speed.checkpointed_layers,
+                                                                       speed.mlp_recompute_layers):
+                speed.unpadded = {"checkpointed_layers": alt.checkpointed_layers,
+                                  "mlp_recompute_layers": alt.mlp_recompute_layers,
+                                  "memory_estimate_bytes": alt.memory_estimate_bytes,
+                                  "reason": alt.reasons["checkpointing"] + " (rows of one length: no attention mask)",
+                                  "recompute_mlp": alt.reasons.get("recompute_mlp", "")}
         if speed.offload_layers or speed.mlp_tile_tokens:  # the fit check is the long-context path's
             est = estimate(quant.mode, True, offload_layers=speed.offload_layers,
                            tiled_mlp=bool(speed.mlp_tile_tokens))

@@ -42,7 +42,7 @@ the plan records the value with the run (`disabled` reads it), so a resumed work
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import variants as _variants
@@ -84,6 +84,10 @@ class SpeedPlan:
     longest_length: int | None = None  # nothing fits: the longest power-of-two max_length that does (0: none)
     longest_length_hint: str = ""  # then the first suggestion of the refusal (resolve.py puts it there)
     mlp_recompute_layers: int = 0  # the layers after the checkpointed ones that recompute their gate/up outputs
+    # the layer split when every row turns out to have one length (no padding, so no attention mask; the plan
+    # assumes padded rows until the worker has tokenized them): {"checkpointed_layers", "mlp_recompute_layers",
+    # "memory_estimate_bytes", "reason"}; None when it is the same split
+    unpadded: dict | None = None
 
     def on(self, name: str) -> bool:
         return bool(self.enabled.get(name))
@@ -100,6 +104,18 @@ class SpeedPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def for_unpadded(self) -> "SpeedPlan":
+        """This plan for rows of one length (`unpadded`), or itself."""
+        u = self.unpadded
+        if not u:
+            return self
+        ckpt, mlps = u["checkpointed_layers"], u["mlp_recompute_layers"]
+        return replace(self, checkpointed_layers=ckpt, mlp_recompute_layers=mlps,
+                       memory_estimate_bytes=u["memory_estimate_bytes"], unpadded=None,
+                       enabled={**self.enabled, "checkpointing": ckpt > 0,
+                                "recompute_mlp": self.enabled.get("recompute_mlp", False) or mlps > 0},
+                       reasons={**self.reasons, "checkpointing": u["reason"], "recompute_mlp": u["recompute_mlp"]})
 
 
 def estimate_kwargs(spec: Any, cfg: dict[str, Any] | None = None, device_type: str = "cpu",

@@ -271,6 +271,9 @@ def train(run: "LocalRun", callbacks: TrainCallbacks | None = None, *,
         packing, why = packing_decision(spec.method, "auto", mean_tokens=data.mean_tokens, max_length=hp.max_length)
         cb.on_event("info", f"packing: {'on' if packing else 'off'} ({why})")
 
+    if speed.unpadded and not packing and len(set(data.lengths)) == 1:  # no padding, so no attention mask
+        speed = speed.for_unpadded()
+        cb.on_event("info", f"every row has {data.lengths[0]} tokens, so no attention mask: {speed.summary()}")
     resume = _resolve_resume(resume_from_checkpoint, ckpt_dir, cb)
     if resume:
         cb.on_event("info", f"resuming from {resume}")
