@@ -43,8 +43,8 @@ SPEEDUPS_OFF = dict(fused_lm_head=True, kbit_upcast=True, fused_kernels=False)
 FUSED_MLP = dict(FUSED, fused_mlp=True, optimizer_state_bytes=8)
 FUSED_NOW = dict(FUSED_MLP, recompute_norms=True)  # and the normed hidden states recomputed (recompute.py)
 
-# (name, path, quantization, dora, micro-batch, seq, checkpointed layers, measured GiB (None: out of memory),
-#  status, source: docs/benchmarks.md section / commit)
+# (name, path, quantization, dora, micro-batch, seq, checkpointed layers (or (checkpointed, MLP-recomputing layers)),
+#  measured GiB (None: out of memory), status, source: docs/benchmarks.md section / commit)
 POINTS = [
     ("plain qlora", PLAIN, "nf4", False, 4, 2048, 32, 27.3, "derived", "Reference figures; 27.31 in each run"),
     ("plain bf16 lora", PLAIN, "none", False, 4, 2048, 32, 31.3, "derived", "Reference figures"),
@@ -103,14 +103,19 @@ POINTS = [
      "Issue 16, 2026-12-04 (third session), bab30c3 (-5.0% before the recompute transient was counted)"),
     ("tunekit auto (bf16), + recompute_norms", FUSED_NOW, "none", False, 4, 2048, 0, 46.22, "held out",
      "Issue 16, 2026-12-04 (third session), 826cb1f (50.16 without it)"),
+    ("tunekit qlora, + recompute_mlp 12/32 +18", FUSED_NOW, "nf4", False, 4, 2048, (12, 18), 14.31, "held out",
+     "Issue 16, 2026-12-04 (fourth session), f84e010"),
+    ("tunekit dora, + recompute_mlp 24/32 +1", FUSED_NOW, "nf4", True, 4, 2048, (24, 1), 15.88, "held out",
+     "Issue 16, 2026-12-04 (fourth session), f84e010"),
     ("plain qlora 16k", PLAIN, "nf4", False, 1, 16384, 32, None, "derived",
      "Long context: OOM asking 32.00 GiB = 32 heads x 16384^2 fp32: SDPA math-kernel scores (attention_scores)"),
 ]
 
 
 def estimate_point(path: dict, quant: str, dora: bool, mb: int, seq: int, ckpt: int,
-                   dropout: float = 0.0) -> tuple[float, float, bool]:
-    """(allocated GiB, plan GiB with context and slack, fits the H200) at ``ckpt`` of 32 checkpointed layers."""
+                   dropout: float = 0.0, mlp: int = 0) -> tuple[float, float, bool]:
+    """(allocated GiB, plan GiB with context and slack, fits the H200) at ``ckpt`` of 32 checkpointed layers and
+    ``mlp`` layers after them recomputing their MLP's gate/up outputs (recompute.py)."""
     kw = dict(micro_batch=mb, max_length=seq, quantization=quant, r=16, use_dora=dora, device_memory_bytes=H200,
               dtype="bf16", **path)  # a path may carry offload_layers (the run's "offload_layers")
     if dropout:
@@ -122,18 +127,23 @@ def estimate_point(path: dict, quant: str, dora: bool, mb: int, seq: int, ckpt: 
     full = _estimate(LLAMA_8B, gradient_checkpointing=True, **kw)
     none = _estimate(LLAMA_8B, gradient_checkpointing=False, **kw)
     n = LLAMA_8B["num_hidden_layers"]
-    alloc = kept_layers_peak(full, none, n, n - ckpt, allocated=True)
-    plan = kept_layers_peak(full, none, n, n - ckpt)
+    more = {}
+    if mlp:
+        more = dict(mlp=_estimate(LLAMA_8B, gradient_checkpointing=False, recompute_mlp=True, **kw), mlp_layers=mlp)
+    alloc = kept_layers_peak(full, none, n, n - ckpt - mlp, allocated=True, **more)
+    plan = kept_layers_peak(full, none, n, n - ckpt - mlp, **more)
     return alloc / GiB, plan / GiB, plan <= 0.92 * H200
 
 
 def rows() -> list[dict]:
     out = []
     for name, path, quant, dora, mb, seq, ckpt, measured, status, source in POINTS:
-        row = {"name": name, "tokens": f"{mb}x{seq}", "ckpt": f"{ckpt}/32", "measured": measured, "status": status,
-               "source": source, "estimate": None, "plan": None, "error": None, "fits": None}
+        ckpt, mlp = ckpt if isinstance(ckpt, tuple) else (ckpt, 0)  # (checkpointed, MLP recomputed)
+        row = {"name": name, "tokens": f"{mb}x{seq}", "ckpt": f"{ckpt}/32" + (f" +{mlp} MLP" if mlp else ""),
+               "measured": measured, "status": status, "source": source, "estimate": None, "plan": None,
+               "error": None, "fits": None}
         if path is not None:
-            alloc, plan, fits = estimate_point(path, quant, dora, mb, seq, ckpt)
+            alloc, plan, fits = estimate_point(path, quant, dora, mb, seq, ckpt, mlp=mlp)
             row.update(estimate=alloc, plan=plan, fits=fits)
             if measured:
                 row["error"] = alloc / measured - 1
@@ -148,14 +158,17 @@ def main() -> None:
                     help="the estimate of one run of benchmarks/train_throughput.py (tunekit's side)")
     ap.add_argument("--dropout", type=float, default=0.0, help="with --run: the run's --dropout")
     ap.add_argument("--offload", type=int, default=0, help="with --run: the run's offload_layers")
+    ap.add_argument("--mlp", type=int, default=0, help="with --run: the run's mlp_recompute_layers")
     a = ap.parse_args()
     if a.run:
         v, mb, seq, ck = a.run[0], *map(int, a.run[1:])
         path, quant, dora = {"qlora": (FUSED_NOW, "nf4", False), "dora": (FUSED_NOW, "nf4", True),
                              "auto": (FUSED_NOW, "none", False),
                              "speedups_off": ({**SPEEDUPS_OFF, "optimizer_state_bytes": 8}, "nf4", False)}[v]
-        alloc, plan, _ = estimate_point({**path, "offload_layers": a.offload}, quant, dora, mb, seq, ck, a.dropout)
-        print(f"{v} {mb}x{seq} {ck}/32 checkpointed, {a.offload} offloaded, dropout {a.dropout}: "
+        alloc, plan, _ = estimate_point({**path, "offload_layers": a.offload}, quant, dora, mb, seq, ck, a.dropout,
+                                        a.mlp)
+        print(f"{v} {mb}x{seq} {ck}/32 checkpointed, {a.mlp} recomputing the MLP, {a.offload} offloaded, "
+              f"dropout {a.dropout}: "
               f"estimate {alloc:.2f} GiB allocated "
               f"(compare with the run's peak), {plan:.2f} GiB with context and slack")
         return
