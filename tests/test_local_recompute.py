@@ -114,6 +114,51 @@ def test_recomputed_mlp_gives_the_same_gradients_and_keeps_less(tiny_model, quan
     assert ref_kept - kept == (len(layers) - 1) * 2 * ids.numel() * inter * 4
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_offloaded_mlp_outputs_come_back_the_same(tiny_model, monkeypatch, device):
+    """offload_mlp: the gate/up outputs of the named layers go to pinned host memory on a side stream and come back
+    one layer ahead in backward: bit for bit the same gradients, nothing recomputed for them, and the same bytes
+    less kept on the GPU as recomputing. A copy past the host budget recomputes instead; on CPU (no streams, host
+    memory is the device's) every layer recomputes."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA streams and pinned memory (the GPU machine runs this case)")
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5)).to(device)
+    ref = _model(tiny_model).to(device)
+    recompute.recompute_norms(ref.get_base_model())
+    ref_loss, ref_grads, ref_kept = _step(ref, ids, monkeypatch)
+
+    def run(budget):
+        m = _model(tiny_model).to(device)
+        base = m.get_base_model()
+        layers = base.model.layers
+        recompute.recompute_norms(base)
+        assert recompute.recompute_mlp(base, range(len(layers)), offload=range(len(layers)),
+                                       host_budget=budget) == len(layers)
+        again = []
+        for layer in layers:
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                proj.register_forward_hook(lambda *a: again.append(1) if not torch.is_grad_enabled() else None)
+        loss, grads, kept = _step(m, ids, monkeypatch)
+        assert torch.equal(loss, ref_loss)
+        for n, g in ref_grads.items():
+            assert torch.equal(grads[n], g), n
+        return recompute.offloaded_layers(base), len(again), kept, len(layers)
+
+    inter = json.loads((tiny_model / "config.json").read_text())["intermediate_size"]
+    one = ids.numel() * inter * 4  # one fp32 [tokens, intermediate]
+    sent, recomputed, kept, layers = run(budget=1 << 40)
+    assert ref_kept - kept == layers * 2 * one  # what leaves the GPU: the same as recomputing
+    if device == "cpu":
+        assert (sent, recomputed) == (0, 2 * layers)
+    else:
+        assert (sent, recomputed) == (layers, 0)
+        # room for three of the outputs: the first layer and half of the second go, the rest is recomputed
+        sent, recomputed, kept, _ = run(budget=3 * one)
+        assert (sent, recomputed) == (2, 2 * layers - 3) and ref_kept - kept == layers * 2 * one
+
+
 def test_checkpointed_layers_and_no_grad_run_unhooked(tiny_model, monkeypatch):
     """A checkpointed layer keeps its input alone (the hooks stay out of it: the same saved bytes as without);
     without grad nothing is recorded."""
@@ -199,6 +244,9 @@ def test_the_plan_mixes_checkpointed_mlp_recomputing_and_kept_layers():
     off = speed.plan(spec, cfg, "cuda", True, off=frozenset({"recompute_mlp"}), **args)
     assert off.mlp_recompute_layers == 0 and not off.on("recompute_mlp") and 0 < off.checkpointed_layers < 32
     assert on.on("recompute_mlp") and on.mlp_recompute_layers > 0 and "MLP's gate/up" in on.reasons["checkpointing"]
+    assert on.on("offload_mlp") and not off.on("offload_mlp") and off.reasons["offload_mlp"] == "needs recompute_mlp"
+    no_offload = speed.plan(spec, cfg, "cuda", True, off=frozenset({"offload_mlp"}), **args)
+    assert not no_offload.on("offload_mlp") and no_offload.mlp_recompute_layers == on.mlp_recompute_layers
     share = speed._mlp_share(cfg, 2048)
     assert 0.45 < share < 0.55  # gate and up: 2 x 4096 x 14336 of ~218M weights per layer, and attention
     cost = on.checkpointed_layers + share * on.mlp_recompute_layers

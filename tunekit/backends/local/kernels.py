@@ -96,9 +96,43 @@ def apply(model: Any, sp: SpeedPlan, *, sharded: bool = False) -> dict[str, Any]
     if sp.on("recompute_norms") and not sharded:  # (FSDP2 reshards the norms' weights after forward)
         done["recompute_norms_layers"] = _recompute.recompute_norms(base)
         if sp.on("recompute_mlp"):  # the layers after the checkpointed ones
-            first = sp.checkpointed_layers
-            done["recompute_mlp_layers"] = _recompute.recompute_mlp(base, range(first, first + sp.mlp_recompute_layers))
+            first, n = sp.checkpointed_layers, sp.mlp_recompute_layers
+            sent = _offload_mlp_layers(base, sp) if sp.on("offload_mlp") else []
+            done["recompute_mlp_layers"] = _recompute.recompute_mlp(
+                base, range(first, first + n), offload=sent, host_budget=_host_budget(sp))
+            if sent:
+                done["offload_mlp_layers"] = len(sent)
     return done
+
+
+def _offload_mlp_layers(base: Any, sp: SpeedPlan) -> list[int]:
+    """The MLP-recomputing layers that send their gate/up outputs to host memory instead (offload_mlp): as many
+    as the host link serves during a forward pass (recompute.offload_share, measured on this GPU), spread evenly
+    over them so that each copy has the layers after it to finish in."""
+    import torch
+
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    device = next((p.device for p in base.parameters() if p.is_cuda), None)
+    if device is None or not torch.cuda.is_available():
+        return []
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q = cfg.num_attention_heads * getattr(cfg, "head_dim", None) or h
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    kv = kv * (q // cfg.num_attention_heads)
+    params = 2 * h * q + 2 * h * kv + 3 * h * i
+    n, first = sp.mlp_recompute_layers, sp.checkpointed_layers
+    k = min(n, _recompute.offload_share(sp.num_layers, h, i, params, device))
+    return [first + (j * n) // k for j in range(k)] if k else []
+
+
+def _host_budget(sp: SpeedPlan) -> int:
+    """Pinned bytes offload_mlp may hold: the host-memory share the long-context offload may take, less what
+    that offload takes."""
+    from .memory import HOST_SHARE
+    from .resolve import host_memory_bytes
+
+    host = host_memory_bytes() or 0
+    return max(0, int(HOST_SHARE * host) - sp.host_bytes)
 
 
 def set_checkpointing(base: Any, layers: int) -> int:

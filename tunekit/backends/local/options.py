@@ -23,7 +23,7 @@ Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 # one per optimisation of speed.OPTIMISATIONS (a test keeps the two in step)
 SpeedupOff = Literal["-liger", "-bf16_kbit", "-fast_lora", "-fast_dora", "-checkpointing", "-fp32_adapters",
                      "-offload", "-tiled_mlp", "-varlen_attention", "-recompute_norms",
-                     "-recompute_mlp"]
+                     "-recompute_mlp", "-offload_mlp"]
 
 
 def _absolute(path: str) -> str:  # absolute: the worker runs in the job directory

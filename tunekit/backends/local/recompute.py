@@ -15,6 +15,12 @@ gate/up modules from the recomputed normed state. That is two of a layer's seven
 the layer runs all seven (and attention) again; the plan (speed.py) weighs the two per layer against the memory
 budget. The adapters' weights do not change between a step's forward and backward, so the values are the same.
 
+``offload_mlp`` (CUDA): of those layers, the ones `recompute_mlp` names with ``offload`` send the gate/up outputs to
+pinned host memory instead, on a side stream while the forward goes on, and backward brings each back one layer
+ahead of its use (another side stream), so neither the copies nor a recompute sit on the compute stream. How many
+layers the host link can serve without delaying the forward is measured when the run starts (`offload_share`);
+a layer whose copy would pass the host-memory budget recomputes instead. The copies are exact.
+
 Only layers not checkpointed: a checkpointed layer keeps its input alone, and hooks inside it would take the
 tensors its checkpoint must drop (the innermost hooks win). Not under FSDP2 (kernels.apply's caller): the norms'
 weights there are resharded between forward and backward.
@@ -39,6 +45,9 @@ class _Made:
     layout: tuple  # (size, stride, storage offset) of the output: the recomputed one must have the same
     y: Any = None  # the output's root tensor (views share it)
     again: Any = None  # the recomputed output, shared by every saved view of it
+    host: Any = None  # offload_mlp: the output's pinned host copy (then ``again`` is brought back, not recomputed)
+    device: Any = None  # where it is brought back to
+    ready: Any = None  # the CUDA event after which ``again`` (brought back) may be read
 
 
 @dataclass
@@ -63,6 +72,22 @@ class _Layer:
     # tensors saved so far in this forward that a later record may claim: a 4-bit DoRA gate/up saves its own
     # output (for the magnitude's gradient) before its forward hook records it
     pending: list = field(default_factory=list)
+    index: int = -1  # the decoder layer's index (kernels.set_checkpointing's order)
+    offload: Any = None  # the model's _Offload (offload_mlp), on every hooked layer: each one's backward prefetches
+    sends: bool = False  # this layer's gate/up outputs go to host memory
+
+
+@dataclass
+class _Offload:
+    """offload_mlp's state, one per model: the copy streams, the host-memory budget, and the outputs sent to the
+    host in the last forward pass by layer, until backward brings them back."""
+
+    budget: int  # pinned bytes one pass may hold
+    down: Any = None  # D2H stream
+    up: Any = None  # H2D stream
+    sent: dict = field(default_factory=dict)  # layer index -> [_Made] not yet brought back
+    held: int = 0  # pinned bytes of ``sent``
+    layers: set = field(default_factory=set)  # the layers that sent in the last forward pass (the run's record)
 
 
 def recompute_norms(base: Any) -> int:
@@ -79,34 +104,81 @@ def recompute_norms(base: Any) -> int:
             continue
         state = _Layer()
         for m in norms:
-            m.register_forward_hook(functools.partial(_record, state))
+            m.register_forward_hook(functools.partial(_record, state, False))
         layer.forward = functools.partial(_forward, layer, layer.forward, state)
         n += 1
     return n
 
 
-def recompute_mlp(base: Any, layers: Any) -> int:
+def recompute_mlp(base: Any, layers: Any, offload: Any = (), host_budget: int = 0) -> int:
     """Also recompute the gate/up outputs of the decoder layers whose indices are in ``layers`` (after
-    `recompute_norms`; the indices count the decoder layers in module order, as kernels.set_checkpointing does).
+    `recompute_norms`; the indices count the decoder layers in module order, as kernels.set_checkpointing does);
+    those in ``offload`` (CUDA) send them to pinned host memory instead, at most ``host_budget`` bytes per pass.
     Returns how many layers take it."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     blocks = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    states = [getattr(vars(b).get("forward"), "args", (None,) * 3)[2] for b in blocks]
+    off = _Offload(budget=host_budget) if offload else None
     n = 0
-    for i in sorted(set(layers)):
-        state = getattr(vars(blocks[i]).get("forward"), "args", (None,) * 3)[2] if i < len(blocks) else None
-        mlp = getattr(blocks[i], "mlp", None) if i < len(blocks) else None
+    for i, state in enumerate(states):
+        if not isinstance(state, _Layer):
+            continue
+        state.index = i
+        if off is not None and state.offload is None:
+            state.offload = off
+        mlp = getattr(blocks[i], "mlp", None)
         projs = [getattr(mlp, k, None) for k in ("gate_proj", "up_proj")]
-        if not isinstance(state, _Layer) or state.mlp or any(p is None for p in projs):
+        if i not in set(layers) or state.mlp or any(p is None for p in projs):
             continue
         for p in projs:
-            p.register_forward_hook(functools.partial(_record, state))
-        state.mlp = True
+            p.register_forward_hook(functools.partial(_record, state, True))
+        state.mlp, state.sends = True, i in set(offload)
         n += 1
     return n
 
 
-def _record(state: _Layer, module: Any, args: tuple, out: Any) -> None:
+def offloaded_layers(base: Any) -> int:
+    """How many layers sent their gate/up outputs to the host in the last forward pass."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for m in base.modules():
+        state = getattr(vars(m).get("forward"), "args", (None,) * 3)[2] \
+            if isinstance(m, GradientCheckpointingLayer) else None
+        if isinstance(state, _Layer) and state.offload is not None:
+            return len(state.offload.layers)
+    return 0
+
+
+def offload_share(layers: int, hidden: int, intermediate: int, layer_params: int, device: Any) -> int:
+    """How many of ``layers`` decoder layers can send their gate/up outputs to the host during a forward pass
+    without the copies falling behind: each layer's forward takes ~2 x layer_params FLOPs per token and its copy
+    2 x intermediate x 2 bytes per token, so the share is the forward's time over one copy's, from a bf16 GEMM
+    and a pinned device-to-host copy timed here (a few ms), with a fifth kept in reserve."""
+    import torch
+
+    def timed(fn: Any) -> float:
+        fn()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(3):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 3 / 1e3
+
+    x = torch.randn(4096, hidden, device=device, dtype=torch.bfloat16)
+    w = torch.randn(intermediate, hidden, device=device, dtype=torch.bfloat16)
+    flops = 2 * 4096 * hidden * intermediate / timed(lambda: x @ w.t())
+    src = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+    host = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
+    bandwidth = src.numel() / timed(lambda: host.copy_(src, non_blocking=True))
+    forward = 2 * layer_params / flops  # seconds per token, one layer
+    copy = 4 * intermediate / bandwidth
+    return max(0, min(layers, int(0.8 * layers * forward / copy)))
+
+
+def _record(state: _Layer, mlp: bool, module: Any, args: tuple, out: Any) -> None:
     import torch
 
     if not state.active or not args:  # no grad, checkpointed, called outside its layer's forward, or by keyword
@@ -117,10 +189,63 @@ def _record(state: _Layer, module: Any, args: tuple, out: Any) -> None:
     made = _Made(module, x if src is None else (src, _layout(x)),
                  (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)), _layout(out), _root(out))
     state.made.append(made)
+    if mlp and state.sends:
+        _send(state, made)
     for p in state.pending:  # saved before this record, by the module itself
         if p.tensor is not None and _root(p.tensor) is made.y:
             p.made, p.tensor = made, None
 
+
+def _send(state: _Layer, m: _Made) -> None:
+    """Start copying the output ``m`` recorded to pinned host memory on the D2H stream (within the budget)."""
+    import torch
+
+    off, t = state.offload, m.y
+    size = t.numel() * t.element_size()
+    if (not t.is_cuda or not t.is_contiguous() or t.storage_offset() or t.untyped_storage().nbytes() != size
+            or off.held + size > off.budget):
+        return  # recomputed instead
+    if off.down is None:
+        off.down, off.up = torch.cuda.Stream(t.device), torch.cuda.Stream(t.device)
+    off.down.wait_stream(torch.cuda.current_stream(t.device))  # t is written on the compute stream
+    with torch.cuda.stream(off.down):
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+    t.record_stream(off.down)  # its block is not reused before the copy has read it
+    m.host, m.device = host, t.device
+    off.sent.setdefault(state.index, []).append(m)
+    off.held += size
+    off.layers.add(state.index)
+
+
+def _fetch(off: _Offload, m: _Made) -> None:
+    """Start bringing ``m``'s host copy back on the H2D stream (once)."""
+    import torch
+
+    if m.again is not None:
+        return
+    dev = m.device
+    compute = torch.cuda.current_stream(dev)
+    off.up.wait_stream(compute)  # the block it lands in may have been freed by work still queued there
+    with torch.cuda.stream(off.up):
+        m.again = m.host.to(dev, non_blocking=True)
+        m.ready = torch.cuda.Event()
+        m.ready.record(off.up)
+    m.again.record_stream(compute)  # read there: its block waits for that before the H2D stream reuses it
+
+
+def _prefetch(state: _Layer) -> None:
+    """In backward, from layer ``state.index`` on: bring back the outputs of the layer below it (backward reaches
+    that one next), so its copy runs while this layer's backward computes; one layer ahead, no more (each layer
+    brought back holds its gate/up outputs on the GPU until its own backward)."""
+    if state.index - 1 in state.offload.sent:
+        _bring_back(state.offload, state.index - 1)
+
+
+def _bring_back(off: _Offload, index: int) -> None:
+    for m in off.sent.pop(index, []):
+        off.held -= m.host.numel() * m.host.element_size()
+        _fetch(off, m)
 
 def _root(t: Any) -> Any:
     return t if t._base is None else t._base
@@ -136,8 +261,14 @@ def _forward(layer: Any, original: Any, state: _Layer, *args: Any, **kwargs: Any
     if not torch.is_grad_enabled() or (layer.gradient_checkpointing and layer.training):
         return original(*args, **kwargs)
     state.active = True
+    off = state.offload
+    if off is not None and state.sends:  # a pass that never ran backward left its copies: this one replaces them
+        for m in off.sent.pop(state.index, []):
+            off.held -= m.host.numel() * m.host.element_size()
+        off.layers.discard(state.index)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, state), _unpack):
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, state),
+                                                      functools.partial(_unpack, state)):
             return original(*args, **kwargs)
     finally:
         state.active = False
@@ -159,7 +290,11 @@ def _pack(state: _Layer, t: Any) -> Any:
     return held
 
 
-def _unpack(saved: Any) -> Any:
+def _unpack(state: _Layer, saved: Any) -> Any:
+    if state.offload is not None and state.offload.sent:
+        _prefetch(state)
+        if isinstance(saved, _Saved) and saved.made is not None and saved.made.host is not None:
+            _bring_back(state.offload, state.index)  # not prefetched (no hooked layer above it ran backward)
     if not isinstance(saved, _Saved):
         return saved
     if saved.made is None:
@@ -171,6 +306,11 @@ def _again(m: _Made) -> Any:
     """The output ``m`` recorded, computed again once (and its input first, where that is recomputed too)."""
     import torch
 
+    if m.host is not None:  # offloaded: brought back (prefetched by the layer above, or now), not recomputed
+        if m.again is None:
+            raise RuntimeError("an offloaded activation was read before it was brought back")
+        torch.cuda.current_stream(m.device).wait_event(m.ready)
+        return m.again
     if m.again is None:
         x = m.x
         if isinstance(x, tuple):

@@ -246,7 +246,8 @@ def resolve_run(
                                   "mlp_recompute_layers": alt.mlp_recompute_layers,
                                   "memory_estimate_bytes": alt.memory_estimate_bytes,
                                   "reason": alt.reasons["checkpointing"] + " (rows of one length: no attention mask)",
-                                  "recompute_mlp": alt.reasons.get("recompute_mlp", "")}
+                                  "recompute_mlp": alt.reasons.get("recompute_mlp", ""),
+                                  "offload_mlp": alt.on("offload_mlp")}
         if speed.offload_layers or speed.mlp_tile_tokens:  # the fit check is the long-context path's
             est = estimate(quant.mode, True, offload_layers=speed.offload_layers,
                            tiled_mlp=bool(speed.mlp_tile_tokens))

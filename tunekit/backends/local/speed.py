@@ -32,6 +32,10 @@ tests/test_local_speed.py checks each one against the path without it). The opti
                outputs again in backward instead of keeping them (recompute.py; exact): half of what it keeps, for
                two of its seven GEMMs again where checkpointing it runs the whole layer again. The plan mixes the
                three kinds (checkpointed, MLP recomputed, kept) for the least recompute that fits the budget.
+  offload_mlp  (CUDA) of those layers, as many as the host link serves while the forward runs send their gate/up
+               outputs to pinned host memory and get them back one layer ahead in backward, on side streams,
+               instead of recomputing them (recompute.py; exact). The same GPU memory as recomputing; the count is
+               measured on the GPU when the run starts (kernels.apply records it).
   fp32_adapters not a speed-up but a numerics guard: TRL casts a quantized model's LoRA A/B to bf16, where
                AdamW steps of lr ~2e-4 are partly rounded away (the loss curve lags the plain recipe's, which
                keeps PEFT's fp32 adapters); they go back to fp32 (autocast still runs the matmuls in bf16).
@@ -49,7 +53,7 @@ from . import variants as _variants
 from .memory import HEADROOM, MLP_TILE_TOKENS, GiB, kept_layers_peak
 
 OPTIMISATIONS = ("liger", "bf16_kbit", "fast_lora", "fast_dora", "checkpointing", "fp32_adapters", "offload",
-                 "tiled_mlp", "varlen_attention", "recompute_norms", "recompute_mlp")
+                 "tiled_mlp", "varlen_attention", "recompute_norms", "recompute_mlp", "offload_mlp")
 OFF_BY = "disabled by provider_options.local.speedups"
 # a tile's LoRA dropout masks are drawn per tile: other draws than the untiled MLP's, so not the same training
 TILE_DROPOUT = ("not used with adapter.dropout={} (its masks would be drawn per tile, unlike the untiled run's); "
@@ -113,8 +117,8 @@ class SpeedPlan:
         ckpt, mlps = u["checkpointed_layers"], u["mlp_recompute_layers"]
         return replace(self, checkpointed_layers=ckpt, mlp_recompute_layers=mlps,
                        memory_estimate_bytes=u["memory_estimate_bytes"], unpadded=None,
-                       enabled={**self.enabled, "checkpointing": ckpt > 0,
-                                "recompute_mlp": self.enabled.get("recompute_mlp", False) or mlps > 0},
+                       enabled={**self.enabled, "checkpointing": ckpt > 0, "recompute_mlp": mlps > 0,
+                                "offload_mlp": u.get("offload_mlp", False)},
                        reasons={**self.reasons, "checkpointing": u["reason"], "recompute_mlp": u["recompute_mlp"]})
 
 
@@ -187,6 +191,9 @@ def plan(
     decide("recompute_norms", True, "the normed hidden states of layers not checkpointed are recomputed in "
            "backward, not kept")
     decide("recompute_mlp", en["recompute_norms"], "needs recompute_norms")
+    decide("offload_mlp", cuda and en["recompute_mlp"], "the gate/up outputs of some MLP-recomputing layers in "
+           "host memory instead (how many: measured when the run starts)" if cuda and en["recompute_mlp"]
+           else "CUDA only" if not cuda else "needs recompute_mlp")
     decide("fp32_adapters", quantized, "QLoRA: adapters kept fp32 like PEFT's default (TRL casts them to bf16)"
            if quantized else "not quantized (adapters already fp32)")
 
@@ -214,6 +221,7 @@ def plan(
         ckpt, mlps, est_bytes, why["checkpointing"] = _checkpoint_layers(n, budget_bytes, full, estimate(False), mlp,
                                                                          _mlp_share(cfg, max_length))
     en["checkpointing"] = ckpt > 0
+    en["offload_mlp"] = en["offload_mlp"] and mlps > 0
     if en["recompute_mlp"]:
         en["recompute_mlp"] = mlps > 0
         if mlps:
