@@ -19,15 +19,15 @@ from typing import Any
 from . import dora_triton
 
 TUNING: dict[str, Any] = {"enabled": True}  # False: torch.cat (an A/B switch for benchmarks)
-_BLOCK_M, _BLOCK_KH = 16, 128  # rows x byte columns per program: 16 x 256 weights, 4 KiB read, 8 KiB written
+TILE = {"rows": 8, "blocks": 8, "warps": 4}  # per program: rows x 4-bit blocks (8 x 512 weights: 2 KiB in, 8 KiB out)
 
 
 def available(weight: Any, dtype: Any) -> bool:
     import torch
 
     qs = weight.quant_state
-    return (TUNING["enabled"] and dtype == torch.bfloat16 and qs.quant_type == "nf4" and qs.shape[1] % 2 == 0
-            and dora_triton.available(weight.device))
+    return (TUNING["enabled"] and dtype == torch.bfloat16 and qs.quant_type == "nf4"
+            and qs.shape[1] % qs.blocksize == 0 and qs.blocksize in (64, 128, 256) and dora_triton.available(weight.device))
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,24 +36,29 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def nf4_into(w_ptr, absmax_ptr, code_ptr, out_ptr, OUT, IN, LD, BLOCKSIZE, BLOCK_M: tl.constexpr,
-                 BLOCK_KH: tl.constexpr):
+    def nf4_into(w_ptr, absmax_ptr, code_ptr, out_ptr, OUT, IN, LD, BLOCK_M: tl.constexpr, NB: tl.constexpr,
+                 BLOCKSIZE: tl.constexpr):
         # out[o, i] for i < IN (row stride LD): two weights per byte, the even input index in the high nibble, each
-        # BLOCKSIZE weights of a row sharing one fp32 scale (bitsandbytes' layout)
-        o = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        kh = tl.program_id(1) * BLOCK_KH + tl.arange(0, BLOCK_KH)
-        half = IN // 2
-        m = (o[:, None] < OUT) & (kh[None, :] < half)
-        byte = tl.load(w_ptr + o[:, None] * half + kh[None, :], mask=m, other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + (o[:, None] * IN + 2 * kh[None, :]) // BLOCKSIZE, mask=m, other=0.0)
-        hi = (tl.load(code_ptr + ((byte >> 4) & 15)) * scale).to(tl.uint32, bitcast=True)
-        lo = (tl.load(code_ptr + (byte & 15)) * scale).to(tl.uint32, bitcast=True)
+        # BLOCKSIZE weights of a row sharing one fp32 scale (bitsandbytes' layout). A program takes BLOCK_M rows x
+        # NB blocks: [BLOCK_M, NB, BLOCKSIZE / 2] bytes and one scale per [row, block].
+        HB: tl.constexpr = BLOCKSIZE // 2
+        o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        blk = tl.program_id(1) * NB + tl.arange(0, NB)
+        j = tl.arange(0, HB)
+        nblk = IN // BLOCKSIZE
+        mrow = (o[:, None] < OUT) & (blk[None, :] < nblk)  # [BLOCK_M, NB]
+        scale = tl.load(absmax_ptr + o[:, None] * nblk + blk[None, :], mask=mrow, other=0.0)
+        byte_at = (o[:, None, None] * (IN // 2) + blk[None, :, None] * HB + j[None, None, :])
+        m3 = mrow[:, :, None]
+        byte = tl.load(w_ptr + byte_at, mask=m3, other=0).to(tl.int32)
+        hi = (tl.load(code_ptr + (byte >> 4)) * scale[:, :, None]).to(tl.uint32, bitcast=True)
+        lo = (tl.load(code_ptr + (byte & 15)) * scale[:, :, None]).to(tl.uint32, bitcast=True)
         # fp32 -> the nearest bf16 (ties to even) by integer ops, as Triton's interpreter casts by truncation
         hi = ((hi + 0x7FFF + ((hi >> 16) & 1)) >> 16).to(tl.uint16)
         lo = ((lo + 0x7FFF + ((lo >> 16) & 1)) >> 16).to(tl.uint16)
-        pair = tl.interleave(hi, lo)  # [BLOCK_M, 2 BLOCK_KH]: the even and odd input columns in order
-        i = tl.program_id(1) * 2 * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
-        tl.store(out_ptr + o[:, None] * LD + i[None, :], pair, mask=(o[:, None] < OUT) & (i[None, :] < IN))
+        pair = tl.interleave(hi, lo)  # [BLOCK_M, NB, BLOCKSIZE]: the even and odd inputs in order
+        col = blk[None, :, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, None, :]
+        tl.store(out_ptr + o[:, None, None] * LD + col, pair, mask=m3)
 
     return nf4_into
 
@@ -66,9 +71,11 @@ def wide_weight(weight: Any, absmax: Any, bs: Any, width: int) -> Any:
     qs = weight.quant_state
     out_f, in_f = qs.shape
     buf = torch.empty(out_f, width, dtype=torch.bfloat16, device=weight.device)
-    grid = (triton.cdiv(out_f, _BLOCK_M), triton.cdiv(in_f // 2, _BLOCK_KH))
+    rows, blocks = TILE["rows"], TILE["blocks"]
+    grid = (triton.cdiv(out_f, rows), triton.cdiv(in_f // qs.blocksize, blocks))
     _kernel()[grid](weight.data, absmax, qs.code.to(device=weight.device, dtype=torch.float32),
-                    buf.view(torch.uint16), out_f, in_f, width, qs.blocksize, BLOCK_M=_BLOCK_M, BLOCK_KH=_BLOCK_KH)
+                    buf.view(torch.uint16), out_f, in_f, width, BLOCK_M=rows, NB=blocks, BLOCKSIZE=qs.blocksize,
+                    num_warps=TILE["warps"])
     r = bs.shape[1]
     buf[:, in_f:in_f + r] = bs
     if width > in_f + r:
