@@ -20,6 +20,12 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _small_weights_too(monkeypatch):
+    """The kernel serves large weights only (MIN_WEIGHTS); these cases use small ones."""
+    monkeypatch.setattr(nf4_triton, "MIN_WEIGHTS", 0)
+
+
 def _weight(out_f: int, in_f: int, nested: bool, seed: int):
     """A bitsandbytes NF4 weight as nf4.py sees one (packed data + quant state) and its fp32 block scales."""
     from bitsandbytes.functional import quantize_4bit
@@ -73,3 +79,5 @@ def test_the_forward_is_the_same_through_either_path(monkeypatch):
     assert calls == [1]
     monkeypatch.setitem(nf4_triton.TUNING, "enabled", True)
     assert not nf4_triton.available(weight, torch.float32)
+    monkeypatch.setattr(nf4_triton, "MIN_WEIGHTS", 96 * 256 + 1)  # smaller than the threshold: torch.cat
+    assert not nf4_triton.available(weight, torch.bfloat16)

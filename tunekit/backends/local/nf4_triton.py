@@ -7,8 +7,8 @@ H200, docs/benchmarks.md). This kernel writes each dequantized weight into its p
 buffer instead, so W is written once; s B and the padding are [out, r + pad], a few columns.
 
 The values are bitsandbytes' (fp32 code value times the fp32 block scale, rounded to bf16 to nearest, ties to
-even): the GEMM sees the same operand. bf16 NF4 only, on CUDA when Triton imports (``available``); anything else
-takes torch.cat. On CPU the tests run it in Triton's interpreter against bitsandbytes' dequantization.
+even): the GEMM sees the same operand. bf16 NF4 only, weights of MIN_WEIGHTS or more (the MLP's of an 8B model),
+on CUDA when Triton imports (``available``); anything else takes torch.cat. On CPU the tests run it in Triton's interpreter against bitsandbytes' dequantization.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from typing import Any
 from . import dora_triton
 
 TUNING: dict[str, Any] = {"enabled": True}  # False: torch.cat (an A/B switch for benchmarks)
-TILE = {"rows": 8, "blocks": 8, "warps": 4}  # per program: rows x 4-bit blocks (8 x 512 weights: 2 KiB in, 8 KiB out)
+# per program: rows x 4-bit blocks (4 x 1,024 weights: 2 KiB in, 8 KiB out), the fastest of benchmarks/nf4_wide.py's
+# tiles on an H200 for every 8B shape
+TILE = {"rows": 4, "blocks": 16, "warps": 4}
+# weights below which torch.cat is as fast (the kernel's own launches cost what the copy saves): on the H200 the
+# kernel took 0.094 vs 0.159 ms for a 14,336 x 4,096 weight, 0.076 vs 0.075 for 4,096 x 4,096, 0.073 vs 0.059 for
+# 1,024 x 4,096 (benchmarks/nf4_wide.py)
+MIN_WEIGHTS = 1 << 25
 
 
 def available(weight: Any, dtype: Any) -> bool:
@@ -27,6 +33,7 @@ def available(weight: Any, dtype: Any) -> bool:
 
     qs = weight.quant_state
     return (TUNING["enabled"] and dtype == torch.bfloat16 and qs.quant_type == "nf4"
+            and qs.shape[0] * qs.shape[1] >= MIN_WEIGHTS
             and qs.shape[1] % qs.blocksize == 0 and qs.blocksize in (64, 128, 256) and dora_triton.available(weight.device))
 
 
