@@ -107,6 +107,8 @@ POINTS = [
      "Issue 16, 2026-12-04 (fourth session), f84e010"),
     ("tunekit dora, + recompute_mlp 24/32 +1", FUSED_NOW, "nf4", True, 4, 2048, (24, 1), 15.88, "held out",
      "Issue 16, 2026-12-04 (fourth session), f84e010"),
+    ("tunekit qlora, + recompute_mlp 0/32 +31", FUSED_NOW, "nf4", False, 4, 2048, (0, 31), 16.61, "held out",
+     "Issue 16, 2026-12-04 (fourth session), c56cc87 (16.60 at 471a0a6 and f80a2fc)"),
     ("plain qlora 16k", PLAIN, "nf4", False, 1, 16384, 32, None, "derived",
      "Long context: OOM asking 32.00 GiB = 32 heads x 16384^2 fp32: SDPA math-kernel scores (attention_scores)"),
 ]

@@ -32,6 +32,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from .memory import _pow2_ceil  # host bytes of a pinned block: CUDA's caching host allocator rounds up to a power of 2
+
 
 @dataclass
 class _Made:
@@ -203,7 +205,7 @@ def _send(state: _Layer, m: _Made) -> None:
     off, t = state.offload, m.y
     size = t.numel() * t.element_size()
     if (not t.is_cuda or not t.is_contiguous() or t.storage_offset() or t.untyped_storage().nbytes() != size
-            or off.held + size > off.budget):
+            or off.held + _pow2_ceil(size) > off.budget):
         return  # recomputed instead
     if off.down is None:
         off.down, off.up = torch.cuda.Stream(t.device), torch.cuda.Stream(t.device)
@@ -214,7 +216,7 @@ def _send(state: _Layer, m: _Made) -> None:
     t.record_stream(off.down)  # its block is not reused before the copy has read it
     m.host, m.device = host, t.device
     off.sent.setdefault(state.index, []).append(m)
-    off.held += size
+    off.held += _pow2_ceil(size)
     off.layers.add(state.index)
 
 
@@ -244,7 +246,7 @@ def _prefetch(state: _Layer) -> None:
 
 def _bring_back(off: _Offload, index: int) -> None:
     for m in off.sent.pop(index, []):
-        off.held -= m.host.numel() * m.host.element_size()
+        off.held -= _pow2_ceil(m.host.numel() * m.host.element_size())
         _fetch(off, m)
 
 def _root(t: Any) -> Any:
@@ -264,7 +266,7 @@ def _forward(layer: Any, original: Any, state: _Layer, *args: Any, **kwargs: Any
     off = state.offload
     if off is not None and state.sends:  # a pass that never ran backward left its copies: this one replaces them
         for m in off.sent.pop(state.index, []):
-            off.held -= m.host.numel() * m.host.element_size()
+            off.held -= _pow2_ceil(m.host.numel() * m.host.element_size())
         off.layers.discard(state.index)
     try:
         with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, state),
