@@ -526,7 +526,7 @@ def run_length(a, base: dict, tok, meta: dict, device: str, swept: list | None =
         return record(variant, impl, child(job, params), extra)
 
     if a.check_loss:
-        return check_loss(a, base, record, meta)
+        return check_loss(a, base, record, meta, device)
 
     plain_cache: dict[str, dict] = {}
     for v in a.variant:
@@ -589,10 +589,12 @@ def table(results: list[dict], plain: dict, meta: dict) -> None:
               f"{(tps / ref if ref else float('nan')):8.2f} {(tps / q if q else float('nan')):13.2f}  {'; '.join(notes)}")
 
 
-def check_loss(a, base: dict, record, meta: dict) -> int:
+def check_loss(a, base: dict, record, meta: dict, device: str) -> int:
     ok = True
     for v in a.variant:
-        tk_res = child("tunekit", {**base, "variant": v})
+        # the same budget as the throughput runs: a small one makes the plan recompute (checkpointing, recompute_mlp)
+        budget = a.qlora_budget_gib if (v in ("qlora", "dora") and a.qlora_budget_gib and device == "cuda") else None
+        tk_res = child("tunekit", {**base, "variant": v, "budget_gib": budget})
         # auto learns on the base it resolved to: compare it with the plain recipe of that precision
         mode = (tk_res.get("quantization") or {}).get("mode")
         pv = v if v != "auto" else ("qlora" if mode in ("nf4", "fp4", None) else "lora_bf16")
