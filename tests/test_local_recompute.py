@@ -157,6 +157,36 @@ def test_offloaded_mlp_outputs_come_back_the_same(tiny_model, monkeypatch, devic
         # room for three of the outputs: the first layer and half of the second go, the rest is recomputed
         sent, recomputed, kept, _ = run(budget=3 * one)
         assert (sent, recomputed) == (2, 2 * layers - 3) and ref_kept - kept == layers * 2 * one
+        # pinning refused (a container's limit): that output and every later one are recomputed, nothing fails
+        real, calls = torch.empty, []
+
+        def empty(*a, **k):
+            if k.get("pin_memory") and len(calls) >= 1:
+                raise RuntimeError("CUDA error: out of memory (pinned)")
+            calls.append(1)
+            return real(*a, **k)
+
+        monkeypatch.setattr(torch, "empty", empty)
+        sent, recomputed, _, _ = run(budget=1 << 40)
+        monkeypatch.setattr(torch, "empty", real)
+        assert (sent, recomputed) == (1, 2 * layers - 1)
+
+
+def test_host_memory_is_the_containers_limit_where_lower(tmp_path, monkeypatch):
+    """The offloads pin a share of the host memory the process may use: a cgroup limit below the physical memory
+    wins; "max" (no limit) and missing files leave the physical memory."""
+    from tunekit.backends.local import resolve
+
+    phys = resolve.host_memory_bytes()
+    assert phys and phys > 0
+    v2, v1 = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
+    monkeypatch.setattr(resolve, "CGROUP_LIMITS", (str(v2), str(v1)))
+    assert resolve.host_memory_bytes() == phys  # neither file
+    v2.write_text("max\n")
+    v1.write_text(str(phys * 4) + "\n")  # v1's "no limit" is a huge number
+    assert resolve.host_memory_bytes() == phys
+    v1.write_text(str(2 << 30) + "\n")
+    assert resolve.host_memory_bytes() == 2 << 30
 
 
 def test_checkpointed_layers_and_no_grad_run_unhooked(tiny_model, monkeypatch):

@@ -209,9 +209,13 @@ def _send(state: _Layer, m: _Made) -> None:
         return  # recomputed instead
     if off.down is None:
         off.down, off.up = torch.cuda.Stream(t.device), torch.cuda.Stream(t.device)
+    try:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    except RuntimeError:  # the host could not pin that much (a container's limit): recompute, from now on
+        off.budget = 0
+        return
     off.down.wait_stream(torch.cuda.current_stream(t.device))  # t is written on the compute stream
     with torch.cuda.stream(off.down):
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
     t.record_stream(off.down)  # its block is not reused before the copy has read it
     m.host, m.device = host, t.device

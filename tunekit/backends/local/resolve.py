@@ -77,14 +77,29 @@ def device_info(device: str | None) -> DeviceInfo:
     return DeviceInfo("cpu", host_memory_bytes(), "cpu")
 
 
+# a container's memory limit (cgroup v2, then v1): the machine's physical memory is not what the process may use
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def host_memory_bytes() -> int | None:
-    """The host's physical memory (what the activation offload may pin a share of), None where unknown."""
+    """The host memory this process may use (what the activation offloads may pin a share of): the physical memory,
+    or a container's lower limit; None where unknown."""
     import os
 
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
-        return None
+        phys = None
+    limits = []
+    for path in CGROUP_LIMITS:
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) or a huge v1 value: no limit below the physical memory
+            limits.append(int(text))
+    known = [v for v in (phys, *limits) if v]
+    return min(known) if known else None
 
 
 def optimizer_name(spec: Any, quantized: bool, on_gpu: bool) -> str:
