@@ -49,7 +49,7 @@ class _Made:
     again: Any = None  # the recomputed output, shared by every saved view of it
     host: Any = None  # offload_mlp: the output's pinned host copy (then ``again`` is brought back, not recomputed)
     device: Any = None  # where it is brought back to
-    ready: Any = None  # the CUDA event after which ``again`` (brought back) may be read
+    ready: Any = None  # the CUDA event after which ``host`` (sent), then ``again`` (brought back), may be read
 
 
 @dataclass
@@ -66,7 +66,7 @@ class _Saved:
 
 @dataclass
 class _Layer:
-    """One hooked layer: whether its forward is recording now, and the norm outputs it recorded."""
+    """One hooked layer: whether its forward is recording now, and the outputs (norms', gate/up's) it recorded."""
 
     active: bool = False
     made: list = field(default_factory=list)
@@ -217,6 +217,8 @@ def _send(state: _Layer, m: _Made) -> None:
     off.down.wait_stream(torch.cuda.current_stream(t.device))  # t is written on the compute stream
     with torch.cuda.stream(off.down):
         host.copy_(t, non_blocking=True)
+        m.ready = torch.cuda.Event()
+        m.ready.record(off.down)  # the host copy is whole after this (the copy back waits for it)
     t.record_stream(off.down)  # its block is not reused before the copy has read it
     m.host, m.device = host, t.device
     off.sent.setdefault(state.index, []).append(m)
@@ -233,6 +235,7 @@ def _fetch(off: _Offload, m: _Made) -> None:
     dev = m.device
     compute = torch.cuda.current_stream(dev)
     off.up.wait_stream(compute)  # the block it lands in may have been freed by work still queued there
+    off.up.wait_event(m.ready)  # and the host copy must be whole (its D2H copy may still be queued)
     with torch.cuda.stream(off.up):
         m.again = m.host.to(dev, non_blocking=True)
         m.ready = torch.cuda.Event()
