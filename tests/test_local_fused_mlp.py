@@ -64,40 +64,21 @@ def _model(tiny_model, dora: bool, dropout: float = 0.0):
     return m, state, in_place
 
 
-def _step(m, ids, monkeypatch=None):
-    """Loss, gradients, and the bytes of the distinct tensors autograd saved in the forward (with
-    ``monkeypatch``, also what recompute.py's hooks keep: inside a hooked layer they are the innermost)."""
+def _step(m, ids, monkeypatch):
+    """Loss, gradients and the bytes autograd kept (tests/test_local_recompute.py's count, which also sees what
+    recompute.py's hooks keep), with B and the magnitudes off their init first, so that every term of the
+    gradients is non-zero."""
     import torch
 
-    from tunekit.backends.local import recompute
+    from tests.test_local_recompute import _step as counted
 
-    storages = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    held = []  # what recompute.py's hooks returned: a tensor kept until the forward ends may become a recipe
-    if monkeypatch is not None:
-        real = recompute._pack
-        monkeypatch.setattr(recompute, "_pack", lambda made, t: held.append(real(made, t)) or held[-1])
-
-    m.train()
-    with torch.no_grad():  # B and the magnitudes off their init, so every term of the gradients is non-zero
+    with torch.no_grad():
         for n, p in m.named_parameters():
             if p.requires_grad:
                 p.mul_(1.0 + 0.1 * torch.rand(p.shape, generator=torch.Generator().manual_seed(3)))
                 if "lora_B" in n:
                     p.add_(0.01)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = m(input_ids=ids, labels=ids).loss
-    for h in held:
-        pack(getattr(h, "tensor", h))
-    loss.backward()
-    weights = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    kept = sum(v for k, v in storages.items() if k not in weights)
-    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}, kept
+    return counted(m, ids, monkeypatch)
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -110,7 +91,7 @@ def test_fused_swiglu_down_computes_the_same_and_keeps_less(tiny_model, monkeypa
 
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
     m, _, _ = _model(tiny_model, dora)
-    ref_loss, ref_grads, ref_bytes = _step(m, ids)
+    ref_loss, ref_grads, ref_bytes = _step(m, ids, monkeypatch)
 
     m, state, in_place = _model(tiny_model, dora)
     layers = len(m.base_model.model.model.layers)
@@ -118,7 +99,7 @@ def test_fused_swiglu_down_computes_the_same_and_keeps_less(tiny_model, monkeypa
     fused = []
     real = nf4.swiglu_down
     monkeypatch.setattr(nf4, "swiglu_down", lambda *a: fused.append(real(*a)) or fused[-1])
-    loss, grads, kept = _step(m, ids)
+    loss, grads, kept = _step(m, ids, monkeypatch)
 
     assert len(fused) == layers and all(y is not None for y in fused)  # every MLP took the fused function
     assert torch.equal(loss, ref_loss)
@@ -144,7 +125,7 @@ def test_fused_mlp_with_recomputed_gate_and_up(tiny_model, monkeypatch, dora):
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
     m, state, in_place = _model(tiny_model, dora)
     kernels.fuse_swiglu_down(m, state, _Ops, _mlp_forward, in_place)
-    ref_loss, ref_grads, ref_bytes = _step(m, ids)
+    ref_loss, ref_grads, ref_bytes = _step(m, ids, monkeypatch)
 
     m, state, in_place = _model(tiny_model, dora)
     kernels.fuse_swiglu_down(m, state, _Ops, _mlp_forward, in_place)
@@ -170,7 +151,7 @@ def test_fused_swiglu_down_falls_back_with_dropout(tiny_model, monkeypatch):
     real = nf4.swiglu_down
     monkeypatch.setattr(nf4, "swiglu_down", lambda *a: fused.append(real(*a)) or fused[-1])
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
-    loss, grads, _ = _step(m, ids)
+    loss, grads, _ = _step(m, ids, monkeypatch)
     assert fused and all(y is None for y in fused) and torch.isfinite(loss)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for n, g in grads.items() if "down_proj.lora_A" in n)
 

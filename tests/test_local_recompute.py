@@ -289,3 +289,25 @@ def test_the_plan_mixes_checkpointed_mlp_recomputing_and_kept_layers():
         for m in range(33 - k):
             if (32 - k - m) + share * m < cost - 1e-9:
                 assert peak(full, none, 32, k, mlp=mlp, mlp_layers=m) > memory.HEADROOM * budget, (k, m)
+
+
+def test_the_offloaded_layers_are_spread_over_the_mlp_layers(monkeypatch):
+    """kernels.apply offloads as many MLP layers as recompute.offload_share measures (given the layer's shape: 8B,
+    ~218M linear weights per layer), spread evenly over the MLP-recomputing layers after the checkpointed ones."""
+    import types
+
+    import torch
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8)
+    base = types.SimpleNamespace(config=cfg, parameters=lambda: iter([types.SimpleNamespace(is_cuda=True,
+                                                                                            device="cuda:0")]))
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(recompute, "offload_share", lambda *a: asked.append(a) or 5)
+    sp = speed.SpeedPlan(enabled={}, reasons={}, num_layers=32, checkpointed_layers=2, mlp_recompute_layers=10)
+    assert kernels._offload_mlp_layers(base, sp) == [2, 4, 6, 8, 10]
+    assert asked == [(32, 4096, 14336, 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336, "cuda:0")]
+    monkeypatch.setattr(recompute, "offload_share", lambda *a: 40)  # never more than the MLP layers
+    assert kernels._offload_mlp_layers(base, sp) == list(range(2, 12))

@@ -111,17 +111,15 @@ def _offload_mlp_layers(base: Any, sp: SpeedPlan) -> list[int]:
     over them so that each copy has the layers after it to finish in."""
     import torch
 
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    from .memory import _dims, _linear_shapes
+
     device = next((p.device for p in base.parameters() if p.is_cuda), None)
     if device is None or not torch.cuda.is_available():
         return []
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q = cfg.num_attention_heads * getattr(cfg, "head_dim", None) or h
-    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    kv = kv * (q // cfg.num_attention_heads)
-    params = 2 * h * q + 2 * h * kv + 3 * h * i
+    d = _dims(base.config.to_dict())
+    params = sum(a * b for a, b in _linear_shapes(d))  # one layer's linear weights
     n, first = sp.mlp_recompute_layers, sp.checkpointed_layers
-    k = min(n, _recompute.offload_share(sp.num_layers, h, i, params, device))
+    k = min(n, _recompute.offload_share(sp.num_layers, d["hidden"], d["intermediate"], params, device))
     return [first + (j * n) // k for j in range(k)] if k else []
 
 
