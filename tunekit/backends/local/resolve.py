@@ -93,7 +93,7 @@ def host_memory_bytes() -> int | None:
     limits = []
     for path in CGROUP_LIMITS:
         try:
-            text = open(path).read().strip()
+            text = Path(path).read_text().strip()
         except OSError:
             continue
         if text.isdigit():  # "max" (v2) or a huge v1 value: no limit below the physical memory

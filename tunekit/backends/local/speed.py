@@ -332,7 +332,7 @@ def _checkpoint_layers(n: int, budget: int, full: Any, none: Any, mlp: Any = Non
     def peak(keep: int, m: int) -> int:
         return kept_layers_peak(full, none, n, keep, mlp=mlp, mlp_layers=m)
 
-    best = (float(n), n, 0)  # (cost, keep... checkpointed, mlp): all checkpointed when nothing fits
+    best = (float(n), n, 0)  # (cost, checkpointed, MLP-recomputing): all checkpointed when nothing fits
     for keep in range(n, -1, -1):
         # recomputing an MLP costs less than checkpointing its layer: as many as fit, of the layers not kept
         m = next((m for m in range(n - keep if mlp is not None else 0, -1, -1) if peak(keep, m) <= limit), None)
