@@ -311,3 +311,18 @@ def test_the_offloaded_layers_are_spread_over_the_mlp_layers(monkeypatch):
     assert asked == [(32, 4096, 14336, 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336, "cuda:0")]
     monkeypatch.setattr(recompute, "offload_share", lambda *a: 40)  # never more than the MLP layers
     assert kernels._offload_mlp_layers(base, sp) == list(range(2, 12))
+
+
+def test_the_offload_budget_is_this_ranks_share_of_the_host(monkeypatch):
+    """The ranks of a node share its memory: each may pin its share of HOST_SHARE of it, less the long-context
+    offload's pinned bytes (which the plan counts per rank)."""
+    from tunekit.backends.local import resolve
+
+    monkeypatch.setattr(resolve, "host_memory_bytes", lambda: 100 << 30)
+    sp = speed.SpeedPlan(enabled={}, reasons={}, num_layers=32, checkpointed_layers=0, host_bytes=5 << 30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert kernels._host_budget(sp) == int(memory.HOST_SHARE * (100 << 30)) - (5 << 30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert kernels._host_budget(sp) == int(memory.HOST_SHARE * (100 << 30)) // 4 - (5 << 30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert kernels._host_budget(sp) == 0  # never negative

@@ -397,8 +397,10 @@ def test_rows_of_one_length_get_the_split_without_an_attention_mask(monkeypatch)
     assert cost(one) < cost(sp) and one.memory_estimate_bytes <= memory.HEADROOM * 20 * GiB
     assert one.on("checkpointing") == (one.checkpointed_layers > 0)
     assert one.on("recompute_mlp") == (one.mlp_recompute_layers > 0)
-    # stored with the run and read back (LocalRun.speed is the dict)
+    # stored with the run and read back (LocalRun.speed is the dict); a run stored before these fields reads too
     assert speed.SpeedPlan(**sp.to_dict()).for_unpadded() == one
+    older = {k: v for k, v in sp.to_dict().items() if k not in ("mlp_recompute_layers", "unpadded")}
+    assert speed.SpeedPlan(**older).for_unpadded().mlp_recompute_layers == 0
     packed = resolve.resolve_run(spec, model_config=LLAMA_8B, memory_budget_bytes=20 * GiB, packing=True).speed
     assert packed.unpadded is None  # packed rows: varlen attention, no mask either way
 

@@ -124,13 +124,14 @@ def _offload_mlp_layers(base: Any, sp: SpeedPlan) -> list[int]:
 
 
 def _host_budget(sp: SpeedPlan) -> int:
-    """Pinned bytes offload_mlp may hold: the host-memory share the long-context offload may take, less what
-    that offload takes."""
+    """Pinned bytes offload_mlp may hold: this rank's part of the host-memory share the long-context offload may
+    take (the ranks of a node share its memory), less what that offload takes."""
+    from . import ranks
     from .memory import HOST_SHARE
     from .resolve import host_memory_bytes
 
     host = host_memory_bytes() or 0
-    return max(0, int(HOST_SHARE * host) - sp.host_bytes)
+    return max(0, int(HOST_SHARE * host) // ranks.local_world_size() - sp.host_bytes)
 
 
 def set_checkpointing(base: Any, layers: int) -> int:
