@@ -8,7 +8,8 @@ Pure arithmetic over the base model's config.json (no torch). The model of a ste
   adapter      trainable LoRA params: weight + grad (fp32) + optimizer state (AdamW: 8 B, 8-bit paged: 2 B).
   activations  with gradient checkpointing: each layer's input hidden state, plus one layer's full
                activations being recomputed (`kept_layers_peak`: only while no layer keeps its own);
-               without it: every layer's full activations. Plus the logits
+               without it: every layer's full activations, or those less the MLP's gate/up outputs for a layer
+               that recomputes them (recompute.py; `kept_layers_peak` mixes the three kinds of layers). Plus the logits
                (B*S*V) with their fp32 loss copies and gradient, which dominate at 128k vocab.
                QLoRA's fp32 embeddings/norms make the hidden stream fp32 (hence a larger factor).
   overhead     CUDA context + allocator fragmentation (not in torch's max_memory_allocated).
