@@ -121,6 +121,7 @@ def recompute_mlp(base: Any, layers: Any, offload: Any = (), host_budget: int = 
 
     blocks = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
     states = [getattr(vars(b).get("forward"), "args", (None,) * 3)[2] for b in blocks]
+    layers, offload = set(layers), set(offload)
     off = _Offload(budget=host_budget) if offload else None
     n = 0
     for i, state in enumerate(states):
@@ -131,11 +132,11 @@ def recompute_mlp(base: Any, layers: Any, offload: Any = (), host_budget: int = 
             state.offload = off
         mlp = getattr(blocks[i], "mlp", None)
         projs = [getattr(mlp, k, None) for k in ("gate_proj", "up_proj")]
-        if i not in set(layers) or state.mlp or any(p is None for p in projs):
+        if i not in layers or state.mlp or any(p is None for p in projs):
             continue
         for p in projs:
             p.register_forward_hook(functools.partial(_record, state, True))
-        state.mlp, state.sends = True, i in set(offload)
+        state.mlp, state.sends = True, i in offload
         n += 1
     return n
 
