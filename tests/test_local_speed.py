@@ -405,6 +405,42 @@ def test_rows_of_one_length_get_the_split_without_an_attention_mask(monkeypatch)
     assert packed.unpadded is None  # packed rows: varlen attention, no mask either way
 
 
+@pytest.mark.slow
+def test_the_worker_takes_the_unpadded_split_for_rows_of_one_length(tiny_model, tmp_path):
+    """train() takes SpeedPlan.unpadded once the tokenized rows all have one length, says so in its events and
+    trains the same (here 1 of 2 layers checkpointed and the other recomputing its MLP, on CPU: exact); rows of
+    several lengths keep the planned split."""
+    from tunekit.backends.local.run import run_for_files
+    from tunekit.backends.local.train import train as train_run
+
+    spec = spec_for(tiny_model, quantization="none", adapter={"dropout": 0.0})
+    same = tmp_path / "same.jsonl"  # one length: one digit per row where the numbers vary
+    same.write_text("".join(json.dumps({"prompt": f"Q{i % 10}: xx", "response": f" A{i % 7}yy"}) + "\n"
+                            for i in range(16)))
+
+    def go(name, data, unpadded):
+        cb = Recorder()
+        r = run_for_files(spec, data, tmp_path / name, max_steps=STEPS, speedups="auto", device="cpu",
+                          packing=False)
+        assert r.speed["checkpointed_layers"] == 0 and r.speed["unpadded"] is None  # CPU: no budget split
+        r.speed["unpadded"] = unpadded
+        return train_run(r, cb), cb
+
+    split = {"checkpointed_layers": 1, "mlp_recompute_layers": 1, "memory_estimate_bytes": 1 << 30,
+             "reason": "1 of 2 layers (rows of one length: no attention mask)", "recompute_mlp": "1 layer",
+             "offload_mlp": False}
+    taken = go("taken", same, split)
+    plain = go("plain", same, None)
+    said = [m for _, m in taken[1].events if m.startswith("every row has")]
+    assert len(said) == 1 and "rows of one length" in said[0] and "MLP recomputed in 1" in said[0]
+    applied = taken[0].extra["speed"]["applied"]
+    assert applied["checkpointed_layers"] == 1 and applied["recompute_mlp_layers"] == 1
+    assert_same_training(taken, plain, FP32)
+    mixed = go("mixed", rows_file(tmp_path), split)
+    assert not any(m.startswith("every row has") for _, m in mixed[1].events)
+    assert mixed[0].extra["speed"]["applied"].get("checkpointed_layers", 0) == 0
+
+
 def test_estimate_for_the_fast_path_drops_the_logits_and_the_fp32_upcast():
     kw = dict(micro_batch=4, max_length=2048, quantization="nf4", r=16, gradient_checkpointing=True)
     plain = memory.estimate(LLAMA_8B, **kw)
