@@ -54,7 +54,7 @@ def main() -> int:
         weight = types.SimpleNamespace(data=packed, quant_state=qs, device=packed.device)
         absmax = nf4.block_scales(qs)
         bs = (torch.randn(out_f, r, device="cuda") * 1e-3).bfloat16()
-        width = in_f + r + (-(in_f + r) % 8)
+        width = nf4.wide_width(in_f, r)
 
         def cat():
             d = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, 64, "nf4", qs.shape, torch.bfloat16)

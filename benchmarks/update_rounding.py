@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 def gemm(device: str) -> None:
     import torch
 
-    from tunekit.backends.local.nf4 import one_gemm, widen
+    from tunekit.backends.local.nf4 import one_gemm, wide_width, widen
 
     torch.manual_seed(0)
     shapes = [(2048, 4096, 4096), (2048, 4096, 1024), (8192, 4096, 14336), (8192, 14336, 4096)]
@@ -45,7 +45,7 @@ def gemm(device: str) -> None:
 
         print({"device": device, "shape": [m, k, n], "in_place_addmm_": kept(c.clone().addmm_(x, w.t())),
                "addmm": kept(torch.addmm(c, x, w.t())), "product_then_add": kept(base + c),
-               "one_gemm_nf4": kept(one_gemm(x, h, widen(w, bs, k + 16 + (-(k + 16) % 8))))}, flush=True)
+               "one_gemm_nf4": kept(one_gemm(x, h, widen(w, bs, wide_width(k, 16))))}, flush=True)
 
 
 def first_step(device: str, seq: int, batch: int, lr: float) -> None:

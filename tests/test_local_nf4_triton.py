@@ -45,7 +45,7 @@ def test_wide_weight_is_bitsandbytes_dequantization_then_cat(out_f, in_f, r, nes
     rows not a multiple of the program's, inputs not a multiple of its columns, double-quantized scales."""
     weight, packed, absmax = _weight(out_f, in_f, nested, out_f)
     bs = torch.randn(out_f, r, generator=torch.Generator().manual_seed(1)).bfloat16().to(DEV)
-    width = in_f + r + (-(in_f + r) % 8)
+    width = nf4.wide_width(in_f, r)
     assert nf4_triton.available(weight, torch.bfloat16)
     got = nf4_triton.wide_weight(weight, absmax, bs, width)
     w = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, 64, "nf4", weight.quant_state.shape,

@@ -99,7 +99,7 @@ def apply(model: Any, sp: SpeedPlan, *, sharded: bool = False) -> dict[str, Any]
             first, n = sp.checkpointed_layers, sp.mlp_recompute_layers
             sent = _offload_mlp_layers(base, sp) if sp.on("offload_mlp") else []
             done["recompute_mlp_layers"] = _recompute.recompute_mlp(
-                base, range(first, first + n), offload=sent, host_budget=_host_budget(sp))
+                base, range(first, first + n), offload=sent, host_budget=_host_budget(sp) if sent else 0)
             if sent:
                 done["offload_mlp_layers"] = len(sent)
     return done

@@ -199,12 +199,17 @@ def _base_plus_update(x: Any, weight: Any, absmax: Any, cdt: Any, h: Any, bs: An
     docs/benchmarks.md); [W | bs] is written by the dequantization itself where nf4_triton's kernel runs (CUDA,
     bf16), else dequantized and concatenated.
     """
-    width = x.shape[1] + h.shape[1] + (-(x.shape[1] + h.shape[1]) % 8)
+    width = wide_width(x.shape[1], h.shape[1])
     if cdt == x.dtype and nf4_triton.available(weight, cdt):
         wide = nf4_triton.wide_weight(weight, absmax, bs.to(cdt), width)
     else:
         wide = widen(dequant(weight, absmax, cdt), bs, width)
     return one_gemm(x, h, wide)
+
+
+def wide_width(k: int, r: int) -> int:
+    """Columns of the one-GEMM operands: K + r padded to a multiple of 8 (16-byte rows for the tensor cores)."""
+    return k + r + (-(k + r) % 8)
 
 
 def widen(w: Any, bs: Any, width: int) -> Any:

@@ -89,7 +89,6 @@ class _Offload:
     up: Any = None  # H2D stream
     sent: dict = field(default_factory=dict)  # layer index -> [_Made] not yet brought back
     held: int = 0  # pinned bytes of ``sent``
-    layers: set = field(default_factory=set)  # the layers that sent in the last forward pass (the run's record)
 
 
 def recompute_norms(base: Any) -> int:
@@ -139,18 +138,6 @@ def recompute_mlp(base: Any, layers: Any, offload: Any = (), host_budget: int = 
         state.mlp, state.sends = True, i in offload
         n += 1
     return n
-
-
-def offloaded_layers(base: Any) -> int:
-    """How many layers sent their gate/up outputs to the host in the last forward pass."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    for m in base.modules():
-        state = getattr(vars(m).get("forward"), "args", (None,) * 3)[2] \
-            if isinstance(m, GradientCheckpointingLayer) else None
-        if isinstance(state, _Layer) and state.offload is not None:
-            return len(state.offload.layers)
-    return 0
 
 
 def offload_share(layers: int, hidden: int, intermediate: int, layer_params: int, device: Any) -> int:
@@ -224,7 +211,6 @@ def _send(state: _Layer, m: _Made) -> None:
     m.host, m.device = host, t.device
     off.sent.setdefault(state.index, []).append(m)
     off.held += _pow2_ceil(size)
-    off.layers.add(state.index)
 
 
 def _fetch(off: _Offload, m: _Made) -> None:
@@ -275,7 +261,6 @@ def _forward(layer: Any, original: Any, state: _Layer, *args: Any, **kwargs: Any
     if off is not None and state.sends:  # a pass that never ran backward left its copies: this one replaces them
         for m in off.sent.pop(state.index, []):
             off.held -= _pow2_ceil(m.host.numel() * m.host.element_size())
-        off.layers.discard(state.index)
     try:
         with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, state),
                                                       functools.partial(_unpack, state)):
